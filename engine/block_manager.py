@@ -1,0 +1,201 @@
+"""Paged KV-cache block manager with prefix caching.
+
+Blocks hold `block_size` token positions of every layer. A block that is full carries a hash of
+its tokens chained with the hash of the block before it, so equal hashes mean equal prefixes. Freed
+blocks that carry a hash stay findable (cached) until they are evicted, least recently freed first;
+blocks without a hash are reused before any cached block is evicted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.request import Request
+
+_ROOT_HASH = 0x9E3779B97F4A7C15
+
+
+def chain_hash(parent: int, token_ids: tuple[int, ...]) -> int:
+    """Hash of a full block given the hash of the block before it."""
+    return hash((parent, token_ids))
+
+
+def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """Chained hashes of every full block of `token_ids`."""
+    hashes: list[int] = []
+    parent = _ROOT_HASH
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = chain_hash(parent, tuple(token_ids[start : start + block_size]))
+        hashes.append(parent)
+    return hashes
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+
+
+class NoFreeBlocksError(RuntimeError):
+    """Raised when an allocation was attempted without checking capacity first."""
+
+
+class BlockManager:
+    """Owns every KV block of one instance. Pure Python; `check_invariants()` proves consistency."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in reuse order: uncached ones are moved to the front, cached ones appended
+        # (so the least recently freed cached block is evicted first).
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[int, int] = {}  # block hash -> block id
+        self.prefix_hits = 0  # tokens served from the prefix cache, cumulative
+        self.prefix_queries = 0  # prompt tokens looked up, cumulative
+
+    # ----------------------------------------------------------------- capacity
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ----------------------------------------------------------------- allocation
+    def match_prefix(self, token_ids: list[int]) -> list[int]:
+        """Ids of cached blocks holding the longest prefix of `token_ids`.
+
+        At least one token is always left to compute, so a fully cached prompt still produces
+        logits for its last position.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        usable = (len(token_ids) - 1) // self.block_size
+        matched: list[int] = []
+        for block_hash in block_hashes(token_ids[: usable * self.block_size], self.block_size):
+            block_id = self._cached.get(block_hash)
+            if block_id is None:
+                break
+            matched.append(block_id)
+        return matched
+
+    def can_allocate(self, request: Request, num_tokens: int) -> bool:
+        """Whether `allocate(request, num_tokens)` would succeed (prefix hits counted)."""
+        matched = self.match_prefix(request.all_token_ids) if not request.block_ids else []
+        reusable_free = sum(1 for b in matched if self.blocks[b].ref_count == 0)
+        needed = self.blocks_needed(num_tokens) - len(request.block_ids) - len(matched)
+        return max(needed, 0) <= self.num_free_blocks - reusable_free
+
+    def allocate(self, request: Request, num_tokens: int) -> None:
+        """Give `request` blocks for its first `num_tokens` positions.
+
+        On the first allocation the prefix cache is consulted: matched blocks are shared and
+        `request.num_computed_tokens` jumps over them.
+        """
+        if not self.can_allocate(request, num_tokens):
+            raise NoFreeBlocksError(f"request {request.request_id}: not enough free blocks")
+        if not request.block_ids:
+            matched = self.match_prefix(request.all_token_ids)
+            for block_id in matched:
+                self._take(block_id)
+            request.block_ids = list(matched)
+            request.num_cached_tokens = len(matched) * self.block_size
+            request.num_computed_tokens = request.num_cached_tokens
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += request.num_cached_tokens
+        while len(request.block_ids) < self.blocks_needed(num_tokens):
+            request.block_ids.append(self._take(self._pop_free()))
+
+    def allocate_blocks(self, num_blocks: int) -> list[int] | None:
+        """Fresh blocks with no owner request (a decode instance receiving remote KV)."""
+        if num_blocks > self.num_free_blocks:
+            return None
+        return [self._take(self._pop_free()) for _ in range(num_blocks)]
+
+    def commit_full_blocks(self, request: Request) -> None:
+        """Publish hashes of the request's blocks that are now full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        tokens = request.all_token_ids[: num_full * self.block_size]
+        for index, block_hash in enumerate(block_hashes(tokens, self.block_size)):
+            block = self.blocks[request.block_ids[index]]
+            if block.block_hash is not None:
+                continue
+            if block_hash in self._cached:
+                continue  # an identical block is already cached; this copy stays private
+            block.block_hash = block_hash
+            self._cached[block_hash] = block.block_id
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks (last block first, so a prefix outlives its tail)."""
+        self.free_blocks(reversed(request.block_ids))
+        request.block_ids = []
+
+    def free_blocks(self, block_ids) -> None:
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            assert block.ref_count > 0, f"double free of block {block_id}"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+                if block.block_hash is None:
+                    self._free.move_to_end(block_id, last=False)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (e.g. after new weights are loaded)."""
+        for block_hash, block_id in list(self._cached.items()):
+            self.blocks[block_id].block_hash = None
+            del self._cached[block_hash]
+            if block_id in self._free:
+                self._free.move_to_end(block_id, last=False)
+
+    # ----------------------------------------------------------------- internals
+    def _pop_free(self) -> int:
+        if not self._free:
+            raise NoFreeBlocksError("no free blocks")
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict: its content is about to be overwritten
+            del self._cached[block.block_hash]
+            block.block_hash = None
+        self._free[block_id] = None  # _take removes it again; keeps one code path
+        return block_id
+
+    def _take(self, block_id: int) -> int:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self._free[block_id]
+        block.ref_count += 1
+        return block_id
+
+    # ----------------------------------------------------------------- checks
+    def check_invariants(self, live_requests: list[Request] | None = None) -> None:
+        """Assert internal consistency; with `live_requests`, also that refcounts match owners."""
+        for block in self.blocks:
+            assert block.ref_count >= 0, block
+            assert (block.ref_count == 0) == (block.block_id in self._free), block
+            if block.block_hash is not None:
+                assert self._cached.get(block.block_hash) == block.block_id, block
+        assert len(self._cached) == sum(b.block_hash is not None for b in self.blocks)
+        if live_requests is not None:
+            owners = [0] * self.num_blocks
+            for request in live_requests:
+                for block_id in request.block_ids:
+                    owners[block_id] += 1
+            refs = [b.ref_count for b in self.blocks]
+            assert owners == refs, "block reference counts do not match live requests"

@@ -1,0 +1,104 @@
+"""The one Request type, with an ordered status enum that already knows the PD states."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered lifecycle. Everything >= FINISHED_STOPPED is terminal, so "finished" is one compare.
+
+    Mixed role:   WAITING -> RUNNING -> FINISHED_*  (back to WAITING when preempted)
+    Prefill role: WAITING_FOR_ALLOCATION -> WAITING -> RUNNING -> SENDING_KV -> FINISHED_*
+    Decode role:  WAITING_FOR_KV -> RUNNING -> FINISHED_*
+    """
+
+    WAITING_FOR_ALLOCATION = 0  # P: preparing, waiting for D to allocate blocks
+    WAITING = 1  # queued for computation, or preempted and queued for recomputation
+    WAITING_FOR_KV = 2  # D: blocks allocated, KV is being written by P
+    RUNNING = 3  # prefilling (chunked) or decoding
+    SENDING_KV = 4  # P: first token sampled, blocks held until the transfer completes
+    FINISHED_STOPPED = 5  # EOS, stop token or stop string
+    FINISHED_LENGTH = 6  # max_tokens or context length reached
+    FINISHED_ABORTED = 7  # client gone or cancelled
+    FINISHED_ERROR = 8  # deadline passed, peer died, transfer failed
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass
+class Request:
+    """A sequence being served: prompt, generated tokens and how far the KV cache has got."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens whose KV is in the cache (prefix-cache hits included).
+    num_computed_tokens: int = 0
+    # Of those, how many came from the prefix cache on the last allocation.
+    num_cached_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError(f"request {self.request_id}: empty prompt")
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while tokens other than the newest sampled one still need computing."""
+        return self.num_computed_tokens < self.num_tokens - 1 or not self.output_token_ids
+
+    def check_stop(self, max_model_len: int) -> RequestStatus | None:
+        """The finishing status implied by the newest token, if any (stop strings are the
+        detokenizer's job: they need text)."""
+        last = self.output_token_ids[-1]
+        params = self.sampling_params
+        if not params.ignore_eos and last in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if last in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if self.num_output_tokens >= params.max_tokens or self.num_tokens >= max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

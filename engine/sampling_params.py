@@ -1,0 +1,86 @@
+"""Per-request sampling parameters, validated once at the edge."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range; `param` names it (for a 400 error body)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop.
+
+    temperature 0 means greedy. top_k 0 (or -1) disables top-k; top_p 1.0 disables nucleus.
+    A seed makes a request's sampling reproducible whatever batch it runs in.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        _check_finite("temperature", self.temperature)
+        if self.temperature < 0.0 or self.temperature > 100.0:
+            raise SamplingParamsError("temperature", f"must be in [0, 100], got {self.temperature}")
+        _check_finite("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingParamsError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise SamplingParamsError("top_k", f"must be an integer >= -1, got {self.top_k!r}")
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise SamplingParamsError("seed", f"must be an integer, got {self.seed!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise SamplingParamsError(
+                "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}"
+            )
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingParamsError("stop", "must be non-empty strings")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise SamplingParamsError("stop_token_ids", "must be non-negative integers")
+
+    def to_dict(self) -> dict:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "max_tokens": self.max_tokens,
+            "stop": list(self.stop),
+            "stop_token_ids": list(self.stop_token_ids),
+            "ignore_eos": self.ignore_eos,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SamplingParams:
+        return cls(**data)
+
+
+def _check_finite(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SamplingParamsError(name, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SamplingParamsError(name, f"must be finite, got {value}")

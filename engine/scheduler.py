@@ -1,0 +1,257 @@
+"""Continuous-batching scheduler with roles (mixed, prefill, decode). Pure Python, no torch.
+
+One turn: `schedule()` says what to compute (plain data), the model runner computes it, and
+`update_from_output()` appends sampled tokens, finishes requests and frees their blocks.
+`num_computed_tokens` advances when a chunk is scheduled, so a step can be scheduled before the
+previous step's tokens are known (the overlap schedule relies on this).
+
+Roles only change where a request enters and leaves:
+- mixed: `add_request` -> prefill (chunked) -> decode -> finished.
+- prefill: `add_request` with blocks already reserved by the prepare pool -> prefill -> the first
+  token moves the request to SENDING_KV with its blocks held -> `release_sent(...)` frees them.
+- decode: `reserve_remote(...)` allocates blocks (WAITING_FOR_KV) -> `start_remote(...)` once the
+  KV and the first token are in -> decode -> finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+from engine.batch import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from engine.block_manager import BlockManager
+from engine.config import Role, SchedulerConfig
+from engine.outputs import TokenDelta
+from engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        max_model_len: int,
+        role: Role = Role.MIXED,
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.role = role
+        self.requests: dict[str, Request] = {}  # every request holding state here
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._released: list[str] = []
+        self._step_ids = itertools.count()
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ entry points
+    def add_request(self, request: Request) -> None:
+        """Queue a request for prefill (mixed and prefill roles)."""
+        assert self.role is not Role.DECODE, "decode instances take requests via reserve_remote"
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id}")
+        if request.num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {request.num_tokens} tokens; the context is {self.max_model_len}"
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def reserve_prefill(self, request: Request) -> bool:
+        """Prefill role: take blocks for the whole prompt now (prefix cache consulted)."""
+        if not self.block_manager.can_allocate(request, request.num_prompt_tokens):
+            return False
+        self.block_manager.allocate(request, request.num_prompt_tokens)
+        return True
+
+    def release_sent(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Prefill role: the KV of a SENDING_KV request is on its D (or failed); free blocks."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self._finish(request, status)
+        return request
+
+    def reserve_remote(self, request: Request) -> bool:
+        """Decode role: allocate fresh blocks for the prompt plus the first token."""
+        assert self.role is Role.DECODE
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id}")
+        needed = self.block_manager.blocks_needed(request.num_prompt_tokens + 1)
+        if len(self.running) + self._num_waiting_for_kv() >= self.config.max_num_seqs:
+            return False
+        block_ids = self.block_manager.allocate_blocks(needed)
+        if block_ids is None:
+            return False
+        request.block_ids = block_ids
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.requests[request.request_id] = request
+        return True
+
+    def start_remote(self, request_id: str, first_token_id: int) -> TokenDelta | None:
+        """Decode role: KV and the first token arrived; the request joins the decode batch."""
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.WAITING_FOR_KV:
+            return None
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return self._append_token(request, first_token_id)
+
+    def abort_request(self, request_id: str, status=RequestStatus.FINISHED_ABORTED) -> bool:
+        """Finish a request wherever it is; its blocks are freed. False if unknown."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        self._finish(request, status)
+        return True
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(step_id=next(self._step_ids))
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        self._schedule_waiting(out, budget)
+        # Decode chunks first: the runner batches them together.
+        out.chunks.sort(key=lambda c: not c.is_decode)
+        out.released_request_ids, self._released = self._released, []
+        return out
+
+    def update_from_output(
+        self, sched: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list[TokenDelta]:
+        deltas: list[TokenDelta] = []
+        for chunk, token_id in zip(sched.chunks, result.sampled_token_ids, strict=True):
+            request = self.requests.get(chunk.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran; its token is dropped
+            self.block_manager.commit_full_blocks(request)
+            if token_id is not None:
+                deltas.append(self._append_token(request, token_id))
+        return deltas
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ internals
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0:
+                index += 1
+                continue
+            if not self._make_room(request, num_new):
+                break  # the request preempted itself
+            out.chunks.append(self._chunk(request, num_new))
+            budget -= num_new
+            index += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            remaining = request.num_tokens - request.num_computed_tokens
+            if not self.config.enable_chunked_prefill and remaining > budget and out.chunks:
+                return  # whole prompts only: wait for a step with room
+            if not request.block_ids and not self.block_manager.can_allocate(
+                request, request.num_tokens
+            ):
+                return  # no preemption for admissions: running requests keep priority
+            if not request.block_ids:
+                self.block_manager.allocate(request, request.num_tokens)
+            num_new = self._num_new_tokens(request, budget)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.chunks.append(self._chunk(request, num_new))
+            budget -= num_new
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining <= 0:
+            return 0  # its last token is still being sampled (overlap) or it awaits transfer
+        if not self.config.enable_chunked_prefill:
+            return remaining
+        return min(remaining, budget)
+
+    def _make_room(self, request: Request, num_new: int) -> bool:
+        """Ensure blocks for the request's next tokens, preempting from the tail if needed."""
+        target = request.num_computed_tokens + num_new
+        while not self.block_manager.can_allocate(request, target):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is request:
+                return False
+        self.block_manager.allocate(request, target)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: free the blocks, keep the tokens, requeue at the front."""
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self._released.append(request.request_id)
+        self.num_preemptions += 1
+
+    def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        tokens = request.all_token_ids[start : start + num_new]
+        request.num_computed_tokens += num_new
+        return ScheduledChunk(
+            request_id=request.request_id,
+            token_ids=tokens,
+            start_pos=start,
+            block_ids=list(request.block_ids),
+            sample=request.num_computed_tokens == request.num_tokens,
+            sampling_params=request.sampling_params,
+            num_generated=request.num_output_tokens,
+        )
+
+    def _append_token(self, request: Request, token_id: int) -> TokenDelta:
+        request.output_token_ids.append(token_id)
+        stop = request.check_stop(self.max_model_len)
+        if stop is not None:
+            self._finish(request, stop)
+        elif self.role is Role.PREFILL:
+            # The first token ends P's part; the blocks stay until the KV is on its D.
+            self.running.remove(request)
+            request.status = RequestStatus.SENDING_KV
+        return TokenDelta(
+            request_id=request.request_id,
+            new_token_ids=[token_id],
+            status=request.status,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        assert status.finished
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        if request.block_ids:
+            self.block_manager.commit_full_blocks(request)
+            self.block_manager.free(request)
+        request.status = status
+        self.requests.pop(request.request_id, None)
+        self._released.append(request.request_id)
+
+    def _num_waiting_for_kv(self) -> int:
+        return sum(r.status is RequestStatus.WAITING_FOR_KV for r in self.requests.values())
+
+    def check_invariants(self) -> None:
+        """Every live request's blocks are accounted for; queues hold only their statuses."""
+        assert all(r.status is RequestStatus.RUNNING for r in self.running)
+        assert all(r.status is RequestStatus.WAITING for r in self.waiting)
+        assert len({id(r) for r in self.running} | {id(r) for r in self.waiting}) == len(
+            self.running
+        ) + len(self.waiting)
+        for request in self.requests.values():
+            assert not request.finished, request.request_id
+        self.block_manager.check_invariants(list(self.requests.values()))
