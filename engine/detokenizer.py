@@ -1,17 +1,19 @@
 """Incremental detokenization with stop strings, for streaming generated text.
 
-Text per step comes from decoding a short window of recent tokens, not the whole output:
-`prefix_offset` marks where the window starts (a few tokens of context, so decoders that treat the
-first token of a sequence specially, like SentencePiece's leading space, see it mid-text) and
-`read_offset` marks how far the text has been handed out. The text of the window up to
-`read_offset` is cached, so each step decodes once.
+Text per step comes from decoding a short window of recent tokens, not the whole output (the
+prefix/read offsets of vLLM and TGI). The window starts with a few tokens already read, as
+context, so decoders that treat the first token of a sequence specially (SentencePiece's leading
+space) decode the new ones as they would mid-text; `read_offset` marks where the unread tokens
+begin. When new text comes out, the window slides to start at the tokens just read and older
+tokens are dropped, so the cost of a step does not grow with the output.
 
 Byte-level BPE tokens can end in the middle of a UTF-8 character; the decoder then yields U+FFFD.
 Such text is held until the character completes (or until `flush()` at the end of the request).
 
 The prompt's last tokens are decoded as context, so the output is the continuation of the prompt
 text. For byte-level tokenizers (Llama 3, SmolLM2, GPT-2 style) that equals decoding the output ids
-on their own; for SentencePiece-style ones it keeps the space between prompt and completion.
+on their own; for SentencePiece-style ones it keeps the space between prompt and completion (where
+decoding the output alone would drop it).
 
 Stop strings are matched in the generated text only. Text that could be the start of a stop string
 is held back, so nothing emitted is ever retracted; on a match the output ends just before it.
@@ -34,7 +36,7 @@ class Decoder(Protocol):
 
 @dataclass(frozen=True)
 class DetokenizerDelta:
-    """New text since the last call; `stopped` once a stop string was found (text ends before it)."""
+    """New text since the last call; `stopped` once a stop string was found (text ends before)."""
 
     text: str
     stopped: bool
@@ -55,11 +57,13 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._stops = tuple(dict.fromkeys(stop))
-        # Only the tokens from prefix_offset on are kept: older ones are never decoded again.
-        self._tokens = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
-        self._prefix_offset = 0
-        self._read_offset = len(self._tokens)
-        self._read_text = self._decode(self._tokens)
+        self._window = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        self._read_text = self._decode(self._window)
+        if self._read_text.endswith(_INCOMPLETE):
+            # The prompt ends inside a character (ids sent by a client): its bytes would merge
+            # with the output's, so decode the output on its own instead.
+            self._window, self._read_text = [], ""
+        self._read_offset = len(self._window)  # window[:read_offset] is context already read
         self._held = ""  # decoded text not yet emitted: it may begin a stop string
         self._stopped = False
         self._matched_stop: str | None = None
@@ -77,7 +81,7 @@ class IncrementalDetokenizer:
         """Add newly generated tokens; return the text that is now safe to show."""
         if self._stopped:
             return DetokenizerDelta("", True)
-        self._tokens.extend(new_token_ids)
+        self._window.extend(new_token_ids)
         return self._emit(self._decode_new(final=False), final=False)
 
     def flush(self) -> str:
@@ -92,18 +96,16 @@ class IncrementalDetokenizer:
 
     def _decode_new(self, final: bool) -> str:
         """Text of the tokens after read_offset, or "" while it ends in a partial character."""
-        window_text = self._decode(self._tokens[self._prefix_offset :])
+        window_text = self._decode(self._window)
         if len(window_text) <= len(self._read_text):
             return ""
         if window_text.endswith(_INCOMPLETE) and not final:
             return ""
         new_text = window_text[len(self._read_text) :]
-        # The window slides to the tokens just read: everything before them is text for good.
-        del self._tokens[: self._read_offset]
-        self._prefix_offset = 0
-        self._read_offset = len(self._tokens)
-        self._read_text = window_text[len(self._read_text) - len(self._read_text) :]
-        self._read_text = self._decode(self._tokens) if final else new_text_window(window_text, self)
+        # The tokens just read become the next step's context; older ones are done with.
+        del self._window[: self._read_offset]
+        self._read_offset = len(self._window)
+        self._read_text = self._decode(self._window)
         return new_text
 
     def _emit(self, new_text: str, final: bool) -> DetokenizerDelta:
@@ -120,18 +122,16 @@ class IncrementalDetokenizer:
         return DetokenizerDelta(text[: len(text) - keep], False)
 
 
-def new_text_window(window_text: str, detok: IncrementalDetokenizer) -> str:
-    raise NotImplementedError
-
-
 def _earliest_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
-    """(index, stop) of the stop string occurring first in text; the longest wins a tie."""
+    """(index, stop) of the stop string occurring first in text. On a tie the shortest wins: it
+    is the one that completes first when tokens come one at a time, so the result does not
+    depend on how the tokens were chunked (the text is the same either way)."""
     best: tuple[int, str] | None = None
     for stop in stops:
         index = text.find(stop)
         if index < 0:
             continue
-        if best is None or index < best[0] or (index == best[0] and len(stop) > len(best[1])):
+        if best is None or (index, len(stop)) < (best[0], len(best[1])):
             best = (index, stop)
     return best
 

@@ -46,24 +46,37 @@ class Scheduler:
 
     # ------------------------------------------------------------------ entry points
     def add_request(self, request: Request) -> None:
-        """Queue a request for prefill (mixed and prefill roles)."""
+        """Queue a request for prefill. In the prefill role it must hold a reservation."""
         assert self.role is not Role.DECODE, "decode instances take requests via reserve_remote"
+        if self.role is Role.PREFILL:
+            reserved = self.requests.get(request.request_id)
+            assert reserved is request, "prefill role: reserve_prefill() first"
+            assert request.status is RequestStatus.WAITING_FOR_ALLOCATION
+        else:
+            self._check_new(request)
+            self.requests[request.request_id] = request
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def reserve_prefill(self, request: Request) -> bool:
+        """Prefill role: take blocks for the whole prompt now (prefix cache consulted), while the
+        prepare pool finds a decode instance. False when the blocks are not there."""
+        assert self.role is Role.PREFILL
+        self._check_new(request)
+        if not self.block_manager.can_allocate(request, request.num_prompt_tokens):
+            return False
+        self.block_manager.allocate(request, request.num_prompt_tokens)
+        request.status = RequestStatus.WAITING_FOR_ALLOCATION
+        self.requests[request.request_id] = request
+        return True
+
+    def _check_new(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id}")
         if request.num_tokens >= self.max_model_len:
             raise ValueError(
                 f"prompt has {request.num_tokens} tokens; the context is {self.max_model_len}"
             )
-        request.status = RequestStatus.WAITING
-        self.requests[request.request_id] = request
-        self.waiting.append(request)
-
-    def reserve_prefill(self, request: Request) -> bool:
-        """Prefill role: take blocks for the whole prompt now (prefix cache consulted)."""
-        if not self.block_manager.can_allocate(request, request.num_prompt_tokens):
-            return False
-        self.block_manager.allocate(request, request.num_prompt_tokens)
-        return True
 
     def release_sent(self, request_id: str, status: RequestStatus) -> Request | None:
         """Prefill role: the KV of a SENDING_KV request is on its D (or failed); free blocks."""
@@ -76,8 +89,7 @@ class Scheduler:
     def reserve_remote(self, request: Request) -> bool:
         """Decode role: allocate fresh blocks for the prompt plus the first token."""
         assert self.role is Role.DECODE
-        if request.request_id in self.requests:
-            raise ValueError(f"duplicate request id {request.request_id}")
+        self._check_new(request)
         needed = self.block_manager.blocks_needed(request.num_prompt_tokens + 1)
         if len(self.running) + self._num_waiting_for_kv() >= self.config.max_num_seqs:
             return False
@@ -227,6 +239,7 @@ class Scheduler:
             status=request.status,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
+            num_output_tokens=request.num_output_tokens,
         )
 
     def _finish(self, request: Request, status: RequestStatus) -> None:

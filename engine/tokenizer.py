@@ -141,7 +141,9 @@ class Tokenizer:
         if not self._chat_templates:
             raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
         if name is None:
-            name = "default" if "default" in self._chat_templates else next(iter(self._chat_templates))
+            name = (
+                "default" if "default" in self._chat_templates else next(iter(self._chat_templates))
+            )
         if name not in self._chat_templates:
             known = ", ".join(self._chat_templates)
             raise ChatTemplateError(f"no chat template named {name!r} (have: {known})")
@@ -160,7 +162,9 @@ def validate_messages(messages: object) -> None:
             raise ChatMessageError(f"{where}: must be an object, got {type(message).__name__}")
         role = message.get("role")
         if role not in CHAT_ROLES:
-            raise ChatMessageError(f"{where}.role: must be one of {', '.join(CHAT_ROLES)}; got {role!r}")
+            raise ChatMessageError(
+                f"{where}.role: must be one of {', '.join(CHAT_ROLES)}; got {role!r}"
+            )
         content = message.get("content")
         if not isinstance(content, str):
             raise ChatMessageError(
@@ -202,8 +206,10 @@ def _chat_templates(value: object, jinja_file: Path) -> dict[str, str]:
 def _apply_bos_eos_settings(
     backend: BackendTokenizer, config: Mapping[str, Any], special: Mapping[str, str | None]
 ) -> None:
-    """Honour explicit add_bos_token/add_eos_token as transformers does: they replace the
-    post-processor of tokenizer.json. Without them, tokenizer.json's post-processor decides."""
+    """An explicit add_bos_token/add_eos_token replaces tokenizer.json's post-processor, as in
+    transformers 4's Llama-style tokenizers: the config states the model author's intent.
+    (transformers 5 ignores both flags when tokenizer.json exists.) Without them,
+    tokenizer.json's post-processor decides."""
     if "add_bos_token" not in config and "add_eos_token" not in config:
         return
     bos, eos = special["bos_token"], special["eos_token"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from cache_transfer.layout import KVLayout
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig, Role
 from engine.outputs import TokenDelta
@@ -37,6 +38,25 @@ def resolve_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, model.dtype)
 
 
+def kv_layout_for(model: ModelConfig, engine: EngineConfig) -> tuple[KVLayout, torch.dtype]:
+    """The KV cache geometry an instance with this config allocates (before loading weights)."""
+    arch = ModelArchConfig.from_folder(resolve_model_path(model))
+    dtype = resolve_dtype(model, resolve_device(model))
+    block_size = engine.scheduler.block_size
+    num_blocks = engine.cache.num_blocks or num_blocks_for_budget(
+        arch, block_size, dtype, engine.cache.memory_mb * 2**20
+    )
+    layout = KVLayout(
+        num_layers=arch.num_layers,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        kv_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+        itemsize=torch.empty((), dtype=dtype).element_size(),
+    )
+    return layout, dtype
+
+
 class EngineCore:
     """Schedules and runs one step at a time. Not thread-safe: one owner drives it."""
 
@@ -53,9 +73,12 @@ class EngineCore:
         device = resolve_device(model)
         dtype = resolve_dtype(model, device)
         sched_cfg = engine.scheduler
-        num_blocks = engine.cache.num_blocks or num_blocks_for_budget(
-            self.arch, sched_cfg.block_size, dtype, engine.cache.memory_mb * 2**20
-        )
+        if kv_tensors is not None:
+            num_blocks = kv_tensors[0].shape[0]
+        else:
+            num_blocks = engine.cache.num_blocks or num_blocks_for_budget(
+                self.arch, sched_cfg.block_size, dtype, engine.cache.memory_mb * 2**20
+            )
         self.runner = ModelRunner(
             self.model_path,
             dtype=dtype,

@@ -10,6 +10,7 @@ Bad frames (wrong version, type or shape) are counted and dropped, never raised 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -25,6 +26,19 @@ log = logging.getLogger(__name__)
 # instead of unbounded memory when a peer stalls.
 _HIGH_WATER_MARK = 10_000
 _SEND_TIMEOUT_MS = 5_000
+
+
+def node_ip_address() -> str:
+    """The address other nodes reach this process on: Ray's view of the node when Ray runs
+    (every actor binds and advertises this), else the host name's address. Never assumed."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    return socket.gethostbyname(socket.gethostname())
 
 
 def context() -> zmq.Context:

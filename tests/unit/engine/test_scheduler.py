@@ -123,6 +123,8 @@ def test_prefill_role_holds_blocks_until_sent() -> None:
     sched = make_scheduler(role=Role.PREFILL, max_num_batched_tokens=8)
     req = make_request("p", list(range(1, 20)), max_tokens=10)
     assert sched.reserve_prefill(req)
+    assert req.status is RequestStatus.WAITING_FOR_ALLOCATION
+    sched.check_invariants()
     sched.add_request(req)
     deltas = []
     while sched.has_work():
@@ -188,3 +190,12 @@ def test_sampling_params_validation_names_the_field() -> None:
         with pytest.raises(SamplingParamsError) as info:
             SamplingParams(**kwargs)
         assert info.value.param == name
+
+
+def test_prefill_role_abort_during_preparation_frees_reservation() -> None:
+    sched = make_scheduler(role=Role.PREFILL, num_blocks=4, block_size=4)
+    req = make_request("p", list(range(1, 14)))
+    assert sched.reserve_prefill(req)
+    assert not sched.reserve_prefill(make_request("q", list(range(1, 14))))  # P is full
+    assert sched.abort_request("p")
+    assert_nothing_leaked(sched)

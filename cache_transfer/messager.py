@@ -1,0 +1,158 @@
+"""Cache messager actor: maps its prefill instance's KV cache and streams it to decode instances.
+
+It runs in its own process beside P (same node, same placement-group bundle). On CPU it attaches
+P's KV cache in shared memory; it registers that memory with its own transfer agent (NIXL by
+default) and WRITEs blocks straight from it into D's registered cache, layer by layer while P
+computes later layers.
+
+Completion goes to D as a `KvComplete` message on D's inbox, sent only after every write of the
+request polled DONE (which, per the backend contract, means the bytes are in D's memory). A zmq
+message lets D block on its inbox instead of polling NIXL's notification list.
+
+The loop blocks on its inbox; while writes are in flight it wakes every `_BUSY_POLL_S` to poll
+their state, because NIXL offers no completion handle to block on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from cache_transfer.backend import deadline_in
+from cache_transfer.factory import make_backend
+from cache_transfer.messager_state import MessagerState, Outcome
+from cache_transfer.messages import (
+    CacheTask,
+    CancelCache,
+    KvComplete,
+    LayerReady,
+    PrefillDone,
+    StepPlan,
+    TransferDone,
+)
+from cache_transfer.shared_kv import SharedKVCache
+from engine.protocol.channels import ChannelError, Inbox, SenderPool, node_ip_address
+
+log = logging.getLogger(__name__)
+
+_BUSY_POLL_S = 0.0005
+_IDLE_WAIT_S = 0.5
+
+
+class CacheMessager:
+    def __init__(
+        self, name: str, backend: str, kv_handle: dict, prefill_inbox: str, task_wait_s: float
+    ) -> None:
+        self.name = name
+        self.backend_name = backend
+        self.kv_handle = kv_handle
+        self.prefill_inbox = prefill_inbox
+        self.task_wait_s = task_wait_s
+        self._peers: dict[str, str] = {}  # decode instance name -> backend peer name
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def setup(self, host: str | None = None) -> dict:
+        self.host = host or node_ip_address()
+        self.kv = SharedKVCache.attach(self.kv_handle)
+        regions = self.kv.regions()
+        self.backend = make_backend(self.backend_name, f"{self.name}-kv", self.host)
+        self.backend.register(regions)
+        self.state = MessagerState(
+            self.backend,
+            regions.layout.num_layers,
+            regions.layout.block_size,
+            self._resolve_peer,
+            self.task_wait_s,
+        )
+        self.senders = SenderPool()
+        accept = (CacheTask, StepPlan, LayerReady, PrefillDone, CancelCache)
+        self.inbox = Inbox(self.host, accept=accept, name=self.name)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        return {"name": self.name, "inbox": self.inbox.address}
+
+    def add_decode_peers(self, decodes: list[dict], timeout_s: float = 30.0) -> None:
+        """Connect to decode instances' transfer endpoints (again, if one restarted)."""
+        for decode in decodes:
+            peer = self.backend.connect(decode["transfer"], deadline_in(timeout_s))
+            with self._lock:
+                self._peers[decode["name"]] = peer
+
+    def _resolve_peer(self, decode_name: str) -> str | None:
+        with self._lock:
+            return self._peers.get(decode_name)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            timeout = _BUSY_POLL_S if self.state.busy else _IDLE_WAIT_S
+            msg = self.inbox.recv(timeout_s=timeout)
+            try:
+                if msg is not None:
+                    self._handle(msg)
+                    for msg in self.inbox.drain():
+                        self._handle(msg)
+                for outcome in self.state.poll():
+                    self._report(outcome)
+            except Exception:  # keep streaming other requests; the failed ones time out on P
+                log.exception("cache messager %s: loop error", self.name)
+
+    def _handle(self, msg) -> None:
+        state = self.state
+        if isinstance(msg, LayerReady):
+            state.layer_ready(msg.step_id, msg.layer)
+        elif isinstance(msg, StepPlan):
+            state.add_plan(msg.step_id, msg.chunks)
+        elif isinstance(msg, CacheTask):
+            state.add_task(msg)
+        elif isinstance(msg, PrefillDone):
+            state.prefill_done(msg.request_id, msg.first_token_id, time.time())
+        elif isinstance(msg, CancelCache) and not state.cancel(msg.request_id, msg.reason):
+            # Unknown here: P still waits for an answer before it frees its blocks.
+            self._send(self.prefill_inbox, TransferDone(msg.request_id, False, msg.reason))
+
+    def _report(self, outcome: Outcome) -> None:
+        st = outcome.state
+        done = KvComplete(
+            st.request_id,
+            outcome.ok,
+            st.first_token_id if st.first_token_id is not None else -1,
+            outcome.error,
+            st.prefill_done_wall,
+        )
+        self._send(st.task.decode_inbox, done)
+        self._send(
+            self.prefill_inbox,
+            TransferDone(st.request_id, outcome.ok, outcome.error, st.nbytes, outcome.seconds),
+        )
+
+    def _send(self, address: str, msg) -> None:
+        try:
+            self.senders.send(address, msg)
+        except ChannelError:
+            log.warning("cache messager %s: could not reach %s", self.name, address)
+
+    # ------------------------------------------------------------------ inspection
+    def is_ready(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> dict:
+        return {
+            "name": self.name,
+            "tasks": len(self.state.tasks),
+            "deferred": len(self.state.deferred),
+            "plans": len(self.state.plans),
+            "counters": dict(self.state.counters),
+            "transfer": self.backend.stats(),
+            "bad_frames": self.inbox.bad_frames,
+        }
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.inbox.close()
+        self.senders.close()
+        self.backend.close()
+        self.kv.close()

@@ -1,0 +1,201 @@
+"""The cache messager's bookkeeping, separate from its actor so it can be tested alone.
+
+Per request (one cache task) it tracks, layer by layer, how many of the request's blocks have
+been written to D. A layer-ready signal for a step writes, for every request in that step, the
+blocks that are now complete in that layer: full blocks below the chunk's end, and on the last
+chunk also the partly filled tail block. Signals for a request whose cache task has not arrived
+yet are kept (bounded in time) and replayed when it does; KV is never sent for an unknown task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cache_transfer.backend import TransferBackend, TransferError, TransferHandle, TransferState
+from cache_transfer.messages import CacheTask
+
+_KEEP_PLANS = 64
+
+
+@dataclass
+class TaskState:
+    task: CacheTask
+    peer: str  # the backend's name for the task's decode instance
+    sent_blocks: list[int]  # per layer, how many of the task's blocks were written
+    created: float = field(default_factory=time.monotonic)
+    handles: list[TransferHandle] = field(default_factory=list)
+    first_token_id: int | None = None
+    prefill_done_wall: float = 0.0
+    all_issued: bool = False
+    failure: str = ""
+    nbytes: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.task.request_id
+
+
+@dataclass
+class Outcome:
+    """A finished task: what to tell D and P."""
+
+    state: TaskState
+    ok: bool
+    error: str
+    seconds: float
+
+
+@dataclass
+class _Deferred:
+    since: float
+    signals: list[tuple[int, int, bool]] = field(default_factory=list)  # (layer, end_pos, last)
+
+
+class MessagerState:
+    """Pure bookkeeping around a TransferBackend; one thread drives it."""
+
+    def __init__(
+        self,
+        backend: TransferBackend,
+        num_layers: int,
+        block_size: int,
+        resolve_peer: Callable[[str], str | None],
+        task_wait_s: float,
+        drain_s: float = 30.0,
+    ) -> None:
+        self.backend = backend
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.resolve_peer = resolve_peer
+        self.task_wait_s = task_wait_s
+        self.drain_s = drain_s
+        self.tasks: dict[str, TaskState] = {}
+        self.plans: dict[int, list[list]] = {}
+        self.deferred: dict[str, _Deferred] = {}
+        self.missed: dict[str, float] = {}  # request id -> when its signals were given up
+        self.counters = {"unknown_task_waits": 0, "missed_tasks": 0, "writes": 0}
+
+    # ------------------------------------------------------------------ inputs
+    def add_task(self, task: CacheTask) -> Outcome | None:
+        peer = self.resolve_peer(task.decode_instance)
+        state = TaskState(task, peer or "", [0] * self.num_layers)
+        self.tasks[task.request_id] = state
+        if peer is None:
+            state.failure = f"no transfer connection to {task.decode_instance}"
+        elif self.missed.pop(task.request_id, None) is not None:
+            state.failure = "cache task arrived after its layer signals were given up"
+        deferred = self.deferred.pop(task.request_id, None)
+        if deferred is not None:
+            for layer, end_pos, last in deferred.signals:
+                self._issue(state, layer, end_pos, last)
+        return None
+
+    def add_plan(self, step_id: int, chunks: list[list]) -> None:
+        self.plans[step_id] = chunks
+        # A step that failed mid-forward never sends its last layer: forget old plans.
+        for old in [s for s in self.plans if s < step_id - _KEEP_PLANS]:
+            del self.plans[old]
+
+    def layer_ready(self, step_id: int, layer: int) -> None:
+        chunks = self.plans.get(step_id, [])
+        for request_id, end_pos, last in chunks:
+            state = self.tasks.get(request_id)
+            if state is not None:
+                self._issue(state, layer, end_pos, last)
+            elif request_id not in self.missed:
+                self._defer(request_id, layer, end_pos, last)
+        if layer == self.num_layers - 1:
+            self.plans.pop(step_id, None)
+
+    def prefill_done(self, request_id: str, first_token_id: int, wall: float) -> None:
+        state = self.tasks.get(request_id)
+        if state is not None:
+            state.first_token_id = first_token_id
+            state.prefill_done_wall = wall
+
+    def cancel(self, request_id: str, reason: str) -> bool:
+        """Stop issuing writes; the task finishes (failed) once in-flight writes drained."""
+        self.deferred.pop(request_id, None)
+        state = self.tasks.get(request_id)
+        if state is None:
+            return False
+        state.failure = state.failure or reason
+        return True
+
+    # ------------------------------------------------------------------ progress
+    def poll(self) -> list[Outcome]:
+        """Finished tasks (their handles released), and expire stale deferred signals."""
+        now = time.monotonic()
+        self._expire_deferred(now)
+        done = []
+        for state in list(self.tasks.values()):
+            outcome = self._check(state, now)
+            if outcome is not None:
+                for handle in state.handles:
+                    self.backend.release(handle)
+                del self.tasks[state.request_id]
+                done.append(outcome)
+        return done
+
+    @property
+    def busy(self) -> bool:
+        """Whether something needs polling soon (writes in flight or signals deferred)."""
+        return bool(self.deferred) or any(s.handles for s in self.tasks.values())
+
+    def _check(self, state: TaskState, now: float) -> Outcome | None:
+        pending = False
+        for handle in state.handles:
+            if self.backend.poll(handle) is TransferState.FAILED:
+                state.failure = state.failure or (handle.error or "write failed")
+            elif handle.state is TransferState.PENDING:
+                pending = True
+        seconds = now - state.created
+        if pending:
+            if state.failure and seconds > self.drain_s:
+                return Outcome(state, False, state.failure + " (writes did not drain)", seconds)
+            return None
+        if state.failure:
+            return Outcome(state, False, state.failure, seconds)
+        if state.all_issued and state.first_token_id is not None:
+            return Outcome(state, True, "", seconds)
+        return None
+
+    def _issue(self, state: TaskState, layer: int, end_pos: int, last: bool) -> None:
+        if state.failure:
+            return
+        src, dst = state.task.src_block_ids, state.task.dst_block_ids
+        upto = len(src) if last else min(end_pos // self.block_size, len(src))
+        start = state.sent_blocks[layer]
+        if upto > start:
+            try:
+                handle = self.backend.write(
+                    state.peer, layer, src[start:upto], layer, dst[start:upto]
+                )
+            except (TransferError, ValueError) as exc:
+                state.failure = f"write of layer {layer} failed: {exc}"
+                return
+            state.handles.append(handle)
+            state.nbytes += handle.nbytes
+            state.sent_blocks[layer] = upto
+            self.counters["writes"] += 1
+        if last and layer == self.num_layers - 1:
+            state.all_issued = True
+
+    def _defer(self, request_id: str, layer: int, end_pos: int, last: bool) -> None:
+        deferred = self.deferred.get(request_id)
+        if deferred is None:
+            deferred = self.deferred[request_id] = _Deferred(time.monotonic())
+            self.counters["unknown_task_waits"] += 1
+        deferred.signals.append((layer, end_pos, last))
+
+    def _expire_deferred(self, now: float) -> None:
+        for request_id, deferred in list(self.deferred.items()):
+            if now - deferred.since > self.task_wait_s:
+                del self.deferred[request_id]
+                self.missed[request_id] = now
+                self.counters["missed_tasks"] += 1
+        for request_id, when in list(self.missed.items()):
+            if now - when > 10 * self.task_wait_s:  # bounded memory for ids never seen again
+                del self.missed[request_id]

@@ -1,0 +1,1 @@
+"""Ray instance actors: prefill (with its prepare pool), decode, and mixed (colocated)."""

@@ -1,0 +1,95 @@
+"""The thread that drives one instance's engine; other threads hand it work under its lock."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from collections.abc import Callable
+
+from engine.batch import SchedulerOutput
+from engine.outputs import TokenDelta
+from engine.request import RequestStatus
+from worker.engine_core import EngineCore
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    """Steps the engine while there is work; sleeps on an event (with a tick) when idle.
+
+    `lock` guards the scheduler: hold it for short mutations only (never across a forward pass).
+    Hooks: `before_execute(sched)` runs before the forward (P announces the step to its cache
+    messager), `after_step(sched, deltas)` publishes results, `tick()` runs every iteration
+    (deadlines, queued events) and `on_failure(sched, error)` ends the requests of a failed step.
+    """
+
+    def __init__(
+        self,
+        core: EngineCore,
+        after_step: Callable[[SchedulerOutput, list[TokenDelta]], None],
+        tick: Callable[[], None] = lambda: None,
+        before_execute: Callable[[SchedulerOutput], None] = lambda sched: None,
+        on_failure: Callable[[SchedulerOutput, str], None] | None = None,
+        idle_wait_s: float = 0.2,
+        name: str = "engine",
+    ) -> None:
+        self.core = core
+        self.lock = threading.RLock()
+        self._after_step = after_step
+        self._tick = tick
+        self._before_execute = before_execute
+        self._on_failure = on_failure
+        self._idle_wait_s = idle_wait_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.steps = 0
+        self.failed_steps = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._tick()
+            with self.lock:
+                sched = self.core.scheduler.schedule()
+            if sched.is_empty:
+                self._wake.wait(self._idle_wait_s)
+                self._wake.clear()
+                continue
+            self._run_step(sched)
+
+    def _run_step(self, sched: SchedulerOutput) -> None:
+        try:
+            self._before_execute(sched)
+            result = self.core.runner.execute_model(sched)
+            with self.lock:
+                deltas = self.core.scheduler.update_from_output(sched, result)
+            self._after_step(sched, deltas)
+            self.steps += 1
+        except Exception:  # a failed step ends its requests; the loop goes on
+            self.failed_steps += 1
+            error = traceback.format_exc(limit=5)
+            log.error("engine step failed:\n%s", error)
+            self._fail_step(sched, error.strip().splitlines()[-1])
+
+    def _fail_step(self, sched: SchedulerOutput, error: str) -> None:
+        with self.lock:
+            for chunk in sched.chunks:
+                self.core.scheduler.abort_request(chunk.request_id, RequestStatus.FINISHED_ERROR)
+        if self._on_failure is not None:
+            self._on_failure(sched, error)

@@ -1,0 +1,122 @@
+"""Mixed (colocated) instance: prefill and decode in one engine, classic continuous batching.
+
+It serves small deployments and is the baseline every PD measurement is compared against.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from cluster.config import PdserveConfig
+from cluster.instances.common import Counters, TokenPublisher, wall_time
+from cluster.instances.engine_loop import EngineLoop
+from engine.batch import SchedulerOutput
+from engine.config import Role
+from engine.outputs import TokenDelta
+from engine.protocol.channels import Inbox, SenderPool, node_ip_address
+from engine.protocol.requests import AbortRequest, GenerateRequest
+from engine.protocol.tokens import TokenItem
+from engine.request import Request
+from engine.sampling_params import SamplingParams, SamplingParamsError
+from worker.engine_core import EngineCore
+
+
+class MixedInstance:
+    role = Role.MIXED
+
+    def __init__(self, name: str, config: dict) -> None:
+        self.name = name
+        self.config = PdserveConfig.model_validate(config)
+        self.counters = Counters()
+        self._reply_to: dict[str, str] = {}
+        self._stop = threading.Event()
+
+    def setup(self) -> dict:
+        """Load the model, bind the inbox, start the threads; returns the endpoint."""
+        self.host = node_ip_address()
+        self.core = EngineCore(self.config.model, self.config.mixed.engine, Role.MIXED)
+        self.senders = SenderPool()
+        self.publisher = TokenPublisher(self.name, self.senders, self.counters)
+        self.loop = EngineLoop(
+            self.core, self._after_step, on_failure=self._on_failure, name=f"{self.name}-engine"
+        )
+        self.inbox = Inbox(self.host, accept=(GenerateRequest, AbortRequest), name=self.name)
+        self._receiver = threading.Thread(target=self._receive, daemon=True)
+        self.loop.start()
+        self._receiver.start()
+        return {"name": self.name, "role": self.role.value, "inbox": self.inbox.address}
+
+    def _receive(self) -> None:
+        while not self._stop.is_set():
+            msg = self.inbox.recv(timeout_s=0.5)
+            if isinstance(msg, GenerateRequest):
+                self._add(msg)
+            elif isinstance(msg, AbortRequest):
+                with self.loop.lock:
+                    if not self.core.abort_request(msg.request_id):
+                        self.counters.add("unknown_request_messages")
+                    self._reply_to.pop(msg.request_id, None)
+
+    def _add(self, msg: GenerateRequest) -> None:
+        try:
+            request = Request(
+                msg.request_id, msg.prompt_token_ids, SamplingParams.from_dict(msg.sampling)
+            )
+            with self.loop.lock:
+                self.core.add_request(request)
+                self._reply_to[msg.request_id] = msg.reply_to
+        except (SamplingParamsError, ValueError, TypeError) as exc:
+            item = TokenPublisher.error_item(msg.request_id, 0, f"invalid request: {exc}")
+            self.publisher.publish({msg.reply_to: [item]})
+            return
+        self.counters.add("requests")
+        self.loop.wake()
+
+    def _after_step(self, sched: SchedulerOutput, deltas: list[TokenDelta]) -> None:
+        by_router: dict[str, list[TokenItem]] = defaultdict(list)
+        now = wall_time()
+        with self.loop.lock:
+            for delta in deltas:
+                address = self._reply_to.get(delta.request_id)
+                if address is None:
+                    continue
+                by_router[address].append(TokenPublisher.item(delta, step_end=now))
+                if delta.finished:
+                    del self._reply_to[delta.request_id]
+        self.publisher.publish(by_router)
+
+    def _on_failure(self, sched: SchedulerOutput, error: str) -> None:
+        by_router: dict[str, list[TokenItem]] = defaultdict(list)
+        with self.loop.lock:
+            for chunk in sched.chunks:
+                address = self._reply_to.pop(chunk.request_id, None)
+                if address:
+                    item = TokenPublisher.error_item(chunk.request_id, chunk.num_generated, error)
+                    by_router[address].append(item)
+        self.publisher.publish(by_router)
+
+    # ------------------------------------------------------------------ inspection
+    def is_ready(self) -> bool:
+        return self.loop.alive
+
+    def stats(self) -> dict:
+        with self.loop.lock:
+            bm = self.core.block_manager
+            return {
+                "name": self.name,
+                "role": self.role.value,
+                "running": len(self.core.scheduler.running),
+                "waiting": len(self.core.scheduler.waiting),
+                "requests": len(self.core.scheduler.requests),
+                "num_blocks": bm.num_blocks,
+                "free_blocks": bm.num_free_blocks,
+                "tracked": len(self._reply_to),
+                "counters": self.counters.snapshot(),
+            }
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.loop.stop()
+        self.inbox.close()
+        self.senders.close()

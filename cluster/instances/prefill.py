@@ -1,0 +1,328 @@
+"""Prefill instance: prepare pool + prefill-role engine + the link to its cache messager.
+
+Threads: the control thread reads the inbox (GenerateRequest, AbortRequest, DecodeAllocation,
+TransferDone) and never blocks on a peer; the prepare pool runs preparations; the engine thread
+runs prefill steps, announcing each step and each finished layer to the cache messager, sends the
+first token to the router at once, and frees a request's blocks when the messager reports its
+transfer done (or failed).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from cache_transfer.messages import (
+    CacheTask,
+    CancelCache,
+    LayerReady,
+    PrefillDone,
+    StepPlan,
+    TransferDone,
+)
+from cache_transfer.shared_kv import SharedKVCache
+from cluster.config import PdserveConfig
+from cluster.instances.common import Counters, TokenPublisher, wall_time
+from cluster.instances.decode_picker import DecodePeer, DecodePicker
+from cluster.instances.engine_loop import EngineLoop
+from cluster.instances.prepare_pool import (
+    Preparation,
+    PrepareHooks,
+    PreparePool,
+    cache_task_for,
+)
+from engine.batch import SchedulerOutput
+from engine.config import Role
+from engine.outputs import TokenDelta
+from engine.protocol.channels import ChannelError, Inbox, SenderPool, node_ip_address
+from engine.protocol.requests import AbortRequest, GenerateRequest
+from engine.protocol.splitwise import CancelDecode, DecodeAllocation
+from engine.protocol.tokens import TokenItem
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams, SamplingParamsError
+from worker.engine_core import EngineCore, kv_layout_for
+
+
+@dataclass
+class _Tracked:
+    """P's view of a request from admission to the end of its transfer."""
+
+    reply_to: str
+    decode: str
+    timings: dict[str, float] = field(default_factory=dict)
+    transfer_started: float = 0.0  # monotonic, when the first token was sampled
+    cancel_sent: bool = False
+
+
+class PrefillInstance:
+    role = Role.PREFILL
+
+    def __init__(self, name: str, config: dict) -> None:
+        self.name = name
+        self.config = PdserveConfig.model_validate(config)
+        self.counters = Counters()
+        self._tracked: dict[str, _Tracked] = {}
+        self._transfer_done: queue.SimpleQueue[TransferDone] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._messager_inbox: str | None = None
+        self._step_id = -1
+
+    def setup(self) -> dict:
+        """Allocate the KV cache in shared memory, load the model, start the threads."""
+        self.host = node_ip_address()
+        cfg = self.config
+        layout, dtype = kv_layout_for(cfg.model, cfg.prefill.engine)
+        self.kv = SharedKVCache.create(f"pdserve-{self.name}", layout, dtype)
+        self.core = EngineCore(
+            cfg.model,
+            cfg.prefill.engine,
+            Role.PREFILL,
+            kv_tensors=self.kv.layer_tensors(),
+            layer_done=self._layer_done,
+        )
+        self.senders = SenderPool()
+        self.publisher = TokenPublisher(self.name, self.senders, self.counters)
+        self.loop = EngineLoop(
+            self.core,
+            self._after_step,
+            tick=self._tick,
+            before_execute=self._announce_step,
+            on_failure=self._on_failure,
+            name=f"{self.name}-engine",
+        )
+        accept = (GenerateRequest, AbortRequest, DecodeAllocation, TransferDone)
+        self.inbox = Inbox(self.host, accept=accept, name=self.name)
+        self.picker = DecodePicker([], penalty_s=2 * cfg.prefill.allocation_timeout_s)
+        self.pool = PreparePool(cfg.prefill, self.picker, self._hooks(), self.senders)
+        self._receiver = threading.Thread(target=self._receive, daemon=True)
+        self.loop.start()
+        self._receiver.start()
+        return {
+            "name": self.name,
+            "role": self.role.value,
+            "inbox": self.inbox.address,
+            "kv_cache": self.kv.handle(),
+            "node_ip": self.host,
+        }
+
+    def connect(self, messager_inbox: str, decodes: list[dict]) -> None:
+        """Wire this instance to its cache messager and the decode instances."""
+        self._messager_inbox = messager_inbox
+        self.picker.set_peers(
+            [DecodePeer(d["name"], d["inbox"], d["num_blocks"], d["num_blocks"]) for d in decodes]
+        )
+
+    def _hooks(self) -> PrepareHooks:
+        return PrepareHooks(
+            reserve=self._reserve,
+            unreserve=self._unreserve,
+            admit=self._admit,
+            fail=self._fail,
+            eos_token_ids=self.core.eos_token_ids,
+            inbox=self.inbox.address,
+            name=self.name,
+        )
+
+    # ------------------------------------------------------------------ control thread
+    def _receive(self) -> None:
+        while not self._stop.is_set():
+            msg = self.inbox.recv(timeout_s=0.5)
+            if isinstance(msg, GenerateRequest):
+                self._on_generate(msg)
+            elif isinstance(msg, DecodeAllocation):
+                if not self.pool.on_allocation(msg):
+                    self._cancel_late_allocation(msg)
+            elif isinstance(msg, TransferDone):
+                self._transfer_done.put(msg)
+                self.loop.wake()
+            elif isinstance(msg, AbortRequest):
+                self._on_abort(msg.request_id)
+
+    def _on_generate(self, msg: GenerateRequest) -> None:
+        try:
+            params = SamplingParams.from_dict(msg.sampling)
+            request = Request(msg.request_id, msg.prompt_token_ids, params, self.core.eos_token_ids)
+        except (SamplingParamsError, ValueError, TypeError) as exc:
+            self._fail(msg, f"invalid request: {exc}")
+            return
+        self.counters.add("requests")
+        self.pool.submit(Preparation(msg, request))
+
+    def _cancel_late_allocation(self, msg: DecodeAllocation) -> None:
+        """An acceptance nobody waits for any more: give D its blocks back."""
+        self.counters.add("late_allocations")
+        if msg.accepted:
+            peer = next(
+                (p for p in self.picker.snapshot() if p["name"] == msg.decode_instance), None
+            )
+            if peer is not None:
+                self.senders.send(peer["inbox"], CancelDecode(msg.request_id, "late allocation"))
+
+    def _on_abort(self, request_id: str) -> None:
+        if self.pool.abort(request_id):
+            return
+        with self.loop.lock:
+            tracked = self._tracked.get(request_id)
+            request = self.core.scheduler.requests.get(request_id)
+            if tracked is None or request is None:
+                self.counters.add("unknown_request_messages")
+                return
+            if request.status is not RequestStatus.SENDING_KV:
+                self.core.abort_request(request_id)
+            tracked.reply_to = ""  # the client is gone: publish nothing more
+        # The messager drains in-flight writes, frees D, then reports TransferDone.
+        self._send_messager(CancelCache(request_id, "aborted"))
+
+    # ------------------------------------------------------------------ prepare hooks
+    def _reserve(self, request: Request) -> bool:
+        with self.loop.lock:
+            return self.core.scheduler.reserve_prefill(request)
+
+    def _unreserve(self, request_id: str) -> None:
+        with self.loop.lock:
+            self.core.abort_request(request_id)
+        self.pool.notify_blocks_freed()
+
+    def _admit(self, prep: Preparation, peer: DecodePeer, reply: DecodeAllocation) -> None:
+        task: CacheTask = cache_task_for(prep, peer, reply)
+        self._send_messager(task)  # before the scheduler sees it: the messager knows it first
+        rid = prep.request.request_id
+        timings = {"arrival": prep.msg.arrival_time, "prepared": prep.prepared_at}
+        with self.loop.lock:
+            self._tracked[rid] = _Tracked(prep.msg.reply_to, peer.name, timings)
+            self.core.scheduler.add_request(prep.request)
+        self.loop.wake()
+
+    def _fail(self, msg: GenerateRequest, error: str) -> None:
+        self.counters.add("failed_requests")
+        self.publisher.publish(
+            {msg.reply_to: [TokenPublisher.error_item(msg.request_id, 0, error)]}
+        )
+
+    # ------------------------------------------------------------------ engine thread
+    def _announce_step(self, sched: SchedulerOutput) -> None:
+        now = wall_time()
+        chunks = []
+        with self.loop.lock:
+            for chunk in sched.chunks:
+                tracked = self._tracked.get(chunk.request_id)
+                if tracked is not None:
+                    tracked.timings.setdefault("prefill_start", now)
+                chunks.append([chunk.request_id, chunk.end_pos, chunk.sample])
+        self._step_id = sched.step_id
+        self._send_messager(StepPlan(sched.step_id, chunks))
+
+    def _layer_done(self, layer: int) -> None:
+        self._send_messager(LayerReady(self._step_id, layer))
+
+    def _after_step(self, sched: SchedulerOutput, deltas: list[TokenDelta]) -> None:
+        by_router: dict[str, list[TokenItem]] = defaultdict(list)
+        now = wall_time()
+        for delta in deltas:
+            with self.loop.lock:
+                tracked = self._tracked.get(delta.request_id)
+            if tracked is None:
+                continue
+            tracked.timings["prefill_end"] = now
+            if tracked.reply_to:
+                by_router[tracked.reply_to].append(TokenPublisher.item(delta, **tracked.timings))
+            if delta.status is RequestStatus.SENDING_KV:
+                tracked.transfer_started = time.monotonic()
+                self._send_messager(PrefillDone(delta.request_id, delta.new_token_ids[0]))
+            else:  # finished on P (EOS, max_tokens 1): D's reservation must go
+                self._send_messager(CancelCache(delta.request_id, "finished on prefill"))
+        self.publisher.publish(by_router)
+
+    def _tick(self) -> None:
+        while True:
+            try:
+                done = self._transfer_done.get_nowait()
+            except queue.Empty:
+                break
+            self._finish_transfer(done)
+        self._check_transfer_deadlines()
+
+    def _finish_transfer(self, done: TransferDone) -> None:
+        status = RequestStatus.FINISHED_STOPPED if done.ok else RequestStatus.FINISHED_ERROR
+        with self.loop.lock:
+            tracked = self._tracked.pop(done.request_id, None)
+            self.core.scheduler.release_sent(done.request_id, status)
+        self.pool.notify_blocks_freed()
+        self.counters.add("transfers_ok" if done.ok else "transfers_failed")
+        self.counters.add("transfer_bytes", done.nbytes)
+        if not done.ok and tracked is not None and tracked.reply_to:
+            error = TokenPublisher.error_item(done.request_id, 1, f"KV transfer: {done.error}")
+            self.publisher.publish({tracked.reply_to: [error]})
+
+    def _check_transfer_deadlines(self) -> None:
+        """Ask the messager to give up on slow transfers; free blocks if it never answers."""
+        timeout = self.config.prefill.transfer_timeout_s
+        now = time.monotonic()
+        with self.loop.lock:
+            late = [
+                (rid, t)
+                for rid, t in self._tracked.items()
+                if t.transfer_started and now - t.transfer_started > timeout
+            ]
+        for rid, tracked in late:
+            if not tracked.cancel_sent:
+                tracked.cancel_sent = True
+                self._send_messager(CancelCache(rid, f"transfer exceeded {timeout:.0f} s"))
+            elif now - tracked.transfer_started > 2 * timeout:  # the messager is gone
+                self._finish_transfer(TransferDone(rid, False, "cache messager did not answer"))
+
+    def _on_failure(self, sched: SchedulerOutput, error: str) -> None:
+        for chunk in sched.chunks:
+            with self.loop.lock:
+                tracked = self._tracked.pop(chunk.request_id, None)
+            if tracked is None:
+                continue
+            self._send_messager(CancelCache(chunk.request_id, "prefill step failed"))
+            if tracked.reply_to:
+                item = TokenPublisher.error_item(chunk.request_id, 0, error)
+                self.publisher.publish({tracked.reply_to: [item]})
+        self.pool.notify_blocks_freed()
+
+    def _send_messager(self, msg) -> None:
+        assert self._messager_inbox is not None, "connect() first"
+        try:
+            self.senders.send(self._messager_inbox, msg)
+        except ChannelError:
+            self.counters.add("messager_send_failures")
+
+    # ------------------------------------------------------------------ inspection
+    def is_ready(self) -> bool:
+        return self.loop.alive and self._receiver.is_alive() and self._messager_inbox is not None
+
+    def stats(self) -> dict:
+        with self.loop.lock:
+            bm = self.core.block_manager
+            sched = self.core.scheduler
+            return {
+                "name": self.name,
+                "role": self.role.value,
+                "running": len(sched.running),
+                "waiting": len(sched.waiting),
+                "sending_kv": sum(
+                    r.status is RequestStatus.SENDING_KV for r in sched.requests.values()
+                ),
+                "requests": len(sched.requests),
+                "num_blocks": bm.num_blocks,
+                "free_blocks": bm.num_free_blocks,
+                "prepare_queue": self.pool.queue_depth,
+                "tracked": len(self._tracked),
+                "decodes": self.picker.snapshot(),
+                "counters": self.counters.snapshot(),
+            }
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.pool.shutdown()
+        self.loop.stop()
+        self.inbox.close()
+        self.senders.close()
+        self.kv.close()
+        self.kv.unlink()
