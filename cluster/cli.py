@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
+    from cluster.cli_serve import add_serve
+
+    add_serve(subparsers)
     return parser
 
 

@@ -123,6 +123,13 @@ class PdserveConfig(StrictModel):
             )
         if (self.prefill.instances > 0) != (self.decode.instances > 0):
             raise ValueError("prefill.instances and decode.instances must both be 0 or both > 0")
+        p_block = self.prefill.engine.scheduler.block_size
+        d_block = self.decode.engine.scheduler.block_size
+        if pd and p_block != d_block:
+            raise ValueError(
+                f"prefill.engine.scheduler.block_size ({p_block}) must equal "
+                f"decode.engine.scheduler.block_size ({d_block}): KV moves block by block"
+            )
         return self
 
 

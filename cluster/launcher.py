@@ -1,0 +1,229 @@
+"""Builds a running deployment from a validated config: placement groups, actors, wiring.
+
+Plain builder functions (no class hierarchy): decode instances first (their transfer endpoints
+are needed by the messagers), then each prefill instance with its cache messager in one
+placement-group bundle (same node, same GPU share), then mixed instances, then the router.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cache_transfer.messager import CacheMessager
+from cluster.config import PdserveConfig, PlacementConfig
+from cluster.instances.decode import DecodeInstance
+from cluster.instances.mixed import MixedInstance
+from cluster.instances.prefill import PrefillInstance
+from cluster.router.actor import RouterActor
+
+log = logging.getLogger(__name__)
+
+_MESSAGER_CPUS = 0.25
+# Actor methods (stats, is_ready, abort plumbing) run on a few Ray threads beside the actor's own.
+_ACTOR_CONCURRENCY = 8
+
+
+@dataclass
+class Deployment:
+    """Handles of a running deployment; `stop()` tears everything down."""
+
+    config: PdserveConfig
+    url: str = ""
+    router: Any = None
+    prefills: list[Any] = field(default_factory=list)
+    messagers: list[Any] = field(default_factory=list)
+    decodes: list[Any] = field(default_factory=list)
+    mixed: list[Any] = field(default_factory=list)
+    placement_groups: list[Any] = field(default_factory=list)
+    endpoints: list[dict] = field(default_factory=list)
+    owns_ray: bool = False
+
+    @property
+    def instances(self) -> list[Any]:
+        return [*self.prefills, *self.decodes, *self.mixed]
+
+    def stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        actors = [*self.instances, *self.messagers]
+        stats = ray.get([a.stats.remote() for a in actors], timeout=timeout_s)
+        out = {s["name"]: s for s in stats}
+        if self.router is not None:
+            out["router"] = ray.get(self.router.stats.remote(), timeout=timeout_s)
+        return out
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        actors = [a for a in [self.router, *self.instances, *self.messagers] if a is not None]
+        refs = [a.shutdown.remote() for a in actors]
+        try:
+            ray.get(refs, timeout=timeout_s)
+        except Exception as exc:  # best effort: the kill below frees everything anyway
+            log.warning("shutdown incomplete: %s", exc)
+        for actor in actors:
+            ray.kill(actor)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def init_ray(config: PdserveConfig, address: str | None = None) -> bool:
+    """Join `address` (or the config's), or start an embedded local Ray. True if we started it."""
+    if ray.is_initialized():
+        return False
+    address = address or config.cluster.address
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, namespace=config.cluster.namespace, runtime_env=env)
+        return False
+    ray.init(
+        namespace=config.cluster.namespace,
+        num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)),
+        include_dashboard=False,
+        runtime_env=env,
+        _node_ip_address=config.cluster.node_ip,
+    )
+    return True
+
+
+def _cpus_needed(config: PdserveConfig) -> int:
+    total = config.router.num_cpus
+    total += config.prefill.instances * (config.prefill.placement.num_cpus + _MESSAGER_CPUS)
+    total += config.decode.instances * config.decode.placement.num_cpus
+    total += config.mixed.instances * config.mixed.placement.num_cpus
+    return int(total) + 1
+
+
+def _options(placement: PlacementConfig, name: str, namespace: str) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "num_cpus": placement.num_cpus,
+        "num_gpus": placement.num_gpus,
+        "max_concurrency": _ACTOR_CONCURRENCY,
+    }
+    if placement.resources:
+        options["resources"] = dict(placement.resources)
+    if placement.label_selector:
+        options["label_selector"] = dict(placement.label_selector)
+    return options
+
+
+def deploy(config: PdserveConfig, address: str | None = None) -> Deployment:
+    """Start everything the config describes and wait until it serves."""
+    owns_ray = init_ray(config, address)
+    dep = Deployment(config, owns_ray=owns_ray)
+    try:
+        _start_instances(dep)
+        _start_router(dep)
+        wait_ready(dep, config.cluster.startup_timeout_s)
+    except BaseException:
+        dep.stop()
+        raise
+    return dep
+
+
+def _start_instances(dep: Deployment) -> None:
+    cfg = dep.config
+    raw = cfg.model_dump(mode="json")
+    timeout = cfg.cluster.startup_timeout_s
+    ns = cfg.cluster.namespace
+    for i in range(cfg.decode.instances):
+        opts = _options(cfg.decode.placement, f"decode-{i}", ns)
+        dep.decodes.append(ray.remote(DecodeInstance).options(**opts).remote(f"decode-{i}", raw))
+    for i in range(cfg.mixed.instances):
+        opts = _options(cfg.mixed.placement, f"mixed-{i}", ns)
+        dep.mixed.append(ray.remote(MixedInstance).options(**opts).remote(f"mixed-{i}", raw))
+    prefill_pgs = [_prefill_placement_group(cfg) for _ in range(cfg.prefill.instances)]
+    dep.placement_groups.extend(prefill_pgs)
+    for i, pg in enumerate(prefill_pgs):
+        opts = _options(cfg.prefill.placement, f"prefill-{i}", ns)
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
+        opts.pop("label_selector", None)  # the bundle carries placement
+        dep.prefills.append(ray.remote(PrefillInstance).options(**opts).remote(f"prefill-{i}", raw))
+    # Model loading happens in setup(); every instance loads in parallel.
+    refs = [a.setup.remote() for a in [*dep.decodes, *dep.prefills, *dep.mixed]]
+    infos = ray.get(refs, timeout=timeout)
+    decode_infos = infos[: len(dep.decodes)]
+    prefill_infos = infos[len(dep.decodes) : len(dep.decodes) + len(dep.prefills)]
+    mixed_infos = infos[len(dep.decodes) + len(dep.prefills) :]
+    for i, (pg, info) in enumerate(zip(prefill_pgs, prefill_infos, strict=True)):
+        actor, m_info = _start_messager(cfg, i, pg, info, decode_infos)
+        dep.messagers.append(actor)
+        ray.get(dep.prefills[i].connect.remote(m_info["inbox"], decode_infos), timeout=timeout)
+    dep.endpoints = [*prefill_infos, *decode_infos, *mixed_infos]
+
+
+def _prefill_placement_group(cfg: PdserveConfig):
+    placement = cfg.prefill.placement
+    bundle: dict[str, float] = {"CPU": placement.num_cpus + _MESSAGER_CPUS}
+    if placement.num_gpus:
+        bundle["GPU"] = placement.num_gpus
+    bundle.update(placement.resources)
+    kwargs = {}
+    if placement.label_selector:
+        kwargs["bundle_label_selector"] = [dict(placement.label_selector)]
+    return placement_group([bundle], strategy="STRICT_PACK", **kwargs)
+
+
+def _start_messager(cfg: PdserveConfig, index: int, pg, p_info: dict, decode_infos: list[dict]):
+    name = f"messager-{index}"
+    actor = (
+        ray.remote(CacheMessager)
+        .options(
+            name=name,
+            namespace=cfg.cluster.namespace,
+            num_cpus=_MESSAGER_CPUS,
+            max_concurrency=_ACTOR_CONCURRENCY,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0),
+        )
+        .remote(
+            name,
+            cfg.transfer.backend.value,
+            p_info["kv_cache"],
+            p_info["inbox"],
+            cfg.transfer.cache_task_timeout_s,
+        )
+    )
+    timeout = cfg.cluster.startup_timeout_s
+    info = ray.get(actor.setup.remote(), timeout=timeout)
+    ray.get(actor.add_decode_peers.remote(decode_infos), timeout=timeout)
+    return actor, info
+
+
+def _start_router(dep: Deployment) -> None:
+    cfg = dep.config
+    raw = cfg.model_dump(mode="json")
+    router = (
+        ray.remote(RouterActor)
+        .options(
+            name="router",
+            namespace=cfg.cluster.namespace,
+            num_cpus=cfg.router.num_cpus,
+            max_concurrency=_ACTOR_CONCURRENCY,
+        )
+        .remote(raw)
+    )
+    endpoints = [{"name": e["name"], "role": e["role"], "inbox": e["inbox"]} for e in dep.endpoints]
+    dep.url = ray.get(
+        router.start.remote(endpoints, dep.instances), timeout=cfg.cluster.startup_timeout_s
+    )
+    dep.router = router
+
+
+def wait_ready(dep: Deployment, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    actors = [*dep.instances, *dep.messagers]
+    while True:
+        ready = ray.get([a.is_ready.remote() for a in actors], timeout=timeout_s)
+        if all(ready):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"instances not ready after {timeout_s:.0f} s: {ready}")
+        time.sleep(0.2)
