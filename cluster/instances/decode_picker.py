@@ -1,5 +1,10 @@
-"""P's choice of a decode instance: most free KV blocks after pending reservations, skipping
-instances that recently timed out (so one stalled D does not keep absorbing requests)."""
+"""P's choice of a decode instance.
+
+Fewest unanswered allocation requests first, then most free KV blocks. A healthy D answers in
+milliseconds, so its count stays near zero while a stalled D's grows: the stalled one stops
+attracting requests at once instead of after a timeout. Instances that timed out are avoided for
+a penalty period, and instances known to lack the blocks are tried last.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ class DecodePicker:
             if not candidates:
                 return None
             healthy = [p for p in candidates if p.penalty_until <= now] or candidates
-            best = max(healthy, key=lambda p: p.free_blocks - p.pending * blocks_needed)
+            fits = [p for p in healthy if p.free_blocks >= blocks_needed] or healthy
+            best = min(fits, key=lambda p: (p.pending, -p.free_blocks))
             best.pending += 1
             return best
 

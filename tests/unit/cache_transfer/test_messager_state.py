@@ -1,0 +1,138 @@
+"""Cache messager bookkeeping: what gets written when, with a recording in-memory backend."""
+
+from __future__ import annotations
+
+import time
+
+from cache_transfer.backend import TransferHandle, TransferState
+from cache_transfer.messager_state import MessagerState
+from cache_transfer.messages import CacheTask
+
+
+class RecordingBackend:
+    """Test double: records writes; completion is controlled by the test."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, list[int], list[int]]] = []
+        self.handles: list[TransferHandle] = []
+        self.released: list[TransferHandle] = []
+        self.fail_next = False
+
+    def write(self, peer, src_layer, src_ids, dst_layer, dst_ids) -> TransferHandle:
+        assert peer == "peer-d0" and src_layer == dst_layer
+        self.writes.append((src_layer, list(src_ids), list(dst_ids)))
+        handle = TransferHandle(peer=peer, nbytes=100 * len(src_ids), num_descs=1)
+        if self.fail_next:
+            handle.state = TransferState.FAILED
+            handle.error = "injected"
+        self.handles.append(handle)
+        return handle
+
+    def poll(self, handle: TransferHandle) -> TransferState:
+        return handle.state
+
+    def release(self, handle: TransferHandle) -> None:
+        self.released.append(handle)
+
+    def complete_all(self) -> None:
+        for handle in self.handles:
+            if handle.state is TransferState.PENDING:
+                handle.state = TransferState.DONE
+
+
+def make_state(backend: RecordingBackend, layers: int = 2, wait_s: float = 5.0) -> MessagerState:
+    peers = {"d0": "peer-d0"}
+    return MessagerState(backend, layers, block_size=4, resolve_peer=peers.get, task_wait_s=wait_s)
+
+
+def task(rid: str = "r", num_prompt: int = 10) -> CacheTask:
+    blocks = -(-num_prompt // 4)
+    return CacheTask(
+        rid, "d0", "tcp://d0", list(range(blocks)), [10 + b for b in range(blocks)], num_prompt
+    )
+
+
+def test_layerwise_chunked_stream_sends_full_blocks_then_tail() -> None:
+    backend = RecordingBackend()
+    state = make_state(backend)
+    state.add_task(task(num_prompt=10))  # blocks 0,1 full, block 2 is the tail
+    state.add_plan(0, [["r", 6, False]])  # first chunk: positions 0..5 -> only block 0 is full
+    state.layer_ready(0, 0)
+    state.layer_ready(0, 1)
+    assert backend.writes == [(0, [0], [10]), (1, [0], [10])]
+    state.add_plan(1, [["r", 10, True]])  # last chunk: block 1 and the tail block 2
+    state.layer_ready(1, 0)
+    assert backend.writes[-1] == (0, [1, 2], [11, 12])
+    state.layer_ready(1, 1)
+    assert state.poll() == []  # writes pending, no first token yet
+    backend.complete_all()
+    assert state.poll() == []  # still no first token
+    state.prefill_done("r", 42, time.time())
+    (outcome,) = state.poll()
+    assert outcome.ok and outcome.state.first_token_id == 42
+    assert outcome.state.nbytes == 100 * 6
+    assert len(backend.released) == len(backend.handles) == 4
+    assert not state.tasks and not state.plans
+
+
+def test_signals_before_task_wait_and_replay() -> None:
+    backend = RecordingBackend()
+    state = make_state(backend, layers=1)
+    state.add_plan(0, [["r", 8, True]])
+    state.layer_ready(0, 0)
+    assert backend.writes == []  # never send KV for an unknown task
+    assert state.busy
+    state.add_task(task(num_prompt=8))
+    assert backend.writes == [(0, [0, 1], [10, 11])]
+
+
+def test_task_that_never_comes_is_given_up_and_fails_if_late() -> None:
+    backend = RecordingBackend()
+    state = make_state(backend, layers=1, wait_s=0.01)
+    state.add_plan(0, [["r", 8, True]])
+    state.layer_ready(0, 0)
+    time.sleep(0.02)
+    assert state.poll() == [] and not state.deferred
+    state.add_task(task(num_prompt=8))
+    (outcome,) = state.poll()
+    assert not outcome.ok and "given up" in outcome.error
+    assert backend.writes == []
+
+
+def test_cancel_waits_for_inflight_writes_then_fails() -> None:
+    backend = RecordingBackend()
+    state = make_state(backend, layers=1)
+    state.add_task(task(num_prompt=8))
+    state.add_plan(0, [["r", 8, True]])
+    state.layer_ready(0, 0)
+    assert state.cancel("r", "aborted")
+    assert state.poll() == []  # the in-flight write must drain before D may free its blocks
+    backend.complete_all()
+    (outcome,) = state.poll()
+    assert not outcome.ok and outcome.error == "aborted"
+    assert not state.cancel("unknown", "x")
+
+
+def test_failed_write_fails_the_task_and_stops_writing() -> None:
+    backend = RecordingBackend()
+    backend.fail_next = True
+    state = make_state(backend, layers=2)
+    state.add_task(task(num_prompt=8))
+    state.add_plan(0, [["r", 8, True]])
+    state.layer_ready(0, 0)
+    (outcome,) = state.poll()
+    assert not outcome.ok and outcome.error == "injected"
+    state.layer_ready(0, 1)
+    assert len(backend.writes) == 1
+
+
+def test_unknown_decode_instance_fails_without_writing() -> None:
+    backend = RecordingBackend()
+    state = make_state(backend, layers=1)
+    bad = task()
+    bad.decode_instance = "d9"
+    state.add_task(bad)
+    state.add_plan(0, [["r", 10, True]])
+    state.layer_ready(0, 0)
+    (outcome,) = state.poll()
+    assert not outcome.ok and "d9" in outcome.error and backend.writes == []

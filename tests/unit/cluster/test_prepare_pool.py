@@ -1,0 +1,189 @@
+"""The prepare pool against decode stand-ins speaking the real protocol over real zmq sockets."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from cluster.config import PrefillConfig
+from cluster.instances.decode_picker import DecodePeer, DecodePicker
+from cluster.instances.prepare_pool import Preparation, PrepareHooks, PreparePool
+from engine.protocol.channels import Inbox, SenderPool
+from engine.protocol.requests import GenerateRequest
+from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+
+
+class FakeDecode(threading.Thread):
+    """Answers DecodeTasks: 'accept', 'refuse', 'silent' (never) or a delay in seconds."""
+
+    def __init__(self, name: str, policy: str | float = "accept", free: int = 100) -> None:
+        super().__init__(daemon=True)
+        self.inbox = Inbox("127.0.0.1", accept=(DecodeTask, CancelDecode))
+        self.name_ = name
+        self.policy = policy
+        self.free = free
+        self.tasks: list[str] = []
+        self.cancels: list[str] = []
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        senders = SenderPool()
+        while not self._halt.is_set():
+            msg = self.inbox.recv(0.05)
+            if isinstance(msg, CancelDecode):
+                self.cancels.append(msg.request_id)
+            elif isinstance(msg, DecodeTask):
+                self.tasks.append(msg.request_id)
+                if self.policy == "silent":
+                    continue
+                if isinstance(self.policy, float):
+                    time.sleep(self.policy)
+                ok = self.policy != "refuse"
+                reply = DecodeAllocation(
+                    msg.request_id, self.name_, ok, [1, 2] if ok else [], "", 50
+                )
+                senders.send(msg.reply_to, reply)
+        senders.close()
+
+    def peer(self) -> DecodePeer:
+        return DecodePeer(self.name_, self.inbox.address, 200, self.free)
+
+    def close(self) -> None:
+        self._halt.set()
+        self.join(2)
+        self.inbox.close()
+
+
+class FakePrefill:
+    """Hooks recording what the pool asked for; `capacity` reservations at most."""
+
+    def __init__(self, capacity: int = 100) -> None:
+        self.inbox = Inbox("127.0.0.1", accept=(DecodeAllocation,))
+        self.capacity = capacity
+        self.reserved: set[str] = set()
+        self.admitted: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def hooks(self) -> PrepareHooks:
+        return PrepareHooks(
+            self.reserve, self.unreserve, self.admit, self.fail, (2,), self.inbox.address, "p0"
+        )
+
+    def reserve(self, request: Request) -> bool:
+        with self.lock:
+            if len(self.reserved) >= self.capacity:
+                return False
+            self.reserved.add(request.request_id)
+            return True
+
+    def unreserve(self, rid: str) -> None:
+        with self.lock:
+            self.reserved.remove(rid)
+
+    def admit(self, prep, peer, reply) -> None:
+        with self.lock:
+            self.admitted[prep.request.request_id] = peer.name
+            self.reserved.remove(prep.request.request_id)
+
+    def fail(self, msg, error: str) -> None:
+        with self.lock:
+            self.failed[msg.request_id] = error
+
+
+@pytest.fixture
+def env():
+    made: list = []
+
+    def build(policies: list, threads: int = 4, timeout: float = 0.3, attempts: int = 3):
+        decodes = [FakeDecode(f"d{i}", p, free=200 - i) for i, p in enumerate(policies)]
+        prefill = FakePrefill()
+        config = PrefillConfig(
+            prepare_threads=threads, allocation_timeout_s=timeout, max_decode_attempts=attempts
+        )
+        picker = DecodePicker([d.peer() for d in decodes], penalty_s=5.0)
+        pool = PreparePool(config, picker, prefill.hooks(), SenderPool(), reserve_timeout_s=0.5)
+        router = threading.Thread(target=_route_replies, args=(prefill, pool), daemon=True)
+        router.start()
+        made.append((decodes, prefill, pool))
+        return decodes, prefill, pool
+
+    yield build
+    for decodes, prefill, pool in made:
+        pool.shutdown()
+        prefill.inbox.close()
+        for d in decodes:
+            d.close()
+
+
+def _route_replies(prefill: FakePrefill, pool: PreparePool) -> None:
+    while True:
+        try:
+            msg = prefill.inbox.recv(0.05)
+        except Exception:
+            return
+        if msg is not None:
+            pool.on_allocation(msg)
+
+
+def submit(pool: PreparePool, rid: str) -> None:
+    request = Request(rid, [1, 2, 3], SamplingParams(max_tokens=4))
+    msg = GenerateRequest(rid, [1, 2, 3], request.sampling_params.to_dict(), "tcp://x:1", 0.0)
+    pool.submit(Preparation(msg, request))
+
+
+def wait_for(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_refusal_goes_to_the_next_decode(env) -> None:
+    _, prefill, pool = env(["refuse", "accept"])
+    submit(pool, "r1")
+    wait_for(lambda: "r1" in prefill.admitted)
+    assert prefill.admitted["r1"] == "d1" and not prefill.reserved
+
+
+def test_timeout_tries_another_and_cancels_the_late_one(env) -> None:
+    decodes, prefill, pool = env(["silent", "accept"])  # d0 looks emptier: asked first
+    submit(pool, "r1")
+    wait_for(lambda: "r1" in prefill.admitted)
+    assert decodes[0].tasks == ["r1"] and prefill.admitted["r1"] == "d1"
+    wait_for(lambda: decodes[0].cancels == ["r1"])
+
+
+def test_all_refuse_fails_clearly_and_frees(env) -> None:
+    _, prefill, pool = env(["refuse", "refuse"])
+    submit(pool, "r1")
+    wait_for(lambda: "r1" in prefill.failed)
+    assert "no decode instance could take the request" in prefill.failed["r1"]
+    assert not prefill.reserved and pool.queue_depth == 0
+
+
+def test_abort_while_waiting_frees_and_cancels(env) -> None:
+    decodes, prefill, pool = env(["silent"], timeout=5.0)
+    submit(pool, "r1")
+    wait_for(lambda: decodes[0].tasks == ["r1"])
+    assert pool.abort("r1")
+    wait_for(lambda: pool.queue_depth == 0)
+    assert not prefill.reserved and "r1" not in prefill.failed  # aborted: nobody to tell
+    wait_for(lambda: decodes[0].cancels == ["r1"])
+
+
+def test_stalled_decode_does_not_stall_requests_another_can_take(env) -> None:
+    decodes, prefill, pool = env(["silent", "accept"], threads=4, timeout=2.0)
+    for i in range(8):
+        submit(pool, f"r{i}")
+    # Within one allocation timeout only the first request waits on the stalled D; the other
+    # threads keep admitting to the healthy one.
+    wait_for(lambda: len(prefill.admitted) == 7, timeout=1.5)
+    assert decodes[0].tasks == ["r0"] or len(decodes[0].tasks) == 1
+    wait_for(lambda: len(prefill.admitted) == 8, timeout=10)
+    assert set(prefill.admitted.values()) == {"d1"}
