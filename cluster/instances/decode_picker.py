@@ -1,6 +1,7 @@
 """P's choice of a decode instance.
 
-Fewest unanswered allocation requests first, then most free KV blocks. A healthy D answers in
+Not suspect first (an ask unanswered for longer than a healthy D takes), then fewest
+unanswered allocation requests, then most free KV blocks. A healthy D answers in
 milliseconds, so its count stays near zero while a stalled D's grows: the stalled one stops
 attracting requests at once instead of after a timeout. Instances that timed out are avoided for
 a penalty period, and instances known to lack the blocks are tried last.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -19,16 +20,25 @@ class DecodePeer:
     inbox: str
     num_blocks: int
     free_blocks: int  # as last reported by the D itself
-    pending: int = 0  # allocation requests sent and not answered yet
+    pending_since: list[float] = field(default_factory=list)  # send times of unanswered asks
     penalty_until: float = 0.0  # monotonic; timed-out peers are avoided until then
+
+    @property
+    def pending(self) -> int:
+        return len(self.pending_since)
+
+    def suspect(self, now: float, after_s: float) -> bool:
+        """An ask has gone unanswered for longer than a healthy D ever takes."""
+        return bool(self.pending_since) and now - self.pending_since[0] > after_s
 
 
 class DecodePicker:
     """Thread-safe: every prepare thread consults it."""
 
-    def __init__(self, peers: list[DecodePeer], penalty_s: float) -> None:
+    def __init__(self, peers: list[DecodePeer], penalty_s: float, suspect_after_s: float) -> None:
         self._peers = {p.name: p for p in peers}
         self._penalty_s = penalty_s
+        self._suspect_after_s = suspect_after_s
         self._lock = threading.Lock()
 
     def set_peers(self, peers: list[DecodePeer]) -> None:
@@ -45,15 +55,19 @@ class DecodePicker:
                 return None
             healthy = [p for p in candidates if p.penalty_until <= now] or candidates
             fits = [p for p in healthy if p.free_blocks >= blocks_needed] or healthy
-            best = min(fits, key=lambda p: (p.pending, -p.free_blocks))
-            best.pending += 1
+            best = min(
+                fits,
+                key=lambda p: (p.suspect(now, self._suspect_after_s), p.pending, -p.free_blocks),
+            )
+            best.pending_since.append(now)
             return best
 
     def on_reply(self, name: str, free_blocks: int) -> None:
         with self._lock:
             peer = self._peers.get(name)
             if peer is not None:
-                peer.pending = max(0, peer.pending - 1)
+                if peer.pending_since:
+                    peer.pending_since.pop(0)
                 peer.free_blocks = free_blocks
                 peer.penalty_until = 0.0
 
@@ -61,9 +75,19 @@ class DecodePicker:
         with self._lock:
             peer = self._peers.get(name)
             if peer is not None:
-                peer.pending = max(0, peer.pending - 1)
+                if peer.pending_since:
+                    peer.pending_since.pop(0)
                 peer.penalty_until = time.monotonic() + self._penalty_s
 
     def snapshot(self) -> list[dict]:
         with self._lock:
-            return [dict(vars(p)) for p in self._peers.values()]
+            return [
+                {
+                    "name": p.name,
+                    "inbox": p.inbox,
+                    "free_blocks": p.free_blocks,
+                    "pending": p.pending,
+                    "penalized": p.penalty_until > time.monotonic(),
+                }
+                for p in self._peers.values()
+            ]

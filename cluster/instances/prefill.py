@@ -95,7 +95,10 @@ class PrefillInstance:
         )
         accept = (GenerateRequest, AbortRequest, DecodeAllocation, TransferDone)
         self.inbox = Inbox(self.host, accept=accept, name=self.name)
-        self.picker = DecodePicker([], penalty_s=2 * cfg.prefill.allocation_timeout_s)
+        timeout = cfg.prefill.allocation_timeout_s
+        self.picker = DecodePicker(
+            [], penalty_s=2 * timeout, suspect_after_s=min(0.25, timeout / 4)
+        )
         self.pool = PreparePool(cfg.prefill, self.picker, self._hooks(), self.senders)
         self._receiver = threading.Thread(target=self._receive, daemon=True)
         self.loop.start()
