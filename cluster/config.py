@@ -99,8 +99,10 @@ class ClusterConfig(StrictModel):
     )
     namespace: str = Field("pdserve", description="Ray namespace of the named actors.")
     startup_timeout_s: float = Field(600.0, gt=0, description="Longest wait for actors to start.")
-    node_ip: str | None = Field(
-        None, description="Address to advertise for a local Ray head; default: Ray's choice."
+    node_ip: str = Field(
+        "127.0.0.1",
+        description="Node address of an embedded local Ray (what its actors bind and advertise); "
+        "ignored when joining a cluster, where each node's own address is used.",
     )
 
 

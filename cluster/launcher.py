@@ -23,6 +23,7 @@ from cluster.instances.decode import DecodeInstance
 from cluster.instances.mixed import MixedInstance
 from cluster.instances.prefill import PrefillInstance
 from cluster.router.actor import RouterActor
+from worker.engine_core import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ class Deployment:
     owns_ray: bool = False
 
     @property
+    def max_model_len(self) -> int:
+        return min(e["max_model_len"] for e in self.endpoints)
+
+    @property
     def instances(self) -> list[Any]:
         return [*self.prefills, *self.decodes, *self.mixed]
 
@@ -59,8 +64,11 @@ class Deployment:
         return out
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        actors = [a for a in [self.router, *self.instances, *self.messagers] if a is not None]
+        actors = [a for a in [*self.instances, *self.messagers] if a is not None]
         refs = [a.shutdown.remote() for a in actors]
+        if self.router is not None:
+            refs.append(self.router.stop.remote())
+            actors.append(self.router)
         try:
             ray.get(refs, timeout=timeout_s)
         except Exception as exc:  # best effort: the kill below frees everything anyway
@@ -117,6 +125,9 @@ def _options(placement: PlacementConfig, name: str, namespace: str) -> dict[str,
 
 def deploy(config: PdserveConfig, address: str | None = None) -> Deployment:
     """Start everything the config describes and wait until it serves."""
+    resolve_model_path(config.model)  # converts the default model once, here, with progress
+    if address:
+        config.cluster.address = address
     owns_ray = init_ray(config, address)
     dep = Deployment(config, owns_ray=owns_ray)
     try:
@@ -192,7 +203,7 @@ def _start_messager(cfg: PdserveConfig, index: int, pg, p_info: dict, decode_inf
         )
     )
     timeout = cfg.cluster.startup_timeout_s
-    info = ray.get(actor.setup.remote(), timeout=timeout)
+    info = ray.get(actor.setup.remote(p_info["node_ip"]), timeout=timeout)
     ray.get(actor.add_decode_peers.remote(decode_infos), timeout=timeout)
     return actor, info
 
@@ -208,13 +219,18 @@ def _start_router(dep: Deployment) -> None:
             num_cpus=cfg.router.num_cpus,
             max_concurrency=_ACTOR_CONCURRENCY,
         )
-        .remote(raw)
+        .remote(raw, str(resolve_model_path(cfg.model)), _router_host(cfg), dep.max_model_len)
     )
     endpoints = [{"name": e["name"], "role": e["role"], "inbox": e["inbox"]} for e in dep.endpoints]
     dep.url = ray.get(
         router.start.remote(endpoints, dep.instances), timeout=cfg.cluster.startup_timeout_s
     )
     dep.router = router
+
+
+def _router_host(cfg: PdserveConfig) -> str | None:
+    """Embedded Ray: the configured loopback address; a cluster: the router's own node's."""
+    return cfg.cluster.node_ip if cfg.cluster.address is None else None
 
 
 def wait_ready(dep: Deployment, timeout_s: float) -> None:

@@ -14,7 +14,7 @@ from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
 from worker.default_model import ensure_default_model
 from worker.kv_cache import num_blocks_for_budget
-from worker.model_config import ModelArchConfig
+from worker.model_config import load_model_config
 from worker.model_runner import ModelRunner
 
 
@@ -40,7 +40,7 @@ def resolve_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
 
 def kv_layout_for(model: ModelConfig, engine: EngineConfig) -> tuple[KVLayout, torch.dtype]:
     """The KV cache geometry an instance with this config allocates (before loading weights)."""
-    arch = ModelArchConfig.from_folder(resolve_model_path(model))
+    arch = load_model_config(resolve_model_path(model))
     dtype = resolve_dtype(model, resolve_device(model))
     block_size = engine.scheduler.block_size
     num_blocks = engine.cache.num_blocks or num_blocks_for_budget(
@@ -69,7 +69,7 @@ class EngineCore:
         layer_done=None,
     ) -> None:
         self.model_path = resolve_model_path(model)
-        self.arch = ModelArchConfig.from_folder(self.model_path)
+        self.arch = load_model_config(self.model_path)
         device = resolve_device(model)
         dtype = resolve_dtype(model, device)
         sched_cfg = engine.scheduler

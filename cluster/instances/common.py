@@ -7,9 +7,18 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from cluster.config import PdserveConfig
 from engine.outputs import TokenDelta
-from engine.protocol.channels import ChannelError, SenderPool
+from engine.protocol.channels import ChannelError, SenderPool, node_ip_address
 from engine.protocol.tokens import TokenBatch, TokenItem
+
+
+def advertised_host(config: PdserveConfig) -> str:
+    """Address this actor binds and advertises: the configured one for an embedded local Ray
+    (loopback by default, so nothing leaves the machine), the node's own address in a cluster."""
+    if config.cluster.address is None:
+        return config.cluster.node_ip
+    return node_ip_address()
 
 
 @dataclass

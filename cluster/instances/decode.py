@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from cache_transfer.factory import make_backend, regions_of_tensors
 from cache_transfer.messages import KvComplete
 from cluster.config import PdserveConfig
-from cluster.instances.common import Counters, TokenPublisher, wall_time
+from cluster.instances.common import Counters, TokenPublisher, advertised_host, wall_time
 from cluster.instances.engine_loop import EngineLoop
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
-from engine.protocol.channels import ChannelError, Inbox, SenderPool, node_ip_address
+from engine.protocol.channels import ChannelError, Inbox, SenderPool
 from engine.protocol.requests import AbortRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
 from engine.protocol.tokens import TokenItem
@@ -54,11 +54,11 @@ class DecodeInstance:
         self._stop = threading.Event()
 
     def setup(self) -> dict:
-        self.host = node_ip_address()
+        self.host = advertised_host(self.config)
         cfg = self.config
         self.core = EngineCore(cfg.model, cfg.decode.engine, Role.DECODE)
         self.backend = make_backend(cfg.transfer.backend, f"{self.name}-kv", self.host)
-        self.backend.register(regions_of_tensors(self.core.runner.kv_caches))
+        self.backend.register(regions_of_tensors(self.core.runner.kv_cache.layers))
         self.senders = SenderPool()
         self.publisher = TokenPublisher(self.name, self.senders, self.counters)
         self.loop = EngineLoop(
@@ -77,6 +77,7 @@ class DecodeInstance:
             "name": self.name,
             "role": self.role.value,
             "inbox": self.inbox.address,
+            "max_model_len": self.core.max_model_len,
             "transfer": self.backend.endpoint_info(),
             "num_blocks": self.core.block_manager.num_blocks,
         }
@@ -250,6 +251,7 @@ class DecodeInstance:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._receiver.join(5)
         self.loop.stop()
         self.inbox.close()
         self.senders.close()

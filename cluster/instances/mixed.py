@@ -9,12 +9,12 @@ import threading
 from collections import defaultdict
 
 from cluster.config import PdserveConfig
-from cluster.instances.common import Counters, TokenPublisher, wall_time
+from cluster.instances.common import Counters, TokenPublisher, advertised_host, wall_time
 from cluster.instances.engine_loop import EngineLoop
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
-from engine.protocol.channels import Inbox, SenderPool, node_ip_address
+from engine.protocol.channels import Inbox, SenderPool
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenItem
 from engine.request import Request
@@ -34,7 +34,7 @@ class MixedInstance:
 
     def setup(self) -> dict:
         """Load the model, bind the inbox, start the threads; returns the endpoint."""
-        self.host = node_ip_address()
+        self.host = advertised_host(self.config)
         self.core = EngineCore(self.config.model, self.config.mixed.engine, Role.MIXED)
         self.senders = SenderPool()
         self.publisher = TokenPublisher(self.name, self.senders, self.counters)
@@ -45,7 +45,12 @@ class MixedInstance:
         self._receiver = threading.Thread(target=self._receive, daemon=True)
         self.loop.start()
         self._receiver.start()
-        return {"name": self.name, "role": self.role.value, "inbox": self.inbox.address}
+        return {
+            "name": self.name,
+            "role": self.role.value,
+            "inbox": self.inbox.address,
+            "max_model_len": self.core.max_model_len,
+        }
 
     def _receive(self) -> None:
         while not self._stop.is_set():
@@ -117,6 +122,7 @@ class MixedInstance:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._receiver.join(5)
         self.loop.stop()
         self.inbox.close()
         self.senders.close()

@@ -25,7 +25,7 @@ from cache_transfer.messages import (
 )
 from cache_transfer.shared_kv import SharedKVCache
 from cluster.config import PdserveConfig
-from cluster.instances.common import Counters, TokenPublisher, wall_time
+from cluster.instances.common import Counters, TokenPublisher, advertised_host, wall_time
 from cluster.instances.decode_picker import DecodePeer, DecodePicker
 from cluster.instances.engine_loop import EngineLoop
 from cluster.instances.prepare_pool import (
@@ -37,7 +37,7 @@ from cluster.instances.prepare_pool import (
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
-from engine.protocol.channels import ChannelError, Inbox, SenderPool, node_ip_address
+from engine.protocol.channels import ChannelError, Inbox, SenderPool
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation
 from engine.protocol.tokens import TokenItem
@@ -72,7 +72,7 @@ class PrefillInstance:
 
     def setup(self) -> dict:
         """Allocate the KV cache in shared memory, load the model, start the threads."""
-        self.host = node_ip_address()
+        self.host = advertised_host(self.config)
         cfg = self.config
         layout, dtype = kv_layout_for(cfg.model, cfg.prefill.engine)
         self.kv = SharedKVCache.create(f"pdserve-{self.name}", layout, dtype)
@@ -107,8 +107,9 @@ class PrefillInstance:
             "name": self.name,
             "role": self.role.value,
             "inbox": self.inbox.address,
+            "max_model_len": self.core.max_model_len,
             "kv_cache": self.kv.handle(),
-            "node_ip": self.host,
+            "node_ip": self.host,  # the messager binds beside P
         }
 
     def connect(self, messager_inbox: str, decodes: list[dict]) -> None:
@@ -323,6 +324,7 @@ class PrefillInstance:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._receiver.join(5)
         self.pool.shutdown()
         self.loop.stop()
         self.inbox.close()
