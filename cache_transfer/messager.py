@@ -16,6 +16,7 @@ their state, because NIXL offers no completion handle to block on.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -109,7 +110,9 @@ class CacheMessager:
             state.add_task(msg)
         elif isinstance(msg, PrefillDone):
             state.prefill_done(msg.request_id, msg.first_token_id, time.time())
-        elif isinstance(msg, CancelCache) and not state.cancel(msg.request_id, msg.reason):
+        elif isinstance(msg, CancelCache) and not state.cancel(
+            msg.request_id, msg.reason, msg.client_informed
+        ):
             # Unknown here: P still waits for an answer before it frees its blocks.
             self._send(self.prefill_inbox, TransferDone(msg.request_id, False, msg.reason))
 
@@ -121,6 +124,7 @@ class CacheMessager:
             st.first_token_id if st.first_token_id is not None else -1,
             outcome.error,
             st.prefill_done_wall,
+            st.client_informed,
         )
         self._send(st.task.decode_inbox, done)
         self._send(
@@ -141,6 +145,7 @@ class CacheMessager:
     def stats(self) -> dict:
         return {
             "name": self.name,
+            "pid": os.getpid(),
             "tasks": len(self.state.tasks),
             "deferred": len(self.state.deferred),
             "plans": len(self.state.plans),

@@ -30,6 +30,7 @@ class TaskState:
     prefill_done_wall: float = 0.0
     all_issued: bool = False
     failure: str = ""
+    client_informed: bool = False
     nbytes: int = 0
 
     @property
@@ -115,13 +116,14 @@ class MessagerState:
             state.first_token_id = first_token_id
             state.prefill_done_wall = wall
 
-    def cancel(self, request_id: str, reason: str) -> bool:
+    def cancel(self, request_id: str, reason: str, client_informed: bool = False) -> bool:
         """Stop issuing writes; the task finishes (failed) once in-flight writes drained."""
         self.deferred.pop(request_id, None)
         state = self.tasks.get(request_id)
         if state is None:
             return False
         state.failure = state.failure or reason
+        state.client_informed = state.client_informed or client_informed
         return True
 
     # ------------------------------------------------------------------ progress

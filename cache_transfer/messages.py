@@ -55,6 +55,7 @@ class CancelCache:
 
     request_id: str
     reason: str
+    client_informed: bool = False  # the client has its answer or is gone: D must not report
 
 
 @message(45)
@@ -77,3 +78,4 @@ class KvComplete:
     first_token_id: int = -1
     error: str = ""
     prefill_done_time: float = 0.0  # wall clock, for the TTFT split
+    client_informed: bool = False  # on failure: whether D should stay silent to the router

@@ -10,6 +10,7 @@ Block safety: blocks of a request whose KV may still be in flight are freed only
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import defaultdict
@@ -139,7 +140,7 @@ class DecodeInstance:
                 self._drop(
                     msg.request_id,
                     RequestStatus.FINISHED_ERROR,
-                    notify=not remote.aborted,
+                    notify=not (remote.aborted or msg.client_informed),
                     reason=f"KV transfer failed: {reason}",
                 )
                 return
@@ -235,6 +236,7 @@ class DecodeInstance:
             bm = self.core.block_manager
             return {
                 "name": self.name,
+                "pid": os.getpid(),
                 "role": self.role.value,
                 "running": len(self.core.scheduler.running),
                 "waiting_for_kv": sum(

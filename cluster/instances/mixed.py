@@ -5,6 +5,7 @@ It serves small deployments and is the baseline every PD measurement is compared
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import defaultdict
 
@@ -110,6 +111,7 @@ class MixedInstance:
             bm = self.core.block_manager
             return {
                 "name": self.name,
+                "pid": os.getpid(),
                 "role": self.role.value,
                 "running": len(self.core.scheduler.running),
                 "waiting": len(self.core.scheduler.waiting),

@@ -9,6 +9,7 @@ transfer done (or failed).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -178,7 +179,7 @@ class PrefillInstance:
                 self.core.abort_request(request_id)
             tracked.reply_to = ""  # the client is gone: publish nothing more
         # The messager drains in-flight writes, frees D, then reports TransferDone.
-        self._send_messager(CancelCache(request_id, "aborted"))
+        self._send_messager(CancelCache(request_id, "aborted", client_informed=True))
 
     # ------------------------------------------------------------------ prepare hooks
     def _reserve(self, request: Request) -> bool:
@@ -237,7 +238,9 @@ class PrefillInstance:
                 tracked.transfer_started = time.monotonic()
                 self._send_messager(PrefillDone(delta.request_id, delta.new_token_ids[0]))
             else:  # finished on P (EOS, max_tokens 1): D's reservation must go
-                self._send_messager(CancelCache(delta.request_id, "finished on prefill"))
+                tracked.reply_to = ""  # the client has its whole answer
+                cancel = CancelCache(delta.request_id, "finished on prefill", client_informed=True)
+                self._send_messager(cancel)
         self.publisher.publish(by_router)
 
     def _tick(self) -> None:
@@ -284,7 +287,8 @@ class PrefillInstance:
                 tracked = self._tracked.pop(chunk.request_id, None)
             if tracked is None:
                 continue
-            self._send_messager(CancelCache(chunk.request_id, "prefill step failed"))
+            cancel = CancelCache(chunk.request_id, "prefill step failed", client_informed=True)
+            self._send_messager(cancel)
             if tracked.reply_to:
                 item = TokenPublisher.error_item(chunk.request_id, 0, error)
                 self.publisher.publish({tracked.reply_to: [item]})
@@ -307,6 +311,7 @@ class PrefillInstance:
             sched = self.core.scheduler
             return {
                 "name": self.name,
+                "pid": os.getpid(),
                 "role": self.role.value,
                 "running": len(sched.running),
                 "waiting": len(sched.waiting),

@@ -1,0 +1,331 @@
+"""The transfer-backend interface: how KV blocks move from a prefill to a decode instance.
+
+Contract (every backend, NIXL and TCP alike):
+
+Roles. A backend object belongs to one process and has a unique ``agent_name``. Either side may
+be source or target; in pdserve the cache messager of a prefill instance is the source and the
+decode instance is the target.
+
+Start-up. ``register(regions)`` is called once with the process's own view of its KV cache
+(the memory must stay mapped until ``close()``). The target then publishes ``endpoint_info()``:
+a plain msgpack-able dict ``{"version", "backend", "agent", "regions", ...}`` plus what the
+backend needs to reach it (NIXL: the agent metadata bytes; TCP: a zmq address and a session id).
+The source passes that dict to ``connect(peer_info, deadline)``, which returns the peer name used
+by every later call. Nothing is pickled.
+
+Writes. ``write(peer, src_layer, src_block_ids, dst_layer, dst_block_ids)`` starts copying the
+listed source blocks onto the listed destination blocks (element i onto element i) and returns
+at once with a ``TransferHandle``. Invalid ids raise ``LayoutError`` before anything is sent; a
+peer that is unknown or already failed raises ``TransferError``. ``poll(handle)`` never blocks;
+``wait(handle, deadline)`` blocks until DONE or FAILED and raises ``TransferTimeout`` at the
+deadline. DONE means the bytes are in the target's memory. FAILED means they may be partly
+written: the target must not hand those blocks to anyone else until its own lease on them
+expires. ``release(handle)`` frees backend resources; call it once per handle on every path
+(``close()`` releases whatever is left).
+
+Notifications. ``notify(peer, message)`` sends a small message that the target receives after
+every write to it that had completed (polled DONE) before ``notify`` was called, so "notify after
+the last write is DONE" means "KV complete". The target reads them with
+``drain_notifications()`` (non-blocking) or ``wait_notifications(deadline)`` (blocks until at
+least one arrives, returns [] at the deadline); each item is ``(source agent name, bytes)``.
+
+Deadlines are absolute ``time.monotonic()`` values (see ``deadline_in``), so a caller can share
+one deadline across many waits. All public methods are thread-safe.
+
+Shutdown. ``disconnect(peer)`` forgets one peer (its pending writes become FAILED); ``close()``
+releases all handles, disconnects all peers and deregisters memory. Backends are context
+managers.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, ClassVar
+
+from cache_transfer.layout import Desc, KVRegions, LayoutError, paired_block_descs
+
+ENDPOINT_VERSION = 1
+
+# Used only by backends that cannot block on a completion (NIXL offers no blocking wait):
+# the sleep starts tiny so a nearly finished transfer costs little latency, and is capped so an
+# idle waiter costs little CPU.
+_MIN_POLL_SLEEP_S = 50e-6
+_MAX_POLL_SLEEP_S = 1e-3
+
+
+class TransferState(enum.IntEnum):
+    """Ordered: ``state >= TransferState.DONE`` means finished, successfully or not."""
+
+    PENDING = 0
+    DONE = 1
+    FAILED = 2
+
+
+class TransferError(Exception):
+    """A transfer, connection or registration failed at the backend boundary."""
+
+
+class TransferTimeout(TransferError):
+    """A wait reached its deadline before the awaited event."""
+
+
+_handle_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class TransferHandle:
+    """One write, as returned by ``write``. Backend-private state lives in ``_impl``."""
+
+    peer: str
+    nbytes: int
+    num_descs: int
+    state: TransferState = TransferState.PENDING
+    error: str = ""
+    id: int = field(default_factory=lambda: next(_handle_ids))
+    released: bool = False
+    _impl: Any = field(default=None, repr=False)
+
+
+def deadline_in(seconds: float) -> float:
+    """Absolute deadline ``seconds`` from now, in the clock every wait uses."""
+    return time.monotonic() + seconds
+
+
+def remaining(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def endpoint_field(info: dict[str, Any], key: str) -> Any:
+    """A field of a peer's endpoint dict, or TransferError naming it."""
+    try:
+        return info[key]
+    except KeyError:
+        raise TransferError(f"endpoint info lacks {key!r}") from None
+
+
+def _parse_endpoint_info(info: Any, backend: str) -> tuple[str, KVRegions]:
+    """Peer name and regions from an endpoint dict of this backend and protocol version."""
+    if not isinstance(info, dict):
+        raise TransferError(f"endpoint info must be a dict, got {type(info).__name__}")
+    if info.get("version") != ENDPOINT_VERSION:
+        raise TransferError(
+            f"endpoint version {info.get('version')!r}, expected {ENDPOINT_VERSION}"
+        )
+    if info.get("backend") != backend:
+        raise TransferError(f"endpoint is for backend {info.get('backend')!r}, not {backend!r}")
+    try:
+        regions = KVRegions.from_wire(endpoint_field(info, "regions"))
+    except LayoutError as exc:
+        raise TransferError(f"bad regions in endpoint info: {exc}") from exc
+    return str(endpoint_field(info, "agent")), regions
+
+
+class TransferBackend(ABC):
+    """See the module docstring for the contract.
+
+    The public methods here hold the shared logic (argument checks, descriptor planning, peer
+    bookkeeping, locking); a backend fills in the ``_``-prefixed hooks, which are always called
+    with ``self._lock`` held.
+    """
+
+    backend_name: ClassVar[str] = ""
+
+    def __init__(self, agent_name: str) -> None:
+        if not agent_name:
+            raise ValueError("agent_name must be non-empty")
+        self.agent_name = agent_name
+        # One lock for all public methods: NIXL agents without a listener thread are built
+        # unsynchronized and zmq sockets must not be used from two threads at once.
+        self._lock = threading.RLock()
+        self._regions: KVRegions | None = None
+        self._peers: dict[str, KVRegions] = {}
+        self._counters = {"writes": 0, "failed": 0, "notifications_sent": 0}
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def _register(self, regions: KVRegions) -> None: ...
+
+    @abstractmethod
+    def _endpoint_extra(self) -> dict[str, Any]:
+        """Backend-specific fields of ``endpoint_info``."""
+
+    @abstractmethod
+    def _open_peer(self, peer: str, peer_info: dict[str, Any], deadline: float) -> None: ...
+
+    @abstractmethod
+    def _start_write(
+        self, handle: TransferHandle, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
+    ) -> None:
+        """Start a non-empty write; raise TransferError if it cannot start."""
+
+    @abstractmethod
+    def _close_peer(self, peer: str, reason: str) -> None:
+        """Fail the peer's pending writes with ``reason`` and drop its connection."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Release everything ``_register`` set up; peers are already closed."""
+
+    # -- contract -------------------------------------------------------------------------
+
+    def register(self, regions: KVRegions) -> None:
+        with self._lock:
+            if self._regions is not None:
+                raise TransferError(f"{self.agent_name}: register() called twice")
+            self._register(regions)
+            self._regions = regions
+
+    def endpoint_info(self) -> dict[str, Any]:
+        with self._lock:
+            regions = self._require_registered()
+            return {
+                "version": ENDPOINT_VERSION,
+                "backend": self.backend_name,
+                "agent": self.agent_name,
+                "regions": regions.to_wire(),
+                **self._endpoint_extra(),
+            }
+
+    def connect(self, peer_info: dict[str, Any], deadline: float) -> str:
+        peer, peer_regions = _parse_endpoint_info(peer_info, self.backend_name)
+        with self._lock:
+            regions = self._require_registered()
+            if not regions.layout.block_compatible(peer_regions.layout):
+                raise TransferError(f"{peer}: block geometry {peer_regions.layout} incompatible")
+            if peer in self._peers:
+                self._drop_peer(peer, "peer reconnected")
+            self._open_peer(peer, peer_info, deadline)
+            self._peers[peer] = peer_regions
+            return peer
+
+    def write(
+        self,
+        peer: str,
+        src_layer: int,
+        src_block_ids: Sequence[int],
+        dst_layer: int,
+        dst_block_ids: Sequence[int],
+    ) -> TransferHandle:
+        with self._lock:
+            regions = self._require_registered()
+            peer_regions = self._peers.get(peer)
+            if peer_regions is None:
+                raise TransferError(f"{self.agent_name}: unknown or lost peer {peer!r}")
+            src_descs, dst_descs = paired_block_descs(
+                regions, src_layer, src_block_ids, peer_regions, dst_layer, dst_block_ids
+            )
+            nbytes = sum(desc[1] for desc in src_descs)
+            handle = TransferHandle(peer=peer, nbytes=nbytes, num_descs=len(src_descs))
+            self._counters["writes"] += 1
+            if not src_descs:
+                handle.state = TransferState.DONE
+                return handle
+            try:
+                self._start_write(handle, src_descs, dst_descs, dst_layer)
+            except TransferError:
+                self._counters["failed"] += 1
+                raise
+            return handle
+
+    @abstractmethod
+    def poll(self, handle: TransferHandle) -> TransferState: ...
+
+    @abstractmethod
+    def release(self, handle: TransferHandle) -> None: ...
+
+    @abstractmethod
+    def notify(self, peer: str, message: bytes) -> None: ...
+
+    @abstractmethod
+    def drain_notifications(self) -> list[tuple[str, bytes]]: ...
+
+    def disconnect(self, peer: str) -> None:
+        with self._lock:
+            if peer in self._peers:
+                self._drop_peer(peer, "peer disconnected")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._regions is None:
+                return
+            for peer in list(self._peers):
+                self._drop_peer(peer, "backend closed")
+            try:
+                self._close()
+            finally:
+                self._regions = None
+
+    def _drop_peer(self, peer: str, reason: str) -> None:
+        del self._peers[peer]
+        self._close_peer(peer, reason)
+
+    def _require_registered(self) -> KVRegions:
+        if self._regions is None:
+            raise TransferError(f"{self.agent_name}: not registered (or closed)")
+        return self._regions
+
+    def _require_peer(self, peer: str) -> KVRegions:
+        self._require_registered()
+        try:
+            return self._peers[peer]
+        except KeyError:
+            raise TransferError(f"{self.agent_name}: unknown or lost peer {peer!r}") from None
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics (writes, failed transfers, rejected frames, ...)."""
+        with self._lock:
+            return dict(self._counters)
+
+    def wait(self, handle: TransferHandle, deadline: float) -> TransferState:
+        """Block until ``handle`` is DONE or FAILED; TransferTimeout at ``deadline``.
+
+        Default: poll with a short, growing, capped sleep, for backends with nothing to block on.
+        """
+        sleep_s = _MIN_POLL_SLEEP_S
+        while True:
+            state = self.poll(handle)
+            if state >= TransferState.DONE:
+                return state
+            left = remaining(deadline)
+            if left <= 0:
+                raise TransferTimeout(f"transfer {handle.id} to {handle.peer} still pending")
+            time.sleep(min(sleep_s, left))
+            sleep_s = min(sleep_s * 2, _MAX_POLL_SLEEP_S)
+
+    def wait_all(self, handles: Sequence[TransferHandle], deadline: float) -> TransferState:
+        """Wait for every handle; FAILED if any failed, else DONE."""
+        states = [self.wait(h, deadline) for h in handles]
+        return max(states, default=TransferState.DONE)
+
+    def wait_notifications(self, deadline: float) -> list[tuple[str, bytes]]:
+        """Block until at least one notification is in; [] at ``deadline``.
+
+        Default: poll with a capped sleep (see ``wait``).
+        """
+        sleep_s = _MIN_POLL_SLEEP_S
+        while True:
+            notes = self.drain_notifications()
+            left = remaining(deadline)
+            if notes or left <= 0:
+                return notes
+            time.sleep(min(sleep_s, left))
+            sleep_s = min(sleep_s * 2, _MAX_POLL_SLEEP_S)
+
+    def __enter__(self) -> TransferBackend:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,199 @@
+"""TransferBackend over NIXL (UCX): one-sided WRITEs into the peer's registered KV cache.
+
+Facts about NIXL 1.5 this relies on (checked against its UCX plugin and on this machine):
+
+- A WRITE request ends with a UCX endpoint flush, so ``check_xfer_state() == "DONE"`` means the
+  bytes are in the target's memory, and a ``send_notif`` issued afterwards (an active message on
+  the same endpoint) reaches the target after them. That is what ``notify`` promises.
+- Only ``get_agent_metadata()`` bytes (NIXL's own serialization) cross the wire; descriptors are
+  rebuilt on each side from (address, nbytes, device) lists via ``get_xfer_descs``.
+- There is no blocking wait for a transfer or a notification in the Python API
+  (``getXferStatus``/``getNotifs`` only poll), so ``wait`` and ``wait_notifications`` use the
+  base class's capped-sleep poll (50 us growing to 1 ms).
+- A destination outside the peer's registered memory fails in ``initialize_xfer``
+  (NIXL_ERR_NOT_FOUND); a peer process that died fails the next post or notification with
+  NIXL_ERR_REMOTE_DISCONNECT. NIXL's exceptions share no base class, so all of them are caught.
+- Releasing a request that is still in flight asks NIXL to cancel it and raises if it cannot;
+  such handles are kept and released again at ``close()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from cache_transfer.backend import (
+    TransferBackend,
+    TransferError,
+    TransferHandle,
+    TransferState,
+    endpoint_field,
+)
+from cache_transfer.layout import Desc, KVRegions
+
+_NIXL_STATES = {"DONE": TransferState.DONE, "PROC": TransferState.PENDING}
+
+
+def _nixl_errors() -> tuple[type[BaseException], ...]:
+    from nixl import _bindings
+
+    found = [getattr(_bindings, name) for name in dir(_bindings) if name.endswith("Error")]
+    return tuple(cls for cls in found if isinstance(cls, type) and issubclass(cls, Exception))
+
+
+class NixlBackend(TransferBackend):
+    """One NIXL agent with the UCX backend; see the module docstring for NIXL's behaviour."""
+
+    backend_name = "nixl"
+
+    def __init__(self, agent_name: str, num_ucx_threads: int = 0) -> None:
+        super().__init__(agent_name)
+        self._num_ucx_threads = num_ucx_threads
+        self._agent: Any = None
+        self._errors: tuple[type[BaseException], ...] = ()
+        self._reg_descs: Any = None
+        self._live: dict[int, TransferHandle] = {}
+        self._unreleasable: list[Any] = []
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _register(self, regions: KVRegions) -> None:
+        # Imported here: `import nixl` takes seconds and TCP-only deployments do not need it.
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self._errors = _nixl_errors()
+        config = nixl_agent_config(
+            enable_prog_thread=True, backends=["UCX"], num_threads=self._num_ucx_threads
+        )
+        layers = range(regions.layout.num_layers)
+        descs = [(*regions.layer_desc(layer), "") for layer in layers]
+        try:
+            agent = nixl_agent(self.agent_name, config)
+            if "UCX" not in agent.backends:
+                raise TransferError("NIXL has no UCX plugin on this host")
+            self._reg_descs = agent.register_memory(descs, regions.mem_type)
+        except self._errors as exc:
+            raise TransferError(f"NIXL registration failed: {exc!r}") from exc
+        self._agent = agent
+
+    def _endpoint_extra(self) -> dict[str, Any]:
+        return {"metadata": self._agent.get_agent_metadata()}
+
+    def _open_peer(self, peer: str, peer_info: dict[str, Any], deadline: float) -> None:
+        # UCX endpoints come up lazily on the first request, so there is nothing to wait for.
+        try:
+            loaded = self._agent.add_remote_agent(bytes(endpoint_field(peer_info, "metadata")))
+        except (TypeError, *self._errors) as exc:
+            raise TransferError(f"cannot load NIXL metadata of {peer}: {exc!r}") from exc
+        loaded = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+        if loaded != peer:
+            self._agent.remove_remote_agent(loaded)
+            raise TransferError(f"metadata names agent {loaded!r}, endpoint says {peer!r}")
+
+    def _start_write(
+        self, handle: TransferHandle, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
+    ) -> None:
+        src_mem = self._require_registered().mem_type
+        dst_mem = self._require_peer(handle.peer).mem_type
+        xfer = None
+        try:
+            local = self._agent.get_xfer_descs(src_descs, src_mem)
+            remote = self._agent.get_xfer_descs(dst_descs, dst_mem)
+            xfer = self._agent.initialize_xfer("WRITE", local, remote, handle.peer)
+            if self._agent.transfer(xfer) == "ERR":
+                raise TransferError(f"NIXL refused to post a WRITE to {handle.peer}")
+        except (TransferError, *self._errors) as exc:
+            if xfer is not None:
+                self._try_release(xfer)
+            if isinstance(exc, TransferError):
+                raise
+            raise TransferError(f"WRITE to {handle.peer} failed to start: {exc!r}") from exc
+        handle._impl = xfer
+        self._live[handle.id] = handle
+        self._update(handle)
+
+    def _close_peer(self, peer: str, reason: str) -> None:
+        for handle in [h for h in self._live.values() if h.peer == peer]:
+            self._finish(handle, TransferState.FAILED, reason)
+        # The peer is forgotten either way; a failure here only means NIXL had stale metadata.
+        with contextlib.suppress(*self._errors):
+            self._agent.remove_remote_agent(peer)
+
+    def _close(self) -> None:
+        for handle in list(self._live.values()):
+            self._finish(handle, TransferState.FAILED, "backend closed")
+        stuck, self._unreleasable = self._unreleasable, []
+        for xfer in stuck:
+            # If it still fails, NIXL keeps it on its own leak list for agent destruction.
+            with contextlib.suppress(*self._errors):
+                xfer.release()
+        try:
+            self._agent.deregister_memory(self._reg_descs)
+        finally:
+            self._agent = None
+            self._reg_descs = None
+
+    # -- transfers ------------------------------------------------------------------------
+
+    def poll(self, handle: TransferHandle) -> TransferState:
+        with self._lock:
+            if handle.state == TransferState.PENDING and handle._impl is not None:
+                self._update(handle)
+            return handle.state
+
+    def _update(self, handle: TransferHandle) -> None:
+        try:
+            status = self._agent.check_xfer_state(handle._impl)
+        except self._errors as exc:
+            self._finish(handle, TransferState.FAILED, repr(exc))
+            return
+        state = _NIXL_STATES.get(status, TransferState.FAILED)
+        if state != TransferState.PENDING:
+            self._finish(handle, state, "" if state == TransferState.DONE else f"NIXL: {status}")
+
+    def _finish(self, handle: TransferHandle, state: TransferState, error: str) -> None:
+        """Record a final state and give the NIXL request back at once, on every path."""
+        if handle.state == TransferState.PENDING:
+            handle.state, handle.error = state, error
+            self._counters["failed"] += state == TransferState.FAILED
+        self._live.pop(handle.id, None)
+        if handle._impl is not None:
+            self._try_release(handle._impl)
+            handle._impl = None
+
+    def _try_release(self, xfer: Any) -> None:
+        try:
+            xfer.release()
+        except self._errors:
+            # Still in flight and not cancellable: NIXL must keep it; retried at close().
+            self._unreleasable.append(xfer)
+
+    def release(self, handle: TransferHandle) -> None:
+        with self._lock:
+            if not handle.released:
+                self._finish(handle, TransferState.FAILED, "released while pending")
+                handle.released = True
+
+    # -- notifications --------------------------------------------------------------------
+
+    def notify(self, peer: str, message: bytes) -> None:
+        with self._lock:
+            self._require_peer(peer)
+            try:
+                self._agent.send_notif(peer, bytes(message))
+            except self._errors as exc:
+                raise TransferError(f"notification to {peer} failed: {exc!r}") from exc
+            self._counters["notifications_sent"] += 1
+
+    def drain_notifications(self) -> list[tuple[str, bytes]]:
+        with self._lock:
+            self._require_registered()
+            try:
+                new = self._agent.get_new_notifs()
+            except self._errors as exc:
+                raise TransferError(f"reading NIXL notifications failed: {exc!r}") from exc
+        return [(str(src), bytes(msg)) for src, msgs in new.items() for msg in msgs]
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counters, live_handles=len(self._live))

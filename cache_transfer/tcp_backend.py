@@ -1,0 +1,421 @@
+"""TransferBackend over plain TCP with zmq frames, for hosts without NIXL.
+
+Target: a receiver thread owns a ROUTER socket bound to ``tcp://<host>:<random port>``; the
+caller passes the node's address (never a wildcard chosen here). Source: one DEALER socket per
+peer. Every message is a msgpack header frame, optionally followed by payload frames:
+
+    hello  {v, op, session, src, xfer}                       -> ack
+    write  {v, op, session, src, xfer, layer, descs=[[addr, nbytes], ...]} + one payload frame
+           per descriptor (a coalesced run of source blocks, sent zero-copy) -> ack
+    notify {v, op, session, src, msg}                        (no ack)
+    ack    {v, op, xfer, ok, error}
+
+The receiver checks version, session (a restarted target never accepts a stale sender's bytes)
+and that every destination lies inside the named layer of its registered cache before copying
+anything; a bad message is counted and, where it carries a transfer id, answered with a failed
+ack. It never stops the receiver. One connection delivers in order and the receiver handles one
+message at a time, so a notification is queued only after every earlier write was copied.
+
+A lost connection (zmq heartbeat or TCP close) fails the peer's pending writes and discards what
+was still queued for it, so nothing is sent after the failure is reported; ``connect`` again to
+resume.
+Source-side waits block in ``zmq.Poller`` for at most 50 ms at a time while holding the backend
+lock, so other threads get a turn.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import secrets
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from cache_transfer.backend import (
+    TransferBackend,
+    TransferError,
+    TransferHandle,
+    TransferState,
+    TransferTimeout,
+    endpoint_field,
+    remaining,
+)
+from cache_transfer.layout import Desc, KVRegions
+
+logger = logging.getLogger(__name__)
+
+TCP_WIRE_VERSION = 1
+_MAX_BLOCKING_POLL_MS = 50
+
+
+def _bytes_at(addr: int, nbytes: int) -> np.ndarray:
+    """A uint8 view of raw memory; the caller guarantees [addr, addr+nbytes) stays mapped."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(addr))
+
+
+def _pack(**fields: Any) -> bytes:
+    return msgpack.packb({"v": TCP_WIRE_VERSION, **fields})
+
+
+def _parse_header(body: list[zmq.Frame]) -> dict[str, Any]:
+    if not body:
+        raise _Rejected("empty message")
+    try:
+        header = msgpack.unpackb(body[0].bytes)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise _Rejected(f"undecodable header: {exc!r}") from None
+    if not isinstance(header, dict):
+        raise _Rejected("header is not a map")
+    return header
+
+
+class _Rejected(Exception):
+    """A received message is malformed or not meant for this receiver."""
+
+
+class _Receiver(threading.Thread):
+    """Target side: copies incoming writes into registered memory and queues notifications."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        host: str,
+        session: str,
+        regions: KVRegions,
+        on_notify: Callable[[str, bytes], None],
+    ) -> None:
+        super().__init__(name=f"tcp-kv-receiver-{session[:6]}", daemon=True)
+        self._session = session
+        self._regions = regions
+        self._on_notify = on_notify
+        self.counters = {
+            "rejected": 0,
+            "writes_received": 0,
+            "bytes_received": 0,
+            "notifications_received": 0,
+        }
+        self._router = ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        port = self._router.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+        # close() wakes the blocking poll through this pair instead of a periodic timeout.
+        wake_addr = f"inproc://tcp-kv-wake-{session}"
+        self._wake_rx = ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(wake_addr)
+        self._wake_tx = ctx.socket(zmq.PAIR)
+        self._wake_tx.connect(wake_addr)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.is_alive():
+            self._wake_tx.send(b"")
+            self.join(timeout_s)
+        self._wake_tx.close(linger=0)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        try:
+            while self._wake_rx not in dict(poller.poll()):
+                frames = self._router.recv_multipart(copy=False)
+                self._handle(frames)
+        finally:
+            self._router.close(linger=0)
+            self._wake_rx.close(linger=0)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        identity, body = frames[0], frames[1:]
+        xfer: int | None = None
+        try:
+            header = _parse_header(body)
+            xfer = header["xfer"] if isinstance(header.get("xfer"), int) else None
+            ack = self._dispatch(header, body[1:], xfer)
+        # A receiver that dies strands every sender, so even unexpected errors only fail the
+        # message at hand: count it, nack it when it names a transfer, keep serving.
+        except Exception as exc:
+            self.counters["rejected"] += 1
+            if isinstance(exc, _Rejected):
+                logger.warning("rejected KV message: %s", exc)
+            else:
+                logger.exception("unexpected error handling a KV message")
+            ack = None if xfer is None else _pack(op="ack", xfer=xfer, ok=False, error=str(exc))
+        if ack is not None:
+            self._router.send_multipart([identity, ack])
+
+    def _dispatch(
+        self, header: dict[str, Any], payload: list[zmq.Frame], xfer: int | None
+    ) -> bytes | None:
+        if header.get("v") != TCP_WIRE_VERSION:
+            raise _Rejected(f"wire version {header.get('v')!r}")
+        if header.get("session") != self._session:
+            raise _Rejected("message for another session of this address")
+        op = header.get("op")
+        if op == "write":
+            self._copy_in(header, payload, xfer)
+        elif op == "notify" and isinstance(header.get("msg"), bytes):
+            self.counters["notifications_received"] += 1
+            self._on_notify(str(header.get("src")), header["msg"])
+            return None
+        elif op != "hello":
+            raise _Rejected(f"unexpected op {op!r}")
+        return _pack(op="ack", xfer=xfer, ok=True, error="")
+
+    def _copy_in(self, header: dict[str, Any], payload: list[zmq.Frame], xfer: int | None) -> None:
+        layer, descs = header.get("layer"), header.get("descs")
+        if not isinstance(layer, int) or not isinstance(descs, list) or xfer is None:
+            raise _Rejected("write header lacks layer, descs or xfer")
+        if len(descs) != len(payload):
+            raise _Rejected(f"{len(descs)} descriptors but {len(payload)} payload frames")
+        targets: list[tuple[int, int]] = []
+        for desc, frame in zip(descs, payload, strict=True):
+            if not (
+                isinstance(desc, list) and len(desc) == 2 and all(isinstance(x, int) for x in desc)
+            ):
+                raise _Rejected(f"bad descriptor {desc!r}")
+            addr, nbytes = desc
+            if nbytes != len(frame) or not self._regions.contains(layer, addr, nbytes):
+                raise _Rejected(f"descriptor {desc} is not {len(frame)} bytes in layer {layer}")
+            targets.append((addr, nbytes))
+        # Everything was checked first, so a rejected write leaves the cache untouched.
+        for (addr, nbytes), frame in zip(targets, payload, strict=True):
+            _bytes_at(addr, nbytes)[:] = np.frombuffer(frame.buffer, dtype=np.uint8)
+        self.counters["writes_received"] += 1
+        self.counters["bytes_received"] += sum(n for _, n in targets)
+
+
+@dataclass
+class _PeerLink:
+    """Source side: one connected target."""
+
+    session: str
+    socket: zmq.Socket
+    monitor: zmq.Socket
+    pending: dict[int, TransferHandle] = field(default_factory=dict)
+
+
+class TcpBackend(TransferBackend):
+    """TransferBackend over zmq TCP; ``host`` is the address the receiver binds and publishes."""
+
+    backend_name = "tcp"
+
+    def __init__(
+        self, agent_name: str, host: str, heartbeat_s: float = 1.0, heartbeat_timeout_s: float = 5.0
+    ) -> None:
+        super().__init__(agent_name)
+        if not host:
+            raise ValueError("host must be the node's address")
+        self._host = host
+        self._heartbeat_ms = int(heartbeat_s * 1000)
+        self._heartbeat_timeout_ms = int(heartbeat_timeout_s * 1000)
+        self._ctx: zmq.Context | None = None
+        self._session = ""
+        self._receiver: _Receiver | None = None
+        self._links: dict[str, _PeerLink] = {}
+        self._notes: deque[tuple[str, bytes]] = deque()
+        self._notes_cv = threading.Condition()
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _register(self, regions: KVRegions) -> None:
+        if regions.device != "cpu":
+            raise TransferError("the TCP backend moves host memory only")
+        self._ctx = zmq.Context()
+        self._session = secrets.token_hex(8)
+        self._receiver = _Receiver(self._ctx, self._host, self._session, regions, self._on_notify)
+        self._receiver.start()
+
+    def _endpoint_extra(self) -> dict[str, Any]:
+        assert self._receiver is not None
+        return {"address": self._receiver.address, "session": self._session}
+
+    def _open_peer(self, peer: str, peer_info: dict[str, Any], deadline: float) -> None:
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Queue only to a live connection: a write to a vanished peer fails now, not at deadline.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, self._heartbeat_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self._heartbeat_timeout_ms)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        link = _PeerLink(str(endpoint_field(peer_info, "session")), sock, monitor)
+        try:
+            sock.connect(str(endpoint_field(peer_info, "address")))
+            self._handshake(peer, link, deadline)
+        except BaseException:
+            _close_sockets(link)
+            raise
+        self._links[peer] = link
+
+    def _handshake(self, peer: str, link: _PeerLink, deadline: float) -> None:
+        hello = TransferHandle(peer=peer, nbytes=0, num_descs=0)
+        link.socket.setsockopt(zmq.SNDTIMEO, max(1, int(remaining(deadline) * 1000)))
+        frame = _pack(op="hello", session=link.session, src=self.agent_name, xfer=hello.id)
+        try:
+            link.socket.send(frame)
+        except zmq.ZMQError as exc:
+            raise TransferTimeout(f"{peer}: no TCP connection before deadline ({exc})") from None
+        link.pending[hello.id] = hello
+        while hello.state == TransferState.PENDING:
+            left = remaining(deadline)
+            if left <= 0:
+                raise TransferTimeout(f"{peer}: no answer to hello before deadline")
+            self._pump(peer, link, min(left * 1000, _MAX_BLOCKING_POLL_MS))
+        if hello.state != TransferState.DONE:
+            raise TransferError(f"{peer} refused the connection: {hello.error}")
+
+    def _start_write(
+        self, handle: TransferHandle, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
+    ) -> None:
+        link = self._links[handle.peer]
+        self._pump(handle.peer, link, 0)  # learn of a lost connection before queueing more
+        if self._links.get(handle.peer) is not link:
+            raise TransferError(f"connection to {handle.peer} lost")
+        header = _pack(
+            op="write",
+            session=link.session,
+            src=self.agent_name,
+            xfer=handle.id,
+            layer=dst_layer,
+            descs=[[addr, nbytes] for addr, nbytes, _ in dst_descs],
+        )
+        payload = [_bytes_at(addr, nbytes) for addr, nbytes, _ in src_descs]
+        try:
+            link.socket.send_multipart([header, *payload], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            raise TransferError(f"{handle.peer} is not accepting writes: {exc}") from exc
+        link.pending[handle.id] = handle
+
+    def _close_peer(self, peer: str, reason: str) -> None:
+        link = self._links.pop(peer)
+        self._counters["failed"] += _fail_pending(link, reason)
+        _close_sockets(link)
+
+    def _close(self) -> None:
+        assert self._ctx is not None and self._receiver is not None
+        self._receiver.stop()
+        # term() waits until zmq's I/O threads let go of every zero-copy source buffer, so the
+        # caller may unmap its cache as soon as close() returns.
+        self._ctx.term()
+        self._ctx = None
+        self._receiver = None
+
+    # -- transfers ------------------------------------------------------------------------
+
+    def poll(self, handle: TransferHandle) -> TransferState:
+        with self._lock:
+            self._refresh(handle, 0)
+            return handle.state
+
+    def wait(self, handle: TransferHandle, deadline: float) -> TransferState:
+        while True:
+            with self._lock:
+                self._refresh(handle, min(remaining(deadline) * 1000, _MAX_BLOCKING_POLL_MS))
+                if handle.state >= TransferState.DONE:
+                    return handle.state
+            if remaining(deadline) <= 0:
+                raise TransferTimeout(f"transfer {handle.id} to {handle.peer} still pending")
+
+    def _refresh(self, handle: TransferHandle, timeout_ms: float) -> None:
+        if handle.state != TransferState.PENDING:
+            return
+        link = self._links.get(handle.peer)
+        if link is None or handle.id not in link.pending:
+            # Its peer was dropped or replaced; _close_peer already failed it, this is a guard.
+            handle.state, handle.error = TransferState.FAILED, "peer not connected"
+            return
+        self._pump(handle.peer, link, timeout_ms)
+
+    def _pump(self, peer: str, link: _PeerLink, timeout_ms: float) -> None:
+        """Apply acks and connection events that arrived, waiting up to ``timeout_ms`` for one."""
+        if timeout_ms > 0:
+            poller = zmq.Poller()
+            poller.register(link.socket, zmq.POLLIN)
+            poller.register(link.monitor, zmq.POLLIN)
+            poller.poll(max(1, int(timeout_ms)))
+        while link.socket.poll(0, zmq.POLLIN):
+            self._apply_ack(peer, link, link.socket.recv())
+        while link.monitor.poll(0, zmq.POLLIN):
+            if recv_monitor_message(link.monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                if self._links.get(peer) is link:
+                    self._drop_peer(peer, "connection to peer lost")
+                else:  # inside connect(): fail the hello; connect() closes the sockets
+                    _fail_pending(link, "connection to peer lost")
+                return
+
+    def _apply_ack(self, peer: str, link: _PeerLink, frame: bytes) -> None:
+        try:
+            ack = msgpack.unpackb(frame)
+            handle = link.pending.pop(ack["xfer"], None)
+            ok, error = bool(ack["ok"]), str(ack.get("error", ""))
+        except Exception:  # a garbled ack must not break the sender; its transfer times out
+            logger.warning("undecodable ack from %s", peer)
+            return
+        if handle is not None:  # else released or timed out already
+            handle.state = TransferState.DONE if ok else TransferState.FAILED
+            handle.error = error
+            self._counters["failed"] += not ok
+
+    def release(self, handle: TransferHandle) -> None:
+        with self._lock:
+            link = self._links.get(handle.peer)
+            if link is not None:
+                link.pending.pop(handle.id, None)
+            if handle.state == TransferState.PENDING:
+                handle.state, handle.error = TransferState.FAILED, "released while pending"
+            handle.released = True
+
+    # -- notifications --------------------------------------------------------------------
+
+    def notify(self, peer: str, message: bytes) -> None:
+        with self._lock:
+            self._require_peer(peer)
+            link = self._links[peer]
+            frame = _pack(op="notify", session=link.session, src=self.agent_name, msg=message)
+            try:
+                link.socket.send(frame, flags=zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                raise TransferError(f"notification to {peer} failed: {exc}") from exc
+            self._counters["notifications_sent"] += 1
+
+    def _on_notify(self, src: str, message: bytes) -> None:
+        with self._notes_cv:
+            self._notes.append((src, message))
+            self._notes_cv.notify_all()
+
+    def drain_notifications(self) -> list[tuple[str, bytes]]:
+        return self.wait_notifications(deadline=0.0)
+
+    def wait_notifications(self, deadline: float) -> list[tuple[str, bytes]]:
+        with self._notes_cv:
+            self._notes_cv.wait_for(lambda: bool(self._notes), timeout=remaining(deadline))
+            notes = list(self._notes)
+            self._notes.clear()
+            return notes
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            received = self._receiver.counters if self._receiver is not None else {}
+            pending = sum(len(link.pending) for link in self._links.values())
+            return {**self._counters, **received, "pending": pending}
+
+
+def _fail_pending(link: _PeerLink, reason: str) -> int:
+    for handle in link.pending.values():
+        handle.state, handle.error = TransferState.FAILED, reason
+    count = len(link.pending)
+    link.pending.clear()
+    return count
+
+
+def _close_sockets(link: _PeerLink) -> None:
+    link.socket.disable_monitor()
+    link.monitor.close(linger=0)
+    link.socket.close(linger=0)  # discards queued writes: nothing lands after FAILED

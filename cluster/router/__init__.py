@@ -1,0 +1,1 @@
+"""The HTTP router: OpenAI-compatible API, instance choice, token streams (see app.py)."""

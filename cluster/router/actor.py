@@ -1,0 +1,111 @@
+"""The router as a Ray actor: a plain class the launcher wraps with `ray.remote`.
+
+The constructor does no I/O. `start()` loads the tokenizer, binds the token inbox on the cluster
+address, and runs uvicorn on its own thread (see server.py); Ray calls stay control-plane only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cluster.config import PdserveConfig
+from cluster.router.app import HealthCheck, create_app
+from cluster.router.dispatcher import Dispatcher, InstanceEndpoint
+from cluster.router.server import RouterServer
+from engine.protocol.channels import node_ip_address
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+_HEALTH_TIMEOUT_S = 5.0
+
+
+class RouterActor:
+    """HTTP front end of a deployment.
+
+    config: the `PdserveConfig` as a dict; model_path: the model folder (for its tokenizer);
+    host: the cluster address to bind the token inbox on; max_model_len: the context length.
+    """
+
+    def __init__(self, config: dict, model_path: str, host: str, max_model_len: int) -> None:
+        self.config = PdserveConfig.model_validate(config)
+        self._model_path = str(model_path)
+        self._host = host or node_ip_address()  # the node this actor landed on
+        self._max_model_len = int(max_model_len)
+        self._server: RouterServer | None = None
+        self.url: str | None = None
+
+    def start(
+        self,
+        endpoints: Sequence[dict],
+        health_actor_handles: Sequence[Any] = (),
+        health_method: str = "is_ready",
+        timeout_s: float = 60.0,
+    ) -> str:
+        """Serve HTTP; returns the base URL (with the real port when the config says 0).
+
+        endpoints: `{"name", "role", "inbox"}` dicts, as instance actors' setup() returns them.
+        health_actor_handles: instance actor handles; /health calls `health_method` on each and
+        is 200 only when every one returns true.
+        """
+        if self._server is not None:
+            raise RuntimeError("the router is already started")
+        router = self.config.router
+        tokenizer = Tokenizer.from_folder(self._model_path)
+        dispatcher = Dispatcher(
+            [InstanceEndpoint.from_dict(e) for e in endpoints], self._host, router
+        )
+        health = (
+            _ray_health_check(list(health_actor_handles), health_method)
+            if health_actor_handles
+            else None
+        )
+        app = create_app(
+            dispatcher,
+            tokenizer,
+            max_model_len=self._max_model_len,
+            model_name=Path(self._model_path).name,
+            config=router,
+            health=health,
+        )
+        server = RouterServer(app, dispatcher, router.host, router.port)
+        self.url = server.start(timeout_s, advertise_host=self._host)
+        self._server = server
+        log.info("router serving on %s (token inbox %s)", self.url, self._host)
+        return self.url
+
+    def stop(self) -> None:
+        """Stop serving; requests in flight are aborted on every instance."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def stats(self) -> dict:
+        """In-flight requests, outstanding prefill tokens per instance, bad frames, and more."""
+        server = self._server
+        if server is None or not server.running:
+            return {"running": False}
+
+        async def snapshot() -> dict:
+            return server.dispatcher.stats()
+
+        return {"running": True, "url": self.url, **server.call(snapshot)}
+
+    def ready(self) -> bool:
+        return self._server is not None and self._server.running
+
+
+def _ray_health_check(handles: list[Any], method: str) -> HealthCheck:
+    async def every_instance_ready() -> bool:
+        refs = [getattr(handle, method).remote() for handle in handles]
+        # ObjectRef.future() is a concurrent future, so this works on any event loop.
+        results = await asyncio.wait_for(
+            asyncio.gather(*(asyncio.wrap_future(ref.future()) for ref in refs)),
+            _HEALTH_TIMEOUT_S,
+        )
+        return all(bool(r) for r in results)
+
+    return every_instance_ready

@@ -1,0 +1,289 @@
+"""The router's side of the token protocol: choose an instance, send requests, receive tokens.
+
+One `Dispatcher` lives on the router's event loop. It binds the router's token inbox, sends each
+`GenerateRequest` to the PREFILL or MIXED instance with the fewest outstanding prefill tokens
+(prompt tokens whose first output token has not come back), and feeds every `TokenItem` to its
+request's `RequestStream`, which orders the tokens and enforces the first- and next-token
+deadlines. `release()` ends a request's life in the router: unless an instance already finished
+it, every instance is told to abort it. Nothing about a request outlives its `release()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from cluster.config import RouterConfig
+from cluster.router.ordering import Finish, TokenOrderer
+from engine.config import Role
+from engine.protocol.channels import AsyncInbox, AsyncSender, ChannelError
+from engine.protocol.requests import AbortRequest, GenerateRequest
+from engine.protocol.tokens import TokenBatch, TokenItem
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_GENERATE_ROLES = (Role.PREFILL, Role.MIXED)
+# Finishes after which no instance holds anything for the request. After an error or an abort
+# the instance that reported it has let go, but the other side (P or D) may not have.
+_CLEAN_FINISHES = ("stop", "length")
+_ABORT_SEND_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class InstanceEndpoint:
+    """Where an instance takes requests: its name (as in `TokenBatch.source`), role and inbox."""
+
+    name: str
+    role: Role
+    inbox: str
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InstanceEndpoint:
+        return cls(name=str(data["name"]), role=Role(data["role"]), inbox=str(data["inbox"]))
+
+    @property
+    def takes_requests(self) -> bool:
+        return self.role in _GENERATE_ROLES
+
+
+class Overloaded(Exception):
+    """`max_inflight_requests` requests are in flight already."""
+
+
+class NoInstance(Exception):
+    """No prefill or mixed instance could take the request."""
+
+
+class TokenTimeout(Exception):
+    """The first or the next token did not come in time; the message says which."""
+
+
+@dataclass(frozen=True)
+class StreamUpdate:
+    """What arrived since the last `RequestStream.next()`: tokens in order, and the end if any."""
+
+    token_ids: list[int]
+    finish: Finish | None
+
+
+class RequestStream:
+    """One request's tokens as they come back, in output order, with deadlines."""
+
+    def __init__(
+        self, request_id: str, instance: str, num_prompt_tokens: int, config: RouterConfig
+    ) -> None:
+        self.request_id = request_id
+        self.instance = instance
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_cached_tokens = 0
+        self.awaiting_first_token = True  # its prompt counts as outstanding prefill work
+        self._config = config
+        self._orderer = TokenOrderer()
+        self._ready = asyncio.Event()
+        self._tokens: list[int] = []
+        self._delivered_any = False
+
+    @property
+    def finish(self) -> Finish | None:
+        return self._orderer.finished
+
+    def add(self, item: TokenItem) -> int:
+        """Take an item from an instance; returns how many of its tokens were duplicates."""
+        self.num_cached_tokens = max(self.num_cached_tokens, item.num_cached_tokens)
+        duplicates_before = self._orderer.duplicates
+        tokens = self._orderer.add(item)
+        self._tokens.extend(tokens)
+        if tokens or self._orderer.finished is not None:
+            self._ready.set()
+        return self._orderer.duplicates - duplicates_before
+
+    def fail(self, reason: str, error: str) -> None:
+        self.add(TokenItem(self.request_id, 0, [], finish_reason=reason, error=error))
+
+    async def next(self) -> StreamUpdate:
+        """Tokens that arrived since the last call (waits for at least one, or the end)."""
+        if not self._ready.is_set():
+            first = not self._delivered_any
+            timeout = (
+                self._config.first_token_timeout_s if first else self._config.next_token_timeout_s
+            )
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                which = "first token" if first else "next token"
+                raise TokenTimeout(f"no {which} from the instances within {timeout:g} s") from None
+        self._ready.clear()
+        tokens, self._tokens = self._tokens, []
+        self._delivered_any = self._delivered_any or bool(tokens)
+        return StreamUpdate(tokens, self._orderer.finished)
+
+
+class Dispatcher:
+    """Instance choice, the token inbox and the in-flight requests of one router event loop."""
+
+    def __init__(
+        self, endpoints: Iterable[InstanceEndpoint], host: str, config: RouterConfig
+    ) -> None:
+        self.endpoints = list(endpoints)
+        self._host = host
+        self._config = config
+        self._streams: dict[str, RequestStream] = {}
+        self._outstanding = {e.name: 0 for e in self.endpoints if e.takes_requests}
+        self._rotation = itertools.count()  # spreads ties between equally loaded instances
+        self._background: set[asyncio.Task] = set()
+        self._counters = {
+            "unknown_items": 0,
+            "duplicate_tokens": 0,
+            "aborts_sent": 0,
+            "abort_send_failures": 0,
+            "timeouts": 0,
+        }
+        self._ctx: zmq.asyncio.Context | None = None
+        self._inbox: AsyncInbox | None = None
+        self._senders: dict[str, AsyncSender] = {}
+        self._receiver: asyncio.Task | None = None
+
+    # -------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Bind the inbox and connect to every instance; call on the loop that serves requests."""
+        self._ctx = zmq.asyncio.Context()
+        self._inbox = AsyncInbox(self._ctx, self._host, accept=(TokenBatch,))
+        self._senders = {e.name: AsyncSender(self._ctx, e.inbox) for e in self.endpoints}
+        self._receiver = asyncio.get_running_loop().create_task(self._receive_loop())
+
+    async def close(self) -> None:
+        """Abort whatever is still in flight, then close every socket."""
+        for request_id in list(self._streams):
+            self.release(request_id, "router shutting down")
+        await self.wait_background()
+        if self._receiver is not None:
+            self._receiver.cancel()
+            await asyncio.gather(self._receiver, return_exceptions=True)
+        for sender in self._senders.values():
+            sender.close()
+        if self._inbox is not None:
+            self._inbox.close()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+
+    @property
+    def inbox_address(self) -> str:
+        assert self._inbox is not None, "start() first"
+        return self._inbox.address
+
+    # -------------------------------------------------------------------------- requests
+    async def submit(
+        self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str | None = None
+    ) -> RequestStream:
+        """Send a request to the least loaded instance; its tokens arrive on the stream."""
+        if len(self._streams) >= self._config.max_inflight_requests:
+            raise Overloaded(f"{len(self._streams)} requests in flight; try again shortly")
+        endpoint = self._choose_instance()
+        request_id = request_id or uuid.uuid4().hex
+        stream = RequestStream(request_id, endpoint.name, len(prompt_token_ids), self._config)
+        # Registered before sending: the first token may come back before send() returns.
+        self._streams[request_id] = stream
+        self._outstanding[endpoint.name] += stream.num_prompt_tokens
+        msg = GenerateRequest(
+            request_id, list(prompt_token_ids), sampling.to_dict(), self.inbox_address, time.time()
+        )
+        try:
+            await self._senders[endpoint.name].send(msg)
+        except ChannelError as exc:
+            self.release(request_id, "send failed")
+            raise NoInstance(f"instance {endpoint.name} is not reachable: {exc}") from None
+        return stream
+
+    def release(self, request_id: str, reason: str, timed_out: bool = False) -> None:
+        """Forget a request; unless an instance finished it cleanly, tell every instance to
+        abort it. Synchronous, so it is safe in `finally` blocks of cancelled tasks; idempotent."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        self._first_token_seen(stream)
+        if stream.finish is None or stream.finish.reason not in _CLEAN_FINISHES:
+            self._counters["timeouts"] += timed_out
+            abort = self._abort_everywhere(request_id, reason)
+            task = asyncio.get_running_loop().create_task(abort)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def wait_background(self) -> None:
+        """Wait until every abort scheduled so far has been sent (or has failed)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def _choose_instance(self) -> InstanceEndpoint:
+        candidates = [e for e in self.endpoints if e.takes_requests]
+        if not candidates:
+            raise NoInstance("no prefill or mixed instance is configured")
+        start = next(self._rotation) % len(candidates)
+        rotated = candidates[start:] + candidates[:start]
+        return min(rotated, key=lambda e: self._outstanding[e.name])
+
+    def _first_token_seen(self, stream: RequestStream) -> None:
+        if stream.awaiting_first_token:
+            stream.awaiting_first_token = False
+            self._outstanding[stream.instance] -= stream.num_prompt_tokens
+
+    async def _abort_everywhere(self, request_id: str, reason: str) -> None:
+        msg = AbortRequest(request_id, reason)
+        results = await asyncio.gather(
+            *(s.send(msg, timeout_s=_ABORT_SEND_TIMEOUT_S) for s in self._senders.values()),
+            return_exceptions=True,
+        )
+        for name, result in zip(self._senders, results, strict=True):
+            if isinstance(result, BaseException):
+                self._counters["abort_send_failures"] += 1
+                log.warning("abort of %s not sent to %s: %s", request_id, name, result)
+            else:
+                self._counters["aborts_sent"] += 1
+
+    # -------------------------------------------------------------------------- tokens
+    async def _receive_loop(self) -> None:
+        assert self._inbox is not None
+        while True:
+            batch = await self._inbox.recv()
+            for item in batch.items:
+                try:
+                    self._route(item)
+                except Exception:
+                    # A bug handling one item must not stop the tokens of every other request.
+                    log.exception("router: failed to handle tokens of %s", item.request_id)
+                    stream = self._streams.get(item.request_id)
+                    if stream is not None:
+                        stream.fail("error", "router failed to handle this request's tokens")
+
+    def _route(self, item: TokenItem) -> None:
+        stream = self._streams.get(item.request_id)
+        if stream is None:  # late tokens of a request that ended or was aborted
+            self._counters["unknown_items"] += 1
+            return
+        self._first_token_seen(stream)
+        self._counters["duplicate_tokens"] += stream.add(item)
+
+    # -------------------------------------------------------------------------- inspection
+    @property
+    def num_inflight(self) -> int:
+        return len(self._streams)
+
+    def outstanding_prefill_tokens(self) -> dict[str, int]:
+        return dict(self._outstanding)
+
+    def stats(self) -> dict:
+        return {
+            "inflight_requests": len(self._streams),
+            "outstanding_prefill_tokens": self.outstanding_prefill_tokens(),
+            "pending_aborts": len(self._background),
+            "bad_frames": self._inbox.bad_frames if self._inbox is not None else 0,
+            **self._counters,
+        }

@@ -1,0 +1,78 @@
+"""One request from the HTTP side: the token stream turned into text, stop strings applied.
+
+Stop strings are matched here, on the detokenized text, not on the instances: the router is
+the only place that has the text. On a match the request is released, which aborts it on every
+instance, and the response ends with finish_reason "stop".
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from cluster.router.dispatcher import Dispatcher, RequestStream, TokenTimeout
+from cluster.router.responses import Usage
+from engine.detokenizer import IncrementalDetokenizer
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    finish_reason: str | None = None  # "stop" or "length" on the last delta
+
+
+class InstanceFailed(Exception):
+    """An instance ended the request with an error (or aborted it on its own)."""
+
+
+class Generation:
+    """Text deltas of one request; `close()` (idempotent) frees it in the router."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, stream: RequestStream, detokenizer: IncrementalDetokenizer
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._stream = stream
+        self._detokenizer = detokenizer
+        self.num_output_tokens = 0
+
+    @property
+    def request_id(self) -> str:
+        return self._stream.request_id
+
+    def usage(self) -> Usage:
+        return Usage(
+            self._stream.num_prompt_tokens, self.num_output_tokens, self._stream.num_cached_tokens
+        )
+
+    def close(self, reason: str, timed_out: bool = False) -> None:
+        self._dispatcher.release(self.request_id, reason, timed_out=timed_out)
+
+    async def deltas(self) -> AsyncIterator[TextDelta]:
+        """Non-empty text as it becomes safe to show; the last delta carries finish_reason.
+        Raises TokenTimeout or InstanceFailed; the request is released before either."""
+        while True:
+            try:
+                update = await self._stream.next()
+            except TokenTimeout as exc:
+                self.close(f"timeout: {exc}", timed_out=True)
+                raise
+            self.num_output_tokens += len(update.token_ids)
+            delta = self._detokenizer.push(update.token_ids)
+            if delta.stopped:
+                self.close("stop string matched")
+                yield TextDelta(delta.text, "stop")
+                return
+            finish = update.finish
+            if finish is None:
+                if delta.text:
+                    yield TextDelta(delta.text)
+                continue
+            self.close(f"finished: {finish.reason}")
+            if finish.reason in ("stop", "length"):
+                yield TextDelta(delta.text + self._detokenizer.flush(), finish.reason)
+                return
+            detail = finish.error or "no detail given"
+            raise InstanceFailed(
+                f"instance {self._stream.instance}: request {finish.reason}: {detail}"
+            )

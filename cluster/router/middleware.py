@@ -1,0 +1,108 @@
+"""The gate in front of every route: the API key and the body size limit.
+
+A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which would wrap streaming
+responses and hide client disconnects). It checks the key before the body is read, so a wrong
+key is a 401 whatever the body, and it reads the body itself, bounded, so an oversized one is a
+413 without buffering more than the limit.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cluster.router.openai_api import ApiError
+
+_PROTECTED_PREFIX = "/v1/"
+
+
+class GateMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self._app = app
+        self._api_key = api_key
+        self._max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        if (
+            self._api_key
+            and scope["path"].startswith(_PROTECTED_PREFIX)
+            and not self._authorized(scope)
+        ):
+            error = ApiError(
+                401,
+                "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                code="invalid_api_key",
+            )
+            await _send_error(send, error)
+            return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self._app(scope, receive, send)
+            return
+        body = await self._read_body(scope, receive)
+        if body is None:
+            error = ApiError(
+                413, f"the request body exceeds {self._max_body_bytes} bytes", code="body_too_large"
+            )
+            await _send_error(send, error)
+            return
+        await self._app(scope, _replay(body, receive), send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = header.partition(" ")
+        # Constant-time comparison: the key must not leak through response timing.
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            key.strip().encode(),
+            self._api_key.encode(),  # type: ignore[union-attr]
+        )
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None once it is known to exceed the limit."""
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self._max_body_bytes:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected while sending the body
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that yields the buffered body once, then the client's later messages
+    (a disconnect), so routes can still watch for the client going away."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def _send_error(send: Send, error: ApiError) -> None:
+    payload = json.dumps(error.body()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    if error.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,67 @@
+"""Per-request token ordering: tokens reach the router from two senders (P sends the first, D the
+rest) over separate sockets, so an item can overtake an earlier one, and a retried send can repeat
+one. Each item says where its tokens sit in the output (`first_index`); this class turns items in
+any order into the output in order, exactly once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.protocol.tokens import TokenItem
+
+# Reasons that end a request at once: the missing tokens before them may never come.
+_IMMEDIATE_FINISH = frozenset({"abort", "error"})
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # stop | length | abort | error
+    error: str | None = None
+
+
+class TokenOrderer:
+    """Accepts `TokenItem`s of one request in any order; releases tokens in output order."""
+
+    def __init__(self) -> None:
+        self.next_index = 0  # index of the next token to release
+        self.duplicates = 0  # tokens seen twice (dropped)
+        self._pending: dict[int, int] = {}  # index -> token id, for indices > next_index
+        self._finish_at: int | None = None  # output length at which `_finish` applies
+        self._finish: Finish | None = None
+        self.finished: Finish | None = None  # set once the finish has been released
+
+    def add(self, item: TokenItem) -> list[int]:
+        """Record `item`; return the tokens that are now next in order (possibly none).
+        After this returns, `finished` is set if the request has ended."""
+        if self.finished is not None:
+            self.duplicates += len(item.token_ids)
+            return []
+        for offset, token_id in enumerate(item.token_ids):
+            index = item.first_index + offset
+            if index < self.next_index or index in self._pending:
+                self.duplicates += 1
+            else:
+                self._pending[index] = token_id
+        if item.finish_reason is not None:
+            self._record_finish(item)
+        return self._release()
+
+    def _record_finish(self, item: TokenItem) -> None:
+        finish = Finish(item.finish_reason or "", item.error)
+        if finish.reason in _IMMEDIATE_FINISH:
+            self._finish, self._finish_at = finish, -1
+        elif self._finish is None:
+            self._finish, self._finish_at = finish, item.first_index + len(item.token_ids)
+
+    def _release(self) -> list[int]:
+        out: list[int] = []
+        while self.next_index in self._pending and not self._finish_reached():
+            out.append(self._pending.pop(self.next_index))
+            self.next_index += 1
+        if self._finish is not None and self._finish_reached():
+            self.finished = self._finish
+            self._pending.clear()  # tokens past a finish are never shown
+        return out
+
+    def _finish_reached(self) -> bool:
+        return self._finish_at is not None and self.next_index >= self._finish_at

@@ -1,0 +1,87 @@
+"""1P1D over NIXL on local Ray: identical greedy output, nothing leaked, disconnects and a
+stalled decode instance handled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.integration.conftest import MAX_TOKENS
+from tests.integration.harness import (
+    assert_all_free,
+    model_id,
+    prompts,
+    run_load,
+    small_config,
+    start,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def dep():
+    deployment = start(small_config())
+    yield deployment
+    deployment.stop()
+
+
+def test_sixteen_concurrent_requests_match_single_engine(dep, reference_outputs) -> None:
+    prompt_list = prompts()
+    texts = run_load(dep.url, prompt_list, MAX_TOKENS)
+    for prompt, text in zip(prompt_list, texts, strict=True):
+        assert text == reference_outputs[prompt], prompt
+    stats = assert_all_free(dep)
+    # Every request whose first token was not EOS moved its KV to D.
+    moved = sum(1 for text in texts if text)
+    assert stats["prefill-0"]["counters"]["transfers_ok"] >= moved > 8
+    assert stats["messager-0"]["counters"]["writes"] > 0
+
+
+def test_streaming_client_disconnect_frees_blocks_on_p_and_d(dep) -> None:
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=dep.url, timeout=60) as client:
+            body = {
+                "model": await model_id(client),
+                "prompt": prompts()[0],
+                "max_tokens": 400,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            }
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                chunks = 0
+                async for line in response.aiter_lines():
+                    chunks += line.startswith("data: ")
+                    if chunks >= 3:
+                        break  # leaving the block closes the connection mid-stream
+
+    asyncio.run(main())
+    assert_all_free(dep)
+
+
+def test_stalled_decode_gives_clear_error_then_late_answer_is_cancelled(dep) -> None:
+    decode_pid = dep.stats()["decode-0"]["pid"]
+    os.kill(decode_pid, signal.SIGSTOP)
+    try:
+        start_time = time.monotonic()
+        response = httpx.post(
+            f"{dep.url}/v1/completions",
+            json={"model": "SmolLM2-135M-Instruct", "prompt": "Hello", "max_tokens": 4},
+            timeout=60,
+        )
+        elapsed = time.monotonic() - start_time
+    finally:
+        os.kill(decode_pid, signal.SIGCONT)
+    assert response.status_code >= 500, response.text
+    assert "decode instance" in response.json()["error"]["message"]
+    assert elapsed < 30  # one allocation timeout (2 s), not a hang
+    # The stalled D wakes up and allocates for the request; P cancels that late allocation.
+    wait_until(lambda: dep.stats()["prefill-0"]["counters"].get("late_allocations", 0) >= 1)
+    assert_all_free(dep)

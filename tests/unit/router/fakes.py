@@ -1,0 +1,226 @@
+"""Test doubles for the router: a byte-per-token tokenizer and fake instances on real zmq.
+
+A fake PREFILL instance answers each request with its first token and forwards the request to
+its fake DECODE peer, which streams the rest, one `TokenBatch` per step. Output token i is
+`script[i % len(script)]`, so tests know the exact text. Options make a fake slow (a gate the
+test opens), late with the first token, shuffling (batches swapped and repeated), or failing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from cluster.router.dispatcher import InstanceEndpoint
+from engine.config import Role
+from engine.protocol.channels import Inbox, Sender
+from engine.protocol.requests import AbortRequest, GenerateRequest
+from engine.protocol.tokens import TokenBatch, TokenItem
+from engine.tokenizer import Tokenizer
+
+SCRIPT = " the quick brown fox jumps over the lazy dog."
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_byte_tokenizer(folder: Path) -> Tokenizer:
+    """One token per byte (a byte-level BPE without merges) plus <s>=0 and </s>=1; saved as a
+    model folder and loaded the way the router loads a real one."""
+    vocab = {"<s>": 0, "</s>": 1}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<s>", "</s>"])
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+              "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
+    return Tokenizer.from_folder(folder)
+
+
+def expected_text(num_tokens: int) -> str:
+    """What the fakes generate in `num_tokens` tokens (ASCII: one token per character)."""
+    repeated = SCRIPT * (num_tokens // len(SCRIPT) + 1)
+    return repeated[:num_tokens]
+
+
+@dataclass
+class _Active:
+    msg: GenerateRequest
+    next_index: int
+
+
+class FakeInstance:
+    """A fake instance on a thread; `received` and `aborts` record what reached it."""
+
+    def __init__(self, name: str, role: Role, script: list[int], *,
+                 decode_peer: FakeInstance | None = None, step_s: float = 0.005,
+                 tokens_per_step: int = 1, shuffle: bool = False,
+                 gate: threading.Event | None = None, first_token_delay_s: float = 0.0,
+                 error: str | None = None) -> None:
+        self.name = name
+        self.role = role
+        self._script = script
+        self._peer = decode_peer
+        self._step_s = step_s
+        self._tokens_per_step = tokens_per_step
+        self._shuffle = shuffle
+        self._gate = gate
+        self._first_token_delay_s = first_token_delay_s
+        self._error = error
+        self.inbox = Inbox("127.0.0.1", accept=(GenerateRequest, AbortRequest), name=name)
+        self.received: list[GenerateRequest] = []
+        self.aborts: list[AbortRequest] = []
+        self._changed = threading.Condition()
+        self._parked: list[tuple[float, GenerateRequest]] = []  # (due time, request)
+        self._active: dict[str, _Active] = {}
+        self._held: tuple[str, TokenBatch] | None = None  # (router address, batch)
+        self._last_batch: TokenBatch | None = None
+        self._steps = 0
+        self._senders: dict[str, Sender] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"fake-{name}", daemon=True)
+
+    @property
+    def endpoint(self) -> dict:
+        return {"name": self.name, "role": self.role.value, "inbox": self.inbox.address}
+
+    def as_endpoint(self) -> InstanceEndpoint:
+        return InstanceEndpoint.from_dict(self.endpoint)
+
+    def start(self) -> FakeInstance:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sender in self._senders.values():
+            sender.close()
+        self.inbox.close()
+
+    @property
+    def active_ids(self) -> set[str]:
+        return set(self._active)
+
+    # -- waiting helpers for tests (condition variables, no sleeps) -----------------------
+    def wait_received(self, count: int, timeout_s: float = 5.0) -> list[GenerateRequest]:
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self.received) >= count, timeout_s), \
+                f"{self.name}: {len(self.received)} requests, expected {count}"
+            return list(self.received)
+
+    def wait_abort(self, request_id: str, timeout_s: float = 5.0) -> AbortRequest:
+        def found() -> AbortRequest | None:
+            return next((a for a in self.aborts if a.request_id == request_id), None)
+
+        with self._changed:
+            assert self._changed.wait_for(lambda: found() is not None, timeout_s), \
+                f"{self.name}: no abort for {request_id}; got {self.aborts}"
+            return found()  # type: ignore[return-value]
+
+    # -- the instance loop ----------------------------------------------------------------
+    def _run(self) -> None:
+        next_step = time.monotonic()
+        while not self._stop.is_set():
+            msg = self.inbox.recv(timeout_s=self._step_s)
+            if msg is not None:
+                self._on_message(msg)
+            self._release_parked()
+            if time.monotonic() >= next_step:
+                self._step()
+                next_step = time.monotonic() + self._step_s
+
+    def _on_message(self, msg: GenerateRequest | AbortRequest) -> None:
+        with self._changed:
+            if isinstance(msg, AbortRequest):
+                self.aborts.append(msg)
+                self._active.pop(msg.request_id, None)
+                self._parked = [(due, m) for due, m in self._parked
+                                if m.request_id != msg.request_id]
+            else:
+                self.received.append(msg)
+                self._admit(msg)
+            self._changed.notify_all()
+
+    def _admit(self, msg: GenerateRequest) -> None:
+        if self._error is not None:
+            item = TokenItem(msg.request_id, 0, [], finish_reason="error", error=self._error)
+            self._send(msg.reply_to, [item])
+        elif self.role == Role.PREFILL:
+            self._parked.append((time.monotonic() + self._first_token_delay_s, msg))
+        else:  # MIXED generates everything; DECODE continues after P's first token
+            first = 1 if self.role == Role.DECODE else 0
+            self._active[msg.request_id] = _Active(msg, first)
+
+    def _release_parked(self) -> None:
+        if not self._parked or (self._gate is not None and not self._gate.is_set()):
+            return
+        now = time.monotonic()
+        due = [m for t, m in self._parked if t <= now]
+        self._parked = [(t, m) for t, m in self._parked if t > now]
+        for msg in due:
+            max_tokens = msg.sampling["max_tokens"]
+            if max_tokens > 1 and self._peer is not None:
+                # Forward first: with a first-token delay, D's tokens overtake P's.
+                self._send(self._peer.inbox.address, msg)
+            finish = "length" if max_tokens == 1 else None
+            item = TokenItem(msg.request_id, 0, [self._script[0]], finish_reason=finish,
+                             num_prompt_tokens=len(msg.prompt_token_ids))
+            self._send(msg.reply_to, [item])
+
+    def _step(self) -> None:
+        by_router: dict[str, list[TokenItem]] = {}
+        for request_id, active in list(self._active.items()):
+            max_tokens = active.msg.sampling["max_tokens"]
+            end = min(active.next_index + self._tokens_per_step, max_tokens)
+            tokens = [self._script[i % len(self._script)] for i in range(active.next_index, end)]
+            finish = "length" if end >= max_tokens else None
+            item = TokenItem(request_id, active.next_index, tokens, finish_reason=finish,
+                             num_prompt_tokens=len(active.msg.prompt_token_ids))
+            by_router.setdefault(active.msg.reply_to, []).append(item)
+            active.next_index = end
+            if finish:
+                del self._active[request_id]
+        for address, items in by_router.items():
+            self._publish(address, TokenBatch(self.name, items))
+        if not by_router and self._held is not None:  # nothing left to overtake it
+            self._send(*self._held)
+            self._held = None
+
+    def _publish(self, address: str, batch: TokenBatch) -> None:
+        self._steps += 1
+        if not self._shuffle:
+            self._send(address, batch)
+            return
+        if self._held is not None:  # swap: this step's batch overtakes the held one
+            self._send(address, batch)
+            self._send(*self._held)
+            self._held = None
+        elif self._steps % 3 == 0:
+            self._held = (address, batch)
+        else:
+            self._send(address, batch)
+            if self._steps % 4 == 0 and self._last_batch is not None:
+                self._send(address, self._last_batch)  # a duplicate
+        self._last_batch = batch
+
+    def _send(self, address: str, msg: TokenBatch | GenerateRequest | list[TokenItem]) -> None:
+        if isinstance(msg, list):
+            msg = TokenBatch(self.name, msg)
+        sender = self._senders.get(address)
+        if sender is None:
+            sender = self._senders[address] = Sender(address)
+        sender.send(msg)
