@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 from typing import Any
@@ -55,10 +56,14 @@ def small_config(**sections: Any) -> PdserveConfig:
         "prefill": {
             "instances": 1,
             "allocation_timeout_s": 2.0,
-            "engine": engine,
+            "engine": copy.deepcopy(engine),
             "placement": {"num_cpus": 0.5},
         },
-        "decode": {"instances": 1, "engine": engine, "placement": {"num_cpus": 0.5}},
+        "decode": {
+            "instances": 1,
+            "engine": copy.deepcopy(engine),
+            "placement": {"num_cpus": 0.5},
+        },
     }
     for key, value in sections.items():
         merge(raw.setdefault(key, {}), value)
