@@ -15,13 +15,15 @@ by every later call. Nothing is pickled.
 
 Writes. ``write(peer, src_layer, src_block_ids, dst_layer, dst_block_ids)`` starts copying the
 listed source blocks onto the listed destination blocks (element i onto element i) and returns
-at once with a ``TransferHandle``. Invalid ids raise ``LayoutError`` before anything is sent; a
-peer that is unknown or already failed raises ``TransferError``. ``poll(handle)`` never blocks;
-``wait(handle, deadline)`` blocks until DONE or FAILED and raises ``TransferTimeout`` at the
-deadline. DONE means the bytes are in the target's memory. FAILED means they may be partly
-written: the target must not hand those blocks to anyone else until its own lease on them
-expires. ``release(handle)`` frees backend resources; call it once per handle on every path
-(``close()`` releases whatever is left).
+a ``TransferHandle`` without waiting for completion (a backend may still do some copying inside
+the call: NIXL over UCX's CMA transport on a CPU host copies during the post). The source blocks
+must not change until the handle is finished. Invalid ids raise ``LayoutError`` before anything
+is sent; a peer that is unknown, lost, or refuses the write raises ``TransferError``.
+``poll(handle)`` never blocks; ``wait(handle, deadline)`` blocks until DONE or FAILED and raises
+``TransferTimeout`` at the deadline. DONE means the bytes are in the target's memory. FAILED
+means they may be partly written: the target must not hand those blocks to anyone else until
+its own lease on them expires. ``release(handle)`` frees backend resources; call it once per
+handle on every path (``close()`` releases whatever is left).
 
 Notifications. ``notify(peer, message)`` sends a small message that the target receives after
 every write to it that had completed (polled DONE) before ``notify`` was called, so "notify after
@@ -30,7 +32,8 @@ the last write is DONE" means "KV complete". The target reads them with
 least one arrives, returns [] at the deadline); each item is ``(source agent name, bytes)``.
 
 Deadlines are absolute ``time.monotonic()`` values (see ``deadline_in``), so a caller can share
-one deadline across many waits. All public methods are thread-safe.
+one deadline across many waits. All public methods are thread-safe. ``stats()`` returns counters
+for metrics.
 
 Shutdown. ``disconnect(peer)`` forgets one peer (its pending writes become FAILED); ``close()``
 releases all handles, disconnects all peers and deregisters memory. Backends are context
@@ -157,8 +160,17 @@ class TransferBackend(ABC):
     def _endpoint_extra(self) -> dict[str, Any]:
         """Backend-specific fields of ``endpoint_info``."""
 
+    def _dial(self, peer: str, peer_info: dict[str, Any], deadline: float) -> Any:
+        """The slow part of connecting, called WITHOUT the lock so that writes to other peers go
+        on meanwhile; its result goes to ``_open_peer``. Default: nothing to do."""
+        return None
+
+    def _abandon_dial(self, dialed: Any) -> None:
+        """Undo ``_dial`` when the connection is not kept (the backend closed meanwhile)."""
+        return None
+
     @abstractmethod
-    def _open_peer(self, peer: str, peer_info: dict[str, Any], deadline: float) -> None: ...
+    def _open_peer(self, peer: str, peer_info: dict[str, Any], dialed: Any) -> None: ...
 
     @abstractmethod
     def _start_write(
@@ -200,11 +212,18 @@ class TransferBackend(ABC):
             regions = self._require_registered()
             if not regions.layout.block_compatible(peer_regions.layout):
                 raise TransferError(f"{peer}: block geometry {peer_regions.layout} incompatible")
-            if peer in self._peers:
-                self._drop_peer(peer, "peer reconnected")
-            self._open_peer(peer, peer_info, deadline)
+        dialed = self._dial(peer, peer_info, deadline)
+        with self._lock:
+            try:
+                self._require_registered()
+                if peer in self._peers:
+                    self._drop_peer(peer, "peer reconnected")
+                self._open_peer(peer, peer_info, dialed)
+            except BaseException:
+                self._abandon_dial(dialed)
+                raise
             self._peers[peer] = peer_regions
-            return peer
+        return peer
 
     def write(
         self,

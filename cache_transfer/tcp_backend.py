@@ -19,8 +19,8 @@ message at a time, so a notification is queued only after every earlier write wa
 A lost connection (zmq heartbeat or TCP close) fails the peer's pending writes and discards what
 was still queued for it, so nothing is sent after the failure is reported; ``connect`` again to
 resume.
-Source-side waits block in ``zmq.Poller`` for at most 50 ms at a time while holding the backend
-lock, so other threads get a turn.
+Source-side waits block in ``zmq.Poller`` for at most 10 ms at a time while holding the backend
+lock (zmq sockets are single-threaded), so a writer in another thread waits at most that long.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from cache_transfer.layout import Desc, KVRegions
 logger = logging.getLogger(__name__)
 
 TCP_WIRE_VERSION = 1
-_MAX_BLOCKING_POLL_MS = 50
+_MAX_BLOCKING_POLL_MS = 10
 
 
 def _bytes_at(addr: int, nbytes: int) -> np.ndarray:
@@ -193,9 +193,15 @@ class _Receiver(threading.Thread):
 
 @dataclass
 class _PeerLink:
-    """Source side: one connected target."""
+    """Source side: one connected target.
+
+    Each link has its own zmq context: closing it can then ``term()`` just this context, which
+    waits until zmq's I/O thread let go of every zero-copy source buffer, and a connect in
+    progress never holds up ``close()`` of the backend.
+    """
 
     session: str
+    ctx: zmq.Context
     socket: zmq.Socket
     monitor: zmq.Socket
     pending: dict[int, TransferHandle] = field(default_factory=dict)
@@ -236,40 +242,55 @@ class TcpBackend(TransferBackend):
         assert self._receiver is not None
         return {"address": self._receiver.address, "session": self._session}
 
-    def _open_peer(self, peer: str, peer_info: dict[str, Any], deadline: float) -> None:
-        assert self._ctx is not None
-        sock = self._ctx.socket(zmq.DEALER)
+    def _dial(self, peer: str, peer_info: dict[str, Any], deadline: float) -> _PeerLink:
+        session = str(endpoint_field(peer_info, "session"))
+        address = str(endpoint_field(peer_info, "address"))
+        ctx = zmq.Context(io_threads=1)
+        sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # Queue only to a live connection: a write to a vanished peer fails now, not at deadline.
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.HEARTBEAT_IVL, self._heartbeat_ms)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self._heartbeat_timeout_ms)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        link = _PeerLink(str(endpoint_field(peer_info, "session")), sock, monitor)
+        link = _PeerLink(session, ctx, sock, sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         try:
-            sock.connect(str(endpoint_field(peer_info, "address")))
+            sock.connect(address)
             self._handshake(peer, link, deadline)
         except BaseException:
-            _close_sockets(link)
+            _close_link(link)
             raise
-        self._links[peer] = link
+        return link
 
     def _handshake(self, peer: str, link: _PeerLink, deadline: float) -> None:
-        hello = TransferHandle(peer=peer, nbytes=0, num_descs=0)
+        """Hello and its ack; uses only ``link``, so it runs without the backend lock."""
+        hello_id = TransferHandle(peer=peer, nbytes=0, num_descs=0).id
         link.socket.setsockopt(zmq.SNDTIMEO, max(1, int(remaining(deadline) * 1000)))
-        frame = _pack(op="hello", session=link.session, src=self.agent_name, xfer=hello.id)
         try:
-            link.socket.send(frame)
+            link.socket.send(
+                _pack(op="hello", session=link.session, src=self.agent_name, xfer=hello_id)
+            )
         except zmq.ZMQError as exc:
             raise TransferTimeout(f"{peer}: no TCP connection before deadline ({exc})") from None
-        link.pending[hello.id] = hello
-        while hello.state == TransferState.PENDING:
-            left = remaining(deadline)
-            if left <= 0:
-                raise TransferTimeout(f"{peer}: no answer to hello before deadline")
-            self._pump(peer, link, min(left * 1000, _MAX_BLOCKING_POLL_MS))
-        if hello.state != TransferState.DONE:
-            raise TransferError(f"{peer} refused the connection: {hello.error}")
+        poller = zmq.Poller()
+        poller.register(link.socket, zmq.POLLIN)
+        poller.register(link.monitor, zmq.POLLIN)
+        while (left := remaining(deadline)) > 0:
+            ready = dict(poller.poll(max(1, int(left * 1000))))
+            if link.monitor in ready:
+                raise TransferError(f"{peer}: connection lost during the handshake")
+            if link.socket in ready:
+                ack = _parse_ack(link.socket.recv())
+                if ack is not None and ack[0] == hello_id:
+                    if not ack[1]:
+                        raise TransferError(f"{peer} refused the connection: {ack[2]}")
+                    return
+        raise TransferTimeout(f"{peer}: no answer to hello before deadline")
+
+    def _abandon_dial(self, dialed: _PeerLink) -> None:
+        _close_link(dialed)
+
+    def _open_peer(self, peer: str, peer_info: dict[str, Any], dialed: _PeerLink) -> None:
+        self._links[peer] = dialed
 
     def _start_write(
         self, handle: TransferHandle, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
@@ -295,15 +316,20 @@ class TcpBackend(TransferBackend):
 
     def _close_peer(self, peer: str, reason: str) -> None:
         link = self._links.pop(peer)
-        self._counters["failed"] += _fail_pending(link, reason)
-        _close_sockets(link)
+        for handle in link.pending.values():
+            handle.state, handle.error = TransferState.FAILED, reason
+        self._counters["failed"] += len(link.pending)
+        link.pending.clear()
+        _close_link(link)
 
     def _close(self) -> None:
         assert self._ctx is not None and self._receiver is not None
         self._receiver.stop()
-        # term() waits until zmq's I/O threads let go of every zero-copy source buffer, so the
-        # caller may unmap its cache as soon as close() returns.
-        self._ctx.term()
+        if self._receiver.is_alive():
+            # term() would wait forever for the receiver's sockets; leave the context to exit.
+            logger.error("TCP KV receiver did not stop; zmq context left open")
+        else:
+            self._ctx.term()
         self._ctx = None
         self._receiver = None
 
@@ -344,20 +370,16 @@ class TcpBackend(TransferBackend):
             self._apply_ack(peer, link, link.socket.recv())
         while link.monitor.poll(0, zmq.POLLIN):
             if recv_monitor_message(link.monitor)["event"] == zmq.EVENT_DISCONNECTED:
-                if self._links.get(peer) is link:
-                    self._drop_peer(peer, "connection to peer lost")
-                else:  # inside connect(): fail the hello; connect() closes the sockets
-                    _fail_pending(link, "connection to peer lost")
+                self._drop_peer(peer, "connection to peer lost")
                 return
 
     def _apply_ack(self, peer: str, link: _PeerLink, frame: bytes) -> None:
-        try:
-            ack = msgpack.unpackb(frame)
-            handle = link.pending.pop(ack["xfer"], None)
-            ok, error = bool(ack["ok"]), str(ack.get("error", ""))
-        except Exception:  # a garbled ack must not break the sender; its transfer times out
+        ack = _parse_ack(frame)
+        if ack is None:  # a garbled ack must not break the sender; its transfer times out
             logger.warning("undecodable ack from %s", peer)
             return
+        xfer, ok, error = ack
+        handle = link.pending.pop(xfer, None)
         if handle is not None:  # else released or timed out already
             handle.state = TransferState.DONE if ok else TransferState.FAILED
             handle.error = error
@@ -407,15 +429,18 @@ class TcpBackend(TransferBackend):
             return {**self._counters, **received, "pending": pending}
 
 
-def _fail_pending(link: _PeerLink, reason: str) -> int:
-    for handle in link.pending.values():
-        handle.state, handle.error = TransferState.FAILED, reason
-    count = len(link.pending)
-    link.pending.clear()
-    return count
+def _parse_ack(frame: bytes) -> tuple[int, bool, str] | None:
+    try:
+        ack = msgpack.unpackb(frame)
+        return int(ack["xfer"]), bool(ack["ok"]), str(ack.get("error", ""))
+    except Exception:  # msgpack raises several unrelated types for garbage
+        return None
 
 
-def _close_sockets(link: _PeerLink) -> None:
+def _close_link(link: _PeerLink) -> None:
     link.socket.disable_monitor()
     link.monitor.close(linger=0)
-    link.socket.close(linger=0)  # discards queued writes: nothing lands after FAILED
+    link.socket.close(linger=0)  # discards queued writes: nothing is sent after FAILED
+    # Waits until zmq's I/O thread let go of every zero-copy source buffer, so the caller may
+    # unmap its cache as soon as close() returns.
+    link.ctx.term()

@@ -22,6 +22,7 @@ class DecodePeer:
     free_blocks: int  # as last reported by the D itself
     pending_since: list[float] = field(default_factory=list)  # send times of unanswered asks
     penalty_until: float = 0.0  # monotonic; timed-out peers are avoided until then
+    timeouts_in_a_row: int = 0  # each doubles the penalty; an answer resets it
 
     @property
     def pending(self) -> int:
@@ -70,6 +71,7 @@ class DecodePicker:
                     peer.pending_since.pop(0)
                 peer.free_blocks = free_blocks
                 peer.penalty_until = 0.0
+                peer.timeouts_in_a_row = 0
 
     def on_timeout(self, name: str) -> None:
         with self._lock:
@@ -77,7 +79,9 @@ class DecodePicker:
             if peer is not None:
                 if peer.pending_since:
                     peer.pending_since.pop(0)
-                peer.penalty_until = time.monotonic() + self._penalty_s
+                backoff = self._penalty_s * 2 ** min(peer.timeouts_in_a_row, 5)
+                peer.timeouts_in_a_row += 1
+                peer.penalty_until = time.monotonic() + backoff
 
     def snapshot(self) -> list[dict]:
         with self._lock:

@@ -94,6 +94,16 @@ class RouterActor:
 
         return {"running": True, "url": self.url, **server.call(snapshot)}
 
+    def reset_timings(self) -> None:
+        """Forget the TTFT split collected so far (benchmarks call this after warm-up)."""
+        server = self._server
+        if server is not None and server.running:
+
+            async def reset() -> None:
+                server.dispatcher.timing_split.clear()
+
+            server.call(reset)
+
     def ready(self) -> bool:
         return self._server is not None and self._server.running
 

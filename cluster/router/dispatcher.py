@@ -23,6 +23,7 @@ import zmq.asyncio
 
 from cluster.config import RouterConfig
 from cluster.router.ordering import Finish, TokenOrderer
+from cluster.router.timings import TimingSplit
 from engine.config import Role
 from engine.protocol.channels import AsyncInbox, AsyncSender, ChannelError
 from engine.protocol.requests import AbortRequest, GenerateRequest
@@ -85,6 +86,7 @@ class RequestStream:
         self.instance = instance
         self.num_prompt_tokens = num_prompt_tokens
         self.num_cached_tokens = 0
+        self.stamps: dict[str, float] = {}  # server-side timings from the instances
         self.awaiting_first_token = True  # its prompt counts as outstanding prefill work
         self._config = config
         self._orderer = TokenOrderer()
@@ -99,6 +101,7 @@ class RequestStream:
     def add(self, item: TokenItem) -> int:
         """Take an item from an instance; returns how many of its tokens were duplicates."""
         self.num_cached_tokens = max(self.num_cached_tokens, item.num_cached_tokens)
+        self.stamps.update(item.timings)
         duplicates_before = self._orderer.duplicates
         tokens = self._orderer.add(item)
         self._tokens.extend(tokens)
@@ -151,6 +154,7 @@ class Dispatcher:
         self._inbox: AsyncInbox | None = None
         self._senders: dict[str, AsyncSender] = {}
         self._receiver: asyncio.Task | None = None
+        self.timing_split = TimingSplit()
 
     # -------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -210,6 +214,7 @@ class Dispatcher:
         if stream is None:
             return
         self._first_token_seen(stream)
+        self.timing_split.record(stream.stamps)
         if stream.finish is None or stream.finish.reason not in _CLEAN_FINISHES:
             self._counters["timeouts"] += timed_out
             abort = self._abort_everywhere(request_id, reason)
@@ -285,5 +290,6 @@ class Dispatcher:
             "outstanding_prefill_tokens": self.outstanding_prefill_tokens(),
             "pending_aborts": len(self._background),
             "bad_frames": self._inbox.bad_frames if self._inbox is not None else 0,
+            "ttft_split": self.timing_split.summary(),
             **self._counters,
         }

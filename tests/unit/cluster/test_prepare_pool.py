@@ -8,92 +8,13 @@ import time
 import pytest
 
 from cluster.config import PrefillConfig
-from cluster.instances.decode_picker import DecodePeer, DecodePicker
-from cluster.instances.prepare_pool import Preparation, PrepareHooks, PreparePool
-from engine.protocol.channels import Inbox, SenderPool
+from cluster.instances.decode_picker import DecodePicker
+from cluster.instances.prepare_pool import Preparation, PreparePool
+from engine.protocol.channels import SenderPool
 from engine.protocol.requests import GenerateRequest
-from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-
-
-class FakeDecode(threading.Thread):
-    """Answers DecodeTasks: 'accept', 'refuse', 'silent' (never) or a delay in seconds."""
-
-    def __init__(self, name: str, policy: str | float = "accept", free: int = 100) -> None:
-        super().__init__(daemon=True)
-        self.inbox = Inbox("127.0.0.1", accept=(DecodeTask, CancelDecode))
-        self.name_ = name
-        self.policy = policy
-        self.free = free
-        self.tasks: list[str] = []
-        self.cancels: list[str] = []
-        self._halt = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        senders = SenderPool()
-        while not self._halt.is_set():
-            msg = self.inbox.recv(0.05)
-            if isinstance(msg, CancelDecode):
-                self.cancels.append(msg.request_id)
-            elif isinstance(msg, DecodeTask):
-                self.tasks.append(msg.request_id)
-                if self.policy == "silent":
-                    continue
-                if isinstance(self.policy, float):
-                    time.sleep(self.policy)
-                ok = self.policy != "refuse"
-                reply = DecodeAllocation(
-                    msg.request_id, self.name_, ok, [1, 2] if ok else [], "", 50
-                )
-                senders.send(msg.reply_to, reply)
-        senders.close()
-
-    def peer(self) -> DecodePeer:
-        return DecodePeer(self.name_, self.inbox.address, 200, self.free)
-
-    def close(self) -> None:
-        self._halt.set()
-        self.join(2)
-        self.inbox.close()
-
-
-class FakePrefill:
-    """Hooks recording what the pool asked for; `capacity` reservations at most."""
-
-    def __init__(self, capacity: int = 100) -> None:
-        self.inbox = Inbox("127.0.0.1", accept=(DecodeAllocation,))
-        self.capacity = capacity
-        self.reserved: set[str] = set()
-        self.admitted: dict[str, str] = {}
-        self.failed: dict[str, str] = {}
-        self.lock = threading.Lock()
-
-    def hooks(self) -> PrepareHooks:
-        return PrepareHooks(
-            self.reserve, self.unreserve, self.admit, self.fail, (2,), self.inbox.address, "p0"
-        )
-
-    def reserve(self, request: Request) -> bool:
-        with self.lock:
-            if len(self.reserved) >= self.capacity:
-                return False
-            self.reserved.add(request.request_id)
-            return True
-
-    def unreserve(self, rid: str) -> None:
-        with self.lock:
-            self.reserved.remove(rid)
-
-    def admit(self, prep, peer, reply) -> None:
-        with self.lock:
-            self.admitted[prep.request.request_id] = peer.name
-            self.reserved.remove(prep.request.request_id)
-
-    def fail(self, msg, error: str) -> None:
-        with self.lock:
-            self.failed[msg.request_id] = error
+from tests.unit.cluster.standins import FakeDecode, FakePrefill, route_replies
 
 
 @pytest.fixture
@@ -108,7 +29,7 @@ def env():
         )
         picker = DecodePicker([d.peer() for d in decodes], penalty_s=5.0, suspect_after_s=0.1)
         pool = PreparePool(config, picker, prefill.hooks(), SenderPool(), reserve_timeout_s=0.5)
-        router = threading.Thread(target=_route_replies, args=(prefill, pool), daemon=True)
+        router = threading.Thread(target=route_replies, args=(prefill, pool), daemon=True)
         router.start()
         made.append((decodes, prefill, pool))
         return decodes, prefill, pool
@@ -119,16 +40,6 @@ def env():
         prefill.inbox.close()
         for d in decodes:
             d.close()
-
-
-def _route_replies(prefill: FakePrefill, pool: PreparePool) -> None:
-    while True:
-        try:
-            msg = prefill.inbox.recv(0.05)
-        except Exception:
-            return
-        if msg is not None:
-            pool.on_allocation(msg)
 
 
 def submit(pool: PreparePool, rid: str) -> None:

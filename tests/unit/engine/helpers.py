@@ -23,7 +23,9 @@ def make_scheduler(
 
 
 def make_request(rid: str, prompt: list[int], max_tokens: int = 4, **params) -> Request:
-    return Request(rid, list(prompt), SamplingParams(temperature=0, max_tokens=max_tokens, **params))
+    return Request(
+        rid, list(prompt), SamplingParams(temperature=0, max_tokens=max_tokens, **params)
+    )
 
 
 def next_token_rule(tokens: list[int]) -> int:

@@ -32,7 +32,7 @@ def test_prefix_hit_shares_blocks_and_skips_computation() -> None:
     bm.allocate(first, 13)
     first.num_computed_tokens = 13
     bm.commit_full_blocks(first)
-    second = make_request("b", list(range(12)) + [99, 98])
+    second = make_request("b", [*list(range(12)), 99, 98])
     bm.allocate(second, 14)
     assert second.block_ids[:3] == first.block_ids[:3]
     assert second.num_computed_tokens == 12 and second.num_cached_tokens == 12

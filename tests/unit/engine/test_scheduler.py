@@ -94,9 +94,9 @@ def test_eos_and_stop_token_ids_finish_early() -> None:
 def test_prefix_cache_hit_skips_shared_prompt() -> None:
     sched = make_scheduler(num_blocks=32, block_size=4)
     shared = list(range(1, 17))
-    sched.add_request(make_request("first", shared + [40], max_tokens=2))
+    sched.add_request(make_request("first", [*shared, 40], max_tokens=2))
     run_to_completion(sched)
-    sched.add_request(make_request("second", shared + [41, 42], max_tokens=2))
+    sched.add_request(make_request("second", [*shared, 41, 42], max_tokens=2))
     out = sched.schedule()
     (chunk,) = out.chunks
     assert chunk.start_pos == 16 and chunk.token_ids == [41, 42]

@@ -1,0 +1,58 @@
+"""Server-side split of TTFT: where a request's time went before its first decode token.
+
+Instances stamp wall-clock times into the TokenItems they send (P: arrival, prepared,
+prefill_start, prefill_end; D: kv_complete, first_decode_step). The router turns each finished
+request's stamps into phase durations and keeps the most recent ones for stats and metrics.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+# (phase, from stamp, to stamp): consecutive intervals, so they add up to the first decode step.
+PHASES = (
+    ("prepare", "arrival", "prepared"),  # P's blocks + D's allocation (the prepare pool)
+    ("prefill_queue", "prepared", "prefill_start"),
+    ("prefill", "prefill_start", "prefill_end"),
+    ("transfer", "prefill_end", "kv_complete"),  # KV on D after the first token was sampled
+    ("first_decode_step", "kv_complete", "first_decode_step"),
+)
+
+
+def phase_durations(stamps: dict[str, float]) -> dict[str, float]:
+    """Durations in seconds of the phases whose two stamps are both present."""
+    return {
+        name: stamps[end] - stamps[start]
+        for name, start, end in PHASES
+        if start in stamps and end in stamps
+    }
+
+
+class TimingSplit:
+    """The last `keep` requests' phase durations, summarized on demand."""
+
+    def __init__(self, keep: int = 2048) -> None:
+        self._samples: deque[dict[str, float]] = deque(maxlen=keep)
+
+    def record(self, stamps: dict[str, float]) -> dict[str, float]:
+        durations = phase_durations(stamps)
+        if durations:
+            self._samples.append(durations)
+        return durations
+
+    def clear(self) -> None:
+        self._samples.clear()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per phase: count, mean and median in milliseconds."""
+        out = {}
+        for name, _, _ in PHASES:
+            values = [s[name] * 1000 for s in self._samples if name in s]
+            if values:
+                out[name] = {
+                    "count": len(values),
+                    "mean_ms": statistics.fmean(values),
+                    "p50_ms": statistics.median(values),
+                }
+        return out
