@@ -49,23 +49,25 @@ def test_chunked_prefill_with_staggered_arrivals(checkpoints, name: str, decode_
 
 
 def test_kv_budget_premade_tensors_and_layer_callback(checkpoints) -> None:
-    done: list[int] = []
     runner = _runner(checkpoints, "llama3_rope", num_blocks=None, kv_cache_bytes=1 << 20)
     assert runner.num_blocks == (1 << 20) // (3 * 2 * 4 * 2 * 16 * 4)
+
     tensors = [torch.zeros(32, 2, 4, 2, 16) for _ in range(3)]
+    done: list[int] = []
+
+    def layer_done(i: int) -> None:
+        # Layer i's KV is in the cache already; later layers' is not yet.
+        assert tensors[i][10].abs().sum() > 0
+        assert all(t[10].abs().sum() == 0 for t in tensors[i + 1 :])
+        done.append(i)
+
     runner = _runner(
-        checkpoints, "llama3_rope", num_blocks=None, kv_tensors=tensors, layer_done=done.append
+        checkpoints, "llama3_rope", num_blocks=None, kv_tensors=tensors, layer_done=layer_done
     )
     assert runner.kv_cache.layers[0] is tensors[0]
     prompt = make_prompts(1, seed=14)[0]
-    chunk = ScheduledChunk(
-        "a",
-        prompt,
-        0,
-        list(range(10, 10 + len(prompt) // 4 + 1)),
-        True,
-        SamplingParams(temperature=0.0),
-    )
+    blocks = list(range(10, 10 + len(prompt) // 4 + 1))
+    chunk = ScheduledChunk("a", prompt, 0, blocks, True, SamplingParams(temperature=0.0))
     runner.execute_model(SchedulerOutput(0, [chunk]))
     assert done == [0, 1, 2]
     assert all(t[10].abs().sum() > 0 and t[0].abs().sum() == 0 for t in tensors)

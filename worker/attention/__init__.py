@@ -1,0 +1,55 @@
+"""Attention backends behind one small interface.
+
+Contract: per layer the model calls `write_kv` (store the step's new K/V in the paged cache),
+then `attend` (attention of the step's queries over positions 0 .. end of each chunk, reading
+keys and values through the block tables in `AttentionMetadata`). Backends keep no state between
+steps, so a Triton backend can replace the torch one without touching the model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from worker.attention.metadata import AttentionMetadata, StepInputs, prepare_step_inputs
+from worker.attention.torch_paged import TorchPagedAttention
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def write_kv(
+        self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        """Store k, v `[T, kv_heads, head_dim]` at the step's slots of one layer's cache."""
+        ...
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q `[T, heads, head_dim]`, the step's k/v -> attention output `[T, heads * head_dim]`."""
+        ...
+
+
+def make_attention_backend(
+    name: str, num_heads: int, num_kv_heads: int, head_dim: int
+) -> AttentionBackend:
+    if name == "torch":
+        return TorchPagedAttention(num_heads, num_kv_heads, head_dim)
+    raise ValueError(f"unknown attention backend {name!r} (available: torch)")
+
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "StepInputs",
+    "TorchPagedAttention",
+    "make_attention_backend",
+    "prepare_step_inputs",
+]
