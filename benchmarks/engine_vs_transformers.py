@@ -45,7 +45,6 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=pad_id,
         )
@@ -71,6 +70,7 @@ def main() -> None:
     model_cfg = ModelConfig(path=args.model, device=args.device, dtype="float32")
     path = resolve_model_path(model_cfg)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
+    hf.generation_config.eos_token_id = None  # every row runs its full length, as ignore_eos
     engine_cfg = EngineConfig.model_validate(
         {
             "scheduler": {"max_num_seqs": 16, "max_num_batched_tokens": 512},
