@@ -85,3 +85,26 @@ def test_stalled_decode_gives_clear_error_then_late_answer_is_cancelled(dep) -> 
     # The stalled D wakes up and allocates for the request; P cancels that late allocation.
     wait_until(lambda: dep.stats()["prefill-0"]["counters"].get("late_allocations", 0) >= 1)
     assert_all_free(dep)
+
+
+def test_official_openai_client_streamed_and_not(dep) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{dep.url}/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(
+        model=model, messages=question, max_tokens=24, temperature=0
+    )
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.completion_tokens > 0
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model=model, messages=question, max_tokens=24, temperature=0, stream=True
+        )
+        if chunk.choices
+    )
+    assert streamed == reply.choices[0].message.content
+    assert httpx.get(f"{dep.url}/health").status_code == 200
+    assert_all_free(dep)
