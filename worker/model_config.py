@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.errors import PdserveError
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -23,7 +25,7 @@ _DTYPE_NAMES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16"
 _DTYPE_NAMES |= {"float16": "float16", "half": "float16"}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(PdserveError, ValueError):
     """A model folder cannot be served; the message is one line that says why."""
 
 
