@@ -11,6 +11,7 @@ the first decode step, next to the client-side TTFT.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -21,7 +22,7 @@ from cluster.config import load_config
 from cluster.launcher import deploy
 
 
-def one_request(url: str, model: str, prompt: str, max_tokens: int) -> float:
+def one_request(url: str, model: str, prompt: list[int], max_tokens: int) -> float:
     """Client-side TTFT in ms of one streamed completion."""
     body = {
         "model": model,
@@ -54,10 +55,11 @@ def main() -> None:
     dep = deploy(config)
     try:
         model = httpx.get(f"{dep.url}/v1/models").json()["data"][0]["id"]
-        # Distinct prompts (no prefix-cache hits); about one token per word.
+        # Distinct token-id prompts of exactly the requested length (no prefix-cache hits).
+        rng = random.Random(0)
         prompts = [
-            " ".join(f"w{i}x{k}" for k in range(args.prompt_tokens // 3))
-            for i in range(args.requests + 2)
+            [rng.randint(1000, 20000) for _ in range(args.prompt_tokens)]
+            for _ in range(args.requests + 2)
         ]
         for prompt in prompts[:2]:
             one_request(dep.url, model, prompt, args.max_tokens)  # warm-up
@@ -67,7 +69,7 @@ def main() -> None:
         split = dep.stats()["router"]["ttft_split"]
     finally:
         dep.stop()
-    print(f"\n{args.config}, prompts of about {args.prompt_tokens} tokens, one at a time")
+    print(f"\n{args.config}, prompts of {args.prompt_tokens} tokens, one request at a time")
     print("| phase | mean ms | p50 ms |")
     print("| --- | ---: | ---: |")
     for phase, values in split.items():

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.cli_serve import add_serve
 
     add_serve(subparsers)
+    from cluster.bench.cli import add_bench
+
+    add_bench(subparsers)
     return parser
 
 
