@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
 
+# A token id the scheduler does not know yet: the one this request sampled in the previous step,
+# still on the device. The runner substitutes it from that step's sampled ids (overlap schedule).
+PLACEHOLDER_TOKEN = -1
+
 
 @dataclass
 class ScheduledChunk:
@@ -20,6 +24,7 @@ class ScheduledChunk:
     0 .. start_pos + len(token_ids) - 1 from the same table.
     A decode step is a chunk of one token. When `sample` is set, the chunk ends at the current end
     of the sequence and the runner samples the next token from its last position.
+    Under the overlap schedule a decode chunk's token may be PLACEHOLDER_TOKEN (see above).
     """
 
     request_id: str

@@ -59,6 +59,9 @@ class Request:
     # Of those, how many came from the prefix cache on the last allocation.
     num_cached_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # Sampling chunks scheduled whose token has not been appended yet: 1 while the overlap
+    # schedule runs step N before step N-1's token is read back, else 0.
+    pending_samples: int = 0
     error: str | None = None
 
     def __post_init__(self) -> None:
@@ -86,9 +89,18 @@ class Request:
         return self.status.finished
 
     @property
-    def is_prefilling(self) -> bool:
-        """True while tokens other than the newest sampled one still need computing."""
-        return self.num_computed_tokens < self.num_tokens - 1 or not self.output_token_ids
+    def num_tokens_with_pending(self) -> int:
+        """Tokens including the ones sampled on the device but not read back yet."""
+        return self.num_tokens + self.pending_samples
+
+    def may_sample_more(self, max_model_len: int) -> bool:
+        """False when the tokens already in flight reach max_tokens or the context: scheduling
+        another step would only compute a token that is thrown away."""
+        produced = self.num_output_tokens + self.pending_samples
+        return (
+            produced < self.sampling_params.max_tokens
+            and self.num_tokens_with_pending < max_model_len
+        )
 
     def check_stop(self, max_model_len: int) -> RequestStatus | None:
         """The finishing status implied by the newest token, if any (stop strings are the

@@ -3,7 +3,10 @@
 One turn: `schedule()` says what to compute (plain data), the model runner computes it, and
 `update_from_output()` appends sampled tokens, finishes requests and frees their blocks.
 `num_computed_tokens` advances when a chunk is scheduled, so a step can be scheduled before the
-previous step's tokens are known (the overlap schedule relies on this).
+previous step's tokens are known. That is the overlap schedule: when `schedule()` runs before
+`update_from_output()` of the step in flight, a decoding request gets a chunk whose token is
+PLACEHOLDER_TOKEN (the runner takes it from the previous step's sampled ids on the device), and
+a request that finished in the step in flight computes one extra token that is dropped.
 
 Roles only change where a request enters and leaves:
 - mixed: `add_request` -> prefill (chunked) -> decode -> finished.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
-from engine.batch import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from engine.batch import PLACEHOLDER_TOKEN, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from engine.block_manager import BlockManager
 from engine.config import Role, SchedulerConfig
 from engine.outputs import TokenDelta
@@ -182,9 +185,11 @@ class Scheduler:
             budget -= num_new
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
+        remaining = request.num_tokens_with_pending - request.num_computed_tokens
         if remaining <= 0:
-            return 0  # its last token is still being sampled (overlap) or it awaits transfer
+            return 0  # nothing to compute (e.g. a prefill-role request awaiting its transfer)
+        if request.pending_samples and not request.may_sample_more(self.max_model_len):
+            return 0  # the token in flight is its last one
         if not self.config.enable_chunked_prefill:
             return remaining
         return min(remaining, budget)
@@ -205,6 +210,7 @@ class Scheduler:
         self.running.remove(request)
         self.block_manager.free(request)
         request.num_computed_tokens = 0
+        request.pending_samples = 0  # a token in flight is dropped and sampled again
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self._released.append(request.request_id)
@@ -213,19 +219,24 @@ class Scheduler:
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         tokens = request.all_token_ids[start : start + num_new]
+        tokens += [PLACEHOLDER_TOKEN] * (num_new - len(tokens))  # sampled, not read back yet
         request.num_computed_tokens += num_new
-        return ScheduledChunk(
+        sample = request.num_computed_tokens == request.num_tokens_with_pending
+        chunk = ScheduledChunk(
             request_id=request.request_id,
             token_ids=tokens,
             start_pos=start,
             block_ids=list(request.block_ids),
-            sample=request.num_computed_tokens == request.num_tokens,
+            sample=sample,
             sampling_params=request.sampling_params,
-            num_generated=request.num_output_tokens,
+            num_generated=request.num_output_tokens + request.pending_samples,
         )
+        request.pending_samples += sample
+        return chunk
 
     def _append_token(self, request: Request, token_id: int) -> TokenDelta:
         request.output_token_ids.append(token_id)
+        request.pending_samples = max(0, request.pending_samples - 1)
         stop = request.check_stop(self.max_model_len)
         if stop is not None:
             self._finish(request, stop)
