@@ -146,6 +146,7 @@ class CacheMessager:
         return {
             "name": self.name,
             "pid": os.getpid(),
+            "inbox": self.inbox.address,
             "tasks": len(self.state.tasks),
             "deferred": len(self.state.deferred),
             "plans": len(self.state.plans),

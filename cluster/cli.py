@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     from cluster.cli_serve import add_serve
+    from cluster.cli_status import add_status
 
     add_serve(subparsers)
+    add_status(subparsers)
     from cluster.bench.cli import add_bench
 
     add_bench(subparsers)

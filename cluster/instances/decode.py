@@ -237,6 +237,7 @@ class DecodeInstance:
             return {
                 "name": self.name,
                 "pid": os.getpid(),
+                "inbox": self.inbox.address,
                 "role": self.role.value,
                 "running": len(self.core.scheduler.running),
                 "waiting_for_kv": sum(

@@ -112,6 +112,7 @@ class MixedInstance:
             return {
                 "name": self.name,
                 "pid": os.getpid(),
+                "inbox": self.inbox.address,
                 "role": self.role.value,
                 "running": len(self.core.scheduler.running),
                 "waiting": len(self.core.scheduler.waiting),

@@ -312,6 +312,7 @@ class PrefillInstance:
             return {
                 "name": self.name,
                 "pid": os.getpid(),
+                "inbox": self.inbox.address,
                 "role": self.role.value,
                 "running": len(sched.running),
                 "waiting": len(sched.waiting),

@@ -108,3 +108,22 @@ def test_official_openai_client_streamed_and_not(dep) -> None:
     assert streamed == reply.choices[0].message.content
     assert httpx.get(f"{dep.url}/health").status_code == 200
     assert_all_free(dep)
+
+
+def test_pdserve_status_lists_every_instance(dep) -> None:
+    import subprocess
+    import sys
+
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "status", "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("prefill-0", "decode-0", "messager-0", dep.url):
+        assert name in result.stdout
+    assert "/" in result.stdout.split("prefill-0", 1)[1].splitlines()[0]  # KV used/total
