@@ -35,6 +35,7 @@ from cluster.instances.prepare_pool import (
     PreparePool,
     cache_task_for,
 )
+from cluster.metrics import BucketHistogram
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
@@ -70,6 +71,7 @@ class PrefillInstance:
         self._stop = threading.Event()
         self._messager_inbox: str | None = None
         self._step_id = -1
+        self.transfer_seconds = BucketHistogram()
 
     def setup(self) -> dict:
         """Allocate the KV cache in shared memory, load the model, start the threads."""
@@ -260,6 +262,8 @@ class PrefillInstance:
         self.pool.notify_blocks_freed()
         self.counters.add("transfers_ok" if done.ok else "transfers_failed")
         self.counters.add("transfer_bytes", done.nbytes)
+        if done.ok:
+            self.transfer_seconds.observe(done.seconds)
         if not done.ok and tracked is not None and tracked.reply_to:
             error = TokenPublisher.error_item(done.request_id, 1, f"KV transfer: {done.error}")
             self.publisher.publish({tracked.reply_to: [error]})
@@ -326,6 +330,7 @@ class PrefillInstance:
                 "tracked": len(self._tracked),
                 "decodes": self.picker.snapshot(),
                 "counters": self.counters.snapshot(),
+                "transfer_seconds": self.transfer_seconds.to_dict(),
             }
 
     def shutdown(self) -> None:
