@@ -154,6 +154,8 @@ class MessagerState:
             elif handle.state is TransferState.PENDING:
                 pending = True
         seconds = now - state.created
+        if not state.failure and time.time() > state.task.write_deadline:
+            state.failure = "write deadline passed before the KV was complete"
         if pending:
             if state.failure and seconds > self.drain_s:
                 return Outcome(state, False, state.failure + " (writes did not drain)", seconds)
@@ -166,6 +168,9 @@ class MessagerState:
 
     def _issue(self, state: TaskState, layer: int, end_pos: int, last: bool) -> None:
         if state.failure:
+            return
+        if time.time() > state.task.write_deadline:
+            state.failure = "write deadline passed (D's lease on its blocks may have expired)"
             return
         src, dst = state.task.src_block_ids, state.task.dst_block_ids
         upto = len(src) if last else min(end_pos // self.block_size, len(src))

@@ -22,6 +22,10 @@ class CacheTask:
     src_block_ids: list[int]  # P's blocks, in sequence order
     dst_block_ids: list[int]  # D's blocks for the same positions
     num_prompt_tokens: int
+    # Wall clock (P and its messager share a node). No write starts after it: D's lease on the
+    # destination blocks runs out later than this, so a late write can never land in blocks D
+    # has already given to another request.
+    write_deadline: float
 
 
 @message(41)

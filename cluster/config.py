@@ -44,6 +44,18 @@ class RouterConfig(StrictModel):
     max_inflight_requests: int = Field(
         1024, ge=1, description="Requests admitted at once; more get 503 with Retry-After."
     )
+    max_requests_per_client: int = Field(
+        0,
+        ge=0,
+        description="Requests one client (its API key, else its address) may have in flight; "
+        "more get 429 with Retry-After. 0: unlimited.",
+    )
+    max_n: int = Field(
+        8,
+        ge=1,
+        description="Largest `n` (choices per request); each choice runs as its own request "
+        "on the instances.",
+    )
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the router actor.")
 
@@ -125,6 +137,11 @@ class PdserveConfig(StrictModel):
             )
         if (self.prefill.instances > 0) != (self.decode.instances > 0):
             raise ValueError("prefill.instances and decode.instances must both be 0 or both > 0")
+        if pd and self.decode.kv_lease_timeout_s < 5.0:
+            raise ValueError(
+                "decode.kv_lease_timeout_s must be >= 5 s: P stops writing KV 2 s or 20% before "
+                "the lease ends, which must leave time for the prefill itself"
+            )
         p_block = self.prefill.engine.scheduler.block_size
         d_block = self.decode.engine.scheduler.block_size
         if pd and p_block != d_block:

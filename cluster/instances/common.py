@@ -66,6 +66,7 @@ class TokenPublisher:
             num_prompt_tokens=delta.num_prompt_tokens,
             num_cached_tokens=delta.num_cached_tokens,
             timings=dict(timings),
+            logprobs=delta.logprobs,
         )
 
     @staticmethod

@@ -194,7 +194,7 @@ class PrefillInstance:
         self.pool.notify_blocks_freed()
 
     def _admit(self, prep: Preparation, peer: DecodePeer, reply: DecodeAllocation) -> None:
-        task: CacheTask = cache_task_for(prep, peer, reply)
+        task: CacheTask = cache_task_for(prep, peer, reply, self.config.decode.kv_lease_timeout_s)
         self._send_messager(task)  # before the scheduler sees it: the messager knows it first
         rid = prep.request.request_id
         timings = {"arrival": prep.msg.arrival_time, "prepared": prep.prepared_at}

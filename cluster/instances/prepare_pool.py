@@ -216,8 +216,11 @@ class PreparePool:
         return self.config.engine.scheduler.block_size
 
 
-def cache_task_for(prep: Preparation, peer: DecodePeer, reply: DecodeAllocation) -> CacheTask:
-    """(d): which of P's blocks go to which of D's, for the messager."""
+def cache_task_for(
+    prep: Preparation, peer: DecodePeer, reply: DecodeAllocation, lease_s: float
+) -> CacheTask:
+    """(d): which of P's blocks go to which of D's, for the messager. Writes must start before
+    D's lease on the blocks can run out (D started it before its reply reached us)."""
     src = list(prep.request.block_ids)
     return CacheTask(
         request_id=prep.request.request_id,
@@ -226,4 +229,5 @@ def cache_task_for(prep: Preparation, peer: DecodePeer, reply: DecodeAllocation)
         src_block_ids=src,
         dst_block_ids=list(reply.block_ids[: len(src)]),
         num_prompt_tokens=prep.request.num_prompt_tokens,
+        write_deadline=time.time() + lease_s - max(2.0, 0.2 * lease_s),
     )

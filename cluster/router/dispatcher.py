@@ -25,6 +25,7 @@ from cluster.config import RouterConfig
 from cluster.router.ordering import Finish, TokenOrderer
 from cluster.router.timings import TimingSplit
 from engine.config import Role
+from engine.outputs import TokenLogprobs
 from engine.protocol.channels import AsyncInbox, AsyncSender, ChannelError
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenBatch, TokenItem
@@ -70,17 +71,24 @@ class TokenTimeout(Exception):
 
 @dataclass(frozen=True)
 class StreamUpdate:
-    """What arrived since the last `RequestStream.next()`: tokens in order, and the end if any."""
+    """What arrived since the last `RequestStream.next()`: tokens in order, and the end if any.
+    `logprobs` is aligned with token_ids when the request asked for logprobs, else None."""
 
     token_ids: list[int]
     finish: Finish | None
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 class RequestStream:
     """One request's tokens as they come back, in output order, with deadlines."""
 
     def __init__(
-        self, request_id: str, instance: str, num_prompt_tokens: int, config: RouterConfig
+        self,
+        request_id: str,
+        instance: str,
+        num_prompt_tokens: int,
+        config: RouterConfig,
+        logprobs: bool = False,
     ) -> None:
         self.request_id = request_id
         self.instance = instance
@@ -89,9 +97,10 @@ class RequestStream:
         self.stamps: dict[str, float] = {}  # server-side timings from the instances
         self.awaiting_first_token = True  # its prompt counts as outstanding prefill work
         self._config = config
-        self._orderer = TokenOrderer()
+        self._orderer = TokenOrderer(keep_logprobs=logprobs)
         self._ready = asyncio.Event()
         self._tokens: list[int] = []
+        self._logprobs: list[TokenLogprobs | None] | None = [] if logprobs else None
         self._delivered_any = False
 
     @property
@@ -105,6 +114,8 @@ class RequestStream:
         duplicates_before = self._orderer.duplicates
         tokens = self._orderer.add(item)
         self._tokens.extend(tokens)
+        if self._logprobs is not None:
+            self._logprobs.extend(self._orderer.take_logprobs())
         if tokens or self._orderer.finished is not None:
             self._ready.set()
         return self._orderer.duplicates - duplicates_before
@@ -126,8 +137,11 @@ class RequestStream:
                 raise TokenTimeout(f"no {which} from the instances within {timeout:g} s") from None
         self._ready.clear()
         tokens, self._tokens = self._tokens, []
+        logprobs = self._logprobs
+        if logprobs is not None:
+            self._logprobs = []
         self._delivered_any = self._delivered_any or bool(tokens)
-        return StreamUpdate(tokens, self._orderer.finished)
+        return StreamUpdate(tokens, self._orderer.finished, logprobs)
 
 
 class Dispatcher:
@@ -193,7 +207,13 @@ class Dispatcher:
             raise Overloaded(f"{len(self._streams)} requests in flight; try again shortly")
         endpoint = self._choose_instance()
         request_id = request_id or uuid.uuid4().hex
-        stream = RequestStream(request_id, endpoint.name, len(prompt_token_ids), self._config)
+        stream = RequestStream(
+            request_id,
+            endpoint.name,
+            len(prompt_token_ids),
+            self._config,
+            logprobs=sampling.logprobs is not None,
+        )
         # Registered before sending: the first token may come back before send() returns.
         self._streams[request_id] = stream
         self._outstanding[endpoint.name] += stream.num_prompt_tokens

@@ -8,17 +8,22 @@ instance, and the response ends with finish_reason "stop".
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.router.dispatcher import Dispatcher, RequestStream, TokenTimeout
 from cluster.router.responses import Usage
 from engine.detokenizer import IncrementalDetokenizer
+from engine.outputs import TokenLogprobs
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
     finish_reason: str | None = None  # "stop" or "length" on the last delta
+    # The tokens behind this delta and their logprobs, when the request asked for logprobs
+    # (the text of a token may show up in a later delta: text waits for whole characters).
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 class InstanceFailed(Exception):
@@ -49,8 +54,9 @@ class Generation:
         self._dispatcher.release(self.request_id, reason, timed_out=timed_out)
 
     async def deltas(self) -> AsyncIterator[TextDelta]:
-        """Non-empty text as it becomes safe to show; the last delta carries finish_reason.
-        Raises TokenTimeout or InstanceFailed; the request is released before either."""
+        """Non-empty text (or tokens with logprobs) as it becomes safe to show; the last delta
+        carries finish_reason. Raises TokenTimeout or InstanceFailed; the request is released
+        before either."""
         while True:
             try:
                 update = await self._stream.next()
@@ -59,18 +65,20 @@ class Generation:
                 raise
             self.num_output_tokens += len(update.token_ids)
             delta = self._detokenizer.push(update.token_ids)
+            tokens, logprobs = update.token_ids, update.logprobs
             if delta.stopped:
                 self.close("stop string matched")
-                yield TextDelta(delta.text, "stop")
+                yield TextDelta(delta.text, "stop", tokens, logprobs)
                 return
             finish = update.finish
             if finish is None:
-                if delta.text:
-                    yield TextDelta(delta.text)
+                if delta.text or logprobs:
+                    yield TextDelta(delta.text, None, tokens, logprobs)
                 continue
             self.close(f"finished: {finish.reason}")
             if finish.reason in ("stop", "length"):
-                yield TextDelta(delta.text + self._detokenizer.flush(), finish.reason)
+                text = delta.text + self._detokenizer.flush()
+                yield TextDelta(text, finish.reason, tokens, logprobs)
                 return
             detail = finish.error or "no detail given"
             raise InstanceFailed(

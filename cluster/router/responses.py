@@ -1,10 +1,20 @@
-"""OpenAI response bodies and server-sent-event chunks, for completions and chat."""
+"""OpenAI response bodies and server-sent-event chunks, for completions and chat.
+
+A response has n choices (indexed 0..n-1); a streamed chunk carries one choice's delta.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass, field
+
+from cluster.router.logprobs import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    LogprobsFormatter,
+    TokenTexts,
+)
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -26,6 +36,16 @@ class Usage:
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    """One choice of a whole (non-streamed) response."""
+
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: dict | None = None  # already in the endpoint's shape
 
 
 @dataclass
@@ -65,14 +85,25 @@ class ResponseShape:
         body["usage"] = usage.as_dict()
         return body
 
-    def start_chunks(self) -> list[dict]:
+    def final(self, choices: list[ChoiceResult], usage: Usage) -> dict:
+        body = self._envelope(self.object_name, [self._final_choice(c) for c in choices])
+        body["usage"] = usage.as_dict()
+        return body
+
+    def start_chunks(self, n: int = 1) -> list[dict]:
         """Chunks sent before any text."""
         return []
 
-    def final(self, text: str, finish_reason: str, usage: Usage) -> dict:
+    def new_logprobs(self, texts: TokenTexts) -> LogprobsFormatter:
+        """A formatter for one choice's logprobs in this endpoint's shape."""
         raise NotImplementedError
 
-    def text_chunk(self, text: str, finish_reason: str | None) -> dict:
+    def _final_choice(self, choice: ChoiceResult) -> dict:
+        raise NotImplementedError
+
+    def text_chunk(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None
+    ) -> dict:
         raise NotImplementedError
 
 
@@ -81,15 +112,22 @@ class CompletionShape(ResponseShape):
     object_name = "text_completion"
     chunk_object_name = "text_completion"
 
-    def final(self, text: str, finish_reason: str, usage: Usage) -> dict:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-        body = self._envelope(self.object_name, [choice])
-        body["usage"] = usage.as_dict()
-        return body
+    def new_logprobs(self, texts: TokenTexts) -> LogprobsFormatter:
+        return CompletionLogprobs(texts)
 
-    def text_chunk(self, text: str, finish_reason: str | None) -> dict:
+    def _final_choice(self, choice: ChoiceResult) -> dict:
+        return {
+            "index": choice.index,
+            "text": choice.text,
+            "finish_reason": choice.finish_reason,
+            "logprobs": choice.logprobs,
+        }
+
+    def text_chunk(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None
+    ) -> dict:
         return self._chunk(
-            {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+            {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
         )
 
 
@@ -98,24 +136,28 @@ class ChatShape(ResponseShape):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def final(self, text: str, finish_reason: str, usage: Usage) -> dict:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish_reason,
-            "logprobs": None,
+    def new_logprobs(self, texts: TokenTexts) -> LogprobsFormatter:
+        return ChatLogprobs(texts)
+
+    def _final_choice(self, choice: ChoiceResult) -> dict:
+        return {
+            "index": choice.index,
+            "message": {"role": "assistant", "content": choice.text},
+            "finish_reason": choice.finish_reason,
+            "logprobs": choice.logprobs,
         }
-        body = self._envelope(self.object_name, [choice])
-        body["usage"] = usage.as_dict()
-        return body
 
-    def start_chunks(self) -> list[dict]:
-        return [self._delta({"role": "assistant", "content": ""}, None)]
+    def start_chunks(self, n: int = 1) -> list[dict]:
+        return [self._delta(i, {"role": "assistant", "content": ""}, None) for i in range(n)]
 
-    def text_chunk(self, text: str, finish_reason: str | None) -> dict:
-        return self._delta({"content": text} if text else {}, finish_reason)
+    def text_chunk(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None
+    ) -> dict:
+        return self._delta(index, {"content": text} if text else {}, finish_reason, logprobs)
 
-    def _delta(self, delta: dict, finish_reason: str | None) -> dict:
+    def _delta(
+        self, index: int, delta: dict, finish_reason: str | None, logprobs: dict | None = None
+    ) -> dict:
         return self._chunk(
-            {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
         )

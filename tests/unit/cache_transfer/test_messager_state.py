@@ -45,10 +45,16 @@ def make_state(backend: RecordingBackend, layers: int = 2, wait_s: float = 5.0) 
     return MessagerState(backend, layers, block_size=4, resolve_peer=peers.get, task_wait_s=wait_s)
 
 
-def task(rid: str = "r", num_prompt: int = 10) -> CacheTask:
+def task(rid: str = "r", num_prompt: int = 10, deadline_s: float = 60.0) -> CacheTask:
     blocks = -(-num_prompt // 4)
     return CacheTask(
-        rid, "d0", "tcp://d0", list(range(blocks)), [10 + b for b in range(blocks)], num_prompt
+        rid,
+        "d0",
+        "tcp://d0",
+        list(range(blocks)),
+        [10 + b for b in range(blocks)],
+        num_prompt,
+        time.time() + deadline_s,
     )
 
 
@@ -136,3 +142,23 @@ def test_unknown_decode_instance_fails_without_writing() -> None:
     state.layer_ready(0, 0)
     (outcome,) = state.poll()
     assert not outcome.ok and "d9" in outcome.error and backend.writes == []
+
+
+def test_no_write_after_the_write_deadline() -> None:
+    backend = RecordingBackend()
+    state = make_state(backend, layers=2)
+    state.add_task(task(num_prompt=8, deadline_s=-1.0))  # already past
+    state.add_plan(0, [["r", 8, True]])
+    state.layer_ready(0, 0)
+    (outcome,) = state.poll()
+    assert not outcome.ok and "deadline" in outcome.error
+    assert backend.writes == []
+
+
+def test_task_past_deadline_fails_without_signals() -> None:
+    backend = RecordingBackend()
+    state = make_state(backend, layers=1)
+    state.add_task(task(num_prompt=8, deadline_s=0.01))
+    time.sleep(0.02)
+    (outcome,) = state.poll()
+    assert not outcome.ok and "deadline" in outcome.error
