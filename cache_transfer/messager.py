@@ -42,21 +42,25 @@ _IDLE_WAIT_S = 0.5
 
 
 class CacheMessager:
-    def __init__(
-        self, name: str, backend: str, kv_handle: dict, prefill_inbox: str, task_wait_s: float
-    ) -> None:
+    def __init__(self, name: str, backend: str, task_wait_s: float) -> None:
         self.name = name
         self.backend_name = backend
-        self.kv_handle = kv_handle
-        self.prefill_inbox = prefill_inbox
         self.task_wait_s = task_wait_s
         self._peers: dict[str, str] = {}  # decode instance name -> backend peer name
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def setup(self, host: str | None = None) -> dict:
+    def setup(self, host: str | None, kv_handle: dict, prefill_inbox: str) -> dict:
+        """Map P's KV cache (its `SharedKVCache.handle()`), register it, start the loop. Called
+        again after this actor or its prefill instance restarted."""
+        if getattr(self, "_thread", None) is not None:
+            self.shutdown()  # re-attaching to a restarted prefill instance: start clean
+        self._stop = threading.Event()
+        self._peers = {}
         self.host = host or node_ip_address()
-        self.kv = SharedKVCache.attach(self.kv_handle)
+        self.prefill_inbox = prefill_inbox
+        self.kv = SharedKVCache.attach(kv_handle)
         regions = self.kv.regions()
         self.backend = make_backend(self.backend_name, f"{self.name}-kv", self.host)
         self.backend.register(regions)
@@ -80,6 +84,13 @@ class CacheMessager:
             peer = self.backend.connect(decode["transfer"], deadline_in(timeout_s))
             with self._lock:
                 self._peers[decode["name"]] = peer
+
+    def decode_down(self, decode_name: str) -> None:
+        """A decode instance died: its pending writes fail, its tasks end (P hears of each)."""
+        with self._lock:
+            peer = self._peers.pop(decode_name, None)
+        if peer is not None:
+            self.backend.disconnect(peer)
 
     def _resolve_peer(self, decode_name: str) -> str | None:
         with self._lock:
@@ -140,7 +151,7 @@ class CacheMessager:
 
     # ------------------------------------------------------------------ inspection
     def is_ready(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict:
         return {
@@ -157,7 +168,9 @@ class CacheMessager:
 
     def shutdown(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
         self.inbox.close()
         self.senders.close()
         self.backend.close()

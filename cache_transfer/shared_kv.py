@@ -26,6 +26,7 @@ import mmap
 import os
 import secrets
 from multiprocessing import shared_memory
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +126,17 @@ class SharedKVCache:
         # Keep only our own mapping (see the module docstring); the object stays for unlink().
         owner.close()
         return cls(name, layout, dtype_name, mapping, owner)
+
+    @staticmethod
+    def remove_stale(name_prefix: str) -> int:
+        """Unlink segments left by a crashed earlier owner of `name_prefix` (a restarted actor
+        reuses its name, so its previous incarnation's segments match). Returns how many."""
+        removed = 0
+        for path in Path("/dev/shm").glob(f"{name_prefix}_*"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        return removed
 
     @classmethod
     def attach(cls, handle: dict[str, Any]) -> SharedKVCache:

@@ -74,6 +74,12 @@ class PrefillConfig(StrictModel):
     transfer_timeout_s: float = Field(
         30.0, gt=0, description="Longest time from first token to all KV written on D."
     )
+    max_backlog_tokens: int = Field(
+        2048,
+        ge=1,
+        description="The prepare pool asks a decode instance for blocks only while fewer prompt "
+        "tokens than this wait for prefill here, so D's lease covers a short queue.",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Batching and KV.")
     placement: PlacementConfig = Field(default_factory=PlacementConfig, description="Where.")
 
@@ -111,6 +117,12 @@ class ClusterConfig(StrictModel):
     )
     namespace: str = Field("pdserve", description="Ray namespace of the named actors.")
     startup_timeout_s: float = Field(600.0, gt=0, description="Longest wait for actors to start.")
+    restart_crashed_actors: bool = Field(
+        True, description="Let Ray restart a crashed instance actor; the supervisor re-wires it."
+    )
+    health_check_interval_s: float = Field(
+        1.0, gt=0, description="How often the supervisor checks every instance actor."
+    )
     node_ip: str = Field(
         "127.0.0.1",
         description="Node address of an embedded local Ray (what its actors bind and advertise); "

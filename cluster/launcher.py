@@ -23,6 +23,7 @@ from cluster.instances.decode import DecodeInstance
 from cluster.instances.mixed import MixedInstance
 from cluster.instances.prefill import PrefillInstance
 from cluster.router.actor import RouterActor
+from cluster.supervisor import Supervisor
 from worker.engine_core import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,31 @@ class Deployment:
     mixed: list[Any] = field(default_factory=list)
     placement_groups: list[Any] = field(default_factory=list)
     endpoints: list[dict] = field(default_factory=list)
+    infos: dict[str, dict] = field(default_factory=dict)  # instance name -> its setup() answer
     owns_ray: bool = False
+    supervisor: Any = None
+
+    def names(self, *roles: str) -> list[str]:
+        counts = {
+            "prefill": len(self.prefills),
+            "decode": len(self.decodes),
+            "mixed": len(self.mixed),
+        }
+        return [f"{role}-{i}" for role in roles for i in range(counts[role])]
+
+    @property
+    def decode_infos(self) -> list[dict]:
+        return [self.infos[n] for n in self.names("decode")]
+
+    def actor(self, name: str) -> Any:
+        role, index = name.rsplit("-", 1)
+        group = {
+            "prefill": self.prefills,
+            "decode": self.decodes,
+            "mixed": self.mixed,
+            "messager": self.messagers,
+        }[role]
+        return group[int(index)]
 
     @property
     def max_model_len(self) -> int:
@@ -64,6 +89,8 @@ class Deployment:
         return out
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         actors = [a for a in [*self.instances, *self.messagers] if a is not None]
         refs = [a.shutdown.remote() for a in actors]
         if self.router is not None:
@@ -108,13 +135,18 @@ def _cpus_needed(config: PdserveConfig) -> int:
     return int(total) + 1
 
 
-def _options(placement: PlacementConfig, name: str, namespace: str) -> dict[str, Any]:
+def _max_restarts(cfg: PdserveConfig) -> int:
+    return -1 if cfg.cluster.restart_crashed_actors else 0
+
+
+def _options(placement: PlacementConfig, name: str, cfg: PdserveConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": name,
-        "namespace": namespace,
+        "namespace": cfg.cluster.namespace,
         "num_cpus": placement.num_cpus,
         "num_gpus": placement.num_gpus,
         "max_concurrency": _ACTOR_CONCURRENCY,
+        "max_restarts": _max_restarts(cfg),
     }
     if placement.resources:
         options["resources"] = dict(placement.resources)
@@ -134,6 +166,9 @@ def deploy(config: PdserveConfig, address: str | None = None) -> Deployment:
         _start_instances(dep)
         _start_router(dep)
         wait_ready(dep, config.cluster.startup_timeout_s)
+        if config.cluster.restart_crashed_actors:
+            dep.supervisor = Supervisor(dep)
+            dep.supervisor.start()
     except BaseException:
         dep.stop()
         raise
@@ -143,32 +178,53 @@ def deploy(config: PdserveConfig, address: str | None = None) -> Deployment:
 def _start_instances(dep: Deployment) -> None:
     cfg = dep.config
     raw = cfg.model_dump(mode="json")
-    timeout = cfg.cluster.startup_timeout_s
-    ns = cfg.cluster.namespace
     for i in range(cfg.decode.instances):
-        opts = _options(cfg.decode.placement, f"decode-{i}", ns)
+        opts = _options(cfg.decode.placement, f"decode-{i}", cfg)
         dep.decodes.append(ray.remote(DecodeInstance).options(**opts).remote(f"decode-{i}", raw))
     for i in range(cfg.mixed.instances):
-        opts = _options(cfg.mixed.placement, f"mixed-{i}", ns)
+        opts = _options(cfg.mixed.placement, f"mixed-{i}", cfg)
         dep.mixed.append(ray.remote(MixedInstance).options(**opts).remote(f"mixed-{i}", raw))
     prefill_pgs = [_prefill_placement_group(cfg) for _ in range(cfg.prefill.instances)]
     dep.placement_groups.extend(prefill_pgs)
     for i, pg in enumerate(prefill_pgs):
-        opts = _options(cfg.prefill.placement, f"prefill-{i}", ns)
+        opts = _options(cfg.prefill.placement, f"prefill-{i}", cfg)
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
         opts.pop("label_selector", None)  # the bundle carries placement
         dep.prefills.append(ray.remote(PrefillInstance).options(**opts).remote(f"prefill-{i}", raw))
+        dep.messagers.append(_messager_actor(cfg, i, pg))
     # Model loading happens in setup(); every instance loads in parallel.
-    refs = [a.setup.remote() for a in [*dep.decodes, *dep.prefills, *dep.mixed]]
-    infos = ray.get(refs, timeout=timeout)
-    decode_infos = infos[: len(dep.decodes)]
-    prefill_infos = infos[len(dep.decodes) : len(dep.decodes) + len(dep.prefills)]
-    mixed_infos = infos[len(dep.decodes) + len(dep.prefills) :]
-    for i, (pg, info) in enumerate(zip(prefill_pgs, prefill_infos, strict=True)):
-        actor, m_info = _start_messager(cfg, i, pg, info, decode_infos)
-        dep.messagers.append(actor)
-        ray.get(dep.prefills[i].connect.remote(m_info["inbox"], decode_infos), timeout=timeout)
-    dep.endpoints = [*prefill_infos, *decode_infos, *mixed_infos]
+    instances = [*dep.decodes, *dep.prefills, *dep.mixed]
+    infos = ray.get([a.setup.remote() for a in instances], timeout=cfg.cluster.startup_timeout_s)
+    dep.infos = {info["name"]: info for info in infos}
+    for index in range(len(dep.prefills)):
+        wire_prefill(dep, index)
+    dep.endpoints = [dep.infos[n] for n in dep.names("prefill", "decode", "mixed")]
+
+
+def wire_prefill(dep: Deployment, index: int) -> None:
+    """(Re)connect prefill instance `index`, its messager and the decode instances."""
+    timeout = dep.config.cluster.startup_timeout_s
+    p_info = dep.infos[f"prefill-{index}"]
+    messager = dep.messagers[index]
+    m_info = ray.get(
+        messager.setup.remote(p_info["node_ip"], p_info["kv_cache"], p_info["inbox"]),
+        timeout=timeout,
+    )
+    dep.infos[m_info["name"]] = m_info
+    decodes = dep.decode_infos
+    ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
+    ray.get(dep.prefills[index].connect.remote(m_info["inbox"], decodes), timeout=timeout)
+
+
+def reconnect_decodes(dep: Deployment) -> None:
+    """After a decode instance restarted: messagers connect to its new transfer endpoint and
+    prefill instances learn its new inbox."""
+    timeout = dep.config.cluster.startup_timeout_s
+    decodes = dep.decode_infos
+    for index, messager in enumerate(dep.messagers):
+        ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
+        inbox = dep.infos[f"messager-{index}"]["inbox"]
+        ray.get(dep.prefills[index].connect.remote(inbox, decodes), timeout=timeout)
 
 
 def _prefill_placement_group(cfg: PdserveConfig):
@@ -183,29 +239,20 @@ def _prefill_placement_group(cfg: PdserveConfig):
     return placement_group([bundle], strategy="STRICT_PACK", **kwargs)
 
 
-def _start_messager(cfg: PdserveConfig, index: int, pg, p_info: dict, decode_infos: list[dict]):
+def _messager_actor(cfg: PdserveConfig, index: int, pg):
     name = f"messager-{index}"
-    actor = (
+    return (
         ray.remote(CacheMessager)
         .options(
             name=name,
             namespace=cfg.cluster.namespace,
             num_cpus=_MESSAGER_CPUS,
             max_concurrency=_ACTOR_CONCURRENCY,
+            max_restarts=_max_restarts(cfg),
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0),
         )
-        .remote(
-            name,
-            cfg.transfer.backend.value,
-            p_info["kv_cache"],
-            p_info["inbox"],
-            cfg.transfer.cache_task_timeout_s,
-        )
+        .remote(name, cfg.transfer.backend.value, cfg.transfer.cache_task_timeout_s)
     )
-    timeout = cfg.cluster.startup_timeout_s
-    info = ray.get(actor.setup.remote(p_info["node_ip"]), timeout=timeout)
-    ray.get(actor.add_decode_peers.remote(decode_infos), timeout=timeout)
-    return actor, info
 
 
 def _start_router(dep: Deployment) -> None:

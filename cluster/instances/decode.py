@@ -30,7 +30,7 @@ from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
 from engine.protocol.tokens import TokenItem
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from worker.engine_core import EngineCore
+from worker.engine_core import EngineCore, resolve_overlap
 
 
 @dataclass
@@ -57,7 +57,8 @@ class DecodeInstance:
     def setup(self) -> dict:
         self.host = advertised_host(self.config)
         cfg = self.config
-        self.core = EngineCore(cfg.model, cfg.decode.engine, Role.DECODE)
+        overlap = resolve_overlap(cfg.decode.overlap_schedule, cfg.model)
+        self.core = EngineCore(cfg.model, cfg.decode.engine, Role.DECODE, overlap=overlap)
         self.backend = make_backend(cfg.transfer.backend, f"{self.name}-kv", self.host)
         self.backend.register(regions_of_tensors(self.core.runner.kv_cache.layers))
         self.senders = SenderPool()

@@ -43,9 +43,18 @@ class DecodePicker:
         self._lock = threading.Lock()
 
     def set_peers(self, peers: list[DecodePeer]) -> None:
+        """Replace the peer list; a peer keeps its load history unless its inbox changed (a
+        restarted instance starts afresh)."""
         with self._lock:
             old = self._peers
-            self._peers = {p.name: old.get(p.name, p) for p in peers}
+            self._peers = {
+                p.name: old[p.name] if p.name in old and old[p.name].inbox == p.inbox else p
+                for p in peers
+            }
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._peers.pop(name, None)
 
     def choose(self, blocks_needed: int, exclude: set[str]) -> DecodePeer | None:
         """The best peer not in `exclude` (penalized peers only when nothing else is left)."""

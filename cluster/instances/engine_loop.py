@@ -22,6 +22,8 @@ class EngineLoop:
     Hooks: `before_execute(sched)` runs before the forward (P announces the step to its cache
     messager), `after_step(sched, deltas)` publishes results, `tick()` runs every iteration
     (deadlines, queued events) and `on_failure(sched, error)` ends the requests of a failed step.
+    With `core.overlap` the loop schedules and launches step N before saving step N-1, so
+    `after_step` gets step N-1 and its deltas (always the step whose output was saved).
     """
 
     def __init__(
@@ -67,7 +69,7 @@ class EngineLoop:
             self._tick()
             with self.lock:
                 sched = self.core.scheduler.schedule()
-            if sched.is_empty:
+            if sched.is_empty and self.core.in_flight is None:
                 self._wake.wait(self._idle_wait_s)
                 self._wake.clear()
                 continue
@@ -75,17 +77,25 @@ class EngineLoop:
 
     def _run_step(self, sched: SchedulerOutput) -> None:
         try:
-            self._before_execute(sched)
-            result = self.core.runner.execute_model(sched)
+            if not sched.is_empty:
+                self._before_execute(sched)
+            ready = self.core.execute_and_save(sched)  # overlap: `ready` is the step before
+            if ready is None:
+                return
+            done, result = ready
             with self.lock:
-                deltas = self.core.scheduler.update_from_output(sched, result)
-            self._after_step(sched, deltas)
+                deltas = self.core.scheduler.update_from_output(done, result)
+            self._after_step(done, deltas)
             self.steps += 1
-        except Exception:  # a failed step ends its requests; the loop goes on
+        except Exception:  # a failed step ends its requests (and the step in flight's)
             self.failed_steps += 1
             error = traceback.format_exc(limit=5)
             log.error("engine step failed:\n%s", error)
-            self._fail_step(sched, error.strip().splitlines()[-1])
+            message = error.strip().splitlines()[-1]
+            in_flight = self.core.drop_in_flight()
+            for failed in (sched, None if in_flight is sched else in_flight):
+                if failed is not None and not failed.is_empty:
+                    self._fail_step(failed, message)
 
     def _fail_step(self, sched: SchedulerOutput, error: str) -> None:
         with self.lock:

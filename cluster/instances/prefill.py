@@ -78,7 +78,9 @@ class PrefillInstance:
         self.host = advertised_host(self.config)
         cfg = self.config
         layout, dtype = kv_layout_for(cfg.model, cfg.prefill.engine)
-        self.kv = SharedKVCache.create(f"pdserve-{self.name}", layout, dtype)
+        prefix = f"pdserve-{cfg.cluster.namespace}-{self.name}"
+        SharedKVCache.remove_stale(prefix)  # left by this instance's crashed predecessor
+        self.kv = SharedKVCache.create(prefix, layout, dtype)
         self.core = EngineCore(
             cfg.model,
             cfg.prefill.engine,
@@ -116,11 +118,43 @@ class PrefillInstance:
         }
 
     def connect(self, messager_inbox: str, decodes: list[dict]) -> None:
-        """Wire this instance to its cache messager and the decode instances."""
-        self._messager_inbox = messager_inbox
+        """Wire this instance to its cache messager and the decode instances (again after one of
+        them restarted). A new messager knows none of the old one's cache tasks: those requests
+        end with an error."""
+        replaced = self._messager_inbox is not None and messager_inbox != self._messager_inbox
         self.picker.set_peers(
             [DecodePeer(d["name"], d["inbox"], d["num_blocks"], d["num_blocks"]) for d in decodes]
         )
+        if replaced:
+            self._end_tracked(lambda t: True, "the cache messager restarted", free_now=True)
+        self._messager_inbox = messager_inbox
+
+    def decode_down(self, decode_name: str) -> None:
+        """A decode instance died: choose it no more, and end the requests bound for it."""
+        self.picker.remove(decode_name)
+        self._end_tracked(lambda t: t.decode == decode_name, f"{decode_name} failed")
+
+    def _end_tracked(self, which, error: str, free_now: bool = False) -> None:
+        """End tracked requests with an error to their clients. Normally the messager drains
+        their writes first (CancelCache -> TransferDone frees); `free_now` when the messager that
+        held them is gone, so nothing can still read the blocks."""
+        with self.loop.lock:
+            chosen = [(rid, t) for rid, t in self._tracked.items() if which(t)]
+            for rid, _ in chosen:
+                request = self.core.scheduler.requests.get(rid)
+                if free_now or (request and request.status is not RequestStatus.SENDING_KV):
+                    self.core.abort_request(rid, RequestStatus.FINISHED_ERROR)
+                if free_now:
+                    del self._tracked[rid]
+        for rid, tracked in chosen:
+            if tracked.reply_to:
+                item = TokenPublisher.error_item(rid, 1, error)
+                self.publisher.publish({tracked.reply_to: [item]})
+                tracked.reply_to = ""
+            if not free_now:
+                self._send_messager(CancelCache(rid, error, client_informed=True))
+        self.pool.notify_progress()
+        self.counters.add("requests_ended_by_failure", len(chosen))
 
     def _hooks(self) -> PrepareHooks:
         return PrepareHooks(
@@ -128,6 +162,7 @@ class PrefillInstance:
             unreserve=self._unreserve,
             admit=self._admit,
             fail=self._fail,
+            backlog_ok=self._backlog_ok,
             eos_token_ids=self.core.eos_token_ids,
             inbox=self.inbox.address,
             name=self.name,
@@ -184,6 +219,16 @@ class PrefillInstance:
         self._send_messager(CancelCache(request_id, "aborted", client_informed=True))
 
     # ------------------------------------------------------------------ prepare hooks
+    def _backlog_ok(self) -> bool:
+        """Prompt tokens admitted but not yet computed, against `prefill.max_backlog_tokens`."""
+        with self.loop.lock:
+            backlog = sum(
+                r.num_prompt_tokens - r.num_computed_tokens
+                for r in self.core.scheduler.requests.values()
+                if r.status in (RequestStatus.WAITING, RequestStatus.RUNNING)
+            )
+        return backlog < self.config.prefill.max_backlog_tokens
+
     def _reserve(self, request: Request) -> bool:
         with self.loop.lock:
             return self.core.scheduler.reserve_prefill(request)
@@ -191,7 +236,7 @@ class PrefillInstance:
     def _unreserve(self, request_id: str) -> None:
         with self.loop.lock:
             self.core.abort_request(request_id)
-        self.pool.notify_blocks_freed()
+        self.pool.notify_progress()
 
     def _admit(self, prep: Preparation, peer: DecodePeer, reply: DecodeAllocation) -> None:
         task: CacheTask = cache_task_for(prep, peer, reply, self.config.decode.kv_lease_timeout_s)
@@ -226,6 +271,7 @@ class PrefillInstance:
         self._send_messager(LayerReady(self._step_id, layer))
 
     def _after_step(self, sched: SchedulerOutput, deltas: list[TokenDelta]) -> None:
+        self.pool.notify_progress()
         by_router: dict[str, list[TokenItem]] = defaultdict(list)
         now = wall_time()
         for delta in deltas:
@@ -259,7 +305,7 @@ class PrefillInstance:
         with self.loop.lock:
             tracked = self._tracked.pop(done.request_id, None)
             self.core.scheduler.release_sent(done.request_id, status)
-        self.pool.notify_blocks_freed()
+        self.pool.notify_progress()
         self.counters.add("transfers_ok" if done.ok else "transfers_failed")
         self.counters.add("transfer_bytes", done.nbytes)
         if done.ok:
@@ -296,7 +342,7 @@ class PrefillInstance:
             if tracked.reply_to:
                 item = TokenPublisher.error_item(chunk.request_id, 0, error)
                 self.publisher.publish({tracked.reply_to: [item]})
-        self.pool.notify_blocks_freed()
+        self.pool.notify_progress()
 
     def _send_messager(self, msg) -> None:
         assert self._messager_inbox is not None, "connect() first"

@@ -53,6 +53,7 @@ class PrepareHooks:
     unreserve: Callable[[str], None]  # give P's blocks back (request never started)
     admit: Callable[[Preparation, DecodePeer, DecodeAllocation], None]  # (d) + (e)
     fail: Callable[[GenerateRequest, str], None]  # tell the client
+    backlog_ok: Callable[[], bool]  # P's queue is short enough to ask a D for blocks now
     eos_token_ids: tuple[int, ...]
     inbox: str  # P's inbox, where D answers
     name: str
@@ -75,7 +76,7 @@ class PreparePool:
         self._executor = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="prepare")
         self._lock = threading.Lock()
         self._active: dict[str, Preparation] = {}
-        self.blocks_freed = threading.Condition()
+        self.progress = threading.Condition()
 
     # ------------------------------------------------------------------ called by other threads
     def submit(self, preparation: Preparation) -> None:
@@ -101,13 +102,14 @@ class PreparePool:
             return False
         prep.aborted.set()
         prep.replied.set()  # wake the thread if it is waiting on D
-        with self.blocks_freed:
-            self.blocks_freed.notify_all()
+        with self.progress:
+            self.progress.notify_all()
         return True
 
-    def notify_blocks_freed(self) -> None:
-        with self.blocks_freed:
-            self.blocks_freed.notify_all()
+    def notify_progress(self) -> None:
+        """P freed blocks or finished a step: waiting preparations look again."""
+        with self.progress:
+            self.progress.notify_all()
 
     @property
     def queue_depth(self) -> int:
@@ -124,6 +126,7 @@ class PreparePool:
         try:
             self._reserve(prep)
             reserved = True
+            self._wait_for_backlog(prep)
             peer, reply = self._find_decode(prep)
             if prep.aborted.is_set():
                 self._cancel(peer, rid, "aborted while preparing")
@@ -146,14 +149,27 @@ class PreparePool:
     def _reserve(self, prep: Preparation) -> None:
         """(a) P's blocks; when P is full, wait (bounded) for blocks to be freed."""
         deadline = time.monotonic() + self.reserve_timeout_s
-        with self.blocks_freed:
+        with self.progress:
             while not self.hooks.reserve(prep.request):
                 left = deadline - time.monotonic()
                 if prep.aborted.is_set():
                     raise PrepareFailed("aborted")
                 if left <= 0:
                     raise PrepareFailed("prefill instance has no free KV blocks (timed out)")
-                self.blocks_freed.wait(min(left, 1.0))
+                self.progress.wait(min(left, 1.0))
+
+    def _wait_for_backlog(self, prep: Preparation) -> None:
+        """Ask D for blocks only when P will start this prompt soon: D's lease on them must
+        cover P's queue, so a long queue here would waste D's memory and expire leases."""
+        deadline = time.monotonic() + self.reserve_timeout_s
+        with self.progress:
+            while not self.hooks.backlog_ok():
+                left = deadline - time.monotonic()
+                if prep.aborted.is_set():
+                    raise PrepareFailed("aborted")
+                if left <= 0:
+                    raise PrepareFailed("prefill instance is overloaded (queue did not drain)")
+                self.progress.wait(min(left, 1.0))
 
     def _find_decode(self, prep: Preparation) -> tuple[DecodePeer, DecodeAllocation]:
         """(b) + (c): ask decode instances in turn until one allocates."""

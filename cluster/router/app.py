@@ -1,4 +1,4 @@
-"""The router's FastAPI app: OpenAI-compatible completions, chat, models and health.
+"""The router's FastAPI app: OpenAI-compatible completions, chat, models, health, readiness.
 
 `create_app` needs no Ray: it takes a started `Dispatcher` and a tokenizer, so tests drive it
 in-process or under a real uvicorn. Every error leaves as OpenAI's `{"error": {...}}` body,
@@ -8,6 +8,7 @@ FastAPI's 422 included (it becomes a 400 naming the parameter).
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 import uuid
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.config import RouterConfig
 from cluster.router.dispatcher import Dispatcher, NoInstance, Overloaded, TokenTimeout
 from cluster.router.generation import InstanceFailed
+from cluster.router.logprobs import TokenTexts
 from cluster.router.middleware import GateMiddleware
 from cluster.router.openai_api import (
     ApiError,
@@ -32,7 +34,7 @@ from cluster.router.openai_api import (
     validation_error,
 )
 from cluster.router.responses import ChatShape, CompletionShape, ResponseShape
-from cluster.router.serving import serve_request
+from cluster.router.serving import ServeJob, serve_request
 from engine.sampling_params import SamplingParamsError
 from engine.tokenizer import ChatMessageError, ChatTemplateError, Tokenizer
 
@@ -54,6 +56,7 @@ class RouterContext:
     model_name: str
     health: HealthCheck | None
     created: int
+    token_texts: TokenTexts
 
 
 def create_app(
@@ -76,12 +79,18 @@ def create_app(
         config.model_name or model_name,
         health,
         int(time.time()),
+        TokenTexts(tokenizer),
     )
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
     app.state.router = ctx
     _add_error_handlers(app)
     _add_routes(app, ctx)
-    app.add_middleware(GateMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(
+        GateMiddleware,
+        api_key=config.api_key,
+        max_body_bytes=config.max_body_bytes,
+        max_requests_per_client=config.max_requests_per_client,
+    )
     return app
 
 
@@ -146,9 +155,33 @@ def _add_routes(app: FastAPI, ctx: RouterContext) -> None:
 
     @app.get("/health")
     async def health() -> Response:
+        """The router runs and every instance is ready."""
         ready = await _instances_ready(ctx)
         status = 200 if ready else 503
         return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=status)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Healthy and able to take a request now (`max_inflight_requests` not reached): what a
+        load balancer should route on."""
+        if not await _instances_ready(ctx):
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        if ctx.dispatcher.num_inflight >= ctx.config.max_inflight_requests:
+            return JSONResponse(
+                {"status": "saturated"}, status_code=503, headers={"Retry-After": "1"}
+            )
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": _version()})
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pdserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
 
 
 async def _instances_ready(ctx: RouterContext) -> bool:
@@ -238,10 +271,11 @@ async def _generate(
     except SamplingParamsError as exc:
         param = name if exc.param == "max_tokens" else exc.param
         raise ApiError(400, str(exc).replace("max_tokens", name, 1), param=param) from None
+    if body.n > ctx.config.max_n:
+        raise ApiError(400, f"n: at most {ctx.config.max_n}, got {body.n}", param="n")
+    job = ServeJob(prompt_ids, sampling, shape, body.stream, body.n)
     try:
-        return await serve_request(
-            ctx.dispatcher, ctx.tokenizer, request, prompt_ids, sampling, shape, stream=body.stream
-        )
+        return await serve_request(ctx.dispatcher, ctx.tokenizer, ctx.token_texts, request, job)
     except Overloaded as exc:
         raise ApiError(
             503,

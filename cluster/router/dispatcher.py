@@ -203,8 +203,7 @@ class Dispatcher:
         self, prompt_token_ids: list[int], sampling: SamplingParams, request_id: str | None = None
     ) -> RequestStream:
         """Send a request to the least loaded instance; its tokens arrive on the stream."""
-        if len(self._streams) >= self._config.max_inflight_requests:
-            raise Overloaded(f"{len(self._streams)} requests in flight; try again shortly")
+        self.check_capacity(1)
         endpoint = self._choose_instance()
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(
@@ -226,6 +225,11 @@ class Dispatcher:
             self.release(request_id, "send failed")
             raise NoInstance(f"instance {endpoint.name} is not reachable: {exc}") from None
         return stream
+
+    def check_capacity(self, count: int) -> None:
+        """Raise Overloaded unless `count` more requests fit under max_inflight_requests."""
+        if len(self._streams) + count > self._config.max_inflight_requests:
+            raise Overloaded(f"{len(self._streams)} requests in flight; try again shortly")
 
     def release(self, request_id: str, reason: str, timed_out: bool = False) -> None:
         """Forget a request; unless an instance finished it cleanly, tell every instance to

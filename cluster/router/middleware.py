@@ -1,28 +1,44 @@
-"""The gate in front of every route: the API key and the body size limit.
+"""The gate in front of every route: the API key, requests per client and the body size limit.
 
 A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which would wrap streaming
 responses and hide client disconnects). It checks the key before the body is read, so a wrong
 key is a 401 whatever the body, and it reads the body itself, bounded, so an oversized one is a
 413 without buffering more than the limit.
+
+A client (its Authorization header, else its address) may have `max_requests_per_client`
+generation requests in flight; one more is a 429 with Retry-After. A request counts from its
+arrival until its response is sent, streamed ones included, since the middleware wraps the
+whole exchange.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+from collections import defaultdict
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster.router.openai_api import ApiError
 
 _PROTECTED_PREFIX = "/v1/"
+_RATE_LIMITED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+_RETRY_AFTER_S = "1"
 
 
 class GateMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str | None,
+        max_body_bytes: int,
+        max_requests_per_client: int = 0,
+    ) -> None:
         self._app = app
         self._api_key = api_key
         self._max_body_bytes = max_body_bytes
+        self._max_per_client = max_requests_per_client
+        self._inflight: defaultdict[str, int] = defaultdict(int)  # client -> requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,6 +59,40 @@ class GateMiddleware:
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self._app(scope, receive, send)
             return
+        client = self._client_key(scope)
+        if client is None:
+            await self._read_and_call(scope, receive, send)
+            return
+        if self._inflight[client] >= self._max_per_client:
+            error = ApiError(
+                429,
+                f"this client has {self._max_per_client} requests in flight already, the "
+                "most allowed; retry when one has finished",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": _RETRY_AFTER_S},
+            )
+            await _send_error(send, error)
+            return
+        self._inflight[client] += 1
+        try:
+            await self._read_and_call(scope, receive, send)
+        finally:
+            self._inflight[client] -= 1
+            if not self._inflight[client]:
+                del self._inflight[client]
+
+    def _client_key(self, scope: Scope) -> str | None:
+        """Who the per-client limit counts this request against; None when it does not apply."""
+        if not self._max_per_client or scope["path"] not in _RATE_LIMITED_PATHS:
+            return None
+        authorization = dict(scope["headers"]).get(b"authorization")
+        if authorization:
+            return "key:" + authorization.decode("latin-1")
+        client = scope.get("client")
+        return f"address:{client[0] if client else 'unknown'}"
+
+    async def _read_and_call(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._read_body(scope, receive)
         if body is None:
             error = ApiError(
@@ -104,5 +154,7 @@ async def _send_error(send: Send, error: ApiError) -> None:
     ]
     if error.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    for name, value in (error.headers or {}).items():
+        headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

@@ -125,18 +125,11 @@ class SamplingFields(_Body):
     ignore_eos: bool = Field(False, description="Extension: keep going after EOS.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, description="Choices to generate (at most the router's max_n).")
     user: str | None = Field(None, description="Accepted and ignored.")
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, description="In [-2, 2]; default 0.")
+    frequency_penalty: float | None = Field(None, description="In [-2, 2]; default 0.")
     logit_bias: dict[str, float] | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -156,7 +149,14 @@ class SamplingFields(_Body):
             max_tokens=max_tokens,
             stop=stop,
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logprobs=self.num_logprobs(),
         )
+
+    def num_logprobs(self) -> int | None:
+        """Top alternatives per token the client wants, or None for no logprobs."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -166,19 +166,21 @@ class SamplingFields(_Body):
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Logprobs of each token and of this many alternatives."
+    )
     best_of: int | None = None
     suffix: str | None = None
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
         "echo": False,
-        "logprobs": None,
         "best_of": 1,
         "suffix": None,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
         "logit_bias": {},
     }
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt of the request (a batch of one is unwrapped)."""
@@ -216,26 +218,40 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, description="Newer name of max_tokens.")
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = Field(None, description="Return each output token's logprob.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="With logprobs: this many alternatives per token."
+    )
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     response_format: dict | None = None
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {
-        "logprobs": False,
-        "top_logprobs": None,
         "tools": [],
         "tool_choice": "none",
         "response_format": {"type": "text"},
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
         "logit_bias": {},
     }
 
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     @property
     def max_tokens_param(self) -> tuple[str, int | None]:
-        """(name, value) of the output limit the client set; max_completion_tokens wins."""
-        if self.max_completion_tokens is not None:
-            return "max_completion_tokens", self.max_completion_tokens
-        return "max_tokens", self.max_tokens
+        """(name, value) of the output limit the client set. max_completion_tokens is the newer
+        name of max_tokens: both may be given only with the same value."""
+        new, old = self.max_completion_tokens, self.max_tokens
+        if new is not None and old is not None and new != old:
+            raise ApiError(
+                400,
+                f"max_completion_tokens: {new} differs from max_tokens {old}; give one of them",
+                param="max_completion_tokens",
+            )
+        if new is not None:
+            return "max_completion_tokens", new
+        return "max_tokens", old

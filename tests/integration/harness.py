@@ -56,6 +56,7 @@ def small_config(**sections: Any) -> PdserveConfig:
         "prefill": {
             "instances": 1,
             "allocation_timeout_s": 2.0,
+            "max_backlog_tokens": 256,
             "engine": copy.deepcopy(engine),
             "placement": {"num_cpus": 0.5},
         },

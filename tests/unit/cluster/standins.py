@@ -83,7 +83,14 @@ class FakePrefill:
 
     def hooks(self) -> PrepareHooks:
         return PrepareHooks(
-            self.reserve, self.unreserve, self.admit, self.fail, (2,), self.inbox.address, "p0"
+            self.reserve,
+            self.unreserve,
+            self.admit,
+            self.fail,
+            lambda: True,
+            (2,),
+            self.inbox.address,
+            "p0",
         )
 
     def reserve(self, request: Request) -> bool:
