@@ -81,11 +81,20 @@ class Deployment:
         return [*self.prefills, *self.decodes, *self.mixed]
 
     def stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
-        actors = [*self.instances, *self.messagers]
-        stats = ray.get([a.stats.remote() for a in actors], timeout=timeout_s)
-        out = {s["name"]: s for s in stats}
-        if self.router is not None:
-            out["router"] = ray.get(self.router.stats.remote(), timeout=timeout_s)
+        """Every actor's stats by name; an actor that does not answer in time (stalled, dead)
+        appears as {"name", "error"}."""
+        actors = {"router": self.router} if self.router is not None else {}
+        actors.update({f"messager-{i}": m for i, m in enumerate(self.messagers)})
+        actors.update({n: self.actor(n) for n in self.names("prefill", "decode", "mixed")})
+        refs = {name: actor.stats.remote() for name, actor in actors.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        done = set(ready)
+        out: dict[str, Any] = {}
+        for name, ref in refs.items():
+            try:
+                out[name] = ray.get(ref) if ref in done else {"name": name, "error": "no answer"}
+            except Exception as exc:  # a dead actor
+                out[name] = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
         return out
 
     def stop(self, timeout_s: float = 30.0) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 # A token id the scheduler does not know yet: the one this request sampled in the previous step,
@@ -36,6 +37,10 @@ class ScheduledChunk:
     # Number of tokens this request has generated so far: seeds per-request RNG streams so a seeded
     # request draws the same randomness whatever batch it is in.
     num_generated: int = 0
+    # The request's output so far, for presence/frequency penalties. Filled only for a sampling
+    # chunk of a request with a penalty: other chunks do not pay for a copy of the output per
+    # step. Under the overlap schedule its last entry may be PLACEHOLDER_TOKEN.
+    output_token_ids: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -71,8 +76,13 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    """Sampled token per scheduled chunk, in chunk order; None where the chunk did not sample."""
+    """Sampled token per scheduled chunk, in chunk order; None where the chunk did not sample.
+
+    `logprobs` is None when no chunk of the step asked for logprobs; otherwise one entry per
+    chunk, None where the chunk did not sample or did not ask.
+    """
 
     step_id: int
     request_ids: list[str]
     sampled_token_ids: list[int | None]
+    logprobs: list[TokenLogprobs | None] | None = None

@@ -58,6 +58,9 @@ class BlockManager:
         self._cached: dict[int, int] = {}  # block hash -> block id
         self.prefix_hits = 0  # tokens served from the prefix cache, cumulative
         self.prefix_queries = 0  # prompt tokens looked up, cumulative
+        # Request id -> (full blocks already committed, chained hash of the last of them), so a
+        # decode step hashes only the block it filled instead of the whole chain again.
+        self._committed: dict[str, tuple[int, int]] = {}
 
     # ----------------------------------------------------------------- capacity
     @property
@@ -131,20 +134,27 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
-        tokens = request.all_token_ids[: num_full * self.block_size]
-        for index, block_hash in enumerate(block_hashes(tokens, self.block_size)):
+        done, parent = self._committed.get(request.request_id, (0, _ROOT_HASH))
+        if num_full <= done:
+            return
+        bs = self.block_size
+        tokens = request.all_token_ids[: num_full * bs]
+        for index in range(done, num_full):
+            parent = chain_hash(parent, tuple(tokens[index * bs : (index + 1) * bs]))
             block = self.blocks[request.block_ids[index]]
             if block.block_hash is not None:
                 continue
-            if block_hash in self._cached:
+            if parent in self._cached:
                 continue  # an identical block is already cached; this copy stays private
-            block.block_hash = block_hash
-            self._cached[block_hash] = block.block_id
+            block.block_hash = parent
+            self._cached[parent] = block.block_id
+        self._committed[request.request_id] = (num_full, parent)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks (last block first, so a prefix outlives its tail)."""
         self.free_blocks(reversed(request.block_ids))
         request.block_ids = []
+        self._committed.pop(request.request_id, None)
 
     def free_blocks(self, block_ids) -> None:
         for block_id in block_ids:
@@ -158,6 +168,7 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (e.g. after new weights are loaded)."""
+        self._committed.clear()
         for block_hash, block_id in list(self._cached.items()):
             self.blocks[block_id].block_hash = None
             del self._cached[block_hash]

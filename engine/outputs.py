@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 from engine.request import RequestStatus
 
+# One sampled token's logprobs, in the form they cross the wire to the router (msgpack-ready, so
+# nothing converts them on the way): [logprob, [[token_id, logprob], ...]], the alternatives
+# likeliest first, as many as the request asked for. Logprobs are natural logs from the model's
+# raw logits.
+TokenLogprobs = list
+
 
 @dataclass
 class TokenDelta:
@@ -18,6 +24,8 @@ class TokenDelta:
     num_cached_tokens: int
     num_output_tokens: int  # after this delta; new_token_ids are the last of them
     error: str | None = None
+    # One entry per new token when the request asked for logprobs, else None.
+    logprobs: list[TokenLogprobs] | None = None
 
     @property
     def first_index(self) -> int:

@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# Most top alternatives a request may ask for (OpenAI's chat `top_logprobs` limit).
+MAX_LOGPROBS = 20
+_INT32 = 2**31
+_INT64 = 2**63
+
 
 class SamplingParamsError(ValueError):
     """A sampling parameter is out of range; `param` names it (for a 400 error body)."""
@@ -20,6 +25,11 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k 0 (or -1) disables top-k; top_p 1.0 disables nucleus.
     A seed makes a request's sampling reproducible whatever batch it runs in.
+    presence_penalty / frequency_penalty follow OpenAI: each logit is lowered by
+    `frequency_penalty * count + presence_penalty * (count > 0)`, where count is how often the
+    token occurs in the request's output so far (the prompt does not count).
+    logprobs: None is off; k >= 0 returns each sampled token's logprob and the k likeliest
+    alternatives, from the model's raw logits (before penalties, temperature and filters).
     """
 
     temperature: float = 1.0
@@ -30,6 +40,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -38,6 +51,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_penalties(self) -> bool:
+        """True when sampling needs the request's output so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def validate(self) -> None:
         _check_finite("temperature", self.temperature)
         if self.temperature < 0.0 or self.temperature > 100.0:
@@ -45,12 +63,17 @@ class SamplingParams:
         _check_finite("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingParamsError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise SamplingParamsError("top_k", f"must be an integer >= -1, got {self.top_k!r}")
+        # Upper bounds on integers keep them inside msgpack's 64-bit range on the wire.
+        if not _is_int(self.top_k) or not -1 <= self.top_k < _INT32:
+            raise SamplingParamsError(
+                "top_k", f"must be an integer in [-1, {_INT32}), got {self.top_k!r}"
+            )
         if self.top_k == -1:
             self.top_k = 0
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise SamplingParamsError("seed", f"must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -_INT64 <= self.seed < _INT64):
+            raise SamplingParamsError(
+                "seed", f"must be an integer in [-2^63, 2^63), got {self.seed!r}"
+            )
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise SamplingParamsError(
                 "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}"
@@ -61,6 +84,17 @@ class SamplingParams:
             raise SamplingParamsError("stop", "must be non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids", "must be non-negative integers")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_finite(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise SamplingParamsError(name, f"must be in [-2, 2], got {value}")
+        if self.logprobs is not None and (
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise SamplingParamsError(
+                "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
 
     def to_dict(self) -> dict:
         return {
@@ -72,6 +106,9 @@ class SamplingParams:
             "stop": list(self.stop),
             "stop_token_ids": list(self.stop_token_ids),
             "ignore_eos": self.ignore_eos,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logprobs": self.logprobs,
         }
 
     @classmethod
@@ -84,3 +121,7 @@ def _check_finite(name: str, value: float) -> None:
         raise SamplingParamsError(name, f"must be a number, got {value!r}")
     if not math.isfinite(value):
         raise SamplingParamsError(name, f"must be finite, got {value}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

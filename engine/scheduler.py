@@ -24,7 +24,7 @@ from collections import deque
 from engine.batch import PLACEHOLDER_TOKEN, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from engine.block_manager import BlockManager
 from engine.config import Role, SchedulerConfig
-from engine.outputs import TokenDelta
+from engine.outputs import TokenDelta, TokenLogprobs
 from engine.request import Request, RequestStatus
 
 
@@ -45,6 +45,10 @@ class Scheduler:
         self.running: list[Request] = []
         self._released: list[str] = []
         self._step_ids = itertools.count()
+        self._step_id = -1  # of the schedule() call in progress or last made
+        # Request id -> step that preempted it: a token from an earlier step is stale (overlap
+        # schedule: it may arrive after the request was re-admitted in that very step).
+        self._preempted_at: dict[str, int] = {}
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ entry points
@@ -125,6 +129,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(step_id=next(self._step_ids))
+        self._step_id = out.step_id
         budget = self.config.max_num_batched_tokens
         budget = self._schedule_running(out, budget)
         self._schedule_waiting(out, budget)
@@ -137,13 +142,19 @@ class Scheduler:
         self, sched: SchedulerOutput, result: ModelRunnerOutput
     ) -> list[TokenDelta]:
         deltas: list[TokenDelta] = []
-        for chunk, token_id in zip(sched.chunks, result.sampled_token_ids, strict=True):
+        logprobs = result.logprobs
+        for index, (chunk, token_id) in enumerate(
+            zip(sched.chunks, result.sampled_token_ids, strict=True)
+        ):
             request = self.requests.get(chunk.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran; its token is dropped
+            if self._preempted_at.get(chunk.request_id, -1) > sched.step_id:
+                continue  # preempted after this step was launched; recomputed since
             self.block_manager.commit_full_blocks(request)
             if token_id is not None:
-                deltas.append(self._append_token(request, token_id))
+                token_logprobs = logprobs[index] if logprobs is not None else None
+                deltas.append(self._append_token(request, token_id, token_logprobs))
         return deltas
 
     def has_work(self) -> bool:
@@ -215,6 +226,7 @@ class Scheduler:
         self.waiting.appendleft(request)
         self._released.append(request.request_id)
         self.num_preemptions += 1
+        self._preempted_at[request.request_id] = self._step_id
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
@@ -231,10 +243,17 @@ class Scheduler:
             sampling_params=request.sampling_params,
             num_generated=request.num_output_tokens + request.pending_samples,
         )
+        if sample and request.sampling_params.has_penalties:
+            # A token still in flight is not known here (overlap schedule): it goes as
+            # PLACEHOLDER_TOKEN, and the runner counts it from its copy on the device.
+            pending = [PLACEHOLDER_TOKEN] * request.pending_samples
+            chunk.output_token_ids = request.output_token_ids + pending
         request.pending_samples += sample
         return chunk
 
-    def _append_token(self, request: Request, token_id: int) -> TokenDelta:
+    def _append_token(
+        self, request: Request, token_id: int, logprobs: TokenLogprobs | None = None
+    ) -> TokenDelta:
         request.output_token_ids.append(token_id)
         request.pending_samples = max(0, request.pending_samples - 1)
         stop = request.check_stop(self.max_model_len)
@@ -251,6 +270,7 @@ class Scheduler:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
             num_output_tokens=request.num_output_tokens,
+            logprobs=None if logprobs is None else [logprobs],
         )
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
@@ -264,6 +284,7 @@ class Scheduler:
             self.block_manager.free(request)
         request.status = status
         self.requests.pop(request.request_id, None)
+        self._preempted_at.pop(request.request_id, None)
         self._released.append(request.request_id)
 
     def _num_waiting_for_kv(self) -> int:

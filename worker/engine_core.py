@@ -1,4 +1,10 @@
-"""One instance's engine: scheduler (engine/) + model runner (worker/) in a short step loop."""
+"""One instance's engine: scheduler (engine/) + model runner (worker/) in a short step loop.
+
+Sequential mode runs each step's three phases in order. Overlap mode (execute N, save N-1,
+postprocess N; see worker/model_runner.py) schedules and launches step N before step N-1's
+tokens are read back, so the host's scheduling and bookkeeping run while the device computes.
+Both give the same tokens; overlap is on by default for decode instances on GPU.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,17 @@ from pathlib import Path
 import torch
 
 from cache_transfer.layout import KVLayout
+from engine.batch import ModelRunnerOutput, SchedulerOutput
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig, Role
 from engine.outputs import TokenDelta
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
+from worker.cuda_graphs import default_batch_sizes
 from worker.default_model import ensure_default_model
 from worker.kv_cache import num_blocks_for_budget
 from worker.model_config import load_model_config
-from worker.model_runner import ModelRunner
+from worker.model_runner import ModelRunner, StepState
 
 
 def resolve_model_path(model: ModelConfig) -> Path:
@@ -36,6 +44,13 @@ def resolve_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
     if model.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, model.dtype)
+
+
+def resolve_overlap(setting: bool | None, model: ModelConfig) -> bool:
+    """The overlap schedule's switch: as configured, else on for CUDA (on CPU it only costs)."""
+    if setting is not None:
+        return setting
+    return resolve_device(model).type == "cuda"
 
 
 def kv_layout_for(model: ModelConfig, engine: EngineConfig) -> tuple[KVLayout, torch.dtype]:
@@ -67,7 +82,11 @@ class EngineCore:
         role: Role = Role.MIXED,
         kv_tensors: list[torch.Tensor] | None = None,
         layer_done=None,
+        overlap: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> None:
+        """`overlap`: run steps under the overlap schedule (see the module docstring).
+        `cuda_graphs`: None lets the runner decide (on with Triton on CUDA)."""
         self.model_path = resolve_model_path(model)
         self.arch = load_model_config(self.model_path)
         device = resolve_device(model)
@@ -79,6 +98,10 @@ class EngineCore:
             num_blocks = engine.cache.num_blocks or num_blocks_for_budget(
                 self.arch, sched_cfg.block_size, dtype, engine.cache.memory_mb * 2**20
             )
+        self.max_model_len = min(
+            sched_cfg.max_model_len or self.arch.max_position_embeddings,
+            self.arch.max_position_embeddings,
+        )
         self.runner = ModelRunner(
             self.model_path,
             dtype=dtype,
@@ -88,11 +111,12 @@ class EngineCore:
             seed=model.seed,
             kv_tensors=kv_tensors,
             layer_done=layer_done,
+            cuda_graphs=cuda_graphs,
+            graph_batch_sizes=default_batch_sizes(sched_cfg.max_num_seqs),
+            max_model_len=self.max_model_len,
         )
-        self.max_model_len = min(
-            sched_cfg.max_model_len or self.arch.max_position_embeddings,
-            self.arch.max_position_embeddings,
-        )
+        self.overlap = overlap
+        self._in_flight: tuple[SchedulerOutput, StepState] | None = None
         self.block_manager = BlockManager(
             num_blocks, sched_cfg.block_size, sched_cfg.enable_prefix_caching
         )
@@ -111,12 +135,40 @@ class EngineCore:
         return self.scheduler.abort_request(request_id, status)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
+
+    @property
+    def in_flight(self) -> SchedulerOutput | None:
+        """The step launched but not yet saved (overlap mode)."""
+        return self._in_flight[0] if self._in_flight is not None else None
 
     def step(self) -> list[TokenDelta]:
-        """Schedule, execute (three phases, in order) and account one step."""
-        sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
-            return []
-        result = self.runner.execute_model(sched_out)
-        return self.scheduler.update_from_output(sched_out, result)
+        """Schedule and run one step; returns the deltas of the step whose output was saved
+        (in overlap mode the previous one)."""
+        ready = self.execute_and_save(self.scheduler.schedule())
+        return self.scheduler.update_from_output(*ready) if ready is not None else []
+
+    def execute_and_save(
+        self, sched: SchedulerOutput
+    ) -> tuple[SchedulerOutput, ModelRunnerOutput] | None:
+        """Run `sched` (it may be empty) and return the step whose output is ready, for the
+        caller to pass to `scheduler.update_from_output`: `sched` itself in sequential mode; in
+        overlap mode the step launched before it (None when none was in flight)."""
+        if not self.overlap and self._in_flight is None:
+            return None if sched.is_empty else (sched, self.runner.execute_model(sched))
+        state = None if sched.is_empty else self.runner.preprocess_and_execute(sched)
+        ready = None
+        if self._in_flight is not None:  # kept until saved: a failure can still end its requests
+            prev_sched, prev_state = self._in_flight
+            ready = prev_sched, self.runner.save_output(prev_state)
+        self._in_flight = None
+        if state is not None:
+            self.runner.postprocess(state)
+            self._in_flight = sched, state
+        return ready
+
+    def drop_in_flight(self) -> SchedulerOutput | None:
+        """Forget the step in flight (after a failure); returns it so its requests can fail."""
+        sched = self.in_flight
+        self._in_flight = None
+        return sched

@@ -35,7 +35,7 @@ from cluster.router.openai_api import (
 )
 from cluster.router.responses import ChatShape, CompletionShape, ResponseShape
 from cluster.router.serving import ServeJob, serve_request
-from engine.sampling_params import SamplingParamsError
+from engine.sampling_params import SamplingParams, SamplingParamsError
 from engine.tokenizer import ChatMessageError, ChatTemplateError, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def create_app(
     app.state.router = ctx
     _add_error_handlers(app)
     _add_routes(app, ctx)
+    _add_probe_routes(app, ctx)
     app.add_middleware(
         GateMiddleware,
         api_key=config.api_key,
@@ -152,6 +153,10 @@ def _add_routes(app: FastAPI, ctx: RouterContext) -> None:
             "max_model_len": ctx.max_model_len,
         }
         return JSONResponse({"object": "list", "data": [model]})
+
+
+def _add_probe_routes(app: FastAPI, ctx: RouterContext) -> None:
+    """Probes carry no API key: load balancers and orchestrators call them."""
 
     @app.get("/health")
     async def health() -> Response:
@@ -247,32 +252,8 @@ async def _generate(
     max_tokens: tuple[str, int],
     shape: ResponseShape,
 ) -> Response:
-    name, limit = max_tokens
-    prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-    if len(prompt_ids) >= ctx.max_model_len:
-        raise ApiError(
-            413,
-            f"{prompt_param}: {len(prompt_ids)} tokens, but the context length "
-            f"is {ctx.max_model_len}",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
-    if len(prompt_ids) + limit > ctx.max_model_len:
-        raise ApiError(
-            413,
-            f"{name}: {len(prompt_ids)} prompt tokens + {limit} = "
-            f"{len(prompt_ids) + limit} exceeds the context length "
-            f"{ctx.max_model_len}",
-            param=name,
-            code="context_length_exceeded",
-        )
-    try:
-        sampling = body.sampling_params(limit)
-    except SamplingParamsError as exc:
-        param = name if exc.param == "max_tokens" else exc.param
-        raise ApiError(400, str(exc).replace("max_tokens", name, 1), param=param) from None
-    if body.n > ctx.config.max_n:
-        raise ApiError(400, f"n: at most {ctx.config.max_n}, got {body.n}", param="n")
+    _check_context(ctx, body, prompt_ids, *max_tokens)
+    sampling = _sampling_params(ctx, body, *max_tokens)
     job = ServeJob(prompt_ids, sampling, shape, body.stream, body.n)
     try:
         return await serve_request(ctx.dispatcher, ctx.tokenizer, ctx.token_texts, request, job)
@@ -292,6 +273,44 @@ async def _generate(
         raise ApiError(504, str(exc), type="server_error", code="timeout") from None
     except InstanceFailed as exc:
         raise ApiError(500, str(exc), type="server_error", code="instance_error") from None
+
+
+def _check_context(
+    ctx: RouterContext, body: SamplingFields, prompt_ids: list[int], name: str, limit: int
+) -> None:
+    prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    if len(prompt_ids) >= ctx.max_model_len:
+        raise ApiError(
+            413,
+            f"{prompt_param}: {len(prompt_ids)} tokens, but the context length "
+            f"is {ctx.max_model_len}",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if len(prompt_ids) + limit > ctx.max_model_len:
+        raise ApiError(
+            413,
+            f"{name}: {len(prompt_ids)} prompt tokens + {limit} = "
+            f"{len(prompt_ids) + limit} exceeds the context length "
+            f"{ctx.max_model_len}",
+            param=name,
+            code="context_length_exceeded",
+        )
+
+
+def _sampling_params(
+    ctx: RouterContext, body: SamplingFields, name: str, limit: int
+) -> SamplingParams:
+    """The request's sampling parameters; a 400 naming the parameter when one is out of range
+    (`name` is how the client called max_tokens)."""
+    try:
+        sampling = body.sampling_params(limit)
+    except SamplingParamsError as exc:
+        param = name if exc.param == "max_tokens" else exc.param
+        raise ApiError(400, str(exc).replace("max_tokens", name, 1), param=param) from None
+    if body.n > ctx.config.max_n:
+        raise ApiError(400, f"n: at most {ctx.config.max_n}, got {body.n}", param="n")
+    return sampling
 
 
 def _new_request_id() -> str:

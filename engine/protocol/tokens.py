@@ -22,6 +22,9 @@ class TokenItem:
     num_cached_tokens: int = 0
     # Server-side timings (wall clock seconds) that only the instance knows.
     timings: dict = field(default_factory=dict)
+    # When the request asked for logprobs: per token [logprob, [[token_id, logprob], ...]]
+    # (engine.outputs.TokenLogprobs), aligned with token_ids; else None.
+    logprobs: list | None = None
 
 
 @message(31)

@@ -8,6 +8,8 @@ steps, so a Triton backend can replace the torch one without touching the model.
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -38,11 +40,29 @@ class AttentionBackend(Protocol):
 
 
 def make_attention_backend(
-    name: str, num_heads: int, num_kv_heads: int, head_dim: int
+    name: str,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    device: torch.device | None = None,
 ) -> AttentionBackend:
+    """`torch`, `triton` (CUDA only), or `auto`: Triton on CUDA when installed, else torch."""
+    if name == "auto":
+        on_cuda = device is not None and device.type == "cuda"
+        name = "triton" if on_cuda and importlib.util.find_spec("triton") else "torch"
     if name == "torch":
         return TorchPagedAttention(num_heads, num_kv_heads, head_dim)
-    raise ValueError(f"unknown attention backend {name!r} (available: torch)")
+    if name == "triton":
+        # Imported here: Triton is absent from CPU-only installs.
+        from worker.attention.triton_paged import TritonPagedAttention
+
+        return TritonPagedAttention(num_heads, num_kv_heads, head_dim)
+    raise ValueError(f"unknown attention backend {name!r} (available: auto, torch, triton)")
+
+
+def prepare_inputs_for(backend: AttentionBackend) -> Callable[..., StepInputs]:
+    """The step-input builder a backend reads: its own `prepare_inputs`, else the torch one."""
+    return getattr(backend, "prepare_inputs", prepare_step_inputs)
 
 
 __all__ = [
@@ -51,5 +71,6 @@ __all__ = [
     "StepInputs",
     "TorchPagedAttention",
     "make_attention_backend",
+    "prepare_inputs_for",
     "prepare_step_inputs",
 ]

@@ -5,11 +5,14 @@ scaling, tied embeddings). Built for low per-layer overhead:
 - q/k/v and gate/up are fused into one matmul each at load time;
 - on CPU the matmuls go to oneDNN with pre-packed weights (see worker/models/linear.py);
 - RoPE and the Qwen3 head norm run on q and k together (they are adjacent in the qkv output);
-- logits are computed only for rows that sample.
+- logits are computed only for rows that sample;
+- on CUDA (with Triton) the residual add + RMSNorm, RoPE and SiLU * up are one kernel each
+  (worker/models/triton_ops.py): small kernels, not matmuls, dominated a decode step's launches.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -115,6 +118,7 @@ class LlamaForCausalLM:
             config.num_heads, config.num_kv_heads, config.head_dim
         )
         self.inv_freq = rope_inv_freq(config).to(self.device)  # [hd / 2]
+        self.fused = _fused_ops(self.device)
 
     def _prepare(self, weights: ModelWeights) -> ModelWeights:
         """Matrices in the linear kernel's layout. A packed lm_head is a second copy of a tied
@@ -147,22 +151,35 @@ class LlamaForCausalLM:
         """
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)  # [T, 1, hd] each
         h = F.embedding(input_ids, self.weights.embed)  # [T, H]
-        eps = self.config.rms_norm_eps
+        delta = None  # the MLP output not yet added to the residual stream h
         for i, layer in enumerate(self.weights.layers):
-            q, k, v = self._qkv(layer, rms_norm(h, layer.input_norm, eps), cos, sin)
+            x, h = self._add_norm(h, delta, layer.input_norm)  # [T, H] each
+            q, k, v = self._qkv(layer, x, cos, sin)
             self.attention.write_kv(kv_caches[i], k, v, attn_metadata)
             if layer_done is not None:
                 layer_done(i)
             attn_out = self.attention.attend(q, k, v, kv_caches[i], attn_metadata)  # [T, heads*hd]
-            h = h + self.linear(attn_out, layer.o_proj, layer.o_bias)  # [T, H]
-            h = h + self._mlp(layer, rms_norm(h, layer.post_norm, eps))  # [T, H]
-        return rms_norm(h, self.weights.final_norm, self.config.rms_norm_eps)  # [T, H]
+            o = self.linear(attn_out, layer.o_proj, layer.o_bias)  # [T, H]
+            x, h = self._add_norm(h, o, layer.post_norm)  # [T, H] each
+            delta = self._mlp(layer, x)  # [T, H]
+        return self._add_norm(h, delta, self.weights.final_norm)[0]  # [T, H]
 
     __call__ = forward
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[N, H]` (only rows that sample) -> logits `[N, V]`."""
         return self.linear(hidden, self.weights.lm_head, None)  # [N, V]
+
+    def _add_norm(
+        self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h + delta (the new residual stream) and its RMSNorm, both `[T, H]`."""
+        eps = self.config.rms_norm_eps
+        if self.fused is not None:
+            return self.fused.add_rms_norm(h, delta, weight, eps)
+        if delta is not None:
+            h = h + delta
+        return rms_norm(h, weight, eps), h
 
     def _qkv(
         self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -174,11 +191,31 @@ class LlamaForCausalLM:
         qk = qkv[:, : cfg.q_size + cfg.kv_size].view(num_tokens, heads + kv_heads, -1)
         if layer.qk_norm is not None:
             qk = rms_norm(qk, None, cfg.rms_norm_eps) * layer.qk_norm  # [T, heads + kvh, hd]
-        qk = apply_rope(qk, cos, sin)  # [T, heads + kvh, hd]
+        if self.fused is not None and _is_pow2(qk.shape[-1]):
+            qk = self.fused.rope(qk, cos, sin)  # [T, heads + kvh, hd]
+        else:
+            qk = apply_rope(qk, cos, sin)  # [T, heads + kvh, hd]
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(num_tokens, kv_heads, -1)  # [T, kvh, hd]
         return qk[:, :heads], qk[:, heads:], v
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.linear(x, layer.gate_up, layer.gate_up_bias)  # [T, 2 * I]
-        gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
-        return self.linear(F.silu(gate) * up, layer.down, layer.down_bias)  # [T, H]
+        if self.fused is not None:
+            act = self.fused.silu_mul(gate_up)  # [T, I]
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+            act = F.silu(gate) * up  # [T, I]
+        return self.linear(act, layer.down, layer.down_bias)  # [T, H]
+
+
+def _is_pow2(n: int) -> bool:
+    return n & (n - 1) == 0
+
+
+def _fused_ops(device: torch.device):
+    """The Triton fused ops on CUDA when Triton is installed; None (plain torch) otherwise."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return None
+    from worker.models.triton_ops import TritonOps
+
+    return TritonOps()

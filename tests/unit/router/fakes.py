@@ -2,8 +2,10 @@
 
 A fake PREFILL instance answers each request with its first token and forwards the request to
 its fake DECODE peer, which streams the rest, one `TokenBatch` per step. Output token i is
-`script[i % len(script)]`, so tests know the exact text. Options make a fake slow (a gate the
-test opens), late with the first token, shuffling (batches swapped and repeated), or failing.
+`script[(i + seed) % len(script)]` (seed 0 when the request has none), so tests know the exact
+text. When the request asks for logprobs, every token carries `fake_logprobs(...)`. Options make
+a fake slow (a gate the test opens), late with the first token, shuffling (batches swapped and
+repeated), or failing.
 """
 
 from __future__ import annotations
@@ -50,10 +52,22 @@ def make_byte_tokenizer(folder: Path) -> Tokenizer:
     return Tokenizer.from_folder(folder)
 
 
-def expected_text(num_tokens: int) -> str:
+def expected_text(num_tokens: int, seed: int = 0) -> str:
     """What the fakes generate in `num_tokens` tokens (ASCII: one token per character)."""
-    repeated = SCRIPT * (num_tokens // len(SCRIPT) + 1)
-    return repeated[:num_tokens]
+    shift = seed % len(SCRIPT)
+    repeated = SCRIPT * ((num_tokens + shift) // len(SCRIPT) + 1)
+    return repeated[shift : shift + num_tokens]
+
+
+def fake_logprobs(script: list[int], token_id: int, index: int, top: int) -> list:
+    """The logprobs a fake sends for output token `index`: the token itself is the likeliest,
+    then other script tokens (distinct texts), each 1 nat less likely than the one before."""
+    logprob = -0.125 * (index % 7 + 1)
+    others = [t for t in dict.fromkeys(script) if t != token_id]
+    alternatives = [[token_id, logprob]] + [
+        [other, logprob - 1.0 - j] for j, other in enumerate(others)
+    ]
+    return [logprob, alternatives[:top]]
 
 
 @dataclass
@@ -69,7 +83,7 @@ class FakeInstance:
                  decode_peer: FakeInstance | None = None, step_s: float = 0.005,
                  tokens_per_step: int = 1, shuffle: bool = False,
                  gate: threading.Event | None = None, first_token_delay_s: float = 0.0,
-                 error: str | None = None) -> None:
+                 error: str | None = None, fail_suffix: str | None = None) -> None:
         self.name = name
         self.role = role
         self._script = script
@@ -80,6 +94,7 @@ class FakeInstance:
         self._gate = gate
         self._first_token_delay_s = first_token_delay_s
         self._error = error
+        self._fail_suffix = fail_suffix  # requests whose id ends with it fail with `error`
         self.inbox = Inbox("127.0.0.1", accept=(GenerateRequest, AbortRequest), name=name)
         self.received: list[GenerateRequest] = []
         self.aborts: list[AbortRequest] = []
@@ -156,7 +171,8 @@ class FakeInstance:
             self._changed.notify_all()
 
     def _admit(self, msg: GenerateRequest) -> None:
-        if self._error is not None:
+        failing = self._fail_suffix is None or msg.request_id.endswith(self._fail_suffix)
+        if self._error is not None and failing:
             item = TokenItem(msg.request_id, 0, [], finish_reason="error", error=self._error)
             self._send(msg.reply_to, [item])
         elif self.role == Role.PREFILL:
@@ -177,19 +193,32 @@ class FakeInstance:
                 # Forward first: with a first-token delay, D's tokens overtake P's.
                 self._send(self._peer.inbox.address, msg)
             finish = "length" if max_tokens == 1 else None
-            item = TokenItem(msg.request_id, 0, [self._script[0]], finish_reason=finish,
-                             num_prompt_tokens=len(msg.prompt_token_ids))
+            tokens, logprobs = self._tokens(msg, 0, 1)
+            item = TokenItem(msg.request_id, 0, tokens, finish_reason=finish,
+                             num_prompt_tokens=len(msg.prompt_token_ids), logprobs=logprobs)
             self._send(msg.reply_to, [item])
+
+    def _tokens(self, msg: GenerateRequest, start: int, end: int) -> tuple[list[int], list | None]:
+        """Output tokens start..end-1 of a request, and their logprobs if it asked."""
+        shift = msg.sampling.get("seed") or 0
+        tokens = [self._script[(i + shift) % len(self._script)] for i in range(start, end)]
+        top = msg.sampling.get("logprobs")
+        if top is None:
+            return tokens, None
+        logprobs = [fake_logprobs(self._script, t, start + offset, top)
+                    for offset, t in enumerate(tokens)]
+        return tokens, logprobs
 
     def _step(self) -> None:
         by_router: dict[str, list[TokenItem]] = {}
         for request_id, active in list(self._active.items()):
             max_tokens = active.msg.sampling["max_tokens"]
             end = min(active.next_index + self._tokens_per_step, max_tokens)
-            tokens = [self._script[i % len(self._script)] for i in range(active.next_index, end)]
+            tokens, logprobs = self._tokens(active.msg, active.next_index, end)
             finish = "length" if end >= max_tokens else None
             item = TokenItem(request_id, active.next_index, tokens, finish_reason=finish,
-                             num_prompt_tokens=len(active.msg.prompt_token_ids))
+                             num_prompt_tokens=len(active.msg.prompt_token_ids),
+                             logprobs=logprobs)
             by_router.setdefault(active.msg.reply_to, []).append(item)
             active.next_index = end
             if finish:

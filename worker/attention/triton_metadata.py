@@ -1,0 +1,180 @@
+"""Per-step tensors for the Triton backend, built from the scheduler's chunks.
+
+Like worker/attention/metadata.py, every integer is packed into one host tensor and moved with
+one transfer; the pieces are views. The differences: decode queries and prefill chunks each get
+their kernel's index arrays (rows, padded block tables, lengths, query tiles) instead of masks,
+and a cache slot of -1 means "write nothing" (padding rows of a CUDA-graph batch).
+This module imports no Triton, so the metadata is built and tested on any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.batch import ScheduledChunk
+
+# Query rows per prefill program; the host cuts chunks into tiles of this many queries.
+PREFILL_BLOCK_M = 64
+
+
+@dataclass
+class TritonDecode:
+    """The single-token chunks of a step."""
+
+    num_seqs: int
+    rows: torch.Tensor  # [D] row of each query in the flat batch
+    tables: torch.Tensor  # [D, MB] block tables padded with 0 (entries past a length unread)
+    lens: torch.Tensor  # [D] keys each query attends (its position + 1)
+    max_len: int  # upper bound of `lens` (chooses the number of splits)
+
+
+@dataclass
+class TritonPrefill:
+    """The chunks of several tokens of a step, cut into query tiles of PREFILL_BLOCK_M."""
+
+    num_seqs: int
+    num_tiles: int
+    tile_seq: torch.Tensor  # [NT] chunk of each tile
+    tile_start: torch.Tensor  # [NT] first query of the tile within its chunk
+    q_starts: torch.Tensor  # [P] first row of each chunk in the flat batch
+    q_lens: torch.Tensor  # [P]
+    ctx: torch.Tensor  # [P] start position of each chunk (cached prefix length)
+    tables: torch.Tensor  # [P, MB]
+
+
+@dataclass
+class TritonAttentionMetadata:
+    num_tokens: int
+    block_size: int
+    slots: torch.Tensor  # [T] cache row of each new token's K (V is block_size rows on); -1 skip
+    decode: TritonDecode | None
+    prefill: TritonPrefill | None
+    sliding_window: int | None
+
+
+@dataclass
+class TritonStepInputs:
+    """Same fields as worker.attention.metadata.StepInputs, with the Triton metadata."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    logits_index: torch.Tensor | None  # [N] rows that sample; None when every row samples
+    sample_chunks: list[int]
+    attn: TritonAttentionMetadata
+
+
+def prepare_triton_inputs(
+    chunks: list[ScheduledChunk],
+    block_size: int,
+    device: torch.device,
+    sliding_window: int | None,
+) -> TritonStepInputs:
+    """Model inputs and Triton attention metadata for one step's chunks (any mix)."""
+    assert chunks, "empty step"
+    values: list[int] = []
+    spans: dict[str, tuple[int, int]] = {}
+
+    def add(name: str, items: list[int]) -> None:
+        spans[name] = (len(values), len(values) + len(items))
+        values.extend(items)
+
+    starts = _pack_tokens(add, chunks, block_size)
+    decode_idx = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
+    prefill_idx = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
+    decode_mb = _pack_seqs(add, "dec", [chunks[i] for i in decode_idx], block_size)
+    add("dec_rows", [starts[i] for i in decode_idx])
+    prefill_mb = _pack_seqs(add, "pre", [chunks[i] for i in prefill_idx], block_size)
+    add("pre_starts", [starts[i] for i in prefill_idx])
+    tile_seq, tile_start = _prefill_tiles([chunks[i] for i in prefill_idx])
+    add("tile_seq", tile_seq)
+    add("tile_start", tile_start)
+
+    flat = torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda")
+    flat = flat.to(device, non_blocking=True)
+    t = {name: flat[a:b] for name, (a, b) in spans.items()}
+    decode = None
+    if decode_idx:
+        lens = [chunks[i].end_pos for i in decode_idx]
+        decode = TritonDecode(
+            num_seqs=len(decode_idx),
+            rows=t["dec_rows"],
+            tables=t["dec_tables"].view(len(decode_idx), decode_mb),
+            lens=t["dec_lens"],
+            max_len=max(lens),
+        )
+    prefill = None
+    if prefill_idx:
+        prefill = TritonPrefill(
+            num_seqs=len(prefill_idx),
+            num_tiles=len(tile_seq),
+            tile_seq=t["tile_seq"],
+            tile_start=t["tile_start"],
+            q_starts=t["pre_starts"],
+            q_lens=t["pre_qlens"],
+            ctx=t["pre_ctx"],
+            tables=t["pre_tables"].view(len(prefill_idx), prefill_mb),
+        )
+    attn = TritonAttentionMetadata(
+        starts[-1], block_size, t["slots"], decode, prefill, sliding_window
+    )
+    sample_chunks = [i for i, c in enumerate(chunks) if c.sample]
+    every_row_samples = len(sample_chunks) == len(chunks) == starts[-1]
+    return TritonStepInputs(
+        input_ids=t["input_ids"],
+        positions=t["positions"],
+        logits_index=None if every_row_samples else t["logits_index"],
+        sample_chunks=sample_chunks,
+        attn=attn,
+    )
+
+
+def _pack_tokens(add, chunks: list[ScheduledChunk], block_size: int) -> list[int]:
+    """Token ids, positions, cache slots and sampled rows; returns each chunk's first row."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    logits_index: list[int] = []
+    starts = [0]
+    rows_per_block = 2 * block_size
+    for c in chunks:
+        input_ids.extend(c.token_ids)
+        span = range(c.start_pos, c.end_pos)
+        positions.extend(span)
+        table = c.block_ids
+        assert len(table) * block_size >= c.end_pos, f"{c.request_id}: block table too short"
+        slots.extend(table[p // block_size] * rows_per_block + p % block_size for p in span)
+        if c.sample:
+            logits_index.append(len(input_ids) - 1)
+        starts.append(len(input_ids))
+    add("input_ids", input_ids)
+    add("positions", positions)
+    add("slots", slots)
+    add("logits_index", logits_index)
+    return starts
+
+
+def _pack_seqs(add, prefix: str, seqs: list[ScheduledChunk], block_size: int) -> int:
+    """Padded block tables, lengths and contexts of a group; returns the table width."""
+    mb = max((-(-c.end_pos // block_size) for c in seqs), default=0)
+    tables: list[int] = []
+    for c in seqs:
+        used = c.block_ids[: -(-c.end_pos // block_size)]
+        tables.extend(used)
+        tables.extend([0] * (mb - len(used)))
+    add(f"{prefix}_tables", tables)
+    add(f"{prefix}_lens", [c.end_pos for c in seqs])
+    add(f"{prefix}_qlens", [c.num_tokens for c in seqs])
+    add(f"{prefix}_ctx", [c.start_pos for c in seqs])
+    return mb
+
+
+def _prefill_tiles(seqs: list[ScheduledChunk]) -> tuple[list[int], list[int]]:
+    tile_seq: list[int] = []
+    tile_start: list[int] = []
+    for i, c in enumerate(seqs):
+        for m0 in range(0, c.num_tokens, PREFILL_BLOCK_M):
+            tile_seq.append(i)
+            tile_start.append(m0)
+    return tile_seq, tile_start

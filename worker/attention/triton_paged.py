@@ -1,0 +1,185 @@
+"""Paged attention in Triton (the `AttentionBackend` of worker/attention/__init__.py), for CUDA.
+
+- `write_kv`: one program per new token copies its K and V rows into the cache (slot -1: skip,
+  which padding rows of a CUDA-graph batch use).
+- decode (one query per sequence): flash-decoding. Each program takes one (sequence, kv head,
+  split of the context) and all `g` query heads of that kv head, so each K/V row is read once
+  per group; with few sequences the context is split so that the grid still fills the GPU, and
+  a second kernel merges the splits by their log-sum-exp. One split writes the output directly.
+- prefill (chunks of several tokens, possibly after a cached prefix): one program per (tile of
+  64 queries, head), causal (and sliding-window) masking, keys read from the cache.
+
+The number of splits depends only on (sequences, longest context), so a CUDA graph captured for
+a batch size with the longest context it allows keeps a fixed grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.batch import ScheduledChunk
+from worker.attention.triton_kernels import (
+    decode_reduce_kernel,
+    decode_split_kernel,
+    next_pow2,
+    prefill_kernel,
+    store_kv_kernel,
+)
+from worker.attention.triton_metadata import (
+    PREFILL_BLOCK_M,
+    TritonAttentionMetadata,
+    TritonDecode,
+    TritonPrefill,
+    TritonStepInputs,
+    prepare_triton_inputs,
+)
+
+_LOG2E = 1.4426950408889634
+# Aim for this many decode programs per SM before splitting contexts further.
+_PROGRAMS_PER_SM = 2
+
+
+@dataclass
+class LaunchConfig:
+    """Tile width over keys, warps and pipeline stages of one kernel (benchmarks sweep these)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+class TritonPagedAttention:
+    """The Triton backend of the `AttentionBackend` interface."""
+
+    name = "triton"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        assert num_heads % num_kv_heads == 0
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.group = num_heads // num_kv_heads
+        self.qk_scale = _LOG2E / math.sqrt(head_dim)
+        self._num_sms: int | None = None
+        self.decode_config = LaunchConfig()
+        # Wide heads in half precision: more warps per 64x64 tile of scores.
+        self.prefill_config = LaunchConfig(num_warps=8 if head_dim > 64 else 4)
+
+    def prepare_inputs(
+        self,
+        chunks: list[ScheduledChunk],
+        block_size: int,
+        device: torch.device,
+        sliding_window: int | None,
+    ) -> TritonStepInputs:
+        return prepare_triton_inputs(chunks, block_size, device, sliding_window)
+
+    def write_kv(
+        self,
+        kv_layer: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: TritonAttentionMetadata,
+    ) -> None:
+        """k, v `[T, kvh, hd]` (each row contiguous) -> their slots of `kv_layer`."""
+        row = self.num_kv_heads * self.head_dim
+        assert k.stride(1) == v.stride(1) == self.head_dim and k.stride(2) == v.stride(2) == 1
+        num_tokens = k.shape[0]
+        store_kv_kernel[(num_tokens,)](
+            k, v, kv_layer, meta.slots, k.stride(0), v.stride(0),
+            BS=meta.block_size, ROW=row, BLOCK=next_pow2(row),
+        )  # fmt: skip
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: TritonAttentionMetadata,
+    ) -> torch.Tensor:
+        """q `[T, heads, hd]` (rows may be strided) -> `[T, heads * hd]`; K/V read from cache."""
+        assert q.stride(2) == 1
+        out = q.new_empty(meta.num_tokens, self.num_heads * self.head_dim)  # [T, heads * hd]
+        if meta.decode is not None:
+            self._decode(q, kv_layer, meta, meta.decode, out)
+        if meta.prefill is not None:
+            self._prefill(q, kv_layer, meta, meta.prefill, out)
+        return out
+
+    def decode_splits(self, num_seqs: int, max_len: int) -> tuple[int, int]:
+        """(number of splits, keys per split) for a decode batch; a pure function of its args."""
+        if self._num_sms is None:
+            # Without CUDA (Triton's interpreter in tests) any small count will do.
+            cuda = torch.cuda.is_available()
+            props = torch.cuda.get_device_properties(torch.cuda.current_device()) if cuda else None
+            self._num_sms = props.multi_processor_count if props else 4
+        programs = max(1, num_seqs * self.num_kv_heads)
+        block_n = self.decode_config.block_n
+        want = max(1, -(-_PROGRAMS_PER_SM * self._num_sms // programs))
+        splits = max(1, min(want, -(-max_len // block_n)))
+        partition = -(-max_len // splits)
+        partition = -(-partition // block_n) * block_n
+        return -(-max_len // partition), partition
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: TritonAttentionMetadata,
+        dec: TritonDecode,
+        out: torch.Tensor,
+    ) -> None:
+        heads, hd, cfg = self.num_heads, self.head_dim, self.decode_config
+        splits, partition = self.decode_splits(dec.num_seqs, dec.max_len)
+        direct = splits == 1
+        if direct:  # unused by the kernel: any tensors will do
+            part_out, part_lse = out, out
+        else:
+            part_out = torch.empty(dec.num_seqs, heads, splits, hd, device=q.device)
+            part_lse = torch.empty(dec.num_seqs, heads, splits, device=q.device)
+        window = meta.sliding_window or 0
+        grid = (dec.num_seqs, self.num_kv_heads, splits)
+        decode_split_kernel[grid](
+            q, kv_layer, out, part_out, part_lse, dec.rows, dec.tables, dec.lens,
+            q.stride(0), q.stride(1), out.stride(0), dec.tables.stride(0),
+            kv_layer.stride(0), kv_layer.stride(2), partition, window, self.qk_scale,
+            NUM_HEADS=heads, G=self.group,
+            BLOCK_G=max(16, next_pow2(self.group)), HD=hd, BLOCK_D=max(16, next_pow2(hd)),
+            BS=meta.block_size, BLOCK_N=cfg.block_n, USE_WINDOW=window > 0,
+            DIRECT=direct, PRECISION=_precision(q), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if not direct:
+            decode_reduce_kernel[(dec.num_seqs, heads)](
+                out, part_out, part_lse, dec.rows, out.stride(0), splits,
+                NUM_HEADS=heads, BLOCK_S=max(2, next_pow2(splits)),
+                HD=hd, BLOCK_D=next_pow2(hd), num_warps=2,
+            )  # fmt: skip
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: TritonAttentionMetadata,
+        pre: TritonPrefill,
+        out: torch.Tensor,
+    ) -> None:
+        hd, cfg = self.head_dim, self.prefill_config
+        window = meta.sliding_window or 0
+        prefill_kernel[(pre.num_tiles, self.num_heads)](
+            q, kv_layer, out, pre.tile_seq, pre.tile_start, pre.q_starts, pre.q_lens, pre.ctx,
+            pre.tables, q.stride(0), q.stride(1), out.stride(0), pre.tables.stride(0),
+            kv_layer.stride(0), kv_layer.stride(2), window, self.qk_scale,
+            G=self.group, HD=hd, BLOCK_D=max(16, next_pow2(hd)), BS=meta.block_size,
+            BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=cfg.block_n, USE_WINDOW=window > 0,
+            PRECISION=_precision(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 models get exact fp32 products (the tests compare tokens with transformers)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
