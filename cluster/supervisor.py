@@ -19,7 +19,7 @@ import threading
 from typing import TYPE_CHECKING
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 if TYPE_CHECKING:
     from cluster.launcher import Deployment
@@ -35,6 +35,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-supervisor", daemon=True)
         self.recoveries: list[str] = []  # names revived, in order (for tests and logs)
+        self._unrevived: set[str] = set()  # died, restart not wired in yet: retried each round
 
     def start(self) -> None:
         self._thread.start()
@@ -48,8 +49,11 @@ class Supervisor:
             for name in self._watched():
                 if self._stop.is_set():
                     return
-                if self._died(name):
-                    self._recover(name)
+                try:
+                    if name in self._unrevived or self._died(name):
+                        self._recover(name)
+                except Exception:  # the watch must go on whatever one check does
+                    log.exception("supervisor: checking %s failed", name)
 
     def _watched(self) -> list[str]:
         names = self.dep.names("prefill", "decode", "mixed")
@@ -66,13 +70,19 @@ class Supervisor:
             return True
 
     def _recover(self, name: str) -> None:
-        log.warning("supervisor: %s died; failing its requests and waiting for its restart", name)
-        self._announce_down(name)
+        if name not in self._unrevived:
+            log.warning("supervisor: %s died; failing its requests, awaiting its restart", name)
+            self._announce_down(name)
+            self._unrevived.add(name)
         try:
             self._revive(name)
-        except Exception as exc:  # permanently dead, or setup failed: keep serving without it
+        except (ActorUnavailableError, RayActorError, GetTimeoutError) as exc:
+            log.info("supervisor: %s not back yet: %s", name, type(exc).__name__)
+            return  # still restarting: next round
+        except Exception as exc:  # setup itself failed: try again next round, keep serving
             log.error("supervisor: %s could not be revived: %s", name, exc)
             return
+        self._unrevived.discard(name)
         self.recoveries.append(name)
         log.warning("supervisor: %s is back", name)
 

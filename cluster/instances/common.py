@@ -56,7 +56,7 @@ class TokenPublisher:
                 self._counters.add("router_send_failures")
 
     @staticmethod
-    def item(delta: TokenDelta, **timings: float) -> TokenItem:
+    def item(delta: TokenDelta, decode_instance: str = "", **timings: float) -> TokenItem:
         return TokenItem(
             request_id=delta.request_id,
             first_index=delta.first_index,
@@ -67,6 +67,7 @@ class TokenPublisher:
             num_cached_tokens=delta.num_cached_tokens,
             timings=dict(timings),
             logprobs=delta.logprobs,
+            decode_instance=decode_instance,
         )
 
     @staticmethod

@@ -230,6 +230,9 @@ class DecodeInstance:
 
     # ------------------------------------------------------------------ inspection
     def is_ready(self) -> bool:
+        """False until setup() ran (also right after Ray restarted this actor)."""
+        if not hasattr(self, "loop"):
+            return False
         return self.loop.alive and self._receiver.is_alive()
 
     def stats(self) -> dict:

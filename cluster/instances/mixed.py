@@ -104,7 +104,8 @@ class MixedInstance:
 
     # ------------------------------------------------------------------ inspection
     def is_ready(self) -> bool:
-        return self.loop.alive
+        """False until setup() ran (also right after Ray restarted this actor)."""
+        return hasattr(self, "loop") and self.loop.alive
 
     def stats(self) -> dict:
         with self.loop.lock:

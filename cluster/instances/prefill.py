@@ -281,7 +281,9 @@ class PrefillInstance:
                 continue
             tracked.timings["prefill_end"] = now
             if tracked.reply_to:
-                by_router[tracked.reply_to].append(TokenPublisher.item(delta, **tracked.timings))
+                by_router[tracked.reply_to].append(
+                    TokenPublisher.item(delta, tracked.decode, **tracked.timings)
+                )
             if delta.status is RequestStatus.SENDING_KV:
                 tracked.transfer_started = time.monotonic()
                 self._send_messager(PrefillDone(delta.request_id, delta.new_token_ids[0]))
@@ -353,6 +355,9 @@ class PrefillInstance:
 
     # ------------------------------------------------------------------ inspection
     def is_ready(self) -> bool:
+        """False until setup() and connect() ran (also right after Ray restarted this actor)."""
+        if not hasattr(self, "loop"):
+            return False
         return self.loop.alive and self._receiver.is_alive() and self._messager_inbox is not None
 
     def stats(self) -> dict:

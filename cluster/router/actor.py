@@ -104,6 +104,30 @@ class RouterActor:
 
             server.call(reset)
 
+    def instance_down(self, name: str) -> dict:
+        """An instance died (the supervisor says so): retry or fail what it held."""
+        server = self._require_server()
+
+        async def down() -> dict:
+            return server.dispatcher.instance_down(name)
+
+        return server.call(down)
+
+    def update_endpoints(self, endpoints: Sequence[dict]) -> None:
+        """Instances restarted with new inboxes: use them, and choose them again."""
+        server = self._require_server()
+        parsed = [InstanceEndpoint.from_dict(e) for e in endpoints]
+
+        async def update() -> None:
+            server.dispatcher.update_endpoints(parsed)
+
+        server.call(update)
+
+    def _require_server(self) -> RouterServer:
+        if self._server is None or not self._server.running:
+            raise RuntimeError("the router is not serving")
+        return self._server
+
     def ready(self) -> bool:
         return self._server is not None and self._server.running
 

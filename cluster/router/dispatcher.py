@@ -92,6 +92,9 @@ class RequestStream:
     ) -> None:
         self.request_id = request_id
         self.instance = instance
+        self.decode_instance = ""  # known from P's first item in PD mode
+        self.sources: set[str] = set()  # instances that sent tokens for it
+        self.retries = 0
         self.num_prompt_tokens = num_prompt_tokens
         self.num_cached_tokens = 0
         self.stamps: dict[str, float] = {}  # server-side timings from the instances
@@ -109,6 +112,7 @@ class RequestStream:
 
     def add(self, item: TokenItem) -> int:
         """Take an item from an instance; returns how many of its tokens were duplicates."""
+        self.decode_instance = item.decode_instance or self.decode_instance
         self.num_cached_tokens = max(self.num_cached_tokens, item.num_cached_tokens)
         self.stamps.update(item.timings)
         duplicates_before = self._orderer.duplicates
@@ -169,6 +173,9 @@ class Dispatcher:
         self._senders: dict[str, AsyncSender] = {}
         self._receiver: asyncio.Task | None = None
         self.timing_split = TimingSplit()
+        self._down: set[str] = set()  # instances reported dead, until update_endpoints
+        # What a retry needs to resend a request that a dead instance never started.
+        self._resend: dict[int, tuple[list[int], dict]] = {}
 
     # -------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -216,6 +223,7 @@ class Dispatcher:
         # Registered before sending: the first token may come back before send() returns.
         self._streams[request_id] = stream
         self._outstanding[endpoint.name] += stream.num_prompt_tokens
+        self._resend[id(stream)] = (list(prompt_token_ids), sampling.to_dict())
         msg = GenerateRequest(
             request_id, list(prompt_token_ids), sampling.to_dict(), self.inbox_address, time.time()
         )
@@ -225,6 +233,64 @@ class Dispatcher:
             self.release(request_id, "send failed")
             raise NoInstance(f"instance {endpoint.name} is not reachable: {exc}") from None
         return stream
+
+    # -------------------------------------------------------------------------- failures
+    def instance_down(self, name: str) -> dict[str, int]:
+        """`name` died: retry on another instance the requests it never started, fail the rest
+        of its requests, and choose it no more until `update_endpoints`."""
+        self._down.add(name)
+        if name in self._outstanding:
+            self._outstanding[name] = 0
+        retried = failed = 0
+        for stream in list(self._streams.values()):
+            if stream.finish is not None:
+                continue
+            if stream.instance == name and stream.awaiting_first_token and self._retry(stream):
+                retried += 1
+            elif name in (stream.instance, stream.decode_instance) or name in stream.sources:
+                stream.fail("error", f"instance {name} failed while serving this request")
+                failed += 1
+        self._counters["retried_requests"] = self._counters.get("retried_requests", 0) + retried
+        return {"retried": retried, "failed": failed}
+
+    def update_endpoints(self, endpoints: Iterable[InstanceEndpoint]) -> None:
+        """New inboxes after restarts; instances listed here are in service again."""
+        assert self._ctx is not None, "start() first"
+        for endpoint in endpoints:
+            old = next((e for e in self.endpoints if e.name == endpoint.name), None)
+            if old is None or old.inbox != endpoint.inbox:
+                if endpoint.name in self._senders:
+                    self._senders[endpoint.name].close()
+                self._senders[endpoint.name] = AsyncSender(self._ctx, endpoint.inbox)
+            if endpoint.takes_requests:
+                self._outstanding.setdefault(endpoint.name, 0)
+            self._down.discard(endpoint.name)
+        self.endpoints = list(endpoints)
+
+    def _retry(self, stream: RequestStream) -> bool:
+        """Send a never-started request to another instance under a new id (the dead one's
+        partner instances may still hold state under the old id: it is aborted)."""
+        candidates = [e for e in self.endpoints if e.takes_requests and e.name not in self._down]
+        resend = self._resend.get(id(stream))
+        if not candidates or resend is None:
+            return False
+        endpoint = min(candidates, key=lambda e: self._outstanding[e.name])
+        old_id = stream.request_id
+        stream.retries += 1
+        stream.request_id = f"{old_id.split('~')[0]}~retry{stream.retries}"
+        stream.instance = endpoint.name
+        self._streams[stream.request_id] = self._streams.pop(old_id)
+        self._outstanding[endpoint.name] += stream.num_prompt_tokens
+        prompt, sampling = resend
+        msg = GenerateRequest(stream.request_id, prompt, sampling, self.inbox_address, time.time())
+        self._spawn(self._senders[endpoint.name].send(msg))
+        self._spawn(self._abort_everywhere(old_id, "retried on another instance"))
+        return True
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def check_capacity(self, count: int) -> None:
         """Raise Overloaded unless `count` more requests fit under max_inflight_requests."""
@@ -237,14 +303,12 @@ class Dispatcher:
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return
+        self._resend.pop(id(stream), None)
         self._first_token_seen(stream)
         self.timing_split.record(stream.stamps)
         if stream.finish is None or stream.finish.reason not in _CLEAN_FINISHES:
             self._counters["timeouts"] += timed_out
-            abort = self._abort_everywhere(request_id, reason)
-            task = asyncio.get_running_loop().create_task(abort)
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self._abort_everywhere(request_id, reason))
 
     async def wait_background(self) -> None:
         """Wait until every abort scheduled so far has been sent (or has failed)."""
@@ -252,7 +316,7 @@ class Dispatcher:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     def _choose_instance(self) -> InstanceEndpoint:
-        candidates = [e for e in self.endpoints if e.takes_requests]
+        candidates = [e for e in self.endpoints if e.takes_requests and e.name not in self._down]
         if not candidates:
             raise NoInstance("no prefill or mixed instance is configured")
         start = next(self._rotation) % len(candidates)
@@ -284,7 +348,7 @@ class Dispatcher:
             batch = await self._inbox.recv()
             for item in batch.items:
                 try:
-                    self._route(item)
+                    self._route(item, batch.source)
                 except Exception:
                     # A bug handling one item must not stop the tokens of every other request.
                     log.exception("router: failed to handle tokens of %s", item.request_id)
@@ -292,11 +356,12 @@ class Dispatcher:
                     if stream is not None:
                         stream.fail("error", "router failed to handle this request's tokens")
 
-    def _route(self, item: TokenItem) -> None:
+    def _route(self, item: TokenItem, source: str) -> None:
         stream = self._streams.get(item.request_id)
         if stream is None:  # late tokens of a request that ended or was aborted
             self._counters["unknown_items"] += 1
             return
+        stream.sources.add(source)
         self._first_token_seen(stream)
         self._counters["duplicate_tokens"] += stream.add(item)
 

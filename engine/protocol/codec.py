@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: TokenItem.logprobs, .decode_instance
 _EXT_NESTED = 1
 
 _BY_ID: dict[int, type] = {}

@@ -25,6 +25,9 @@ class TokenItem:
     # When the request asked for logprobs: per token [logprob, [[token_id, logprob], ...]]
     # (engine.outputs.TokenLogprobs), aligned with token_ids; else None.
     logprobs: list | None = None
+    # Set by P on a request's first token: the decode instance that will continue it, so the
+    # router can fail the request at once if that instance dies before its first token.
+    decode_instance: str = ""
 
 
 @message(31)

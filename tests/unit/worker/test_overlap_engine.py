@@ -125,3 +125,39 @@ def test_preemption_with_prefix_cache(checkpoints) -> None:
     )
     assert preemptions > 0
     assert overlapped == sequential
+
+
+def test_engine_loop_drives_overlap(checkpoints) -> None:
+    """The instance loop under overlap: after_step gets each saved step with its own deltas,
+    and the tokens equal sequential mode."""
+    import threading
+
+    from cluster.instances.engine_loop import EngineLoop
+
+    path = checkpoints["llama"].path
+    prompts = make_prompts(4, seed=21, max_len=20)
+    results = []
+    for overlap in (False, True):
+        core = make_core(path, overlap)
+        requests = make_requests(prompts, 9)
+        streamed: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        done = threading.Event()
+
+        def after_step(sched, deltas, streamed=streamed, done=done, core=core) -> None:
+            scheduled = {c.request_id for c in sched.chunks}
+            for delta in deltas:
+                assert delta.request_id in scheduled  # deltas belong to the step passed along
+                streamed[delta.request_id].extend(delta.new_token_ids)
+            if not core.has_work():
+                done.set()
+
+        loop = EngineLoop(core, after_step, idle_wait_s=0.01)
+        with loop.lock:
+            for request in requests:
+                core.add_request(request)
+        loop.start()
+        assert done.wait(60)
+        loop.stop()
+        assert loop.failed_steps == 0
+        results.append(streamed)
+    assert results[0] == results[1]
