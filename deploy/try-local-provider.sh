@@ -48,9 +48,12 @@ cleanup() {
 }
 
 # Run a command as the `ray up` client: in the bridge namespace, with its own HOME and /tmp.
+# Ray 2.60's `ray up` starts autoscaler v2 by default; with the local provider it launched one
+# worker and then never the second (see docs/operations.md), so v1 unless AUTOSCALER_V2=1.
 client() {
   ip netns exec "$NET" unshare --mount sh -c \
-    'mount --bind "$0/client/tmp" /tmp && exec env HOME="$0/client/home" "$@"' "$WORK" "$@"
+    'mount --bind "$0/client/tmp" /tmp && exec env HOME="$0/client/home" "$@"' "$WORK" \
+    RAY_UP_enable_autoscaler_v2="${AUTOSCALER_V2:-0}" "$@"
 }
 
 make_host_dirs() {
@@ -177,6 +180,25 @@ serve_and_check() {
   client ray exec "$cfg" 'ray job stop pdserve-try; ray job status pdserve-try' || true
 }
 
+raylets_in() {
+  local n=0 pid
+  for pid in $(ip netns pids "pdlp$1"); do
+    grep -qa raylet "/proc/$pid/cmdline" 2>/dev/null && n=$((n + 1))
+  done
+  echo "$n"
+}
+
+workers_after_down() {
+  # The local provider's `ray down` runs `ray stop` on the head only; see how long the
+  # workers' raylets outlive it.
+  local t
+  for t in $(seq 0 10 120); do
+    log "${t}s after ray down: raylets on prefill host $(raylets_in P), decode host $(raylets_in D)"
+    [ "$(raylets_in P)$(raylets_in D)" = "00" ] && return 0
+    sleep 10
+  done
+}
+
 main() {
   [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)" >&2; exit 2; }
   for tool in ip unshare /usr/sbin/sshd rsync ssh ssh-keygen; do
@@ -202,6 +224,7 @@ main() {
   serve_and_check || status=$?
   log "ray down"
   client ray down -y "$WORK/cluster.yaml"
+  workers_after_down
   log "done (status $status)"
   return "$status"
 }

@@ -59,6 +59,17 @@ class _Tracked:
     cancel_sent: bool = False
 
 
+def _deployment_id() -> str:
+    """Same for this actor and its restarts, different for another deployment on the node (so
+    one never unlinks the other's shared memory): the Ray job that created the actor."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_job_id()
+    except Exception:  # not under Ray (tests that build the instance directly)
+        return f"p{os.getpid()}"
+
+
 class PrefillInstance:
     role = Role.PREFILL
 
@@ -78,7 +89,7 @@ class PrefillInstance:
         self.host = advertised_host(self.config)
         cfg = self.config
         layout, dtype = kv_layout_for(cfg.model, cfg.prefill.engine)
-        prefix = f"pdserve-{cfg.cluster.namespace}-{self.name}"
+        prefix = f"pdserve-{_deployment_id()}-{self.name}"
         SharedKVCache.remove_stale(prefix)  # left by this instance's crashed predecessor
         self.kv = SharedKVCache.create(prefix, layout, dtype)
         self.core = EngineCore(

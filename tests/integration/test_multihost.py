@@ -222,11 +222,17 @@ def _host(address: str) -> str:
     return urlsplit(address).hostname or ""
 
 
-def test_prefill_and_decode_on_two_hosts(tmp_path: Path, reference_outputs) -> None:
+@pytest.fixture(scope="session")
+def netns_usable() -> None:
+    """Skips (before the engine reference is computed) where namespaces cannot be made; the
+    warning shows the reason in a plain `pytest -q` run too."""
     reason = _netns_unavailable()
     if reason:
         warnings.warn(f"multi-host test skipped: {reason}", stacklevel=1)
         pytest.skip(reason)
+
+
+def test_prefill_and_decode_on_two_hosts(netns_usable, tmp_path: Path, reference_outputs) -> None:
     prompt_list = prompts()[:4]  # a chunked long prompt, shared prefixes, a short one
     started = time.monotonic()
     with two_hosts(tmp_path) as env:
@@ -268,7 +274,7 @@ def _check_kv_moved(result: dict) -> None:
     counters = stats["prefill-0"]["counters"]
     # A request whose first token is EOS never needs D; every other one moved its KV.
     moved = sum(1 for text in result["texts"] if text)
-    assert counters.get("transfers_ok", 0) == moved > 0, counters
+    assert counters.get("transfers_ok", 0) >= moved > 0, counters
     assert stats["messager-0"]["counters"]["writes"] > 0
     kv_bytes = counters["transfer_bytes"]
     assert result["tx_bytes"][VETH_A] >= kv_bytes > 0, (result["tx_bytes"], kv_bytes)
@@ -279,7 +285,7 @@ def _summary(result: dict, cluster_up_s: float, total_s: float) -> str:
     kv = result["stats"]["prefill-0"]["counters"]["transfer_bytes"]
     return (
         f"\nmulti-host: P {where['prefill-0']['node_ip']} | D {where['decode-0']['node_ip']} | "
-        f"router {result['placement']['router']['url']}; KV {kv} B, veth A->B "
+        f"router {where['router']['url']}; KV {kv} B, veth A->B "
         f"{result['tx_bytes'][VETH_A]} B; cluster up {cluster_up_s:.1f} s, deploy "
         f"{result['deploy_s']:.1f} s, load {result['load_s']:.1f} s, total {total_s:.1f} s"
     )
