@@ -27,11 +27,11 @@ def script(byte_tokenizer: Tokenizer) -> list[int]:
 def pd_pair(script: list[int]):
     """Factory: a fake decode instance and a prefill instance that forwards to it."""
 
-    def make(prefix: str = "", prefill: dict | None = None, decode: dict | None = None
-             ) -> list[FakeInstance]:
+    def make(
+        prefix: str = "", prefill: dict | None = None, decode: dict | None = None
+    ) -> list[FakeInstance]:
         d = FakeInstance(f"{prefix}decode", Role.DECODE, script, **(decode or {}))
-        p = FakeInstance(f"{prefix}prefill", Role.PREFILL, script, decode_peer=d,
-                         **(prefill or {}))
+        p = FakeInstance(f"{prefix}prefill", Role.PREFILL, script, decode_peer=d, **(prefill or {}))
         return [p, d]
 
     return make

@@ -45,8 +45,12 @@ def make_byte_tokenizer(folder: Path) -> Tokenizer:
     backend.add_special_tokens(["<s>", "</s>"])
     folder.mkdir(parents=True, exist_ok=True)
     backend.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
-              "chat_template": CHAT_TEMPLATE}
+    config = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "add_bos_token": True,
+        "chat_template": CHAT_TEMPLATE,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
     return Tokenizer.from_folder(folder)
@@ -79,11 +83,21 @@ class _Active:
 class FakeInstance:
     """A fake instance on a thread; `received` and `aborts` record what reached it."""
 
-    def __init__(self, name: str, role: Role, script: list[int], *,
-                 decode_peer: FakeInstance | None = None, step_s: float = 0.005,
-                 tokens_per_step: int = 1, shuffle: bool = False,
-                 gate: threading.Event | None = None, first_token_delay_s: float = 0.0,
-                 error: str | None = None, fail_suffix: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        role: Role,
+        script: list[int],
+        *,
+        decode_peer: FakeInstance | None = None,
+        step_s: float = 0.005,
+        tokens_per_step: int = 1,
+        shuffle: bool = False,
+        gate: threading.Event | None = None,
+        first_token_delay_s: float = 0.0,
+        error: str | None = None,
+        fail_suffix: str | None = None,
+    ) -> None:
         self.name = name
         self.role = role
         self._script = script
@@ -133,8 +147,9 @@ class FakeInstance:
     # -- waiting helpers for tests (condition variables, no sleeps) -----------------------
     def wait_received(self, count: int, timeout_s: float = 5.0) -> list[GenerateRequest]:
         with self._changed:
-            assert self._changed.wait_for(lambda: len(self.received) >= count, timeout_s), \
+            assert self._changed.wait_for(lambda: len(self.received) >= count, timeout_s), (
                 f"{self.name}: {len(self.received)} requests, expected {count}"
+            )
             return list(self.received)
 
     def wait_abort(self, request_id: str, timeout_s: float = 5.0) -> AbortRequest:
@@ -142,8 +157,9 @@ class FakeInstance:
             return next((a for a in self.aborts if a.request_id == request_id), None)
 
         with self._changed:
-            assert self._changed.wait_for(lambda: found() is not None, timeout_s), \
+            assert self._changed.wait_for(lambda: found() is not None, timeout_s), (
                 f"{self.name}: no abort for {request_id}; got {self.aborts}"
+            )
             return found()  # type: ignore[return-value]
 
     # -- the instance loop ----------------------------------------------------------------
@@ -163,8 +179,9 @@ class FakeInstance:
             if isinstance(msg, AbortRequest):
                 self.aborts.append(msg)
                 self._active.pop(msg.request_id, None)
-                self._parked = [(due, m) for due, m in self._parked
-                                if m.request_id != msg.request_id]
+                self._parked = [
+                    (due, m) for due, m in self._parked if m.request_id != msg.request_id
+                ]
             else:
                 self.received.append(msg)
                 self._admit(msg)
@@ -194,8 +211,14 @@ class FakeInstance:
                 self._send(self._peer.inbox.address, msg)
             finish = "length" if max_tokens == 1 else None
             tokens, logprobs = self._tokens(msg, 0, 1)
-            item = TokenItem(msg.request_id, 0, tokens, finish_reason=finish,
-                             num_prompt_tokens=len(msg.prompt_token_ids), logprobs=logprobs)
+            item = TokenItem(
+                msg.request_id,
+                0,
+                tokens,
+                finish_reason=finish,
+                num_prompt_tokens=len(msg.prompt_token_ids),
+                logprobs=logprobs,
+            )
             self._send(msg.reply_to, [item])
 
     def _tokens(self, msg: GenerateRequest, start: int, end: int) -> tuple[list[int], list | None]:
@@ -205,8 +228,9 @@ class FakeInstance:
         top = msg.sampling.get("logprobs")
         if top is None:
             return tokens, None
-        logprobs = [fake_logprobs(self._script, t, start + offset, top)
-                    for offset, t in enumerate(tokens)]
+        logprobs = [
+            fake_logprobs(self._script, t, start + offset, top) for offset, t in enumerate(tokens)
+        ]
         return tokens, logprobs
 
     def _step(self) -> None:
@@ -216,9 +240,14 @@ class FakeInstance:
             end = min(active.next_index + self._tokens_per_step, max_tokens)
             tokens, logprobs = self._tokens(active.msg, active.next_index, end)
             finish = "length" if end >= max_tokens else None
-            item = TokenItem(request_id, active.next_index, tokens, finish_reason=finish,
-                             num_prompt_tokens=len(active.msg.prompt_token_ids),
-                             logprobs=logprobs)
+            item = TokenItem(
+                request_id,
+                active.next_index,
+                tokens,
+                finish_reason=finish,
+                num_prompt_tokens=len(active.msg.prompt_token_ids),
+                logprobs=logprobs,
+            )
             by_router.setdefault(active.msg.reply_to, []).append(item)
             active.next_index = end
             if finish:

@@ -31,8 +31,7 @@ class RouterHarness:
         return self.server.dispatcher
 
     def openai(self, api_key: str = "unused") -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0,
-                             timeout=20)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=20)
 
     def http(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=20, **kwargs)
@@ -70,15 +69,27 @@ class RouterStarter:
         self._tokenizer = tokenizer
         self._harnesses: list[RouterHarness] = []
 
-    def __call__(self, fakes: list[FakeInstance], *, max_model_len: int = 256,
-                 health: HealthCheck | None = None, **router_options: Any) -> RouterHarness:
+    def __call__(
+        self,
+        fakes: list[FakeInstance],
+        *,
+        max_model_len: int = 256,
+        health: HealthCheck | None = None,
+        **router_options: Any,
+    ) -> RouterHarness:
         options = {"host": "127.0.0.1", "port": 0, "model_name": MODEL, **router_options}
         config = RouterConfig(**options)
         for fake in fakes:
             fake.start()
         dispatcher = Dispatcher([f.as_endpoint() for f in fakes], "127.0.0.1", config)
-        app = create_app(dispatcher, self._tokenizer, max_model_len=max_model_len,
-                         model_name="folder-name", config=config, health=health)
+        app = create_app(
+            dispatcher,
+            self._tokenizer,
+            max_model_len=max_model_len,
+            model_name="folder-name",
+            config=config,
+            health=health,
+        )
         server = RouterServer(app, dispatcher, config.host, config.port)
         harness = RouterHarness(server.start(timeout_s=10), server, fakes)
         self._harnesses.append(harness)

@@ -14,8 +14,9 @@ USER = [{"role": "user", "content": "Hi"}]
 def test_n_choices_with_seeds(start_router, pd_pair) -> None:
     router = start_router(pd_pair())
     client = router.openai()
-    result = client.completions.create(model="tiny", prompt="abc", max_tokens=10, n=3, seed=5,
-                                       temperature=1.0)
+    result = client.completions.create(
+        model="tiny", prompt="abc", max_tokens=10, n=3, seed=5, temperature=1.0
+    )
     assert [c.index for c in result.choices] == [0, 1, 2]
     # The fakes shift their script by the seed: choice i ran with seed 5 + i.
     assert [c.text for c in result.choices] == [expected_text(10, 5 + i) for i in range(3)]
@@ -26,8 +27,9 @@ def test_n_choices_with_seeds(start_router, pd_pair) -> None:
     request_id = result.id.removeprefix("cmpl-")
     assert sorted(r.request_id for r in received) == [f"{request_id}-{i}" for i in range(3)]
     assert sorted(r.sampling["seed"] for r in received) == [5, 6, 7]
-    again = client.completions.create(model="tiny", prompt="abc", max_tokens=10, n=3, seed=5,
-                                      temperature=1.0)
+    again = client.completions.create(
+        model="tiny", prompt="abc", max_tokens=10, n=3, seed=5, temperature=1.0
+    )
     assert [c.text for c in again.choices] == [c.text for c in result.choices]
     router.assert_no_leaks()
 
@@ -44,10 +46,17 @@ def test_n_greedy_choices_are_identical(start_router, pd_pair) -> None:
 
 def test_n_choices_streaming_chat_with_usage(start_router, pd_pair) -> None:
     router = start_router(pd_pair(decode={"tokens_per_step": 2}))
-    chunks = list(router.openai().chat.completions.create(
-        model="tiny", messages=USER, max_tokens=15, n=3, seed=1, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        router.openai().chat.completions.create(
+            model="tiny",
+            messages=USER,
+            max_tokens=15,
+            n=3,
+            seed=1,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     texts = {0: "", 1: "", 2: ""}
     finishes: dict[int, list] = {0: [], 1: [], 2: []}
     roles = set()
@@ -69,8 +78,9 @@ def test_n_choices_streaming_chat_with_usage(start_router, pd_pair) -> None:
 
 def test_n_choices_with_a_stop_string(start_router, pd_pair) -> None:
     router = start_router(pd_pair(decode={"step_s": 0.01}))
-    result = router.openai().completions.create(model="tiny", prompt="x", max_tokens=200, n=2,
-                                                stop=["fox"])
+    result = router.openai().completions.create(
+        model="tiny", prompt="x", max_tokens=200, n=2, stop=["fox"]
+    )
     assert [c.text for c in result.choices] == [SCRIPT[: SCRIPT.index("fox")]] * 2
     assert [c.finish_reason for c in result.choices] == ["stop", "stop"]
     request_id = result.id.removeprefix("cmpl-")
@@ -82,8 +92,9 @@ def test_n_choices_with_a_stop_string(start_router, pd_pair) -> None:
 
 def test_streamed_n_choices_with_stop_strings(start_router, pd_pair) -> None:
     router = start_router(pd_pair())
-    stream = router.openai().completions.create(model="tiny", prompt="x", max_tokens=100, n=2,
-                                                stop="lazy", stream=True)
+    stream = router.openai().completions.create(
+        model="tiny", prompt="x", max_tokens=100, n=2, stop="lazy", stream=True
+    )
     texts = ["", ""]
     for chunk in stream:
         texts[chunk.choices[0].index] += chunk.choices[0].text
@@ -91,10 +102,8 @@ def test_streamed_n_choices_with_stop_strings(start_router, pd_pair) -> None:
     router.assert_no_leaks()
 
 
-def test_one_failing_choice_fails_the_response_and_aborts_the_others(start_router,
-                                                                      script) -> None:
-    fake = FakeInstance("m", Role.MIXED, script, step_s=0.05, error="KV lost",
-                        fail_suffix="-1")
+def test_one_failing_choice_fails_the_response_and_aborts_the_others(start_router, script) -> None:
+    fake = FakeInstance("m", Role.MIXED, script, step_s=0.05, error="KV lost", fail_suffix="-1")
     router = start_router([fake])
     with pytest.raises(openai.InternalServerError) as err:
         router.openai().completions.create(model="tiny", prompt="x", max_tokens=50, n=3)
@@ -108,8 +117,9 @@ def test_one_failing_choice_fails_the_response_and_aborts_the_others(start_route
 
 def test_penalties_are_sent_to_the_instances(start_router, pd_pair) -> None:
     router = start_router(pd_pair())
-    router.openai().chat.completions.create(model="tiny", messages=USER, max_tokens=2,
-                                            presence_penalty=0.5, frequency_penalty=-1.25)
+    router.openai().chat.completions.create(
+        model="tiny", messages=USER, max_tokens=2, presence_penalty=0.5, frequency_penalty=-1.25
+    )
     sampling = router.fakes[0].wait_received(1)[0].sampling
     assert (sampling["presence_penalty"], sampling["frequency_penalty"]) == (0.5, -1.25)
     assert sampling["logprobs"] is None
@@ -124,8 +134,12 @@ def _expected_completion_logprobs(script: list[int], num_tokens: int, top: int) 
         tokens.append(text[index])
         token_logprobs.append(logprob)
         tops.append({_char(script, t): lp for t, lp in alternatives})
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
-            "text_offset": list(range(num_tokens))}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": tops,
+        "text_offset": list(range(num_tokens)),
+    }
 
 
 def _char(script: list[int], token_id: int) -> str:
@@ -140,21 +154,25 @@ def test_completion_logprobs(start_router, pd_pair, script) -> None:
     assert result.choices[0].logprobs.model_dump() == expected
     assert router.fakes[0].wait_received(1)[0].sampling["logprobs"] == 2
     streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for chunk in client.completions.create(model="tiny", prompt="x", max_tokens=12, logprobs=2,
-                                           stream=True):
+    for chunk in client.completions.create(
+        model="tiny", prompt="x", max_tokens=12, logprobs=2, stream=True
+    ):
         if chunk.choices[0].logprobs is not None:
             for key, values in chunk.choices[0].logprobs.model_dump().items():
                 streamed[key] += values
     assert streamed == expected  # text offsets count on across chunks
     zero = client.completions.create(model="tiny", prompt="x", max_tokens=3, logprobs=0)
     assert zero.choices[0].logprobs.top_logprobs == [{}, {}, {}]
-    assert client.completions.create(model="tiny", prompt="x", max_tokens=3
-                                     ).choices[0].logprobs is None
+    assert (
+        client.completions.create(model="tiny", prompt="x", max_tokens=3).choices[0].logprobs
+        is None
+    )
     router.assert_no_leaks()
 
 
-def _check_chat_content(content, script: list[int], num_tokens: int, top: int,
-                        seed: int = 0) -> None:
+def _check_chat_content(
+    content, script: list[int], num_tokens: int, top: int, seed: int = 0
+) -> None:
     text = expected_text(num_tokens, seed)
     assert "".join(entry.token for entry in content) == text
     for index, entry in enumerate(content):
@@ -162,18 +180,19 @@ def _check_chat_content(content, script: list[int], num_tokens: int, top: int,
         logprob, alternatives = fake_logprobs(script, token_id, index, top)
         assert entry.logprob == logprob and entry.bytes == list(text[index].encode())
         assert [(a.token, a.logprob) for a in entry.top_logprobs] == [
-            (_char(script, t), lp) for t, lp in alternatives]
+            (_char(script, t), lp) for t, lp in alternatives
+        ]
         assert all(a.bytes == list(a.token.encode()) for a in entry.top_logprobs)
 
 
 def test_chat_logprobs(start_router, pd_pair, script) -> None:
     router = start_router(pd_pair())
     client = router.openai()
-    result = client.chat.completions.create(model="tiny", messages=USER, max_tokens=8,
-                                            logprobs=True, top_logprobs=3)
+    result = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=8, logprobs=True, top_logprobs=3
+    )
     _check_chat_content(result.choices[0].logprobs.content, script, 8, 3)
-    bare = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2,
-                                          logprobs=True)
+    bare = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, logprobs=True)
     assert [entry.top_logprobs for entry in bare.choices[0].logprobs.content] == [[], []]
     router.assert_no_leaks()
 
@@ -181,7 +200,13 @@ def test_chat_logprobs(start_router, pd_pair, script) -> None:
 def test_streamed_chat_logprobs_with_n_choices(start_router, pd_pair, script) -> None:
     router = start_router(pd_pair(decode={"tokens_per_step": 2}))
     stream = router.openai().chat.completions.create(
-        model="tiny", messages=USER, max_tokens=9, n=2, seed=3, logprobs=True, top_logprobs=2,
+        model="tiny",
+        messages=USER,
+        max_tokens=9,
+        n=2,
+        seed=3,
+        logprobs=True,
+        top_logprobs=2,
         stream=True,
     )
     content: dict[int, list] = {0: [], 1: []}

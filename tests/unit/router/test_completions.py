@@ -31,10 +31,15 @@ def test_completion_non_streaming(start_router, pd_pair) -> None:
 
 def test_completion_streaming_with_usage(start_router, pd_pair) -> None:
     router = start_router(pd_pair(decode={"tokens_per_step": 3}))
-    chunks = list(router.openai().completions.create(
-        model="tiny", prompt=[5, 6, 7], max_tokens=20, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        router.openai().completions.create(
+            model="tiny",
+            prompt=[5, 6, 7],
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text_chunks = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].text for c in text_chunks) == expected_text(20)
     assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
@@ -64,9 +69,11 @@ def test_chat_non_streaming_uses_template(start_router, pd_pair, byte_tokenizer)
 
 def test_chat_streaming(start_router, pd_pair) -> None:
     router = start_router(pd_pair())
-    chunks = list(router.openai().chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=7, stream=True
-    ))
+    chunks = list(
+        router.openai().chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=7, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -94,10 +101,15 @@ def test_stop_string_ends_request_and_aborts_everywhere(start_router, pd_pair) -
 
 def test_streaming_stop_string_spanning_tokens(start_router, pd_pair) -> None:
     router = start_router(pd_pair())
-    chunks = list(router.openai().chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=100,
-        stop="lazy", stream=True,
-    ))
+    chunks = list(
+        router.openai().chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=100,
+            stop="lazy",
+            stream=True,
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == SCRIPT[: SCRIPT.index("lazy")]
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -122,8 +134,9 @@ def test_mixed_instance_serves_alone(start_router, script) -> None:
     router = start_router([FakeInstance("mixed", Role.MIXED, script, tokens_per_step=4)])
     result = router.openai().completions.create(model="tiny", prompt="abc", max_tokens=1)
     assert result.choices[0].text == expected_text(1)
-    streamed = router.openai().completions.create(model="tiny", prompt="a", max_tokens=30,
-                                                  stream=True)
+    streamed = router.openai().completions.create(
+        model="tiny", prompt="a", max_tokens=30, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == expected_text(30)
     router.assert_no_leaks()
 
@@ -155,8 +168,9 @@ def test_app_runs_in_process_without_uvicorn(byte_tokenizer, script) -> None:
         try:
             transport = httpx.ASGITransport(app)
             async with httpx.AsyncClient(transport=transport, base_url="http://router") as http:
-                response = await http.post("/v1/completions",
-                                           json={"prompt": "hi", "max_tokens": 5})
+                response = await http.post(
+                    "/v1/completions", json={"prompt": "hi", "max_tokens": 5}
+                )
                 models = (await http.get("/v1/models")).json()
             assert models["data"][0]["id"] == "folder"  # the folder name without model_name
             return response.status_code, response.json()

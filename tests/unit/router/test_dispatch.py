@@ -105,8 +105,10 @@ def test_first_token_timeout(start_router, pd_pair) -> None:
     router = start_router(fakes, first_token_timeout_s=0.3)
     with router.http() as http:
         response = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
-        streamed = http.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "x"}], "stream": True})
+        streamed = http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "x"}], "stream": True},
+        )
     for result in (response, streamed):
         assert result.status_code == 504
         error = result.json()["error"]
@@ -125,8 +127,9 @@ def test_next_token_timeout_mid_stream(start_router, pd_pair) -> None:
     fakes[0]._peer = None
     router = start_router(fakes, next_token_timeout_s=0.3)
     with router.http() as http:
-        response = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4,
-                                                      "stream": True})
+        response = http.post(
+            "/v1/completions", json={"prompt": "x", "max_tokens": 4, "stream": True}
+        )
     events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
     assert response.status_code == 200  # the first text went out before the deadline
     assert json.loads(events[0])["choices"][0]["text"] == expected_text(1)
@@ -168,9 +171,12 @@ def test_stop_on_the_first_token(start_router, pd_pair) -> None:
     router = start_router(pd_pair())
     # Stop at once: the decode fake keeps sending a little while before the abort lands.
     with router.http() as http:
-        response = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 50,
-                                                      "stop": " "})
+        response = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 50, "stop": " "})
     assert response.json()["choices"][0] == {
-        "index": 0, "text": "", "finish_reason": "stop", "logprobs": None}
+        "index": 0,
+        "text": "",
+        "finish_reason": "stop",
+        "logprobs": None,
+    }
     router.assert_no_leaks()
     assert router.stats()["bad_frames"] == 0

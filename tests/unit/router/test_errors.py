@@ -67,13 +67,19 @@ def _error(response, status: int) -> dict:
         (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
         (CHAT, {"messages": USER, "top_logprobs": 3}, "top_logprobs"),
-        (CHAT, {"messages": USER, "max_tokens": 3, "max_completion_tokens": 4},
-         "max_completion_tokens"),
+        (
+            CHAT,
+            {"messages": USER, "max_tokens": 3, "max_completion_tokens": 4},
+            "max_completion_tokens",
+        ),
         (COMPLETIONS, {"prompt": "x", "seed": 2**70}, "seed"),
         (COMPLETIONS, {"prompt": "x", "top_k": 2**40}, "top_k"),
         (COMPLETIONS, {"prompt": "x", "best_of": 3}, "best_of"),
-        (COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": 1, "x": 1}},
-         "stream_options.x"),
+        (
+            COMPLETIONS,
+            {"prompt": "x", "stream_options": {"include_usage": 1, "x": 1}},
+            "stream_options.x",
+        ),
         (COMPLETIONS, {"prompt": ""}, "prompt"),
         (COMPLETIONS, {"prompt": ["one", "two"]}, "prompt"),
         (COMPLETIONS, {"prompt": [1, 100000]}, "prompt"),
@@ -96,8 +102,9 @@ def test_invalid_parameters_are_400_naming_them(router, http, path, body, param)
 
 
 def test_malformed_json_and_non_object_bodies(http) -> None:
-    malformed = http.post(COMPLETIONS, content=b'{"prompt": ',
-                          headers={"content-type": "application/json"})
+    malformed = http.post(
+        COMPLETIONS, content=b'{"prompt": ', headers={"content-type": "application/json"}
+    )
     assert "not valid JSON" in _error(malformed, 400)["message"]
     assert "JSON object" in _error(http.post(CHAT, json=[1, 2]), 400)["message"]
     assert "JSON object" in _error(http.post(CHAT), 400)["message"]
@@ -106,8 +113,10 @@ def test_malformed_json_and_non_object_bodies(http) -> None:
 def test_unknown_model_is_404(http) -> None:
     error = _error(http.post(CHAT, json={"model": "gpt-9", "messages": USER}), 404)
     assert error["param"] == "model" and error["code"] == "model_not_found"
-    assert http.post(CHAT, json={"model": "tiny", "messages": USER,
-                                 "max_tokens": 1}).status_code == 200
+    assert (
+        http.post(CHAT, json={"model": "tiny", "messages": USER, "max_tokens": 1}).status_code
+        == 200
+    )
 
 
 def test_context_length_is_413(http) -> None:
@@ -130,8 +139,9 @@ def test_body_too_large_is_413(http) -> None:
         yield b"x" * 2000
         yield b'"}'
 
-    response = http.post(COMPLETIONS, content=chunked(),
-                         headers={"content-type": "application/json"})
+    response = http.post(
+        COMPLETIONS, content=chunked(), headers={"content-type": "application/json"}
+    )
     assert _error(response, 413)["code"] == "body_too_large"
 
 
@@ -151,7 +161,8 @@ def test_api_key(start_router, pd_pair) -> None:
         _error(http.post(COMPLETIONS, content=b"{", headers=wrong), 401)
         _error(http.get("/v1/models"), 401)
         assert http.get("/health").status_code == 200  # probes carry no key
-    result = router.openai(api_key="s3cret").completions.create(model="tiny", prompt="x",
-                                                                 max_tokens=3)
+    result = router.openai(api_key="s3cret").completions.create(
+        model="tiny", prompt="x", max_tokens=3
+    )
     assert result.choices[0].finish_reason == "length"
     router.assert_no_leaks()

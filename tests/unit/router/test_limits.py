@@ -22,8 +22,9 @@ def _error_shape(response, status: int) -> dict:
 
 def _post(router, headers: dict | None = None, max_tokens: int = 2) -> dict:
     with router.http() as http:
-        response = http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": max_tokens},
-                             headers=headers or {})
+        response = http.post(
+            COMPLETIONS, json={"prompt": "x", "max_tokens": max_tokens}, headers=headers or {}
+        )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -38,8 +39,11 @@ def test_too_many_requests_from_one_client_is_429(start_router, pd_pair) -> None
         with router.http() as http:
             error = _error_shape(http.post(COMPLETIONS, json={"prompt": "x"}, headers=alice), 429)
             assert error["code"] == "rate_limit_exceeded" and "2 requests" in error["message"]
-            limited = http.post("/v1/chat/completions", headers=alice,
-                                json={"messages": [{"role": "user", "content": "x"}]})
+            limited = http.post(
+                "/v1/chat/completions",
+                headers=alice,
+                json={"messages": [{"role": "user", "content": "x"}]},
+            )
             assert limited.status_code == 429 and limited.headers["retry-after"] == "1"
             assert http.get("/v1/models", headers=alice).status_code == 200  # not counted
         # Another key, or no key (counted by address), is another client.
@@ -72,8 +76,7 @@ def test_saturated_router_is_503_with_retry_after_and_not_ready(start_router, pd
     async def health() -> bool:
         return healthy["value"]
 
-    router = start_router(pd_pair(prefill={"gate": gate}), max_inflight_requests=2,
-                          health=health)
+    router = start_router(pd_pair(prefill={"gate": gate}), max_inflight_requests=2, health=health)
     with router.http() as http:
         assert http.get("/ready").json() == {"status": "ready"}
         with ThreadPoolExecutor(2) as pool:

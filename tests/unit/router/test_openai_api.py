@@ -40,8 +40,9 @@ def test_param_names_from_pydantic_locations(loc: tuple, name: str | None) -> No
 
 
 def test_sampling_params_from_a_request() -> None:
-    body = CompletionRequest(prompt="x", temperature=0, top_k=5, seed=7, stop="END",
-                             ignore_eos=True)
+    body = CompletionRequest(
+        prompt="x", temperature=0, top_k=5, seed=7, stop="END", ignore_eos=True
+    )
     params = body.sampling_params(max_tokens=9)
     assert (params.temperature, params.top_k, params.seed, params.max_tokens) == (0.0, 5, 7, 9)
     assert params.stop == ["END"] and params.ignore_eos and params.top_p == 1.0
@@ -76,18 +77,27 @@ def test_penalties_and_logprobs_reach_the_sampling_params() -> None:
 
 
 def test_chat_messages_for_the_template() -> None:
-    body = ChatCompletionRequest(messages=[
-        {"role": "developer", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-    ], max_tokens=5, max_completion_tokens=5)
+    body = ChatCompletionRequest(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+        ],
+        max_tokens=5,
+        max_completion_tokens=5,
+    )
     assert [m.as_template_input() for m in body.messages] == [
-        {"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+    ]
     assert body.max_tokens_param == ("max_completion_tokens", 5)
-    assert ChatCompletionRequest(messages=USER, max_tokens=3).max_tokens_param == (
-        "max_tokens", 3)
+    assert ChatCompletionRequest(messages=USER, max_tokens=3).max_tokens_param == ("max_tokens", 3)
     with pytest.raises(ApiError) as err:
-        _ = ChatCompletionRequest(messages=USER, max_tokens=3, max_completion_tokens=5
-                                  ).max_tokens_param
+        _ = ChatCompletionRequest(
+            messages=USER, max_tokens=3, max_completion_tokens=5
+        ).max_tokens_param
     assert err.value.param == "max_completion_tokens"
 
 
@@ -97,8 +107,7 @@ def test_response_shapes() -> None:
     final = ChatShape("abc", "m").final(choices, usage)
     assert final["id"] == "chatcmpl-abc" and final["object"] == "chat.completion"
     assert final["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
-    assert final["choices"][1]["index"] == 1 and final["choices"][1]["logprobs"] == {
-        "content": []}
+    assert final["choices"][1]["index"] == 1 and final["choices"][1]["logprobs"] == {"content": []}
     assert final["usage"]["total_tokens"] == 7
     assert final["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
     shape = CompletionShape("abc", "m", include_usage=True)

@@ -8,8 +8,9 @@ from cluster.router.ordering import Finish, TokenOrderer
 from engine.protocol.tokens import TokenItem
 
 
-def _item(first: int, tokens: list[int], finish: str | None = None,
-          error: str | None = None) -> TokenItem:
+def _item(
+    first: int, tokens: list[int], finish: str | None = None, error: str | None = None
+) -> TokenItem:
     return TokenItem("r", first, tokens, finish_reason=finish, error=error)
 
 
@@ -30,8 +31,9 @@ def test_every_arrival_order_gives_the_same_output() -> None:
 
 
 def test_duplicates_are_dropped_and_counted() -> None:
-    out, orderer = _run([_item(0, [10]), _item(0, [10]), _item(1, [11, 12]), _item(2, [12, 13]),
-                         _item(1, [11])])
+    out, orderer = _run(
+        [_item(0, [10]), _item(0, [10]), _item(1, [11, 12]), _item(2, [12, 13]), _item(1, [11])]
+    )
     assert out == [10, 11, 12, 13]
     assert orderer.duplicates == 3
     assert orderer.finished is None

@@ -45,18 +45,27 @@ def test_no_server_errors_and_openai_error_bodies(byte_tokenizer, script) -> Non
     fake = FakeInstance("mixed", Role.MIXED, script, step_s=0.001, tokens_per_step=256).start()
     config = RouterConfig(model_name="tiny", max_n=3, max_body_bytes=8192)
     dispatcher = Dispatcher([fake.as_endpoint()], "127.0.0.1", config)
-    app = create_app(dispatcher, byte_tokenizer, max_model_len=256, model_name="tiny",
-                     config=config)
+    app = create_app(
+        dispatcher, byte_tokenizer, max_model_len=256, model_name="tiny", config=config
+    )
     try:
-        schema = schemathesis.openapi.from_asgi("/openapi.json", _app_with_dispatcher(dispatcher,
-                                                                                     app))
+        schema = schemathesis.openapi.from_asgi(
+            "/openapi.json", _app_with_dispatcher(dispatcher, app)
+        )
         operations = [result.ok() for result in schema.get_all_operations()]
         paths = {(op.method.upper(), op.path) for op in operations}
-        assert {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-                ("GET", "/ready"), ("GET", "/version")} <= paths
+        assert {
+            ("POST", "/v1/completions"),
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/ready"),
+            ("GET", "/version"),
+        } <= paths
         strategy = st.one_of(
-            *(op.as_strategy(generation_mode=mode) for op in operations
-              for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE))
+            *(
+                op.as_strategy(generation_mode=mode)
+                for op in operations
+                for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+            )
         )
         _fuzz(strategy)
     finally:
@@ -67,8 +76,13 @@ def test_no_server_errors_and_openai_error_bodies(byte_tokenizer, script) -> Non
 def _fuzz(strategy: st.SearchStrategy) -> None:
     statuses: list[int] = []
 
-    @settings(max_examples=100, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=100,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=strategy)
     def check(case) -> None:
         response = case.call()

@@ -138,8 +138,9 @@ def _hf_penalized_greedy(model, prompt: list[int], steps: int, freq: float, pres
     for _ in range(steps):
         with torch.no_grad():
             logits = model(torch.tensor([tokens])).logits[0, -1].float()  # [V]
-        counts = torch.bincount(torch.tensor(tokens[len(prompt) :], dtype=torch.int64),
-                                minlength=logits.shape[0]).float()
+        counts = torch.bincount(
+            torch.tensor(tokens[len(prompt) :], dtype=torch.int64), minlength=logits.shape[0]
+        ).float()
         tokens.append(int((logits - freq * counts - pres * (counts > 0).float()).argmax()))
     return tokens[len(prompt) :]
 
@@ -164,8 +165,9 @@ def test_engine_logprobs_match_transformers(llama) -> None:
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
 @pytest.mark.parametrize(("freq", "pres"), [(2.0, 0.0), (0.0, -2.0), (1.0, 1.0)])
-def test_engine_penalties_match_transformers(llama, freq: float, pres: float,
-                                             overlap: bool) -> None:
+def test_engine_penalties_match_transformers(
+    llama, freq: float, pres: float, overlap: bool
+) -> None:
     """Under the overlap schedule the newest token is still on the device when the next one is
     sampled: it must be penalized all the same."""
     folder, model = llama
