@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import PdserveConfig
-from cluster.router.app import HealthCheck, create_app
+from cluster.router.app import HealthCheck, InstanceStats, create_app
 from cluster.router.dispatcher import Dispatcher, InstanceEndpoint
 from cluster.router.server import RouterServer
 from engine.protocol.channels import node_ip_address
@@ -70,6 +70,7 @@ class RouterActor:
             model_name=Path(self._model_path).name,
             config=router,
             health=health,
+            instance_stats=_ray_stats(list(health_actor_handles)),
         )
         server = RouterServer(app, dispatcher, router.host, router.port)
         self.url = server.start(timeout_s, advertise_host=self._host)
@@ -130,6 +131,21 @@ class RouterActor:
 
     def ready(self) -> bool:
         return self._server is not None and self._server.running
+
+
+def _ray_stats(handles: list[Any]) -> InstanceStats:
+    async def every_instance_stats() -> list[dict]:
+        async def one(handle: Any) -> dict:
+            try:
+                return await asyncio.wait_for(
+                    asyncio.wrap_future(handle.stats.remote().future()), _HEALTH_TIMEOUT_S
+                )
+            except Exception as exc:  # a dead or stalled instance: no series for it
+                return {"name": "?", "error": type(exc).__name__}
+
+        return list(await asyncio.gather(*(one(h) for h in handles)))
+
+    return every_instance_stats
 
 
 def _ray_health_check(handles: list[Any], method: str) -> HealthCheck:

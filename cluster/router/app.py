@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import RouterConfig
@@ -41,6 +42,7 @@ from engine.tokenizer import ChatMessageError, ChatTemplateError, Tokenizer
 log = logging.getLogger(__name__)
 
 HealthCheck = Callable[[], Awaitable[bool]]
+InstanceStats = Callable[[], Awaitable[list[dict]]]
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 # Longer texts are tokenized on a worker thread: a long prompt must not stall the event loop
 # that streams every other request's tokens.
@@ -57,6 +59,7 @@ class RouterContext:
     health: HealthCheck | None
     created: int
     token_texts: TokenTexts
+    instance_stats: InstanceStats | None = None
 
 
 def create_app(
@@ -67,6 +70,7 @@ def create_app(
     model_name: str,
     config: RouterConfig | None = None,
     health: HealthCheck | None = None,
+    instance_stats: InstanceStats | None = None,
 ) -> FastAPI:
     """The HTTP app over a started dispatcher. `health` says whether every instance is ready
     (None: always ready)."""
@@ -80,6 +84,7 @@ def create_app(
         health,
         int(time.time()),
         TokenTexts(tokenizer),
+        instance_stats,
     )
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
     app.state.router = ctx
@@ -180,6 +185,13 @@ def _add_probe_routes(app: FastAPI, ctx: RouterContext) -> None:
     @app.get("/version")
     async def version() -> Response:
         return JSONResponse({"version": _version()})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus exposition: the router's request metrics and every instance's load."""
+        stats = await ctx.instance_stats() if ctx.instance_stats else []
+        body = ctx.dispatcher.metrics.render(stats, ctx.dispatcher.num_inflight)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 def _version() -> str:

@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from cluster.config import RouterConfig
+from cluster.metrics import RequestRecord, RouterMetrics
 from cluster.router.ordering import Finish, TokenOrderer
 from cluster.router.timings import TimingSplit
 from engine.config import Role
@@ -95,6 +96,10 @@ class RequestStream:
         self.decode_instance = ""  # known from P's first item in PD mode
         self.sources: set[str] = set()  # instances that sent tokens for it
         self.retries = 0
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.token_gaps: list[float] = []  # seconds between consecutive tokens, for ITL
         self.num_prompt_tokens = num_prompt_tokens
         self.num_cached_tokens = 0
         self.stamps: dict[str, float] = {}  # server-side timings from the instances
@@ -118,11 +123,35 @@ class RequestStream:
         duplicates_before = self._orderer.duplicates
         tokens = self._orderer.add(item)
         self._tokens.extend(tokens)
+        if tokens:
+            self._note_arrival(len(tokens))
         if self._logprobs is not None:
             self._logprobs.extend(self._orderer.take_logprobs())
         if tokens or self._orderer.finished is not None:
             self._ready.set()
         return self._orderer.duplicates - duplicates_before
+
+    def _note_arrival(self, count: int) -> None:
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            count -= 1  # the first token has no gap before it
+        elif count:
+            # Tokens that arrive together share the gap since the previous arrival.
+            self.token_gaps.extend([(now - self.last_token_at) / count] * count)
+        self.last_token_at = now
+
+    def record(self, phases: dict[str, float], outcome: str) -> RequestRecord:
+        return RequestRecord(
+            outcome=outcome,
+            prompt_tokens=self.num_prompt_tokens,
+            output_tokens=len(self.token_gaps) + (self.first_token_at is not None),
+            arrival=self.arrival,
+            first_token=self.first_token_at,
+            finished=self.last_token_at or time.monotonic(),
+            token_gaps=self.token_gaps,
+            phases=phases,
+        )
 
     def fail(self, reason: str, error: str) -> None:
         self.add(TokenItem(self.request_id, 0, [], finish_reason=reason, error=error))
@@ -173,6 +202,7 @@ class Dispatcher:
         self._senders: dict[str, AsyncSender] = {}
         self._receiver: asyncio.Task | None = None
         self.timing_split = TimingSplit()
+        self.metrics = RouterMetrics()
         self._down: set[str] = set()  # instances reported dead, until update_endpoints
         # What a retry needs to resend a request that a dead instance never started.
         self._resend: dict[int, tuple[list[int], dict]] = {}
@@ -305,7 +335,9 @@ class Dispatcher:
             return
         self._resend.pop(id(stream), None)
         self._first_token_seen(stream)
-        self.timing_split.record(stream.stamps)
+        phases = self.timing_split.record(stream.stamps)
+        outcome = stream.finish.reason if stream.finish is not None else "abort"
+        self.metrics.observe(stream.record(phases, "timeout" if timed_out else outcome))
         if stream.finish is None or stream.finish.reason not in _CLEAN_FINISHES:
             self._counters["timeouts"] += timed_out
             self._spawn(self._abort_everywhere(request_id, reason))

@@ -127,3 +127,25 @@ def test_pdserve_status_lists_every_instance(dep) -> None:
     for name in ("prefill-0", "decode-0", "messager-0", dep.url):
         assert name in result.stdout
     assert "/" in result.stdout.split("prefill-0", 1)[1].splitlines()[0]  # KV used/total
+
+
+def test_prometheus_metrics_aggregate_router_and_instances(dep) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    run_load(dep.url, prompts()[:4], 8)
+    text = httpx.get(f"{dep.url}/metrics", timeout=30).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert samples[("pdserve_time_to_first_token_seconds_count", ())] >= 4
+    assert samples[("pdserve_inter_token_latency_seconds_count", ())] > 0
+    assert samples[("pdserve_requests_total", (("outcome", "length"),))] >= 1
+    phase = ("pdserve_ttft_phase_seconds_count", (("phase", "transfer"),))
+    assert samples[phase] >= 1
+    assert (
+        "pdserve_instance_kv_blocks_used",
+        (("instance", "decode-0"), ("role", "decode")),
+    ) in samples
+    assert samples[("pdserve_kv_transfer_seconds_count", (("instance", "prefill-0"),))] >= 1
+    assert any(name == "pdserve_instance_prepare_queue" for name, _ in samples)
