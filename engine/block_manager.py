@@ -55,6 +55,10 @@ class BlockManager:
         # Free blocks in reuse order: uncached ones are moved to the front, cached ones appended
         # (so the least recently freed cached block is evicted first).
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Blocks freed while a step that uses them may still run: block id -> that step.
+        self._quarantine: dict[int, int] = {}
+        self._launched_step = -1
+        self._done_step = -1
         self._cached: dict[int, int] = {}  # block hash -> block id
         self.prefix_hits = 0  # tokens served from the prefix cache, cumulative
         self.prefix_queries = 0  # prompt tokens looked up, cumulative
@@ -124,10 +128,15 @@ class BlockManager:
             request.block_ids.append(self._take(self._pop_free()))
 
     def allocate_blocks(self, num_blocks: int) -> list[int] | None:
-        """Fresh blocks with no owner request (a decode instance receiving remote KV)."""
-        if num_blocks > self.num_free_blocks:
+        """Fresh blocks with no owner request, for KV written from outside (a decode instance
+        receiving remote KV): never a block a step still on the device may write."""
+        usable = [b for b in self._free if b not in self._quarantine][:num_blocks]
+        if len(usable) < num_blocks:
             return None
-        return [self._take(self._pop_free()) for _ in range(num_blocks)]
+        for block_id in usable:
+            self._evict(block_id)
+            self._take(block_id)
+        return usable
 
     def commit_full_blocks(self, request: Request) -> None:
         """Publish hashes of the request's blocks that are now full of computed tokens."""
@@ -162,9 +171,34 @@ class BlockManager:
             assert block.ref_count > 0, f"double free of block {block_id}"
             block.ref_count -= 1
             if block.ref_count == 0:
-                self._free[block_id] = None
-                if block.block_hash is None:
-                    self._free.move_to_end(block_id, last=False)
+                self._release(block_id)
+                if self._launched_step > self._done_step:
+                    # A step still on the device may write this block (e.g. the extra token of
+                    # a request that finished in flight). Later steps are ordered after it on
+                    # the device, so compute may reuse the block at once; a writer from outside
+                    # (KV arriving over NIXL) may not until that step is done.
+                    self._quarantine[block_id] = self._launched_step
+
+    def _release(self, block_id: int) -> None:
+        self._free[block_id] = None
+        if self.blocks[block_id].block_hash is None:
+            self._free.move_to_end(block_id, last=False)
+
+    # ----------------------------------------------------------------- steps on the device
+    def step_launched(self, step_id: int) -> None:
+        """A step that reads and writes the blocks it was given is now running."""
+        self._launched_step = max(self._launched_step, step_id)
+
+    def step_done(self, step_id: int) -> None:
+        """Every step up to `step_id` has finished on the device: quarantined blocks are free."""
+        self._done_step = max(self._done_step, step_id)
+        for block_id, tag in list(self._quarantine.items()):
+            if tag <= self._done_step:
+                del self._quarantine[block_id]
+
+    @property
+    def num_quarantined(self) -> int:
+        return len(self._quarantine)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (e.g. after new weights are loaded)."""
@@ -179,18 +213,22 @@ class BlockManager:
     def _pop_free(self) -> int:
         if not self._free:
             raise NoFreeBlocksError("no free blocks")
-        block_id, _ = self._free.popitem(last=False)
+        block_id = next(iter(self._free))
+        self._evict(block_id)
+        return block_id
+
+    def _evict(self, block_id: int) -> None:
+        """Its content is about to be overwritten: it no longer serves prefix hits."""
         block = self.blocks[block_id]
-        if block.block_hash is not None:  # evict: its content is about to be overwritten
+        if block.block_hash is not None:
             del self._cached[block.block_hash]
             block.block_hash = None
-        self._free[block_id] = None  # _take removes it again; keeps one code path
-        return block_id
 
     def _take(self, block_id: int) -> int:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self._free[block_id]
+            self._quarantine.pop(block_id, None)  # compute is ordered after the step in flight
         block.ref_count += 1
         return block_id
 
@@ -202,6 +240,7 @@ class BlockManager:
             assert (block.ref_count == 0) == (block.block_id in self._free), block
             if block.block_hash is not None:
                 assert self._cached.get(block.block_hash) == block.block_id, block
+        assert all(b in self._free for b in self._quarantine), "quarantined blocks are free ones"
         assert len(self._cached) == sum(b.block_hash is not None for b in self.blocks)
         if live_requests is not None:
             owners = [0] * self.num_blocks

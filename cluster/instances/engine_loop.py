@@ -37,7 +37,7 @@ class EngineLoop:
         name: str = "engine",
     ) -> None:
         self.core = core
-        self.lock = threading.RLock()
+        self.lock = core.lock  # guards the scheduler and block manager
         self._after_step = after_step
         self._tick = tick
         self._before_execute = before_execute
@@ -99,6 +99,8 @@ class EngineLoop:
 
     def _fail_step(self, sched: SchedulerOutput, error: str) -> None:
         with self.lock:
+            # The failed step no longer runs: blocks it held may be reused.
+            self.core.block_manager.step_done(sched.step_id)
             for chunk in sched.chunks:
                 self.core.scheduler.abort_request(chunk.request_id, RequestStatus.FINISHED_ERROR)
         if self._on_failure is not None:

@@ -94,3 +94,39 @@ def test_double_free_is_caught() -> None:
     bm.free_blocks(ids)
     with pytest.raises(AssertionError):
         bm.free_blocks(ids)
+
+
+def test_blocks_freed_while_a_step_runs_are_not_given_to_remote_writers() -> None:
+    bm = BlockManager(4, 4)
+    req = make_request("a", list(range(1, 9)))
+    bm.allocate(req, 8)
+    held = list(req.block_ids)
+    bm.step_launched(7)  # a step using req's blocks is on the device
+    bm.free(req)  # e.g. the request finished (or was aborted) while the step runs
+    assert bm.num_free_blocks == 4 and bm.num_quarantined == 2
+    bm.check_invariants([])
+    assert bm.allocate_blocks(3) is None  # NIXL must not write where the step still may
+    remote = bm.allocate_blocks(2)
+    assert remote is not None and not set(remote) & set(held)
+    bm.free_blocks(remote)
+    bm.step_done(7)
+    assert bm.num_quarantined == 0
+    fresh = bm.allocate_blocks(4)
+    assert fresh is not None and set(held) <= set(fresh)
+    bm.free_blocks(fresh)
+    bm.check_invariants([])
+
+
+def test_compute_may_reuse_quarantined_blocks_at_once() -> None:
+    # Later steps run after the one in flight on the device, so the scheduler's own
+    # allocations need not wait (waiting would stall preemption under the overlap schedule).
+    bm = BlockManager(2, 4)
+    first = make_request("a", list(range(1, 9)))
+    bm.allocate(first, 8)
+    bm.step_launched(1)
+    bm.free(first)
+    second = make_request("b", list(range(11, 19)))
+    assert bm.can_allocate(second, 8)
+    bm.allocate(second, 8)
+    assert bm.num_quarantined == 0
+    bm.check_invariants([second])
