@@ -71,8 +71,10 @@ class TokenPublisher:
         )
 
     @staticmethod
-    def error_item(request_id: str, index: int, error: str) -> TokenItem:
-        return TokenItem(request_id, index, [], finish_reason="error", error=error)
+    def error_item(request_id: str, index: int, error: str, overloaded: bool = False) -> TokenItem:
+        """An item ending the request; `overloaded` marks a capacity refusal worth retrying."""
+        reason = "overloaded" if overloaded else "error"
+        return TokenItem(request_id, index, [], finish_reason=reason, error=error)
 
 
 def wall_time() -> float:

@@ -259,11 +259,10 @@ class PrefillInstance:
             self.core.scheduler.add_request(prep.request)
         self.loop.wake()
 
-    def _fail(self, msg: GenerateRequest, error: str) -> None:
-        self.counters.add("failed_requests")
-        self.publisher.publish(
-            {msg.reply_to: [TokenPublisher.error_item(msg.request_id, 0, error)]}
-        )
+    def _fail(self, msg: GenerateRequest, error: str, overloaded: bool = False) -> None:
+        self.counters.add("overloaded_requests" if overloaded else "failed_requests")
+        item = TokenPublisher.error_item(msg.request_id, 0, error, overloaded)
+        self.publisher.publish({msg.reply_to: [item]})
 
     # ------------------------------------------------------------------ engine thread
     def _announce_step(self, sched: SchedulerOutput) -> None:

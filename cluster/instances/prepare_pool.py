@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class PrepareFailed(Exception):
-    """The request cannot be prepared; the message goes to the client."""
+    """No capacity to prepare the request (P's blocks, P's queue, every D asked): the client
+    gets the message with a hint to retry (503 + Retry-After at the router)."""
 
 
 @dataclass
@@ -52,7 +53,7 @@ class PrepareHooks:
     reserve: Callable[[Request], bool]  # take P's blocks; False if P is full now
     unreserve: Callable[[str], None]  # give P's blocks back (request never started)
     admit: Callable[[Preparation, DecodePeer, DecodeAllocation], None]  # (d) + (e)
-    fail: Callable[[GenerateRequest, str], None]  # tell the client
+    fail: Callable[..., None]  # (msg, error, overloaded=False): tell the client
     backlog_ok: Callable[[], bool]  # P's queue is short enough to ask a D for blocks now
     eos_token_ids: tuple[int, ...]
     inbox: str  # P's inbox, where D answers
@@ -136,7 +137,7 @@ class PreparePool:
             reserved = False  # the scheduler owns the blocks now
         except PrepareFailed as exc:
             if not prep.aborted.is_set():
-                self.hooks.fail(prep.msg, str(exc))
+                self.hooks.fail(prep.msg, str(exc), True)
         except Exception as exc:  # a bug must not kill the pool thread or leak the blocks
             log.exception("preparing %s failed", rid)
             self.hooks.fail(prep.msg, f"internal error while preparing: {exc}")

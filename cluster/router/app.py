@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import RouterConfig
 from cluster.router.dispatcher import Dispatcher, NoInstance, Overloaded, TokenTimeout
-from cluster.router.generation import InstanceFailed
+from cluster.router.generation import InstanceFailed, InstanceOverloaded
 from cluster.router.logprobs import TokenTexts
 from cluster.router.middleware import GateMiddleware
 from cluster.router.openai_api import (
@@ -283,6 +283,10 @@ async def _generate(
         ) from None
     except TokenTimeout as exc:
         raise ApiError(504, str(exc), type="server_error", code="timeout") from None
+    except InstanceOverloaded as exc:
+        raise ApiError(
+            503, str(exc), type="server_error", code="overloaded", headers={"Retry-After": "2"}
+        ) from None
     except InstanceFailed as exc:
         raise ApiError(500, str(exc), type="server_error", code="instance_error") from None
 

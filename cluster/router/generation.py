@@ -30,6 +30,10 @@ class InstanceFailed(Exception):
     """An instance ended the request with an error (or aborted it on its own)."""
 
 
+class InstanceOverloaded(InstanceFailed):
+    """No capacity for the request now (P's blocks or queue, or every D full): retry later."""
+
+
 class Generation:
     """Text deltas of one request; `close()` (idempotent) frees it in the router."""
 
@@ -81,6 +85,5 @@ class Generation:
                 yield TextDelta(text, finish.reason, tokens, logprobs)
                 return
             detail = finish.error or "no detail given"
-            raise InstanceFailed(
-                f"instance {self._stream.instance}: request {finish.reason}: {detail}"
-            )
+            failure = InstanceOverloaded if finish.reason == "overloaded" else InstanceFailed
+            raise failure(f"instance {self._stream.instance}: request {finish.reason}: {detail}")

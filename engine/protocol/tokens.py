@@ -16,7 +16,7 @@ class TokenItem:
     request_id: str
     first_index: int
     token_ids: list[int]
-    finish_reason: str | None = None  # stop | length | abort | error
+    finish_reason: str | None = None  # stop | length | abort | error | overloaded
     error: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0

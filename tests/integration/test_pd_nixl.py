@@ -79,7 +79,7 @@ def test_stalled_decode_gives_clear_error_then_late_answer_is_cancelled(dep) -> 
         elapsed = time.monotonic() - start_time
     finally:
         os.kill(decode_pid, signal.SIGCONT)
-    assert response.status_code >= 500, response.text
+    assert response.status_code == 503, response.text  # a capacity problem: retry later
     assert "decode instance" in response.json()["error"]["message"]
     assert elapsed < 30  # one allocation timeout (2 s), not a hang
     # The stalled D wakes up and allocates for the request; P cancels that late allocation.

@@ -109,7 +109,7 @@ class FakePrefill:
             self.admitted[prep.request.request_id] = peer.name
             self.reserved.remove(prep.request.request_id)
 
-    def fail(self, msg, error: str) -> None:
+    def fail(self, msg, error: str, overloaded: bool = False) -> None:
         with self.lock:
             self.failed[msg.request_id] = error
 

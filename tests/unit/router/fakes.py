@@ -97,6 +97,7 @@ class FakeInstance:
         first_token_delay_s: float = 0.0,
         error: str | None = None,
         fail_suffix: str | None = None,
+        error_reason: str = "error",
     ) -> None:
         self.name = name
         self.role = role
@@ -108,6 +109,7 @@ class FakeInstance:
         self._gate = gate
         self._first_token_delay_s = first_token_delay_s
         self._error = error
+        self._error_reason = error_reason  # "overloaded" for a capacity refusal
         self._fail_suffix = fail_suffix  # requests whose id ends with it fail with `error`
         self.inbox = Inbox("127.0.0.1", accept=(GenerateRequest, AbortRequest), name=name)
         self.received: list[GenerateRequest] = []
@@ -190,7 +192,9 @@ class FakeInstance:
     def _admit(self, msg: GenerateRequest) -> None:
         failing = self._fail_suffix is None or msg.request_id.endswith(self._fail_suffix)
         if self._error is not None and failing:
-            item = TokenItem(msg.request_id, 0, [], finish_reason="error", error=self._error)
+            item = TokenItem(
+                msg.request_id, 0, [], finish_reason=self._error_reason, error=self._error
+            )
             self._send(msg.reply_to, [item])
         elif self.role == Role.PREFILL:
             self._parked.append((time.monotonic() + self._first_token_delay_s, msg))

@@ -151,6 +151,18 @@ def test_instance_error_is_a_clean_500(start_router, script) -> None:
     router.assert_no_leaks()
 
 
+def test_instance_without_capacity_is_503_with_retry_after(start_router, script) -> None:
+    fake = FakeInstance(
+        "p", Role.MIXED, script, error="no decode instance could take it", error_reason="overloaded"
+    )
+    router = start_router([fake])
+    with router.http() as http:
+        response = http.post("/v1/completions", json={"prompt": "x", "stream": True})
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert response.json()["error"]["code"] == "overloaded"
+    router.assert_no_leaks()
+
+
 def test_overload_is_503_with_retry_after(start_router, pd_pair) -> None:
     gate = threading.Event()
     router = start_router(pd_pair(prefill={"gate": gate}), max_inflight_requests=1)
