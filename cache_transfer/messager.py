@@ -33,6 +33,7 @@ from cache_transfer.messages import (
     TransferDone,
 )
 from cache_transfer.shared_kv import SharedKVCache
+from engine.procinfo import rss_mb
 from engine.protocol.channels import ChannelError, Inbox, SenderPool, node_ip_address
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class CacheMessager:
         return {
             "name": self.name,
             "pid": os.getpid(),
+            "rss_mb": rss_mb(),
             "inbox": self.inbox.address,
             "tasks": len(self.state.tasks),
             "deferred": len(self.state.deferred),

@@ -24,6 +24,7 @@ from cluster.instances.engine_loop import EngineLoop
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
+from engine.procinfo import rss_mb
 from engine.protocol.channels import ChannelError, Inbox, SenderPool
 from engine.protocol.requests import AbortRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
@@ -241,6 +242,7 @@ class DecodeInstance:
             return {
                 "name": self.name,
                 "pid": os.getpid(),
+                "rss_mb": rss_mb(),
                 "inbox": self.inbox.address,
                 "role": self.role.value,
                 "running": len(self.core.scheduler.running),

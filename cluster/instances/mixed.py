@@ -15,6 +15,7 @@ from cluster.instances.engine_loop import EngineLoop
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
+from engine.procinfo import rss_mb
 from engine.protocol.channels import Inbox, SenderPool
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenItem
@@ -113,6 +114,7 @@ class MixedInstance:
             return {
                 "name": self.name,
                 "pid": os.getpid(),
+                "rss_mb": rss_mb(),
                 "inbox": self.inbox.address,
                 "role": self.role.value,
                 "running": len(self.core.scheduler.running),

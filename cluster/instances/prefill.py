@@ -39,6 +39,7 @@ from cluster.metrics import BucketHistogram
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
+from engine.procinfo import rss_mb
 from engine.protocol.channels import ChannelError, Inbox, SenderPool
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation
@@ -377,6 +378,7 @@ class PrefillInstance:
             return {
                 "name": self.name,
                 "pid": os.getpid(),
+                "rss_mb": rss_mb(),
                 "inbox": self.inbox.address,
                 "role": self.role.value,
                 "running": len(sched.running),

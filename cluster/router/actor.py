@@ -16,6 +16,7 @@ from cluster.config import PdserveConfig
 from cluster.router.app import HealthCheck, InstanceStats, create_app
 from cluster.router.dispatcher import Dispatcher, InstanceEndpoint
 from cluster.router.server import RouterServer
+from engine.procinfo import rss_mb
 from engine.protocol.channels import node_ip_address
 from engine.tokenizer import Tokenizer
 
@@ -93,7 +94,7 @@ class RouterActor:
         async def snapshot() -> dict:
             return server.dispatcher.stats()
 
-        return {"running": True, "url": self.url, **server.call(snapshot)}
+        return {"running": True, "url": self.url, "rss_mb": rss_mb(), **server.call(snapshot)}
 
     def reset_timings(self) -> None:
         """Forget the TTFT split collected so far (benchmarks call this after warm-up)."""
