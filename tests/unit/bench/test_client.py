@@ -46,12 +46,13 @@ def test_timings_match_injected_delays(fake: FakeOpenAI, base_url: str, endpoint
     fake.reset(chunks=6, first_delay=0.08, delay=0.03)
     record = _send(base_url, endpoint)
     assert record.success, record.error
-    assert 0.08 <= record.ttft_s < 0.08 + SLACK_S
+    # Injected delays are lower bounds; a loaded machine only adds to them (upper bounds loose).
+    assert 0.08 <= record.ttft_s < 0.08 + 10 * SLACK_S
     assert len(record.itl_s) == 5
-    assert abs(statistics.median(record.itl_s) - 0.03) < SLACK_S / 2
+    assert 0.03 - 0.005 <= statistics.median(record.itl_s) < 0.03 + 5 * SLACK_S
     assert record.output_tokens == 6 and record.usage_reported
     assert record.prompt_tokens == 7
-    assert record.tpot_s == pytest.approx(0.03, abs=SLACK_S / 2)
+    assert record.tpot_s == pytest.approx((record.e2e_s - record.ttft_s) / 5)
     assert record.e2e_s == pytest.approx(record.ttft_s + sum(record.itl_s), abs=SLACK_S)
 
 
@@ -68,8 +69,9 @@ def test_token_count_uses_usage_when_chunks_hold_several_tokens(fake: FakeOpenAI
     fake.reset(chunks=4, first_delay=0.0, delay=0.03, tokens_per_chunk=3)
     record = _send(base_url)
     assert record.output_tokens == 12 and record.usage_reported
-    # 3 gaps of 30 ms spread over 11 tokens after the first
-    assert record.tpot_s == pytest.approx(0.09 / 11, abs=SLACK_S / 4)
+    # 3 gaps of at least 30 ms spread over the 11 tokens after the first (not 3 chunks)
+    assert record.tpot_s == pytest.approx((record.e2e_s - record.ttft_s) / 11)
+    assert record.tpot_s >= 0.09 / 11 - 0.001
 
 
 def test_token_count_falls_back_to_chunks_without_usage(fake: FakeOpenAI, base_url: str):
