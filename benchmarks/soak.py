@@ -88,7 +88,7 @@ def main() -> int:
     config.router.port = 0
     dep = deploy(config)
     try:
-        asyncio.run(load(dep.url, 0.5, args.rate, args.seed + 1))  # warm-up: caches, arenas
+        asyncio.run(load(dep.url, 1.0, args.rate, args.seed + 1))  # warm-up: caches, arenas
         before = sample_rss(dep)
         outcomes = asyncio.run(load(dep.url, args.minutes, args.rate, args.seed))
         time.sleep(3)
@@ -105,7 +105,7 @@ def report(args, outcomes: Counter, before: dict, after: dict, leaks: list[str])
     print("| outcome | requests |\n| --- | ---: |")
     for outcome, count in sorted(outcomes.items()):
         print(f"| {outcome} | {count} |")
-    print("\n| actor | RSS before MiB | RSS after MiB | growth |\n| --- | ---: | ---: | ---: |")
+    print("\n| actor | private RSS before MiB | after MiB | growth |\n| --- | ---: | ---: | ---: |")
     grown = []
     for name in sorted(after):
         growth = after[name] - before.get(name, 0.0)
