@@ -101,3 +101,17 @@ def test_killed_prefill_retries_requests_without_tokens(dep, reference_outputs) 
     texts = run_load(dep.url, prompts()[:8], MAX_TOKENS)
     assert texts == [reference_outputs[p] for p in prompts()[:8]]
     assert_all_free(dep)
+
+
+def test_killed_messager_is_reattached(dep, reference_outputs) -> None:
+    pid = dep.stats()["messager-0"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    # Ray restarts it; the supervisor attaches it to prefill-0's KV cache again and prefill-0
+    # ends what the dead one held. Then both prefill instances serve correctly.
+    wait_until(lambda: "messager-0" in dep.supervisor.recoveries, timeout_s=120)
+    assert dep.stats()["messager-0"]["pid"] != pid
+    prompt_list = prompts()[:8]
+    texts = run_load(dep.url, prompt_list, MAX_TOKENS)
+    assert texts == [reference_outputs[p] for p in prompt_list]
+    stats = assert_all_free(dep)
+    assert stats["messager-0"]["counters"]["writes"] > 0  # the new one streams KV
