@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import defaultdict
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 
 from cluster.config import PdserveConfig
 from engine.outputs import TokenDelta
+from engine.procinfo import rss_mb
 from engine.protocol.channels import ChannelError, SenderPool, node_ip_address
 from engine.protocol.tokens import TokenBatch, TokenItem
 
@@ -75,6 +77,37 @@ class TokenPublisher:
         """An item ending the request; `overloaded` marks a capacity refusal worth retrying."""
         reason = "overloaded" if overloaded else "error"
         return TokenItem(request_id, index, [], finish_reason=reason, error=error)
+
+
+def engine_stats(name: str, role: str, inbox: str, core, counters: Counters, tracked: int) -> dict:
+    """The stats every instance reports (call under the engine lock); each role adds its own."""
+    scheduler = core.scheduler
+    blocks = core.block_manager
+    return {
+        "name": name,
+        "pid": os.getpid(),
+        "rss_mb": rss_mb(),
+        "inbox": inbox,
+        "role": role,
+        "running": len(scheduler.running),
+        "waiting": len(scheduler.waiting),
+        "requests": len(scheduler.requests),
+        "num_blocks": blocks.num_blocks,
+        "free_blocks": blocks.num_free_blocks,
+        "tracked": tracked,
+        "counters": counters.snapshot(),
+    }
+
+
+def deployment_id() -> str:
+    """Same for this actor and its restarts, different for another deployment on the node (so
+    one never unlinks the other's shared memory): the Ray job that created the actor."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_job_id()
+    except Exception:  # not under Ray (tests that build the instance directly)
+        return f"p{os.getpid()}"
 
 
 def wall_time() -> float:

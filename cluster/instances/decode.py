@@ -10,7 +10,6 @@ Block safety: blocks of a request whose KV may still be in flight are freed only
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import defaultdict
@@ -19,12 +18,17 @@ from dataclasses import dataclass
 from cache_transfer.factory import make_backend, regions_of_tensors
 from cache_transfer.messages import KvComplete
 from cluster.config import PdserveConfig
-from cluster.instances.common import Counters, TokenPublisher, advertised_host, wall_time
+from cluster.instances.common import (
+    Counters,
+    TokenPublisher,
+    advertised_host,
+    engine_stats,
+    wall_time,
+)
 from cluster.instances.engine_loop import EngineLoop
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
-from engine.procinfo import rss_mb
 from engine.protocol.channels import ChannelError, Inbox, SenderPool
 from engine.protocol.requests import AbortRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
@@ -238,25 +242,20 @@ class DecodeInstance:
 
     def stats(self) -> dict:
         with self.loop.lock:
-            bm = self.core.block_manager
-            return {
-                "name": self.name,
-                "pid": os.getpid(),
-                "rss_mb": rss_mb(),
-                "inbox": self.inbox.address,
-                "role": self.role.value,
-                "running": len(self.core.scheduler.running),
-                "waiting_for_kv": sum(
-                    r.status is RequestStatus.WAITING_FOR_KV
-                    for r in self.core.scheduler.requests.values()
-                ),
-                "requests": len(self.core.scheduler.requests),
-                "num_blocks": bm.num_blocks,
-                "free_blocks": bm.num_free_blocks,
-                "tracked": len(self._remote),
-                "counters": self.counters.snapshot(),
-                "transfer": self.backend.stats(),
-            }
+            stats = engine_stats(
+                self.name,
+                self.role.value,
+                self.inbox.address,
+                self.core,
+                self.counters,
+                len(self._remote),
+            )
+            stats["waiting_for_kv"] = sum(
+                r.status is RequestStatus.WAITING_FOR_KV
+                for r in self.core.scheduler.requests.values()
+            )
+        stats["transfer"] = self.backend.stats()
+        return stats
 
     def shutdown(self) -> None:
         self._stop.set()

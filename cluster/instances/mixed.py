@@ -5,17 +5,21 @@ It serves small deployments and is the baseline every PD measurement is compared
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import defaultdict
 
 from cluster.config import PdserveConfig
-from cluster.instances.common import Counters, TokenPublisher, advertised_host, wall_time
+from cluster.instances.common import (
+    Counters,
+    TokenPublisher,
+    advertised_host,
+    engine_stats,
+    wall_time,
+)
 from cluster.instances.engine_loop import EngineLoop
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
-from engine.procinfo import rss_mb
 from engine.protocol.channels import Inbox, SenderPool
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenItem
@@ -110,21 +114,14 @@ class MixedInstance:
 
     def stats(self) -> dict:
         with self.loop.lock:
-            bm = self.core.block_manager
-            return {
-                "name": self.name,
-                "pid": os.getpid(),
-                "rss_mb": rss_mb(),
-                "inbox": self.inbox.address,
-                "role": self.role.value,
-                "running": len(self.core.scheduler.running),
-                "waiting": len(self.core.scheduler.waiting),
-                "requests": len(self.core.scheduler.requests),
-                "num_blocks": bm.num_blocks,
-                "free_blocks": bm.num_free_blocks,
-                "tracked": len(self._reply_to),
-                "counters": self.counters.snapshot(),
-            }
+            return engine_stats(
+                self.name,
+                self.role.value,
+                self.inbox.address,
+                self.core,
+                self.counters,
+                len(self._reply_to),
+            )
 
     def shutdown(self) -> None:
         self._stop.set()

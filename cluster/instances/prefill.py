@@ -9,7 +9,6 @@ transfer done (or failed).
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -26,7 +25,14 @@ from cache_transfer.messages import (
 )
 from cache_transfer.shared_kv import SharedKVCache
 from cluster.config import PdserveConfig
-from cluster.instances.common import Counters, TokenPublisher, advertised_host, wall_time
+from cluster.instances.common import (
+    Counters,
+    TokenPublisher,
+    advertised_host,
+    deployment_id,
+    engine_stats,
+    wall_time,
+)
 from cluster.instances.decode_picker import DecodePeer, DecodePicker
 from cluster.instances.engine_loop import EngineLoop
 from cluster.instances.prepare_pool import (
@@ -39,7 +45,6 @@ from cluster.metrics import BucketHistogram
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
-from engine.procinfo import rss_mb
 from engine.protocol.channels import ChannelError, Inbox, SenderPool
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation
@@ -58,17 +63,6 @@ class _Tracked:
     timings: dict[str, float] = field(default_factory=dict)
     transfer_started: float = 0.0  # monotonic, when the first token was sampled
     cancel_sent: bool = False
-
-
-def _deployment_id() -> str:
-    """Same for this actor and its restarts, different for another deployment on the node (so
-    one never unlinks the other's shared memory): the Ray job that created the actor."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_job_id()
-    except Exception:  # not under Ray (tests that build the instance directly)
-        return f"p{os.getpid()}"
 
 
 class PrefillInstance:
@@ -90,7 +84,7 @@ class PrefillInstance:
         self.host = advertised_host(self.config)
         cfg = self.config
         layout, dtype = kv_layout_for(cfg.model, cfg.prefill.engine)
-        prefix = f"pdserve-{_deployment_id()}-{self.name}"
+        prefix = f"pdserve-{deployment_id()}-{self.name}"
         SharedKVCache.remove_stale(prefix)  # left by this instance's crashed predecessor
         self.kv = SharedKVCache.create(prefix, layout, dtype)
         self.core = EngineCore(
@@ -373,28 +367,21 @@ class PrefillInstance:
 
     def stats(self) -> dict:
         with self.loop.lock:
-            bm = self.core.block_manager
-            sched = self.core.scheduler
-            return {
-                "name": self.name,
-                "pid": os.getpid(),
-                "rss_mb": rss_mb(),
-                "inbox": self.inbox.address,
-                "role": self.role.value,
-                "running": len(sched.running),
-                "waiting": len(sched.waiting),
-                "sending_kv": sum(
-                    r.status is RequestStatus.SENDING_KV for r in sched.requests.values()
-                ),
-                "requests": len(sched.requests),
-                "num_blocks": bm.num_blocks,
-                "free_blocks": bm.num_free_blocks,
-                "prepare_queue": self.pool.queue_depth,
-                "tracked": len(self._tracked),
-                "decodes": self.picker.snapshot(),
-                "counters": self.counters.snapshot(),
-                "transfer_seconds": self.transfer_seconds.to_dict(),
-            }
+            stats = engine_stats(
+                self.name,
+                self.role.value,
+                self.inbox.address,
+                self.core,
+                self.counters,
+                len(self._tracked),
+            )
+            stats["sending_kv"] = sum(
+                r.status is RequestStatus.SENDING_KV for r in self.core.scheduler.requests.values()
+            )
+        stats["prepare_queue"] = self.pool.queue_depth
+        stats["decodes"] = self.picker.snapshot()
+        stats["transfer_seconds"] = self.transfer_seconds.to_dict()
+        return stats
 
     def shutdown(self) -> None:
         self._stop.set()
