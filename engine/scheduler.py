@@ -98,7 +98,10 @@ class Scheduler:
         assert self.role is Role.DECODE
         self._check_new(request)
         needed = self.block_manager.blocks_needed(request.num_prompt_tokens + 1)
-        if len(self.running) + self._num_waiting_for_kv() >= self.config.max_num_seqs:
+        if (
+            len(self.running) + self.num_with_status(RequestStatus.WAITING_FOR_KV)
+            >= self.config.max_num_seqs
+        ):
             return False
         block_ids = self.block_manager.allocate_blocks(needed)
         if block_ids is None:
@@ -287,8 +290,8 @@ class Scheduler:
         self._preempted_at.pop(request.request_id, None)
         self._released.append(request.request_id)
 
-    def _num_waiting_for_kv(self) -> int:
-        return sum(r.status is RequestStatus.WAITING_FOR_KV for r in self.requests.values())
+    def num_with_status(self, status: RequestStatus) -> int:
+        return sum(r.status is status for r in self.requests.values())
 
     def check_invariants(self) -> None:
         """Every live request's blocks are accounted for; queues hold only their statuses."""

@@ -250,9 +250,8 @@ class DecodeInstance:
                 self.counters,
                 len(self._remote),
             )
-            stats["waiting_for_kv"] = sum(
-                r.status is RequestStatus.WAITING_FOR_KV
-                for r in self.core.scheduler.requests.values()
+            stats["waiting_for_kv"] = self.core.scheduler.num_with_status(
+                RequestStatus.WAITING_FOR_KV
             )
         stats["transfer"] = self.backend.stats()
         return stats

@@ -375,9 +375,7 @@ class PrefillInstance:
                 self.counters,
                 len(self._tracked),
             )
-            stats["sending_kv"] = sum(
-                r.status is RequestStatus.SENDING_KV for r in self.core.scheduler.requests.values()
-            )
+            stats["sending_kv"] = self.core.scheduler.num_with_status(RequestStatus.SENDING_KV)
         stats["prepare_queue"] = self.pool.queue_depth
         stats["decodes"] = self.picker.snapshot()
         stats["transfer_seconds"] = self.transfer_seconds.to_dict()

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import RouterConfig
-from cluster.router.dispatcher import Dispatcher, NoInstance, Overloaded, TokenTimeout
+from cluster.router.dispatcher import Dispatcher, NoInstance, Overloaded
 from cluster.router.generation import InstanceFailed, InstanceOverloaded
 from cluster.router.logprobs import TokenTexts
 from cluster.router.middleware import GateMiddleware
@@ -36,6 +36,7 @@ from cluster.router.openai_api import (
 )
 from cluster.router.responses import ChatShape, CompletionShape, ResponseShape
 from cluster.router.serving import ServeJob, serve_request
+from cluster.router.streams import TokenTimeout
 from engine.sampling_params import SamplingParams, SamplingParamsError
 from engine.tokenizer import ChatMessageError, ChatTemplateError, Tokenizer
 

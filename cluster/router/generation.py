@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from cluster.router.dispatcher import Dispatcher, RequestStream, TokenTimeout
+from cluster.router.dispatcher import Dispatcher
 from cluster.router.responses import Usage
+from cluster.router.streams import RequestStream, TokenTimeout
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import TokenLogprobs
 

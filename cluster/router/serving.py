@@ -21,11 +21,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from cluster.router.choices import ChoiceSet, submit_choices
-from cluster.router.dispatcher import Dispatcher, TokenTimeout
+from cluster.router.dispatcher import Dispatcher
 from cluster.router.generation import InstanceFailed, TextDelta
 from cluster.router.logprobs import LogprobsFormatter, TokenTexts
 from cluster.router.openai_api import error_body
 from cluster.router.responses import SSE_DONE, ChoiceResult, ResponseShape, sse
+from cluster.router.streams import TokenTimeout
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer

@@ -1,0 +1,125 @@
+"""One in-flight request as the router sees it: its tokens in output order, the deadlines for
+the next one, the instances that served it, and the timings for metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from cluster.config import RouterConfig
+from cluster.metrics import RequestRecord
+from cluster.router.ordering import Finish, TokenOrderer
+from engine.outputs import TokenLogprobs
+from engine.protocol.tokens import TokenItem
+
+
+class TokenTimeout(Exception):
+    """The first or the next token did not come in time; the message says which."""
+
+
+@dataclass(frozen=True)
+class StreamUpdate:
+    """What arrived since the last `RequestStream.next()`: tokens in order, and the end if any.
+    `logprobs` is aligned with token_ids when the request asked for logprobs, else None."""
+
+    token_ids: list[int]
+    finish: Finish | None
+    logprobs: list[TokenLogprobs | None] | None = None
+
+
+class RequestStream:
+    """One request's tokens as they come back, in output order, with deadlines."""
+
+    def __init__(
+        self,
+        request_id: str,
+        instance: str,
+        num_prompt_tokens: int,
+        config: RouterConfig,
+        logprobs: bool = False,
+    ) -> None:
+        self.request_id = request_id
+        self.instance = instance
+        self.decode_instance = ""  # known from P's first item in PD mode
+        self.sources: set[str] = set()  # instances that sent tokens for it
+        self.retries = 0
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.token_gaps: list[float] = []  # seconds between consecutive tokens, for ITL
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_cached_tokens = 0
+        self.stamps: dict[str, float] = {}  # server-side timings from the instances
+        self.awaiting_first_token = True  # its prompt counts as outstanding prefill work
+        self._config = config
+        self._orderer = TokenOrderer(keep_logprobs=logprobs)
+        self._ready = asyncio.Event()
+        self._tokens: list[int] = []
+        self._logprobs: list[TokenLogprobs | None] | None = [] if logprobs else None
+        self._delivered_any = False
+
+    @property
+    def finish(self) -> Finish | None:
+        return self._orderer.finished
+
+    def add(self, item: TokenItem) -> int:
+        """Take an item from an instance; returns how many of its tokens were duplicates."""
+        self.decode_instance = item.decode_instance or self.decode_instance
+        self.num_cached_tokens = max(self.num_cached_tokens, item.num_cached_tokens)
+        self.stamps.update(item.timings)
+        duplicates_before = self._orderer.duplicates
+        tokens = self._orderer.add(item)
+        self._tokens.extend(tokens)
+        if tokens:
+            self._note_arrival(len(tokens))
+        if self._logprobs is not None:
+            self._logprobs.extend(self._orderer.take_logprobs())
+        if tokens or self._orderer.finished is not None:
+            self._ready.set()
+        return self._orderer.duplicates - duplicates_before
+
+    def _note_arrival(self, count: int) -> None:
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            count -= 1  # the first token has no gap before it
+        elif count:
+            # Tokens that arrive together share the gap since the previous arrival.
+            self.token_gaps.extend([(now - self.last_token_at) / count] * count)
+        self.last_token_at = now
+
+    def record(self, phases: dict[str, float], outcome: str) -> RequestRecord:
+        return RequestRecord(
+            outcome=outcome,
+            prompt_tokens=self.num_prompt_tokens,
+            output_tokens=len(self.token_gaps) + (self.first_token_at is not None),
+            arrival=self.arrival,
+            first_token=self.first_token_at,
+            finished=self.last_token_at or time.monotonic(),
+            token_gaps=self.token_gaps,
+            phases=phases,
+        )
+
+    def fail(self, reason: str, error: str) -> None:
+        self.add(TokenItem(self.request_id, 0, [], finish_reason=reason, error=error))
+
+    async def next(self) -> StreamUpdate:
+        """Tokens that arrived since the last call (waits for at least one, or the end)."""
+        if not self._ready.is_set():
+            first = not self._delivered_any
+            timeout = (
+                self._config.first_token_timeout_s if first else self._config.next_token_timeout_s
+            )
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                which = "first token" if first else "next token"
+                raise TokenTimeout(f"no {which} from the instances within {timeout:g} s") from None
+        self._ready.clear()
+        tokens, self._tokens = self._tokens, []
+        logprobs = self._logprobs
+        if logprobs is not None:
+            self._logprobs = []
+        self._delivered_any = self._delivered_any or bool(tokens)
+        return StreamUpdate(tokens, self._orderer.finished, logprobs)
