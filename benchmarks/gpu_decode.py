@@ -28,15 +28,12 @@ from pathlib import Path
 
 import torch
 
-import worker.model_runner as model_runner_module
 from engine.batch import ScheduledChunk, SchedulerOutput
 from engine.config import EngineConfig, ModelConfig, Role
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from worker.attention import AttentionBackend
 from worker.engine_core import EngineCore
-from worker.model_config import ModelArchConfig, load_model_config
-from worker.models import LayerWeights, LlamaForCausalLM, ModelWeights
+from worker.model_config import ModelArchConfig
 
 CONTEXT = 1024
 BATCHES = (1, 8, 32, 128)
@@ -72,46 +69,6 @@ SHAPES = {
         "torch_dtype": "bfloat16",
     },
 }
-
-
-def random_model_loader(
-    model_path: str | Path,
-    dtype: torch.dtype,
-    device: torch.device,
-    attention: AttentionBackend | None = None,
-) -> LlamaForCausalLM:
-    """Stands in for worker.loader.load_model: the folder's config with random weights drawn
-    on the device (an 8B checkpoint would take longer to write and read than the benchmark)."""
-    cfg = load_model_config(model_path)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def matrix(rows: int, cols: int) -> torch.Tensor:
-        w = torch.randn(rows, cols, device=device, dtype=dtype, generator=gen)
-        return w.mul_(cols**-0.5)  # [out, in], keeps activations O(1)
-
-    def norm() -> torch.Tensor:
-        return torch.ones(cfg.hidden_size, device=device, dtype=dtype)
-
-    qkv_rows = cfg.q_size + 2 * cfg.kv_size
-    layers = [
-        LayerWeights(
-            input_norm=norm(),
-            qkv=matrix(qkv_rows, cfg.hidden_size),
-            qkv_bias=None,
-            qk_norm=None,
-            o_proj=matrix(cfg.hidden_size, cfg.q_size),
-            o_bias=None,
-            post_norm=norm(),
-            gate_up=matrix(2 * cfg.intermediate_size, cfg.hidden_size),
-            gate_up_bias=None,
-            down=matrix(cfg.hidden_size, cfg.intermediate_size),
-            down_bias=None,
-        )
-        for _ in range(cfg.num_layers)
-    ]
-    embed = matrix(cfg.vocab_size, cfg.hidden_size)
-    lm_head = embed if cfg.tie_word_embeddings else matrix(cfg.vocab_size, cfg.hidden_size)
-    return LlamaForCausalLM(cfg, ModelWeights(embed, lm_head, norm(), layers), attention)
 
 
 def weight_bytes(a: ModelArchConfig) -> int:
@@ -189,7 +146,7 @@ def make_core(name: str, folder: Path) -> EngineCore:
             "cache": {"num_blocks": blocks_per_seq * max(BATCHES) + 8},
         }
     )
-    model = ModelConfig(path=str(folder), device="cuda", dtype="bfloat16")
+    model = ModelConfig(path=str(folder), device="cuda", dtype="bfloat16", load_format="random")
     core = EngineCore(model, engine, Role.DECODE, overlap=False)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for layer in core.runner.kv_cache.layers:  # never time attention on zeros
@@ -267,7 +224,6 @@ def run_prefill(core: EngineCore, length: int, results: Results) -> None:
 
 def bench_model(name: str, results: Results, prefill: bool) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        model_runner_module.load_model = random_model_loader  # random weights, no checkpoint
         t0 = time.perf_counter()
         core = make_core(name, Path(folder))
         results.notes.append(f"{name}: start-up with graph capture {time.perf_counter() - t0:.1f}s")

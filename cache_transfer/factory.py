@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from cache_transfer.backend import TransferBackend
+from cache_transfer.cuda_kv import CudaKVCache
 from cache_transfer.layout import KVLayout, KVRegions
+from cache_transfer.shared_kv import SharedKVCache
 
 
 def make_backend(name: str, agent_name: str, host: str) -> TransferBackend:
@@ -20,6 +22,27 @@ def make_backend(name: str, agent_name: str, host: str) -> TransferBackend:
 
         return TcpBackend(agent_name, host)
     raise ValueError(f"unknown transfer backend {name!r}")
+
+
+def make_shared_kv(
+    layout: KVLayout, dtype: torch.dtype, device: torch.device, name_prefix: str
+) -> SharedKVCache | CudaKVCache:
+    """The KV store a prefill instance computes into and its messager maps: POSIX shared memory
+    on CPU, a device allocation exported over CUDA IPC on a GPU."""
+    if device.type == "cuda":
+        return CudaKVCache.create(layout, dtype, device)
+    SharedKVCache.remove_stale(name_prefix)  # left by this instance's crashed predecessor
+    return SharedKVCache.create(name_prefix, layout, dtype)
+
+
+def attach_shared_kv(handle: dict) -> SharedKVCache | CudaKVCache:
+    """Map another process's KV store from its `handle()` (either kind)."""
+    kind = handle.get("kind") if isinstance(handle, dict) else None
+    if kind == "cuda_ipc":
+        return CudaKVCache.attach(handle)
+    if kind == "shm":
+        return SharedKVCache.attach(handle)
+    raise ValueError(f"unknown KV handle kind {kind!r} (expected 'shm' or 'cuda_ipc')")
 
 
 def regions_of_tensors(layer_tensors: list[torch.Tensor]) -> KVRegions:

@@ -1,9 +1,9 @@
 """Cache messager actor: maps its prefill instance's KV cache and streams it to decode instances.
 
-It runs in its own process beside P (same node, same placement-group bundle). On CPU it attaches
-P's KV cache in shared memory; it registers that memory with its own transfer agent (NIXL by
-default) and WRITEs blocks straight from it into D's registered cache, layer by layer while P
-computes later layers.
+It runs in its own process beside P (same node, same placement-group bundle). It maps P's KV
+cache -- POSIX shared memory on CPU, P's device memory over CUDA IPC on a GPU -- registers it
+with its own transfer agent (NIXL by default) and WRITEs blocks straight from it into D's
+registered cache, layer by layer while P computes later layers.
 
 Completion goes to D as a `KvComplete` message on D's inbox, sent only after every write of the
 request polled DONE (which, per the backend contract, means the bytes are in D's memory). A zmq
@@ -21,7 +21,7 @@ import threading
 import time
 
 from cache_transfer.backend import deadline_in
-from cache_transfer.factory import make_backend
+from cache_transfer.factory import attach_shared_kv, make_backend
 from cache_transfer.messager_state import MessagerState, Outcome
 from cache_transfer.messages import (
     CacheTask,
@@ -32,7 +32,6 @@ from cache_transfer.messages import (
     StepPlan,
     TransferDone,
 )
-from cache_transfer.shared_kv import SharedKVCache
 from engine.procinfo import rss_mb
 from engine.protocol.channels import ChannelError, Inbox, SenderPool, node_ip_address
 
@@ -53,7 +52,7 @@ class CacheMessager:
         self._thread: threading.Thread | None = None
 
     def setup(self, host: str | None, kv_handle: dict, prefill_inbox: str) -> dict:
-        """Map P's KV cache (its `SharedKVCache.handle()`), register it, start the loop. Called
+        """Map P's KV cache (its shared KV store's `handle()`), register it, start the loop. Called
         again after this actor or its prefill instance restarted."""
         if getattr(self, "_thread", None) is not None:
             self.shutdown()  # re-attaching to a restarted prefill instance: start clean
@@ -61,7 +60,7 @@ class CacheMessager:
         self._peers = {}
         self.host = host or node_ip_address()
         self.prefill_inbox = prefill_inbox
-        self.kv = SharedKVCache.attach(kv_handle)
+        self.kv = attach_shared_kv(kv_handle)
         regions = self.kv.regions()
         self.backend = make_backend(self.backend_name, f"{self.name}-kv", self.host)
         self.backend.register(regions)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
 SHARED_KV_WIRE_VERSION = 1
+KIND = "shm"
 _SHM_DIR = "/dev/shm"
 _ITEMSIZE = {
     "float64": 8,
@@ -155,6 +156,7 @@ class SharedKVCache:
         """What another process needs to ``attach``: plain, msgpack-able."""
         return {
             "version": SHARED_KV_WIRE_VERSION,
+            "kind": KIND,
             "name": self.name,
             "layout": self.layout.to_wire(),
             "dtype": self.dtype_name,

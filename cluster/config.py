@@ -154,6 +154,8 @@ class PdserveConfig(StrictModel):
                 "decode.kv_lease_timeout_s must be >= 5 s: P stops writing KV 2 s or 20% before "
                 "the lease ends, which must leave time for the prefill itself"
             )
+        if self.model.device == "cuda":
+            self._check_gpus_reserved()
         p_block = self.prefill.engine.scheduler.block_size
         d_block = self.decode.engine.scheduler.block_size
         if pd and p_block != d_block:
@@ -162,6 +164,16 @@ class PdserveConfig(StrictModel):
                 f"decode.engine.scheduler.block_size ({d_block}): KV moves block by block"
             )
         return self
+
+    def _check_gpus_reserved(self) -> None:
+        # Ray hides every GPU from an actor that reserves none, so it would fail at start-up.
+        for role in ("prefill", "decode", "mixed"):
+            section = getattr(self, role)
+            if section.instances and not section.placement.num_gpus:
+                raise ValueError(
+                    f"{role}.placement.num_gpus must be > 0 when model.device is cuda "
+                    "(0.5 lets two instances share one GPU)"
+                )
 
 
 def load_config(path: str | Path) -> PdserveConfig:

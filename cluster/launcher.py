@@ -29,6 +29,7 @@ from worker.engine_core import resolve_model_path
 log = logging.getLogger(__name__)
 
 _MESSAGER_CPUS = 0.25
+_RAY_NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 # Actor methods (stats, is_ready, abort plumbing) run on a few Ray threads beside the actor's own.
 _ACTOR_CONCURRENCY = 8
 
@@ -250,16 +251,21 @@ def _prefill_placement_group(cfg: PdserveConfig):
 
 def _messager_actor(cfg: PdserveConfig, index: int, pg):
     name = f"messager-{index}"
+    options: dict[str, Any] = {
+        "name": name,
+        "namespace": cfg.cluster.namespace,
+        "num_cpus": _MESSAGER_CPUS,
+        "max_concurrency": _ACTOR_CONCURRENCY,
+        "max_restarts": _max_restarts(cfg),
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, 0),
+    }
+    if cfg.prefill.placement.num_gpus:
+        # It maps P's GPU memory over CUDA IPC and finds that GPU by UUID, so it must see the
+        # node's GPUs; Ray would hide them all from an actor that reserves none.
+        options["runtime_env"] = {"env_vars": {_RAY_NOSET_CUDA_VISIBLE_DEVICES: "1"}}
     return (
         ray.remote(CacheMessager)
-        .options(
-            name=name,
-            namespace=cfg.cluster.namespace,
-            num_cpus=_MESSAGER_CPUS,
-            max_concurrency=_ACTOR_CONCURRENCY,
-            max_restarts=_max_restarts(cfg),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0),
-        )
+        .options(**options)
         .remote(name, cfg.transfer.backend.value, cfg.transfer.cache_task_timeout_s)
     )
 

@@ -56,6 +56,12 @@ class ModelConfig(StrictModel):
         "auto", pattern="^(auto|cpu|cuda)$", description="Where the model runs; auto: GPU if any."
     )
     seed: int = Field(0, description="Seed of the sampler for requests without their own seed.")
+    load_format: str = Field(
+        "safetensors",
+        pattern="^(safetensors|random)$",
+        description="safetensors: the folder's weights; random: random weights of the folder's "
+        "config.json, the same in every instance (benchmarks at a real shape without weights).",
+    )
 
 
 class CacheConfig(StrictModel):

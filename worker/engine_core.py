@@ -115,6 +115,7 @@ class EngineCore:
             cuda_graphs=cuda_graphs,
             graph_batch_sizes=default_batch_sizes(sched_cfg.max_num_seqs),
             max_model_len=self.max_model_len,
+            load_format=model.load_format,
         )
         self.overlap = overlap
         self._in_flight: tuple[SchedulerOutput, StepState] | None = None

@@ -2,6 +2,8 @@
 
 Reads `model.safetensors` or the shards named by `model.safetensors.index.json`, checks every
 tensor's presence and shape, converts to the serving dtype and fuses q/k/v and gate/up.
+`load_format="random"` builds the folder's config.json with random weights instead (see
+worker/random_weights.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from safetensors import safe_open
 from worker.attention import AttentionBackend
 from worker.model_config import ModelArchConfig, ModelLoadError, load_model_config
 from worker.models import LayerWeights, LlamaForCausalLM, ModelWeights, get_model_class
+from worker.random_weights import random_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPES |= {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,11 +39,17 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     attention: AttentionBackend | None = None,
+    load_format: str = "safetensors",
 ) -> LlamaForCausalLM:
     config = load_model_config(model_path)
     torch_dtype = resolve_dtype(dtype, config)
-    with _CheckpointReader(Path(model_path)) as reader:
-        weights = _read_weights(reader, config, torch_dtype, torch.device(device))
+    if load_format == "random":
+        weights = random_weights(config, torch_dtype, torch.device(device))
+    elif load_format == "safetensors":
+        with _CheckpointReader(Path(model_path)) as reader:
+            weights = _read_weights(reader, config, torch_dtype, torch.device(device))
+    else:
+        raise ModelLoadError(f"load_format {load_format!r} is not one of: safetensors, random")
     return get_model_class(config.architecture)(config, weights, attention)
 
 

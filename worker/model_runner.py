@@ -64,6 +64,7 @@ class ModelRunner:
         cuda_graphs: bool | None = None,
         graph_batch_sizes: list[int] | None = None,
         max_model_len: int | None = None,
+        load_format: str = "safetensors",
     ) -> None:
         """Give the KV size as `num_blocks`, as a byte budget `kv_cache_bytes`, or implicitly by
         passing pre-made `kv_tensors` (one `[num_blocks, 2, block_size, kvh, hd]` per layer).
@@ -79,7 +80,7 @@ class ModelRunner:
             attention_backend, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.device
         )
         self._prepare_inputs = prepare_inputs_for(self.attention)
-        self.model = load_model(model_path, self.dtype, self.device, self.attention)
+        self.model = load_model(model_path, self.dtype, self.device, self.attention, load_format)
         self.kv_cache = self._make_kv_cache(block_size, num_blocks, kv_cache_bytes, kv_tensors)
         self.sampler = Sampler(self.device, seed)
         self.layer_done = layer_done

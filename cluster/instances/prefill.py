@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from cache_transfer.factory import make_shared_kv
 from cache_transfer.messages import (
     CacheTask,
     CancelCache,
@@ -23,7 +24,6 @@ from cache_transfer.messages import (
     StepPlan,
     TransferDone,
 )
-from cache_transfer.shared_kv import SharedKVCache
 from cluster.config import PdserveConfig
 from cluster.instances.common import (
     Counters,
@@ -35,6 +35,7 @@ from cluster.instances.common import (
 )
 from cluster.instances.decode_picker import DecodePeer, DecodePicker
 from cluster.instances.engine_loop import EngineLoop
+from cluster.instances.messager_link import MessagerLink
 from cluster.instances.prepare_pool import (
     Preparation,
     PrepareHooks,
@@ -51,7 +52,7 @@ from engine.protocol.splitwise import CancelDecode, DecodeAllocation
 from engine.protocol.tokens import TokenItem
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams, SamplingParamsError
-from worker.engine_core import EngineCore, kv_layout_for
+from worker.engine_core import EngineCore, kv_layout_for, resolve_device
 
 
 @dataclass
@@ -80,13 +81,15 @@ class PrefillInstance:
         self.transfer_seconds = BucketHistogram()
 
     def setup(self) -> dict:
-        """Allocate the KV cache in shared memory, load the model, start the threads."""
+        """Allocate the KV cache where the messager can map it, load the model, start the
+        threads."""
         self.host = advertised_host(self.config)
         cfg = self.config
         layout, dtype = kv_layout_for(cfg.model, cfg.prefill.engine)
         prefix = f"pdserve-{deployment_id()}-{self.name}"
-        SharedKVCache.remove_stale(prefix)  # left by this instance's crashed predecessor
-        self.kv = SharedKVCache.create(prefix, layout, dtype)
+        device = resolve_device(cfg.model)
+        self.kv = make_shared_kv(layout, dtype, device, prefix)
+        self.link = MessagerLink(self._send_messager, device, self.name)
         self.core = EngineCore(
             cfg.model,
             cfg.prefill.engine,
@@ -270,10 +273,10 @@ class PrefillInstance:
                     tracked.timings.setdefault("prefill_start", now)
                 chunks.append([chunk.request_id, chunk.end_pos, chunk.sample])
         self._step_id = sched.step_id
-        self._send_messager(StepPlan(sched.step_id, chunks))
+        self.link.send(StepPlan(sched.step_id, chunks))
 
     def _layer_done(self, layer: int) -> None:
-        self._send_messager(LayerReady(self._step_id, layer))
+        self.link.layer_written(LayerReady(self._step_id, layer))
 
     def _after_step(self, sched: SchedulerOutput, deltas: list[TokenDelta]) -> None:
         self.pool.notify_progress()
@@ -291,11 +294,11 @@ class PrefillInstance:
                 )
             if delta.status is RequestStatus.SENDING_KV:
                 tracked.transfer_started = time.monotonic()
-                self._send_messager(PrefillDone(delta.request_id, delta.new_token_ids[0]))
+                self.link.send(PrefillDone(delta.request_id, delta.new_token_ids[0]))
             else:  # finished on P (EOS, max_tokens 1): D's reservation must go
                 tracked.reply_to = ""  # the client has its whole answer
                 cancel = CancelCache(delta.request_id, "finished on prefill", client_informed=True)
-                self._send_messager(cancel)
+                self.link.send(cancel)
         self.publisher.publish(by_router)
 
     def _tick(self) -> None:
@@ -386,6 +389,7 @@ class PrefillInstance:
         self._receiver.join(5)
         self.pool.shutdown()
         self.loop.stop()
+        self.link.close()
         self.inbox.close()
         self.senders.close()
         self.kv.close()
