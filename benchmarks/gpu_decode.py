@@ -21,6 +21,7 @@ import itertools
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.model_folders
+
+from benchmarks.model_folders import SHAPES, write_model_folder
 from engine.batch import ScheduledChunk, SchedulerOutput
 from engine.config import EngineConfig, ModelConfig, Role
 from engine.request import Request
@@ -40,35 +44,6 @@ BATCHES = (1, 8, 32, 128)
 WARMUP_STEPS = 8
 MEASURED_STEPS = 40
 PREFILL_LENGTHS = (1024, 4096)
-
-_LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "rms_norm_eps": 1e-5}
-SHAPES = {
-    "llama3-8b": _LLAMA
-    | {
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "rope_theta": 500000.0,
-        "max_position_embeddings": 8192,
-        "torch_dtype": "bfloat16",
-    },
-    "smollm2-135m": _LLAMA
-    | {
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "vocab_size": 49152,
-        "rope_theta": 100000.0,
-        "max_position_embeddings": 8192,
-        "tie_word_embeddings": True,
-        "torch_dtype": "bfloat16",
-    },
-}
 
 
 def weight_bytes(a: ModelArchConfig) -> int:
@@ -133,7 +108,7 @@ def measure_copy_bandwidth() -> float:
 
 def make_core(name: str, folder: Path) -> EngineCore:
     shape = SHAPES[name]
-    (folder / "config.json").write_text(json.dumps(shape))
+    write_model_folder(folder, shape)
     blocks_per_seq = -(-(CONTEXT + WARMUP_STEPS + MEASURED_STEPS + 8) // 16)
     engine = EngineConfig.model_validate(
         {

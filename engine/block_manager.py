@@ -124,8 +124,9 @@ class BlockManager:
             request.num_computed_tokens = request.num_cached_tokens
             self.prefix_queries += request.num_tokens
             self.prefix_hits += request.num_cached_tokens
-        while len(request.block_ids) < self.blocks_needed(num_tokens):
-            request.block_ids.append(self._take(self._pop_free()))
+        needed = self.blocks_needed(num_tokens) - len(request.block_ids)
+        fresh = [self._take(self._pop_free()) for _ in range(needed)]
+        request.block_ids.extend(sorted(fresh))  # see allocate_blocks
 
     def allocate_blocks(self, num_blocks: int) -> list[int] | None:
         """Fresh blocks with no owner request, for KV written from outside (a decode instance
@@ -136,7 +137,10 @@ class BlockManager:
         for block_id in usable:
             self._evict(block_id)
             self._take(block_id)
-        return usable
+        # Ascending ids: freed blocks come back in eviction order (a request's tail first), and
+        # a run of consecutive ids on both sides moves as one transfer descriptor instead of one
+        # per block (on an H100, 64 KiB descriptors moved 5 GB/s, one per layer 150+ GB/s).
+        return sorted(usable)
 
     def commit_full_blocks(self, request: Request) -> None:
         """Publish hashes of the request's blocks that are now full of computed tokens."""

@@ -130,3 +130,22 @@ def test_compute_may_reuse_quarantined_blocks_at_once() -> None:
     bm.allocate(second, 8)
     assert bm.num_quarantined == 0
     bm.check_invariants([second])
+
+
+def test_allocations_are_ascending_so_transfers_coalesce() -> None:
+    """Cached blocks are freed tail first (evicted first); the next request must still get
+    consecutive ascending ids, or every block becomes its own transfer descriptor."""
+    bm = BlockManager(8, 4)
+    first = make_request("a", list(range(32)))
+    bm.allocate(first, 32)
+    first.num_computed_tokens = 32
+    bm.commit_full_blocks(first)  # hashed: freed to the eviction end, last block first
+    bm.free(first)
+    second = make_request("b", [9] * 24)
+    bm.allocate(second, 24)
+    assert second.block_ids == sorted(second.block_ids)
+    assert second.block_ids == list(range(second.block_ids[0], second.block_ids[0] + 6))
+    remote = bm.allocate_blocks(2)
+    assert remote == sorted(remote)
+    bm.free_blocks(remote)
+    bm.check_invariants([second])

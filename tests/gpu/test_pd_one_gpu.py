@@ -1,0 +1,122 @@
+"""PD on one GPU: a prefill and a decode instance share the GPU (half each), the cache messager
+maps P's device KV over CUDA IPC and writes it into D's over NIXL; greedy output must equal a
+colocated (mixed) instance's token for token.
+
+fp32, so equality is robust (no bf16 near-ties); requests go one at a time, so both deployments
+run the same batch shapes. Then a concurrent burst must complete with every block free.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import transformers
+
+from benchmarks.model_folders import write_word_tokenizer
+from cluster.config import parse_config
+from cluster.launcher import Deployment, deploy
+from tests.integration.harness import assert_all_free, run_load
+from tests.unit.worker.conftest import _randomize
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+VOCAB = 4096
+MID = dict(
+    vocab_size=VOCAB,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+)
+MAX_TOKENS = 24
+ENGINE = {
+    # 32 sequences: the burst below (20 at once) must fit D, or P refuses with 503 overloaded.
+    "scheduler": {"max_num_seqs": 32, "max_num_batched_tokens": 512, "block_size": 16},
+    "cache": {"memory_mb": 512},
+}
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pd_gpu") / "mid"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MID)).eval()
+    _randomize(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    write_word_tokenizer(folder, VOCAB)
+    return folder
+
+
+def prompts() -> list[list[int]]:
+    """Token-id prompts: short, one block exactly, several blocks, and a long chunked one."""
+    rng = random.Random(7)
+    return [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (5, 16, 37, 200, 700)]
+
+
+def config(folder: Path, colocated: bool) -> Any:
+    model = {"path": str(folder), "device": "cuda", "dtype": "float32"}
+    raw: dict[str, Any] = {"model": model, "router": {"port": 0, "num_cpus": 0.1}}
+    if colocated:
+        raw["prefill"] = {"instances": 0}
+        raw["decode"] = {"instances": 0}
+        raw["mixed"] = {"instances": 1, "engine": ENGINE, "placement": {"num_gpus": 1}}
+    else:
+        half = {"num_cpus": 1, "num_gpus": 0.5}
+        raw["prefill"] = {"instances": 1, "engine": ENGINE, "placement": half}
+        raw["decode"] = {"instances": 1, "engine": ENGINE, "placement": half}
+        raw["transfer"] = {"backend": "nixl"}
+    return parse_config(raw)
+
+
+def complete_one_by_one(dep: Deployment) -> list[str]:
+    model = httpx.get(f"{dep.url}/v1/models").json()["data"][0]["id"]
+    texts = []
+    for prompt in prompts():
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        response = httpx.post(f"{dep.url}/v1/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "length"
+        texts.append(choice["text"])
+    return texts
+
+
+def test_pd_on_one_gpu_matches_colocated(model_folder: Path) -> None:
+    colocated = deploy(config(model_folder, colocated=True))
+    try:
+        expected = complete_one_by_one(colocated)
+    finally:
+        colocated.stop()
+    assert all(len(text.split()) == MAX_TOKENS for text in expected)  # one word per token
+
+    dep = deploy(config(model_folder, colocated=False))
+    try:
+        got = complete_one_by_one(dep)
+        assert got == expected
+        burst = run_load(dep.url, prompts() * 4, MAX_TOKENS)  # streamed and not, at once
+        assert len(burst) == 4 * len(prompts())
+        stats = assert_all_free(dep)
+        prefill = stats["prefill-0"]
+        # Every request moved its KV (a burst request whose first token is EOS would not).
+        assert prefill["counters"]["transfers_ok"] >= len(prompts()) + 3 * len(prompts())
+        assert prefill["counters"].get("transfers_failed", 0) == 0
+        assert stats["messager-0"]["transfer"].get("writes", 0) > 0
+    finally:
+        dep.stop()
