@@ -1,6 +1,6 @@
-"""PD on one GPU: a prefill and a decode instance share the GPU (half each), the cache messager
-maps P's device KV over CUDA IPC and writes it into D's over NIXL; greedy output must equal a
-colocated (mixed) instance's token for token.
+"""PD on GPUs: a prefill and a decode instance share one GPU (half each) -- or, on a machine with
+two, take one each -- the cache messager maps P's device KV over CUDA IPC and writes it into D's
+over NIXL; greedy output must equal a colocated (mixed) instance's token for token.
 
 fp32, so equality is robust (no bf16 near-ties); requests go one at a time, so both deployments
 run the same batch shapes. Then a concurrent burst must complete with every block free.
@@ -64,19 +64,31 @@ def prompts() -> list[list[int]]:
     return [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (5, 16, 37, 200, 700)]
 
 
-def config(folder: Path, colocated: bool) -> Any:
+def config(folder: Path, gpus_per_instance: float | None) -> Any:
+    """None: one colocated (mixed) instance; else 1P1D with that GPU share each."""
     model = {"path": str(folder), "device": "cuda", "dtype": "float32"}
     raw: dict[str, Any] = {"model": model, "router": {"port": 0, "num_cpus": 0.1}}
-    if colocated:
+    if gpus_per_instance is None:
         raw["prefill"] = {"instances": 0}
         raw["decode"] = {"instances": 0}
         raw["mixed"] = {"instances": 1, "engine": ENGINE, "placement": {"num_gpus": 1}}
     else:
-        half = {"num_cpus": 1, "num_gpus": 0.5}
-        raw["prefill"] = {"instances": 1, "engine": ENGINE, "placement": half}
-        raw["decode"] = {"instances": 1, "engine": ENGINE, "placement": half}
+        share = {"num_cpus": 1, "num_gpus": gpus_per_instance}
+        raw["prefill"] = {"instances": 1, "engine": ENGINE, "placement": share}
+        raw["decode"] = {"instances": 1, "engine": ENGINE, "placement": share}
         raw["transfer"] = {"backend": "nixl"}
     return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def colocated_texts(model_folder: Path) -> list[str]:
+    colocated = deploy(config(model_folder, None))
+    try:
+        texts = complete_one_by_one(colocated)
+    finally:
+        colocated.stop()
+    assert all(len(text.split()) == MAX_TOKENS for text in texts)  # one word per token
+    return texts
 
 
 def complete_one_by_one(dep: Deployment) -> list[str]:
@@ -98,18 +110,13 @@ def complete_one_by_one(dep: Deployment) -> list[str]:
     return texts
 
 
-def test_pd_on_one_gpu_matches_colocated(model_folder: Path) -> None:
-    colocated = deploy(config(model_folder, colocated=True))
+@pytest.mark.parametrize("share", [0.5, 1.0], ids=["one_gpu", "two_gpus"])
+def test_pd_matches_colocated(model_folder: Path, colocated_texts: list[str], share) -> None:
+    if share == 1.0 and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    dep = deploy(config(model_folder, share))
     try:
-        expected = complete_one_by_one(colocated)
-    finally:
-        colocated.stop()
-    assert all(len(text.split()) == MAX_TOKENS for text in expected)  # one word per token
-
-    dep = deploy(config(model_folder, colocated=False))
-    try:
-        got = complete_one_by_one(dep)
-        assert got == expected
+        assert complete_one_by_one(dep) == colocated_texts
         burst = run_load(dep.url, prompts() * 4, MAX_TOKENS)  # streamed and not, at once
         assert len(burst) == 4 * len(prompts())
         stats = assert_all_free(dep)
