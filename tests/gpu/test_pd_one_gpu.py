@@ -20,6 +20,7 @@ import transformers
 from benchmarks.model_folders import write_word_tokenizer
 from cluster.config import parse_config
 from cluster.launcher import Deployment, deploy
+from tests.gpu.test_gpu_engine import MID  # hidden 1024, 4 layers, 16/4 heads, vocab 4096
 from tests.integration.harness import assert_all_free, run_load
 from tests.unit.worker.conftest import _randomize
 
@@ -28,17 +29,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-VOCAB = 4096
-MID = dict(
-    vocab_size=VOCAB,
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=4,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-)
+VOCAB = MID["vocab_size"]
 MAX_TOKENS = 24
 ENGINE = {
     # 32 sequences: the burst below (20 at once) must fit D, or P refuses with 503 overloaded.
