@@ -10,11 +10,9 @@ peer. Every message is a msgpack header frame, optionally followed by payload fr
     notify {v, op, session, src, msg}                        (no ack)
     ack    {v, op, xfer, ok, error}
 
-The receiver checks version, session (a restarted target never accepts a stale sender's bytes)
-and that every destination lies inside the named layer of its registered cache before copying
-anything; a bad message is counted and, where it carries a transfer id, answered with a failed
-ack. It never stops the receiver. One connection delivers in order and the receiver handles one
-message at a time, so a notification is queued only after every earlier write was copied.
+The receiver (tcp_receiver.py) checks every message before it copies anything and answers a bad
+one with a failed ack; one connection delivers in order, so a notification is queued only after
+every earlier write was copied.
 
 A lost connection (zmq heartbeat or TCP close) fails the peer's pending writes and discards what
 was still queued for it, so nothing is sent after the failure is reported; ``connect`` again to
@@ -25,17 +23,14 @@ lock (zmq sockets are single-threaded), so a writer in another thread waits at m
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import secrets
 import threading
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -49,146 +44,11 @@ from cache_transfer.backend import (
     remaining,
 )
 from cache_transfer.layout import Desc, KVRegions
+from cache_transfer.tcp_receiver import Receiver, bytes_at, pack
 
 logger = logging.getLogger(__name__)
 
-TCP_WIRE_VERSION = 1
 _MAX_BLOCKING_POLL_MS = 10
-
-
-def _bytes_at(addr: int, nbytes: int) -> np.ndarray:
-    """A uint8 view of raw memory; the caller guarantees [addr, addr+nbytes) stays mapped."""
-    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(addr))
-
-
-def _pack(**fields: Any) -> bytes:
-    return msgpack.packb({"v": TCP_WIRE_VERSION, **fields})
-
-
-def _parse_header(body: list[zmq.Frame]) -> dict[str, Any]:
-    if not body:
-        raise _Rejected("empty message")
-    try:
-        header = msgpack.unpackb(body[0].bytes)
-    except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise _Rejected(f"undecodable header: {exc!r}") from None
-    if not isinstance(header, dict):
-        raise _Rejected("header is not a map")
-    return header
-
-
-class _Rejected(Exception):
-    """A received message is malformed or not meant for this receiver."""
-
-
-class _Receiver(threading.Thread):
-    """Target side: copies incoming writes into registered memory and queues notifications."""
-
-    def __init__(
-        self,
-        ctx: zmq.Context,
-        host: str,
-        session: str,
-        regions: KVRegions,
-        on_notify: Callable[[str, bytes], None],
-    ) -> None:
-        super().__init__(name=f"tcp-kv-receiver-{session[:6]}", daemon=True)
-        self._session = session
-        self._regions = regions
-        self._on_notify = on_notify
-        self.counters = {
-            "rejected": 0,
-            "writes_received": 0,
-            "bytes_received": 0,
-            "notifications_received": 0,
-        }
-        self._router = ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
-        port = self._router.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
-        # close() wakes the blocking poll through this pair instead of a periodic timeout.
-        wake_addr = f"inproc://tcp-kv-wake-{session}"
-        self._wake_rx = ctx.socket(zmq.PAIR)
-        self._wake_rx.bind(wake_addr)
-        self._wake_tx = ctx.socket(zmq.PAIR)
-        self._wake_tx.connect(wake_addr)
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        if self.is_alive():
-            self._wake_tx.send(b"")
-            self.join(timeout_s)
-        self._wake_tx.close(linger=0)
-
-    def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_rx, zmq.POLLIN)
-        try:
-            while self._wake_rx not in dict(poller.poll()):
-                frames = self._router.recv_multipart(copy=False)
-                self._handle(frames)
-        finally:
-            self._router.close(linger=0)
-            self._wake_rx.close(linger=0)
-
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        identity, body = frames[0], frames[1:]
-        xfer: int | None = None
-        try:
-            header = _parse_header(body)
-            xfer = header["xfer"] if isinstance(header.get("xfer"), int) else None
-            ack = self._dispatch(header, body[1:], xfer)
-        # A receiver that dies strands every sender, so even unexpected errors only fail the
-        # message at hand: count it, nack it when it names a transfer, keep serving.
-        except Exception as exc:
-            self.counters["rejected"] += 1
-            if isinstance(exc, _Rejected):
-                logger.warning("rejected KV message: %s", exc)
-            else:
-                logger.exception("unexpected error handling a KV message")
-            ack = None if xfer is None else _pack(op="ack", xfer=xfer, ok=False, error=str(exc))
-        if ack is not None:
-            self._router.send_multipart([identity, ack])
-
-    def _dispatch(
-        self, header: dict[str, Any], payload: list[zmq.Frame], xfer: int | None
-    ) -> bytes | None:
-        if header.get("v") != TCP_WIRE_VERSION:
-            raise _Rejected(f"wire version {header.get('v')!r}")
-        if header.get("session") != self._session:
-            raise _Rejected("message for another session of this address")
-        op = header.get("op")
-        if op == "write":
-            self._copy_in(header, payload, xfer)
-        elif op == "notify" and isinstance(header.get("msg"), bytes):
-            self.counters["notifications_received"] += 1
-            self._on_notify(str(header.get("src")), header["msg"])
-            return None
-        elif op != "hello":
-            raise _Rejected(f"unexpected op {op!r}")
-        return _pack(op="ack", xfer=xfer, ok=True, error="")
-
-    def _copy_in(self, header: dict[str, Any], payload: list[zmq.Frame], xfer: int | None) -> None:
-        layer, descs = header.get("layer"), header.get("descs")
-        if not isinstance(layer, int) or not isinstance(descs, list) or xfer is None:
-            raise _Rejected("write header lacks layer, descs or xfer")
-        if len(descs) != len(payload):
-            raise _Rejected(f"{len(descs)} descriptors but {len(payload)} payload frames")
-        targets: list[tuple[int, int]] = []
-        for desc, frame in zip(descs, payload, strict=True):
-            if not (
-                isinstance(desc, list) and len(desc) == 2 and all(isinstance(x, int) for x in desc)
-            ):
-                raise _Rejected(f"bad descriptor {desc!r}")
-            addr, nbytes = desc
-            if nbytes != len(frame) or not self._regions.contains(layer, addr, nbytes):
-                raise _Rejected(f"descriptor {desc} is not {len(frame)} bytes in layer {layer}")
-            targets.append((addr, nbytes))
-        # Everything was checked first, so a rejected write leaves the cache untouched.
-        for (addr, nbytes), frame in zip(targets, payload, strict=True):
-            _bytes_at(addr, nbytes)[:] = np.frombuffer(frame.buffer, dtype=np.uint8)
-        self.counters["writes_received"] += 1
-        self.counters["bytes_received"] += sum(n for _, n in targets)
 
 
 @dataclass
@@ -223,7 +83,7 @@ class TcpBackend(TransferBackend):
         self._heartbeat_timeout_ms = int(heartbeat_timeout_s * 1000)
         self._ctx: zmq.Context | None = None
         self._session = ""
-        self._receiver: _Receiver | None = None
+        self._receiver: Receiver | None = None
         self._links: dict[str, _PeerLink] = {}
         self._notes: deque[tuple[str, bytes]] = deque()
         self._notes_cv = threading.Condition()
@@ -235,7 +95,7 @@ class TcpBackend(TransferBackend):
             raise TransferError("the TCP backend moves host memory only")
         self._ctx = zmq.Context()
         self._session = secrets.token_hex(8)
-        self._receiver = _Receiver(self._ctx, self._host, self._session, regions, self._on_notify)
+        self._receiver = Receiver(self._ctx, self._host, self._session, regions, self._on_notify)
         self._receiver.start()
 
     def _endpoint_extra(self) -> dict[str, Any]:
@@ -267,7 +127,7 @@ class TcpBackend(TransferBackend):
         link.socket.setsockopt(zmq.SNDTIMEO, max(1, int(remaining(deadline) * 1000)))
         try:
             link.socket.send(
-                _pack(op="hello", session=link.session, src=self.agent_name, xfer=hello_id)
+                pack(op="hello", session=link.session, src=self.agent_name, xfer=hello_id)
             )
         except zmq.ZMQError as exc:
             raise TransferTimeout(f"{peer}: no TCP connection before deadline ({exc})") from None
@@ -299,7 +159,7 @@ class TcpBackend(TransferBackend):
         self._pump(handle.peer, link, 0)  # learn of a lost connection before queueing more
         if self._links.get(handle.peer) is not link:
             raise TransferError(f"connection to {handle.peer} lost")
-        header = _pack(
+        header = pack(
             op="write",
             session=link.session,
             src=self.agent_name,
@@ -307,7 +167,7 @@ class TcpBackend(TransferBackend):
             layer=dst_layer,
             descs=[[addr, nbytes] for addr, nbytes, _ in dst_descs],
         )
-        payload = [_bytes_at(addr, nbytes) for addr, nbytes, _ in src_descs]
+        payload = [bytes_at(addr, nbytes) for addr, nbytes, _ in src_descs]
         try:
             link.socket.send_multipart([header, *payload], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
@@ -400,7 +260,7 @@ class TcpBackend(TransferBackend):
         with self._lock:
             self._require_peer(peer)
             link = self._links[peer]
-            frame = _pack(op="notify", session=link.session, src=self.agent_name, msg=message)
+            frame = pack(op="notify", session=link.session, src=self.agent_name, msg=message)
             try:
                 link.socket.send(frame, flags=zmq.NOBLOCK)
             except zmq.ZMQError as exc:
