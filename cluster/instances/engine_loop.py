@@ -7,6 +7,7 @@ import threading
 import traceback
 from collections.abc import Callable
 
+from cluster.instances.memory import MallocTrimmer
 from engine.batch import SchedulerOutput
 from engine.outputs import TokenDelta
 from engine.request import RequestStatus
@@ -48,6 +49,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.steps = 0
         self.failed_steps = 0
+        self.trimmer = MallocTrimmer()
 
     def start(self) -> None:
         self._thread.start()
@@ -69,7 +71,9 @@ class EngineLoop:
             self._tick()
             with self.lock:
                 sched = self.core.scheduler.schedule()
-            if sched.is_empty and self.core.in_flight is None:
+            idle = sched.is_empty and self.core.in_flight is None
+            self.trimmer.maybe_trim(idle)
+            if idle:
                 self._wake.wait(self._idle_wait_s)
                 self._wake.clear()
                 continue

@@ -159,3 +159,32 @@ def wait_until(condition, timeout_s: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.2)
+
+
+# Counters that move only when a request ended with an error inside the cluster, an instance ran
+# out of capacity, or a message was lost: in a run without faults or overload all stay at zero.
+# Not `transfers_failed`: it also counts transfers cancelled on purpose (a request that finished
+# on P, a client that left).
+FAILURE_COUNTERS = (
+    "failed_requests",
+    "overloaded_requests",
+    "requests_ended_by_failure",
+    "router_send_failures",
+    "messager_send_failures",
+    "leases_expired",
+    "allocations_refused",
+    "missed_tasks",
+)
+
+
+def failures_in(stats: dict) -> list[str]:
+    """Every failure counter (and malformed-frame count) that is not zero, by actor."""
+    failures = []
+    for name, s in stats.items():
+        counters = {**s.get("counters", {}), "bad_frames": s.get("bad_frames", 0)}
+        failures += [
+            f"{name}: {k}={counters[k]}"
+            for k in (*FAILURE_COUNTERS, "bad_frames")
+            if counters.get(k)
+        ]
+    return failures

@@ -9,6 +9,8 @@ the oneDNN path (fp16 needs AVX512-FP16).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +36,7 @@ class OneDNNLinear:
     name = "onednn"
 
     def __init__(self) -> None:
+        bound_onednn_caches()  # before the first primitive: oneDNN reads it once
         self._op = torch.ops.mkldnn._linear_pointwise
         self._pack = torch.ops.mkldnn._reorder_linear_weight
 
@@ -45,6 +48,21 @@ class OneDNNLinear:
 
 
 LinearKernel = DenseLinear | OneDNNLinear
+
+# Covers every decode batch size up to ~50 (4 linear shapes + the LM head per row count).
+ONEDNN_CACHE_CAPACITY = 256
+# oneDNN and ideep read these once, at the process's first oneDNN primitive; torch's build
+# exports no function to set them (dnnl_set_primitive_cache_capacity is not a visible symbol).
+_CAPACITY_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
+    """Bound oneDNN's and ideep's per-shape caches. Effective only before this process runs
+    its first oneDNN op (building the model does). A value already in the environment wins:
+    it is for debugging, never needed."""
+    assert capacity > 0, "ideep crashes with an empty cache"
+    for name in _CAPACITY_VARIABLES:
+        os.environ.setdefault(name, str(capacity))
 
 
 def select_linear(device: torch.device, dtype: torch.dtype) -> LinearKernel:
