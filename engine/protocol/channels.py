@@ -50,7 +50,7 @@ class ChannelError(RuntimeError):
 
 
 class Inbox:
-    """A PULL socket bound to `host` on a random port (plus an inproc name for local threads)."""
+    """A PULL socket bound to `host` on a random port."""
 
     def __init__(self, host: str, accept: tuple[type, ...] | None = None, name: str = "") -> None:
         self._socket = context().socket(zmq.PULL)
@@ -58,8 +58,6 @@ class Inbox:
         self._socket.setsockopt(zmq.LINGER, 0)
         port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
-        self.inproc_address = f"inproc://inbox-{id(self)}"
-        self._socket.bind(self.inproc_address)
         self._accept = accept
         self.name = name or self.address
         self.bad_frames = 0
