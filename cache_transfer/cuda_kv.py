@@ -153,9 +153,6 @@ class CudaKVCache:
         addrs = tuple(base + layer * size for layer in range(self.layout.num_layers))
         return KVRegions(self.layout, addrs, device="cuda", device_id=buffer.device.index or 0)
 
-    def unlink(self) -> None:
-        """Nothing to unlink: device memory has no name (kept for the shared-memory interface)."""
-
     def close(self) -> None:
         """Drop this process's reference; the owner's memory goes back to its allocator. An
         attacher waits for its pending work on the mapping first. Idempotent."""

@@ -382,6 +382,7 @@ class PrefillInstance:
         stats["prepare_queue"] = self.pool.queue_depth
         stats["decodes"] = self.picker.snapshot()
         stats["transfer_seconds"] = self.transfer_seconds.to_dict()
+        stats["dropped_layer_signals"] = self.link.dropped_signals
         return stats
 
     def shutdown(self) -> None:
@@ -392,5 +393,4 @@ class PrefillInstance:
         self.link.close()
         self.inbox.close()
         self.senders.close()
-        self.kv.close()
-        self.kv.unlink()
+        self.kv.close()  # the owner's close also unlinks a shared-memory segment
