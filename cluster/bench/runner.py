@@ -86,14 +86,22 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     )
 
 
-async def run_load(requests: list[BenchRequest], send: SendFn, load: LoadSpec) -> RunResult:
+async def run_load(
+    requests: list[BenchRequest],
+    send: SendFn,
+    load: LoadSpec,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> RunResult:
+    """Send each request at its scheduled time; `clock` and `sleep` are swappable for tests."""
     if load.max_concurrency is not None and load.max_concurrency < 1:
         raise BenchError(f"--max-concurrency must be at least 1, got {load.max_concurrency}")
     offsets = arrival_schedule(len(requests), load.request_rate, load.seed)
     slots = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else None
     bar = _progress_bar(len(requests), load.progress)
     failed = 0
-    origin = time.perf_counter()
+    origin = clock()
 
     async def one(index: int, request: BenchRequest) -> RequestRecord:
         nonlocal failed
@@ -113,13 +121,13 @@ async def run_load(requests: list[BenchRequest], send: SendFn, load: LoadSpec) -
     tasks = []
     try:
         for index, (request, offset) in enumerate(zip(requests, offsets, strict=True)):
-            delay = origin + offset - time.perf_counter()
+            delay = origin + offset - clock()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await sleep(delay)
             tasks.append(asyncio.create_task(one(index, request)))
         records = list(await asyncio.gather(*tasks))
     finally:
         for task in tasks:
             task.cancel()  # a no-op for finished tasks; stops the rest on Ctrl-C
         bar.close()
-    return RunResult(records, time.perf_counter() - origin)
+    return RunResult(records, clock() - origin)

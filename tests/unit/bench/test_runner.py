@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 
 import numpy as np
 import pytest
@@ -44,21 +43,58 @@ def test_rate_must_be_positive(rate: float):
         arrival_offsets(3, rate, np.random.default_rng(0))
 
 
-async def _instant_send(index: int, request: BenchRequest, origin: float) -> RequestRecord:
-    start = time.perf_counter() - origin
-    return RequestRecord(index, True, "", start, 0.001, 0.001, [], None, 1)
+class VirtualClock:
+    """Time that moves only when the runner sleeps, so the schedule is checked exactly."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await asyncio.sleep(0)  # tasks already due run first, at the current time
+        self.now += seconds
 
 
 def test_run_load_follows_the_poisson_schedule():
+    clock = VirtualClock()
+
+    async def instant_send(index: int, request: BenchRequest, origin: float) -> RequestRecord:
+        return RequestRecord(index, True, "", clock() - origin, 0.001, 0.001, [], None, 1)
+
     load = LoadSpec(request_rate=400.0, seed=3, progress=False)
-    result = asyncio.run(run_load([REQUEST] * 300, _instant_send, load))
+    result = asyncio.run(
+        run_load([REQUEST] * 300, instant_send, load, clock=clock, sleep=clock.sleep)
+    )
     starts = np.asarray([r.start_s for r in result.records])
     expected = np.asarray(arrival_schedule(300, 400.0, seed=3))
-    assert np.all(starts >= expected - 1e-4)
-    assert np.median(starts - expected) < 0.005  # sleeps land on the schedule
+    # Each request is sent at its own arrival time, slept to on absolute times.
+    np.testing.assert_allclose(starts, expected, rtol=0, atol=1e-9)
+    assert len(clock.sleeps) == np.count_nonzero(np.diff(expected) > 0)
     rate = (len(starts) - 1) / (starts[-1] - starts[0])
     assert rate == pytest.approx(400.0, rel=0.2)
     assert [r.prompt_tokens for r in result.records] == [2] * 300  # filled from the dataset
+
+
+def test_a_late_loop_does_not_stretch_the_schedule():
+    """Sleeps overshoot by 3 ms each: later sleeps shrink, so arrivals never drift further."""
+    clock = VirtualClock()
+
+    async def late_sleep(seconds: float) -> None:
+        await clock.sleep(seconds + 0.003)
+
+    async def instant_send(index: int, request: BenchRequest, origin: float) -> RequestRecord:
+        return RequestRecord(index, True, "", clock() - origin, 0.001, 0.001, [], None, 1)
+
+    load = LoadSpec(request_rate=50.0, seed=5, progress=False)
+    result = asyncio.run(
+        run_load([REQUEST] * 100, instant_send, load, clock=clock, sleep=late_sleep)
+    )
+    lateness = np.asarray([r.start_s for r in result.records]) - arrival_schedule(100, 50.0, seed=5)
+    assert lateness.min() >= 0 and lateness.max() <= 0.003 + 1e-9
 
 
 def test_concurrency_limit_is_respected(fake: FakeOpenAI, base_url: str):
@@ -95,4 +131,4 @@ def test_without_a_limit_all_requests_run_together(fake: FakeOpenAI, base_url: s
 
     result = asyncio.run(go())
     assert fake.max_active == 8
-    assert result.duration_s < 0.2 * 8 / 2  # overlapped, not one after another
+    assert result.duration_s < 0.2 * 8  # overlapped: one after another would take 1.6 s
