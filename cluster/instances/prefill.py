@@ -13,7 +13,6 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 from cache_transfer.factory import make_shared_kv
 from cache_transfer.messages import (
@@ -36,6 +35,7 @@ from cluster.instances.common import (
 from cluster.instances.decode_picker import DecodePeer, DecodePicker
 from cluster.instances.engine_loop import EngineLoop
 from cluster.instances.messager_link import MessagerLink
+from cluster.instances.prefill_tracking import TrackedRequest, transfer_counter
 from cluster.instances.prepare_pool import (
     Preparation,
     PrepareHooks,
@@ -55,17 +55,6 @@ from engine.sampling_params import SamplingParams, SamplingParamsError
 from worker.engine_core import EngineCore, kv_layout_for, resolve_device
 
 
-@dataclass
-class _Tracked:
-    """P's view of a request from admission to the end of its transfer."""
-
-    reply_to: str
-    decode: str
-    timings: dict[str, float] = field(default_factory=dict)
-    transfer_started: float = 0.0  # monotonic, when the first token was sampled
-    cancel_sent: bool = False
-
-
 class PrefillInstance:
     role = Role.PREFILL
 
@@ -73,7 +62,7 @@ class PrefillInstance:
         self.name = name
         self.config = PdserveConfig.model_validate(config)
         self.counters = Counters()
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, TrackedRequest] = {}
         self._transfer_done: queue.SimpleQueue[TransferDone] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._messager_inbox: str | None = None
@@ -224,6 +213,7 @@ class PrefillInstance:
             if request.status is not RequestStatus.SENDING_KV:
                 self.core.abort_request(request_id)
             tracked.reply_to = ""  # the client is gone: publish nothing more
+            tracked.cancelled_on_purpose = True
         # The messager drains in-flight writes, frees D, then reports TransferDone.
         self._send_messager(CancelCache(request_id, "aborted", client_informed=True))
 
@@ -253,7 +243,7 @@ class PrefillInstance:
         rid = prep.request.request_id
         timings = {"arrival": prep.msg.arrival_time, "prepared": prep.prepared_at}
         with self.loop.lock:
-            self._tracked[rid] = _Tracked(prep.msg.reply_to, peer.name, timings)
+            self._tracked[rid] = TrackedRequest(prep.msg.reply_to, peer.name, timings)
             self.core.scheduler.add_request(prep.request)
         self.loop.wake()
 
@@ -297,6 +287,7 @@ class PrefillInstance:
                 self.link.send(PrefillDone(delta.request_id, delta.new_token_ids[0]))
             else:  # finished on P (EOS, max_tokens 1): D's reservation must go
                 tracked.reply_to = ""  # the client has its whole answer
+                tracked.cancelled_on_purpose = True
                 cancel = CancelCache(delta.request_id, "finished on prefill", client_informed=True)
                 self.link.send(cancel)
         self.publisher.publish(by_router)
@@ -316,7 +307,7 @@ class PrefillInstance:
             tracked = self._tracked.pop(done.request_id, None)
             self.core.scheduler.release_sent(done.request_id, status)
         self.pool.notify_progress()
-        self.counters.add("transfers_ok" if done.ok else "transfers_failed")
+        self.counters.add(transfer_counter(done, tracked))
         self.counters.add("transfer_bytes", done.nbytes)
         if done.ok:
             self.transfer_seconds.observe(done.seconds)

@@ -163,8 +163,8 @@ def wait_until(condition, timeout_s: float = 20.0) -> None:
 
 # Counters that move only when a request ended with an error inside the cluster, an instance ran
 # out of capacity, or a message was lost: in a run without faults or overload all stay at zero.
-# Not `transfers_failed`: it also counts transfers cancelled on purpose (a request that finished
-# on P, a client that left).
+# Transfers cancelled on purpose (a request that finished on P, a client that left) count as
+# `transfers_cancelled`, not here.
 FAILURE_COUNTERS = (
     "failed_requests",
     "overloaded_requests",
@@ -174,6 +174,7 @@ FAILURE_COUNTERS = (
     "leases_expired",
     "allocations_refused",
     "missed_tasks",
+    "transfers_failed",
 )
 
 

@@ -103,7 +103,8 @@ def test_stalled_messager_errors_then_recovers(dep, reference_outputs) -> None:
         assert response.status_code >= 500, response.text
         assert "transfer" in response.json()["error"]["message"].lower()
         assert elapsed < 30
-        assert_all_free(dep, timeout_s=45)
+        stats = assert_all_free(dep, timeout_s=45)
+        assert stats["prefill-0"]["counters"].get("transfers_failed", 0) >= 1
     finally:
         os.kill(pid, signal.SIGCONT)
     # The messager wakes to a backlog of stale work: it must write nothing (the write deadline

@@ -1,8 +1,7 @@
 """Per-step tensors built from the scheduler's chunks: model inputs and attention metadata.
 
-Every integer the step needs (token ids, positions, cache slots, block tables, ...) is packed into
-one Python list, turned into one tensor and copied to the device in one transfer; the pieces are
-views of that tensor. Built once per step and shared by all layers.
+Every integer the step needs is packed into one buffer and copied to the device in one transfer
+(worker/attention/packing.py). Built once per step and shared by all layers.
 
 Cache addressing: a layer tensor `[num_blocks, 2, block_size, kvh, hd]` viewed as rows
 `[num_blocks * 2 * block_size, kvh, hd]` holds position p of a request in row
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.batch import ScheduledChunk
+from worker.attention.packing import IntPacker, pack_tokens, padded_tables
 
 
 @dataclass
@@ -70,24 +70,6 @@ class StepInputs:
     attn: AttentionMetadata
 
 
-class _Packer:
-    """Collects int lists into one buffer and remembers where each piece starts."""
-
-    def __init__(self) -> None:
-        self.values: list[int] = []
-        self.spans: dict[str, tuple[int, int]] = {}
-
-    def add(self, name: str, values: list[int]) -> None:
-        self.spans[name] = (len(self.values), len(self.values) + len(values))
-        self.values.extend(values)
-
-    def to_device(self, device: torch.device) -> dict[str, torch.Tensor]:
-        flat = torch.tensor(self.values, dtype=torch.int64)
-        if device.type == "cuda":
-            flat = flat.pin_memory().to(device, non_blocking=True)
-        return {name: flat[a:b] for name, (a, b) in self.spans.items()}
-
-
 def prepare_step_inputs(
     chunks: list[ScheduledChunk],
     block_size: int,
@@ -99,11 +81,10 @@ def prepare_step_inputs(
     `sliding_window` is the model's (ModelArchConfig.sliding_window): None for full attention.
     """
     assert chunks, "empty step"
-    packer = _Packer()
-    _pack_tokens(packer, chunks, block_size)
+    packer = IntPacker()
+    starts = pack_tokens(packer, chunks, block_size)
     decode_idx = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
     prefill_idx = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
-    starts = _token_starts(chunks)
     blocks_per_seq = _pack_decode(packer, chunks, decode_idx, starts, block_size)
     for i in prefill_idx:
         if chunks[i].start_pos > 0:
@@ -114,8 +95,8 @@ def prepare_step_inputs(
     attn = AttentionMetadata(
         num_tokens=starts[-1],
         block_size=block_size,
-        k_rows=t["k_rows"],
-        v_rows=t["k_rows"] + block_size,
+        k_rows=t["slots"],
+        v_rows=t["slots"] + block_size,
         decode=_decode_group(t, decode_idx, blocks_per_seq, block_size, sliding_window),
         prefills=[_prefill_seq(t, chunks, i, starts[i], sliding_window) for i in prefill_idx],
     )
@@ -130,36 +111,8 @@ def prepare_step_inputs(
     )
 
 
-def _token_starts(chunks: list[ScheduledChunk]) -> list[int]:
-    starts = [0]
-    for c in chunks:
-        starts.append(starts[-1] + c.num_tokens)
-    return starts
-
-
-def _pack_tokens(packer: _Packer, chunks: list[ScheduledChunk], block_size: int) -> None:
-    input_ids: list[int] = []
-    positions: list[int] = []
-    k_rows: list[int] = []
-    logits_index: list[int] = []
-    rows_per_block = 2 * block_size
-    for c in chunks:
-        input_ids.extend(c.token_ids)
-        span = range(c.start_pos, c.end_pos)
-        positions.extend(span)
-        table = c.block_ids
-        assert len(table) * block_size >= c.end_pos, f"{c.request_id}: block table too short"
-        k_rows.extend(table[p // block_size] * rows_per_block + p % block_size for p in span)
-        if c.sample:
-            logits_index.append(len(input_ids) - 1)
-    packer.add("input_ids", input_ids)
-    packer.add("positions", positions)
-    packer.add("k_rows", k_rows)
-    packer.add("logits_index", logits_index)
-
-
 def _pack_decode(
-    packer: _Packer,
+    packer: IntPacker,
     chunks: list[ScheduledChunk],
     decode_idx: list[int],
     starts: list[int],
@@ -168,12 +121,7 @@ def _pack_decode(
     if not decode_idx:
         return 0
     seqs = [chunks[i] for i in decode_idx]
-    blocks_per_seq = max(-(-c.end_pos // block_size) for c in seqs)
-    tables: list[int] = []
-    for c in seqs:
-        used = c.block_ids[: -(-c.end_pos // block_size)]
-        tables.extend(used)
-        tables.extend([0] * (blocks_per_seq - len(used)))
+    tables, blocks_per_seq = padded_tables(seqs, block_size)
     packer.add("decode_tables", tables)
     packer.add("decode_lens", [c.end_pos for c in seqs])
     packer.add("decode_rows", [starts[i] for i in decode_idx])

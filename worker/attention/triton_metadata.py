@@ -1,9 +1,10 @@
 """Per-step tensors for the Triton backend, built from the scheduler's chunks.
 
 Like worker/attention/metadata.py, every integer is packed into one host tensor and moved with
-one transfer; the pieces are views. The differences: decode queries and prefill chunks each get
-their kernel's index arrays (rows, padded block tables, lengths, query tiles) instead of masks,
-and a cache slot of -1 means "write nothing" (padding rows of a CUDA-graph batch).
+one transfer (worker/attention/packing.py); the pieces are views. The differences: decode
+queries and prefill chunks each get their kernel's index arrays (rows, padded block tables,
+lengths, query tiles) instead of masks, and a cache slot of -1 means "write nothing" (padding
+rows of a CUDA-graph batch).
 This module imports no Triton, so the metadata is built and tested on any machine.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.batch import ScheduledChunk
+from worker.attention.packing import IntPacker, pack_tokens, padded_tables
 
 # Query rows per prefill program; the host cuts chunks into tiles of this many queries.
 PREFILL_BLOCK_M = 64
@@ -73,27 +75,18 @@ def prepare_triton_inputs(
 ) -> TritonStepInputs:
     """Model inputs and Triton attention metadata for one step's chunks (any mix)."""
     assert chunks, "empty step"
-    values: list[int] = []
-    spans: dict[str, tuple[int, int]] = {}
-
-    def add(name: str, items: list[int]) -> None:
-        spans[name] = (len(values), len(values) + len(items))
-        values.extend(items)
-
-    starts = _pack_tokens(add, chunks, block_size)
+    packer = IntPacker()
+    starts = pack_tokens(packer, chunks, block_size)
     decode_idx = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
     prefill_idx = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
-    decode_mb = _pack_seqs(add, "dec", [chunks[i] for i in decode_idx], block_size)
-    add("dec_rows", [starts[i] for i in decode_idx])
-    prefill_mb = _pack_seqs(add, "pre", [chunks[i] for i in prefill_idx], block_size)
-    add("pre_starts", [starts[i] for i in prefill_idx])
+    decode_mb = _pack_seqs(packer, "dec", [chunks[i] for i in decode_idx], block_size)
+    packer.add("dec_rows", [starts[i] for i in decode_idx])
+    prefill_mb = _pack_seqs(packer, "pre", [chunks[i] for i in prefill_idx], block_size)
+    packer.add("pre_starts", [starts[i] for i in prefill_idx])
     tile_seq, tile_start = _prefill_tiles([chunks[i] for i in prefill_idx])
-    add("tile_seq", tile_seq)
-    add("tile_start", tile_start)
-
-    flat = torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda")
-    flat = flat.to(device, non_blocking=True)
-    t = {name: flat[a:b] for name, (a, b) in spans.items()}
+    packer.add("tile_seq", tile_seq)
+    packer.add("tile_start", tile_start)
+    t = packer.to_device(device)
     decode = None
     if decode_idx:
         lens = [chunks[i].end_pos for i in decode_idx]
@@ -130,44 +123,14 @@ def prepare_triton_inputs(
     )
 
 
-def _pack_tokens(add, chunks: list[ScheduledChunk], block_size: int) -> list[int]:
-    """Token ids, positions, cache slots and sampled rows; returns each chunk's first row."""
-    input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    logits_index: list[int] = []
-    starts = [0]
-    rows_per_block = 2 * block_size
-    for c in chunks:
-        input_ids.extend(c.token_ids)
-        span = range(c.start_pos, c.end_pos)
-        positions.extend(span)
-        table = c.block_ids
-        assert len(table) * block_size >= c.end_pos, f"{c.request_id}: block table too short"
-        slots.extend(table[p // block_size] * rows_per_block + p % block_size for p in span)
-        if c.sample:
-            logits_index.append(len(input_ids) - 1)
-        starts.append(len(input_ids))
-    add("input_ids", input_ids)
-    add("positions", positions)
-    add("slots", slots)
-    add("logits_index", logits_index)
-    return starts
-
-
-def _pack_seqs(add, prefix: str, seqs: list[ScheduledChunk], block_size: int) -> int:
+def _pack_seqs(packer: IntPacker, prefix: str, seqs: list[ScheduledChunk], block_size: int) -> int:
     """Padded block tables, lengths and contexts of a group; returns the table width."""
-    mb = max((-(-c.end_pos // block_size) for c in seqs), default=0)
-    tables: list[int] = []
-    for c in seqs:
-        used = c.block_ids[: -(-c.end_pos // block_size)]
-        tables.extend(used)
-        tables.extend([0] * (mb - len(used)))
-    add(f"{prefix}_tables", tables)
-    add(f"{prefix}_lens", [c.end_pos for c in seqs])
-    add(f"{prefix}_qlens", [c.num_tokens for c in seqs])
-    add(f"{prefix}_ctx", [c.start_pos for c in seqs])
-    return mb
+    tables, width = padded_tables(seqs, block_size)
+    packer.add(f"{prefix}_tables", tables)
+    packer.add(f"{prefix}_lens", [c.end_pos for c in seqs])
+    packer.add(f"{prefix}_qlens", [c.num_tokens for c in seqs])
+    packer.add(f"{prefix}_ctx", [c.start_pos for c in seqs])
+    return width
 
 
 def _prefill_tiles(seqs: list[ScheduledChunk]) -> tuple[list[int], list[int]]:

@@ -1,0 +1,73 @@
+"""The Triton backend's per-step metadata, built on the CPU (it imports no Triton)."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.batch import ScheduledChunk
+from engine.sampling_params import SamplingParams
+from worker.attention.metadata import prepare_step_inputs
+from worker.attention.triton_metadata import PREFILL_BLOCK_M, prepare_triton_inputs
+
+BLOCK = 4
+CPU = torch.device("cpu")
+
+
+def chunk(rid: str, n: int, start: int, blocks: list[int], sample: bool = True) -> ScheduledChunk:
+    return ScheduledChunk(rid, list(range(100, 100 + n)), start, blocks, sample, SamplingParams())
+
+
+def mixed_step() -> list[ScheduledChunk]:
+    return [
+        chunk("dec-a", 1, 9, [7, 3, 5]),  # position 9: block 5, offset 1
+        chunk(
+            "pre-b",
+            70,
+            6,
+            [2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26],
+        ),
+        chunk("dec-c", 1, 2, [4]),
+        chunk("pre-d", 5, 0, [1, 6], sample=False),  # a chunk that does not sample
+    ]
+
+
+def test_token_rows_positions_and_slots() -> None:
+    chunks = mixed_step()
+    inputs = prepare_triton_inputs(chunks, BLOCK, CPU, None)
+    assert inputs.input_ids.tolist() == [t for c in chunks for t in c.token_ids]
+    assert inputs.positions[:1].tolist() == [9] and inputs.positions[1:3].tolist() == [6, 7]
+    slots = inputs.attn.slots.tolist()
+    assert slots[0] == 5 * 2 * BLOCK + 1  # K row of position 9; V is BLOCK rows on
+    assert slots[71] == 4 * 2 * BLOCK + 2  # dec-c, position 2 of block 4
+    assert slots[72:77] == [8, 9, 10, 11, 6 * 2 * BLOCK]  # pre-d: block 1 then block 6
+    # Rows that sample: the last of each sampling chunk; pre-d does not sample.
+    assert inputs.logits_index.tolist() == [0, 70, 71]
+    assert inputs.sample_chunks == [0, 1, 2]
+    # The torch backend packs the same slots.
+    torch_attn = prepare_step_inputs(chunks, BLOCK, CPU, None).attn
+    assert torch_attn.k_rows.tolist() == slots
+    assert (torch_attn.v_rows - torch_attn.k_rows).tolist() == [BLOCK] * len(slots)
+
+
+def test_decode_and_prefill_groups() -> None:
+    attn = prepare_triton_inputs(mixed_step(), BLOCK, CPU, 16).attn
+    decode, prefill = attn.decode, attn.prefill
+    assert decode is not None and prefill is not None and attn.sliding_window == 16
+    assert decode.rows.tolist() == [0, 71] and decode.lens.tolist() == [10, 3]
+    assert decode.max_len == 10
+    # Tables hold the blocks up to each end, padded with block 0 to one width.
+    assert decode.tables.tolist() == [[7, 3, 5], [4, 0, 0]]
+    assert prefill.q_starts.tolist() == [1, 72] and prefill.q_lens.tolist() == [70, 5]
+    assert prefill.ctx.tolist() == [6, 0]
+    assert prefill.tables.shape == (2, 19)  # pre-b ends at 76: 19 blocks
+    assert prefill.tables[1].tolist()[:3] == [1, 6, 0]
+    # pre-b's 70 queries make two tiles, pre-d's 5 one.
+    assert prefill.num_tiles == 3
+    assert prefill.tile_seq.tolist() == [0, 0, 1]
+    assert prefill.tile_start.tolist() == [0, PREFILL_BLOCK_M, 0]
+
+
+def test_decode_only_step_samples_every_row() -> None:
+    inputs = prepare_triton_inputs([chunk("a", 1, 3, [1]), chunk("b", 1, 0, [2])], BLOCK, CPU, None)
+    assert inputs.logits_index is None  # every row samples: no gather needed
+    assert inputs.attn.prefill is None and inputs.attn.decode.num_seqs == 2
