@@ -12,8 +12,8 @@ bandwidth, and how much of the transfer layer-wise streaming hides behind the pr
    the bytes are checked on D. Median of --iters.
 3. End to end: 1P1D sharing the GPU (num_gpus 0.5 each, random bf16 weights of the 8B shape,
    `model.load_format: random`), prompts sent one at a time: the router's TTFT split, and the
-   transfer phase (first token sampled on P -> KV complete on D) as a share of the prefill.
-   Goal: <= 10% at 4k tokens.
+   transfer phase (first token sampled on P -> KV complete on D) as a share of the prefill,
+   and its three parts. Goal: <= 10% at 4k tokens.
 Prints one table; --out writes the numbers as JSON.
 """
 
@@ -49,6 +49,9 @@ from cluster.launcher import deploy
 
 SHAPE = SHAPES["llama3-8b"]
 BLOCK = 16
+# The transfer phase's parts (cluster/router/timings.py): P's signals reach the messager, the
+# last writes finish, D takes the completion message.
+TRANSFER = ("signals", "writes", "notify")
 
 
 def kv_layout(prompt_tokens: int) -> KVLayout:
@@ -267,6 +270,9 @@ def print_table(copy_bw: float, transfer: dict, e2e: dict[int, dict]) -> None:
         print(f"| {length}-token prompt: prefill p50 | {prefill:.1f} ms |")
         share = f"{xfer:.2f} ms ({xfer / prefill:.1%} of prefill)"
         print(f"| {length}-token prompt: prefill end -> KV complete on D, p50 | {share} |")
+        parts = [split.get(f"transfer_{p}", {}).get("p50_ms", float("nan")) for p in TRANSFER]
+        what = f"{length}-token prompt: of which signals / writes / notify, p50"
+        print(f"| {what} | {' / '.join(f'{v:.2f}' for v in parts)} ms |")
         print(f"| {length}-token prompt: first decode step p50 | {first:.1f} ms |")
 
 

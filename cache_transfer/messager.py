@@ -134,8 +134,9 @@ class CacheMessager:
             outcome.ok,
             st.first_token_id if st.first_token_id is not None else -1,
             outcome.error,
-            st.prefill_done_wall,
-            st.client_informed,
+            client_informed=st.client_informed,
+            signalled_time=max(st.prefill_done_wall, st.all_issued_wall),
+            writes_done_time=st.writes_done_wall,
         )
         self._send(st.task.decode_inbox, done)
         self._send(

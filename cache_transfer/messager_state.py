@@ -27,8 +27,10 @@ class TaskState:
     created: float = field(default_factory=time.monotonic)
     handles: list[TransferHandle] = field(default_factory=list)
     first_token_id: int | None = None
-    prefill_done_wall: float = 0.0
+    prefill_done_wall: float = 0.0  # when the first token came (PrefillDone)
     all_issued: bool = False
+    all_issued_wall: float = 0.0  # when the last layer's writes were issued
+    writes_done_wall: float = 0.0  # when every write was seen DONE
     failure: str = ""
     client_informed: bool = False
     nbytes: int = 0
@@ -163,6 +165,7 @@ class MessagerState:
         if state.failure:
             return Outcome(state, False, state.failure, seconds)
         if state.all_issued and state.first_token_id is not None:
+            state.writes_done_wall = time.time()
             return Outcome(state, True, "", seconds)
         return None
 
@@ -189,6 +192,7 @@ class MessagerState:
             self.counters["writes"] += 1
         if last and layer == self.num_layers - 1:
             state.all_issued = True
+            state.all_issued_wall = time.time()
 
     def _defer(self, request_id: str, layer: int, end_pos: int, last: bool) -> None:
         deferred = self.deferred.get(request_id)

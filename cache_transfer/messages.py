@@ -81,5 +81,8 @@ class KvComplete:
     ok: bool
     first_token_id: int = -1
     error: str = ""
-    prefill_done_time: float = 0.0  # wall clock, for the TTFT split
+    # Wall-clock stamps on the messager, for the TTFT split: when it had the last layer's signal
+    # and the first token (every write issued), and when it saw every write DONE.
+    signalled_time: float = 0.0
+    writes_done_time: float = 0.0
     client_informed: bool = False  # on failure: whether D should stay silent to the router

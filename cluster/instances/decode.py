@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cache_transfer.factory import make_backend, regions_of_tensors
 from cache_transfer.messages import KvComplete
@@ -45,8 +45,8 @@ class _Remote:
     router_inbox: str
     reserved_at: float  # monotonic, starts the KV lease
     aborted: bool = False  # client gone while KV may still be in flight
-    kv_complete_wall: float = 0.0
-    prefill_done_wall: float = 0.0
+    # Wall-clock stamps of the transfer, for the router's TTFT split.
+    transfer_stamps: dict[str, float] = field(default_factory=dict)
 
 
 class DecodeInstance:
@@ -150,8 +150,11 @@ class DecodeInstance:
                     reason=f"KV transfer failed: {reason}",
                 )
                 return
-            remote.kv_complete_wall = wall_time()
-            remote.prefill_done_wall = msg.prefill_done_time
+            remote.transfer_stamps = {
+                "kv_signalled": msg.signalled_time,
+                "writes_done": msg.writes_done_time,
+                "kv_complete": wall_time(),
+            }
             delta = self.core.scheduler.start_remote(msg.request_id, msg.first_token_id)
         self.counters.add("kv_complete")
         if delta is not None and delta.finished:
@@ -217,7 +220,7 @@ class DecodeInstance:
                     continue
                 timings = {}
                 if delta.first_index == 1:  # the first token D computed
-                    timings = {"kv_complete": remote.kv_complete_wall, "first_decode_step": now}
+                    timings = {**remote.transfer_stamps, "first_decode_step": now}
                 by_router[remote.router_inbox].append(TokenPublisher.item(delta, **timings))
                 if delta.finished:
                     del self._remote[delta.request_id]

@@ -1,8 +1,9 @@
 """Server-side split of TTFT: where a request's time went before its first decode token.
 
 Instances stamp wall-clock times into the TokenItems they send (P: arrival, prepared,
-prefill_start, prefill_end; D: kv_complete, first_decode_step). The router turns each finished
-request's stamps into phase durations and keeps the most recent ones for stats and metrics.
+prefill_start, prefill_end; the messager, through D: kv_signalled, writes_done; D: kv_complete,
+first_decode_step). The router turns each finished request's stamps into phase durations and
+keeps the most recent ones for stats and metrics.
 """
 
 from __future__ import annotations
@@ -18,13 +19,21 @@ PHASES = (
     ("transfer", "prefill_end", "kv_complete"),  # KV on D after the first token was sampled
     ("first_decode_step", "kv_complete", "first_decode_step"),
 )
+# The transfer phase in three consecutive parts, stamped by the cache messager: until it had the
+# last layer's signal and the first token (P's signal line), until every write was DONE (the
+# copy still behind), and until D's control thread took the KvComplete message.
+TRANSFER_PARTS = (
+    ("transfer_signals", "prefill_end", "kv_signalled"),
+    ("transfer_writes", "kv_signalled", "writes_done"),
+    ("transfer_notify", "writes_done", "kv_complete"),
+)
 
 
 def phase_durations(stamps: dict[str, float]) -> dict[str, float]:
     """Durations in seconds of the phases whose two stamps are both present."""
     return {
         name: stamps[end] - stamps[start]
-        for name, start, end in PHASES
+        for name, start, end in PHASES + TRANSFER_PARTS
         if start in stamps and end in stamps
     }
 
@@ -47,7 +56,7 @@ class TimingSplit:
     def summary(self) -> dict[str, dict[str, float]]:
         """Per phase: count, mean and median in milliseconds."""
         out = {}
-        for name, _, _ in PHASES:
+        for name, _, _ in PHASES + TRANSFER_PARTS:
             values = [s[name] * 1000 for s in self._samples if name in s]
             if values:
                 out[name] = {

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-PROTOCOL_VERSION = 2  # 2: TokenItem.logprobs, .decode_instance
+PROTOCOL_VERSION = 3  # 2: TokenItem.logprobs, .decode_instance; 3: KvComplete stamps
 _EXT_NESTED = 1
 
 _BY_ID: dict[int, type] = {}

@@ -148,6 +148,13 @@ def test_prometheus_metrics_aggregate_router_and_instances(dep) -> None:
     assert samples[("pdserve_requests_total", (("outcome", "length"),))] >= 1
     phase = ("pdserve_ttft_phase_seconds_count", (("phase", "transfer"),))
     assert samples[phase] >= 1
+    # The messager's stamps split the transfer into three parts that add up to it.
+    parts = ("transfer_signals", "transfer_writes", "transfer_notify")
+    for part in parts:
+        assert samples[("pdserve_ttft_phase_seconds_count", (("phase", part),))] == samples[phase]
+    parts_s = sum(samples[("pdserve_ttft_phase_seconds_sum", (("phase", p),))] for p in parts)
+    transfer_s = samples[("pdserve_ttft_phase_seconds_sum", (("phase", "transfer"),))]
+    assert parts_s == pytest.approx(transfer_s, abs=1e-6)
     assert (
         "pdserve_instance_kv_blocks_used",
         (("instance", "decode-0"), ("role", "decode")),

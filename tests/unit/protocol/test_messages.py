@@ -36,7 +36,7 @@ SAMPLES = [
     cache_msgs.PrefillDone("r1", 42),
     cache_msgs.CancelCache("r1", "aborted"),
     cache_msgs.TransferDone("r1", True, "", 1024, 0.01),
-    cache_msgs.KvComplete("r1", True, 42, "", 1.0),
+    cache_msgs.KvComplete("r1", True, 42, "", 1.0, 1.5),
 ]
 
 
