@@ -2,8 +2,9 @@
 
 Deploys a topology (default: configs/tiny-1p1d.yaml on an embedded local Ray), sends requests
 one at a time (so no queueing), and prints the router's TTFT split: prepare (P's blocks + D's
-allocation), prefill queue, prefill, KV transfer (first token sampled -> KV complete on D) and
-the first decode step, next to the client-side TTFT.
+allocation), prefill queue, prefill, KV transfer (first token sampled -> KV complete on D; then
+its parts: P's signals reaching the messager, the writes still behind, D taking the completion)
+and the first decode step, next to the client-side TTFT.
 
     python benchmarks/pd_time_split.py [--config configs/tiny-1p1d.yaml] [--prompt-tokens 512]
 """
@@ -73,7 +74,9 @@ def main() -> None:
     print("| phase | mean ms | p50 ms |")
     print("| --- | ---: | ---: |")
     for phase, values in split.items():
-        print(f"| {phase} | {values['mean_ms']:.1f} | {values['p50_ms']:.1f} |")
+        # The transfer's parts (messager stamps) print as "transfer: signals", etc.
+        label = phase.replace("transfer_", "transfer: ", 1)
+        print(f"| {label} | {values['mean_ms']:.2f} | {values['p50_ms']:.2f} |")
     print(
         f"| TTFT at the client | {statistics.fmean(ttfts):.1f} | {statistics.median(ttfts):.1f} |"
     )
