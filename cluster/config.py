@@ -17,6 +17,11 @@ class TransferBackendName(str, enum.Enum):
     TCP = "tcp"
 
 
+class RouterPlacement(str, enum.Enum):
+    DRIVER_NODE = "driver_node"  # the node `pdserve serve` runs on (the head, after `ray up`)
+    ANY = "any"  # wherever Ray finds room
+
+
 class PlacementConfig(StrictModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per instance (Ray resources).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per instance; fractions share a GPU.")
@@ -58,6 +63,11 @@ class RouterConfig(StrictModel):
     )
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the router actor.")
+    placement: RouterPlacement = Field(
+        RouterPlacement.DRIVER_NODE,
+        description="driver_node: the router runs on the node that deploys (so its port is "
+        "where `pdserve serve` ran); any: wherever Ray has room.",
+    )
 
 
 class PrefillConfig(StrictModel):

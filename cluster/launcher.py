@@ -15,15 +15,19 @@ from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 from cache_transfer.messager import CacheMessager
-from cluster.config import PdserveConfig, PlacementConfig
+from cluster.config import PdserveConfig, PlacementConfig, RouterPlacement
 from cluster.instances.decode import DecodeInstance
 from cluster.instances.mixed import MixedInstance
 from cluster.instances.prefill import PrefillInstance
 from cluster.router.actor import RouterActor
 from cluster.supervisor import Supervisor
+from engine.errors import DeployError
 from worker.engine_core import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -104,7 +108,8 @@ class Deployment:
         actors = [a for a in [*self.instances, *self.messagers] if a is not None]
         refs = [a.shutdown.remote() for a in actors]
         if self.router is not None:
-            refs.append(self.router.stop.remote())
+            if self.url:  # a router that never started has no server to stop: only kill it
+                refs.append(self.router.stop.remote())
             actors.append(self.router)
         try:
             ray.get(refs, timeout=timeout_s)
@@ -280,14 +285,37 @@ def _start_router(dep: Deployment) -> None:
             namespace=cfg.cluster.namespace,
             num_cpus=cfg.router.num_cpus,
             max_concurrency=_ACTOR_CONCURRENCY,
+            **_router_placement(cfg),
         )
         .remote(raw, str(resolve_model_path(cfg.model)), _router_host(cfg), dep.max_model_len)
     )
+    dep.router = router  # set first, so that stop() removes it whatever happens next
     endpoints = [{"name": e["name"], "role": e["role"], "inbox": e["inbox"]} for e in dep.endpoints]
-    dep.url = ray.get(
-        router.start.remote(endpoints, dep.instances), timeout=cfg.cluster.startup_timeout_s
-    )
-    dep.router = router
+    try:
+        dep.url = ray.get(
+            router.start.remote(endpoints, dep.instances), timeout=cfg.cluster.startup_timeout_s
+        )
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnschedulableError) as exc:
+        where = (
+            "this node (router.placement: driver_node)"
+            if cfg.router.placement is RouterPlacement.DRIVER_NODE
+            else "a node"
+        )
+        raise DeployError(
+            f"the router could not start within cluster.startup_timeout_s "
+            f"({cfg.cluster.startup_timeout_s:g} s): it needs router.num_cpus "
+            f"({cfg.router.num_cpus:g}) free CPUs on {where} ({type(exc).__name__})"
+        ) from exc
+
+
+def _router_placement(cfg: PdserveConfig) -> dict[str, Any]:
+    """Scheduling options of the router actor (`router.placement`)."""
+    if cfg.router.placement is RouterPlacement.ANY:
+        return {}
+    # Hard affinity: without room there, start-up fails with an error that says so, instead
+    # of the router's port opening on some other node.
+    node_id = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
 
 
 def _router_host(cfg: PdserveConfig) -> str | None:
@@ -303,5 +331,8 @@ def wait_ready(dep: Deployment, timeout_s: float) -> None:
         if all(ready):
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"instances not ready after {timeout_s:.0f} s: {ready}")
+            labels = dep.names("prefill", "decode", "mixed")
+            labels += [f"messager-{i}" for i in range(len(dep.messagers))]
+            names = [n for n, ok in zip(labels, ready, strict=True) if not ok]
+            raise DeployError(f"instances not ready after {timeout_s:.0f} s: {names}")
         time.sleep(0.2)

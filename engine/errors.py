@@ -9,3 +9,7 @@ class PdserveError(Exception):
 
 class ConfigError(PdserveError, ValueError):
     """A config file or value is invalid; the message names the key."""
+
+
+class DeployError(PdserveError, RuntimeError):
+    """The cluster could not place or start what the config asks for; the message says why."""

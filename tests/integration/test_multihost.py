@@ -262,6 +262,8 @@ def _check_placement(result: dict, ns_ids: dict[str, str]) -> None:
     assert _host(where["prefill-0"]["inbox"]) == IP_A
     assert _host(where["decode-0"]["inbox"]) == IP_B
     assert _host(where["router"]["url"]) == where["router"]["node_ip"]
+    # router.placement driver_node (the default): the router runs where the driver deployed.
+    assert where["router"]["node_ip"] == IP_A, where["router"]
     # Label selectors, through the launcher's own option builders.
     probes = result["label_probes"]
     assert probes["prefill"] == {"actor": IP_A, "bundle": IP_A}, probes

@@ -10,7 +10,10 @@ import time
 
 import httpx
 import pytest
+import ray
 
+from cluster.launcher import Deployment, _start_router
+from engine.errors import DeployError
 from tests.integration.conftest import MAX_TOKENS
 from tests.integration.harness import (
     assert_all_free,
@@ -132,6 +135,24 @@ def test_pdserve_status_lists_every_instance(dep) -> None:
     for name in ("prefill-0", "decode-0", "messager-0", dep.url):
         assert name in result.stdout
     assert "/" in result.stdout.split("prefill-0", 1)[1].splitlines()[0]  # KV used/total
+
+
+def test_router_without_room_on_the_driver_node_fails_start_up_clearly(dep) -> None:
+    # The cluster of `dep` is running; this router asks for more CPUs than the node has, and
+    # router.placement driver_node (the default) forbids Ray to put it elsewhere.
+    cluster = {"startup_timeout_s": 2, "namespace": "router-placement-test"}
+    config = small_config(router={"num_cpus": 10_000}, cluster=cluster)
+    # The live deployment's instances: the router only reads their endpoints and handles.
+    failed = Deployment(config, endpoints=dep.endpoints)
+    try:
+        with pytest.raises(DeployError, match=r"router\.num_cpus \(10000\).*driver_node"):
+            _start_router(failed)
+    finally:
+        failed.stop(timeout_s=5)
+    left = ray.util.list_named_actors(all_namespaces=True)
+    assert not [a for a in left if a["namespace"] == "router-placement-test"], left
+    # The deployment under test still serves.
+    assert httpx.get(f"{dep.url}/health", timeout=10).status_code == 200
 
 
 def test_prometheus_metrics_aggregate_router_and_instances(dep) -> None:

@@ -24,6 +24,7 @@ def test_shipped_configs_load(path: Path) -> None:
         ({"model": {"load_format": "pickle"}}, "model.load_format"),
         ({"decode": {"engine": {"scheduler": {"block_size": 0}}}}, "decode.engine.scheduler"),
         ({"router": {"port": 70000}}, "router.port"),
+        ({"router": {"placement": "head"}}, "router.placement"),
         ({"prefill": {"instances": 1}, "decode": {"instances": 0}}, "decode.instances"),
         (
             {"model": {"device": "cuda"}, "decode": {"placement": {"num_gpus": 1}}},
