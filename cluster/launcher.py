@@ -85,12 +85,17 @@ class Deployment:
     def instances(self) -> list[Any]:
         return [*self.prefills, *self.decodes, *self.mixed]
 
+    def named_workers(self) -> dict[str, Any]:
+        """Every instance and cache messager by name (the router aside)."""
+        named = {n: self.actor(n) for n in self.names("prefill", "decode", "mixed")}
+        named.update({f"messager-{i}": m for i, m in enumerate(self.messagers)})
+        return named
+
     def stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Every actor's stats by name; an actor that does not answer in time (stalled, dead)
         appears as {"name", "error"}."""
         actors = {"router": self.router} if self.router is not None else {}
-        actors.update({f"messager-{i}": m for i, m in enumerate(self.messagers)})
-        actors.update({n: self.actor(n) for n in self.names("prefill", "decode", "mixed")})
+        actors.update(self.named_workers())
         refs = {name: actor.stats.remote() for name, actor in actors.items()}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         done = set(ready)
@@ -325,14 +330,12 @@ def _router_host(cfg: PdserveConfig) -> str | None:
 
 def wait_ready(dep: Deployment, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    actors = [*dep.instances, *dep.messagers]
+    workers = dep.named_workers()
     while True:
-        ready = ray.get([a.is_ready.remote() for a in actors], timeout=timeout_s)
+        ready = ray.get([a.is_ready.remote() for a in workers.values()], timeout=timeout_s)
         if all(ready):
             return
         if time.monotonic() > deadline:
-            labels = dep.names("prefill", "decode", "mixed")
-            labels += [f"messager-{i}" for i in range(len(dep.messagers))]
-            names = [n for n, ok in zip(labels, ready, strict=True) if not ok]
+            names = [n for n, ok in zip(workers, ready, strict=True) if not ok]
             raise DeployError(f"instances not ready after {timeout_s:.0f} s: {names}")
         time.sleep(0.2)
