@@ -108,6 +108,11 @@ class DecodeConfig(StrictModel):
 
 class MixedConfig(StrictModel):
     instances: int = Field(0, ge=0, description="Colocated (prefill+decode) instances.")
+    overlap_schedule: bool | None = Field(
+        None,
+        description="Overlap schedule (execute N, save N-1) for the colocated batch of prefill "
+        "chunks and decode rows; default: on for GPU, off for CPU (there it only costs).",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Batching and KV.")
     placement: PlacementConfig = Field(default_factory=PlacementConfig, description="Where.")
 

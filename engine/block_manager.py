@@ -146,7 +146,10 @@ class BlockManager:
         """Publish hashes of the request's blocks that are now full of computed tokens."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        # Under the overlap schedule num_computed_tokens counts a position whose token is still
+        # on the device: only blocks whose tokens are all known are hashed.
+        known = min(request.num_computed_tokens, request.num_tokens)
+        num_full = min(known // self.block_size, len(request.block_ids))
         done, parent = self._committed.get(request.request_id, (0, _ROOT_HASH))
         if num_full <= done:
             return

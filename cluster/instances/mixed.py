@@ -25,7 +25,7 @@ from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenItem
 from engine.request import Request
 from engine.sampling_params import SamplingParams, SamplingParamsError
-from worker.engine_core import EngineCore
+from worker.engine_core import EngineCore, resolve_overlap
 
 
 class MixedInstance:
@@ -41,7 +41,10 @@ class MixedInstance:
     def setup(self) -> dict:
         """Load the model, bind the inbox, start the threads; returns the endpoint."""
         self.host = advertised_host(self.config)
-        self.core = EngineCore(self.config.model, self.config.mixed.engine, Role.MIXED)
+        overlap = resolve_overlap(self.config.mixed.overlap_schedule, self.config.model)
+        self.core = EngineCore(
+            self.config.model, self.config.mixed.engine, Role.MIXED, overlap=overlap
+        )
         self.senders = SenderPool()
         self.publisher = TokenPublisher(self.name, self.senders, self.counters)
         self.loop = EngineLoop(

@@ -139,3 +139,36 @@ def test_overlap_equals_sequential_with_eos_and_preemption(models) -> None:
         assert core.scheduler.num_preemptions > 0
     assert runs[0] == runs[1]
     assert len(runs[1][0]) == reference[0].index(eos[0]) + 1
+
+
+def test_mixed_overlap_with_graphs_equals_sequential(models) -> None:
+    """A colocated (mixed) instance under load: requests arrive while steps are in flight, so
+    prefill chunks (eager) and decode-only steps (CUDA graphs) alternate; seeded sampling,
+    penalties, logprobs, prefix hits and preemption included. Overlap == sequential."""
+    from engine.config import Role
+    from tests.unit.worker.test_mixed_overlap import assert_same, requests, run
+
+    path, hf_model = models["mid"]
+    vocab = hf_model.config.vocab_size
+    prompts = prompts_for(vocab) * 3
+    arrivals = lambda: [(3 * i, r) for i, r in enumerate(requests(prompts, NEW_TOKENS))]  # noqa: E731
+    results = []
+    for overlap in (False, True):
+        engine = EngineConfig.model_validate(
+            {
+                "scheduler": {
+                    "max_num_seqs": 16,
+                    "max_num_batched_tokens": 64,
+                    "block_size": 16,
+                    "enable_prefix_caching": True,
+                },
+                "cache": {"num_blocks": 60},
+            }
+        )
+        model = ModelConfig(path=str(path), device="cuda", dtype="float32")
+        core = EngineCore(model, engine, Role.MIXED, overlap=overlap)
+        assert core.runner.graphs is not None
+        results.append(run(core, arrivals()))
+        assert core.runner.graphs.replays > 0  # decode-only steps replayed graphs
+        assert core.block_manager.prefix_hits > 0
+    assert_same(results[0], results[1])

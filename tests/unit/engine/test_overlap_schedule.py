@@ -89,3 +89,29 @@ def test_max_tokens_known_in_advance_schedules_no_extra_step() -> None:
         in_flight = (out, result) if result is not None else None
     assert steps == 3  # prefill + 2 decodes: never a 4th step for a token past max_tokens
     assert_nothing_leaked(sched)
+
+
+def test_generated_blocks_are_cached_as_in_sequential_mode() -> None:
+    """A block filled by decoding is hashed only once all its tokens are known, so a second
+    turn (prompt + answer + more) hits the cache as far under overlap as sequentially."""
+    from engine.block_manager import block_hashes
+
+    prompt = [7] * 7
+    hits = []
+    for overlapped in (False, True):
+        sched = make_scheduler(block_size=4, enable_prefix_caching=True)
+        sched.add_request(make_request("turn1", prompt, max_tokens=9))
+        if overlapped:
+            outputs, _ = run_overlapped(sched)
+        else:
+            from tests.unit.engine.helpers import run_to_completion
+
+            outputs = run_to_completion(sched)
+        answer = outputs["turn1"]
+        follow_up = prompt + answer + [9, 9, 9]
+        cached = sched.block_manager.match_prefix(follow_up)
+        # Every full block of prompt + answer but the one holding the last, never-computed token.
+        assert len(cached) == (len(prompt) + len(answer) - 1) // 4
+        assert len(block_hashes(follow_up, 4)) > len(cached)
+        hits.append(len(cached))
+    assert hits[0] == hits[1]
