@@ -145,6 +145,115 @@ class ClusterConfig(StrictModel):
     )
 
 
+class SloConfig(StrictModel):
+    """The latency a request must meet to count as served well (goodput)."""
+
+    ttft_ms: float = Field(
+        1000.0, gt=0, description="Time to first token a request must meet, in milliseconds."
+    )
+    tpot_ms: float = Field(
+        100.0,
+        gt=0,
+        description="Mean time per output token after the first a request must meet, in ms.",
+    )
+    attainment_target: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Fraction of requests that must meet both bounds; below it the elastic "
+        "controller counts the SLO as missed.",
+    )
+    window_s: float = Field(
+        30.0, gt=0, description="Requests finished within this many seconds make up attainment."
+    )
+
+
+class ElasticConfig(StrictModel):
+    """The controller that switches instances between prefill and decode (and adds or removes
+    instances) to keep the SLO; see cluster/elastic/."""
+
+    enabled: bool = Field(False, description="Run the elastic controller.")
+    min_prefill_instances: int = Field(
+        1, ge=1, description="The controller never leaves fewer prefill instances than this."
+    )
+    min_decode_instances: int = Field(
+        1, ge=1, description="The controller never leaves fewer decode instances than this."
+    )
+    decision_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between two looks at the cluster's state."
+    )
+    hysteresis: int = Field(
+        2,
+        ge=1,
+        description="Consecutive decisions that must see the same imbalance before the "
+        "controller acts on it (one noisy sample never switches an instance).",
+    )
+    cooldown_s: float = Field(
+        10.0,
+        ge=0,
+        description="After a switch, no other switch for this long, so the effect of the last "
+        "one shows in the figures before the next is decided.",
+    )
+    max_switch_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Most of one role's instances switched by one decision (at least one).",
+    )
+    prefill_backlog_high_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Mean prompt tokens queued per prefill instance above which prefill counts "
+        "as short of capacity.",
+    )
+    prefill_busy_low: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Mean busy fraction of the prefill instances below which prefill has "
+        "instances to spare (after a switch away it must stay under prefill_busy_high).",
+    )
+    prefill_busy_high: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="Mean busy fraction of prefill instances above which prefill counts as short.",
+    )
+    decode_kv_high: float = Field(
+        0.85,
+        gt=0,
+        le=1,
+        description="Mean KV use of decode instances above which decode counts as short (and "
+        "which a switch away from decode must not push them over).",
+    )
+    drain_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait for an instance's work in its old role to finish; decoding "
+        "requests still running then move to another decode instance.",
+    )
+    autoscale: bool = Field(
+        False,
+        description="Ask Ray's autoscaler for another instance when every instance is busy and "
+        "the SLO is missed; remove idle ones after scale_down_idle_s.",
+    )
+    max_instances: int = Field(
+        0, ge=0, description="Most instances with autoscale (0: what the cluster's resources fit)."
+    )
+    scale_down_idle_s: float = Field(
+        120.0, gt=0, description="An instance idle this long is removed (autoscale only)."
+    )
+
+    @model_validator(mode="after")
+    def _busy_bounds_ordered(self) -> ElasticConfig:
+        if self.prefill_busy_low >= self.prefill_busy_high:
+            raise ValueError(
+                f"elastic.prefill_busy_low ({self.prefill_busy_low}) must be below "
+                f"elastic.prefill_busy_high ({self.prefill_busy_high})"
+            )
+        return self
+
+
 class PdserveConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig, description="What to serve.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="HTTP front end.")
@@ -153,6 +262,10 @@ class PdserveConfig(StrictModel):
     mixed: MixedConfig = Field(default_factory=MixedConfig, description="Colocated instances.")
     transfer: TransferConfig = Field(default_factory=TransferConfig, description="KV transfer.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster.")
+    slo: SloConfig = Field(default_factory=SloConfig, description="Latency goals (goodput).")
+    elastic: ElasticConfig = Field(
+        default_factory=ElasticConfig, description="Role switching and scaling to keep the SLO."
+    )
 
     @model_validator(mode="after")
     def _has_a_serving_path(self) -> PdserveConfig:
@@ -178,7 +291,24 @@ class PdserveConfig(StrictModel):
                 f"prefill.engine.scheduler.block_size ({p_block}) must equal "
                 f"decode.engine.scheduler.block_size ({d_block}): KV moves block by block"
             )
+        self._check_elastic()
         return self
+
+    def _check_elastic(self) -> None:
+        elastic = self.elastic
+        if not elastic.enabled:
+            return
+        for role in ("prefill", "decode"):
+            least, have = getattr(elastic, f"min_{role}_instances"), getattr(self, role).instances
+            if least > have:
+                raise ValueError(
+                    f"elastic.min_{role}_instances ({least}) exceeds {role}.instances ({have})"
+                )
+        if self.prefill.engine.cache != self.decode.engine.cache:
+            raise ValueError(
+                "elastic.enabled needs prefill.engine.cache equal to decode.engine.cache: an "
+                "instance keeps its KV cache when it switches roles"
+            )
 
     def _check_gpus_reserved(self) -> None:
         # Ray hides every GPU from an actor that reserves none, so it would fail at start-up.
