@@ -22,6 +22,35 @@ class RouterPlacement(str, enum.Enum):
     ANY = "any"  # wherever Ray finds room
 
 
+class RoutingMode(str, enum.Enum):
+    LOAD = "load"  # fewest outstanding prefill tokens
+    CACHE_AWARE = "cache_aware"  # what each instance holds in its prefix cache, and its load
+
+
+class CacheRoutingConfig(StrictModel):
+    max_load_ratio: float = Field(
+        2.0,
+        ge=1.0,
+        description="Balance guard: a cache hit may send a request to an instance only while its "
+        "load is at most this times the least loaded instance's load, plus the slack.",
+    )
+    prefill_slack_tokens: int = Field(
+        4096,
+        ge=0,
+        description="Balance guard slack for prefill (and mixed) instances, in outstanding "
+        "prefill tokens.",
+    )
+    decode_slack_requests: int = Field(
+        8, ge=0, description="Balance guard slack for decode instances, in requests in flight."
+    )
+    index_max_blocks: int = Field(
+        1 << 20,
+        ge=1,
+        description="Most prefix-cache block keys the router remembers per instance (never more "
+        "than the instance's KV blocks; the oldest are forgotten first).",
+    )
+
+
 class PlacementConfig(StrictModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per instance (Ray resources).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per instance; fractions share a GPU.")
@@ -67,6 +96,15 @@ class RouterConfig(StrictModel):
         RouterPlacement.DRIVER_NODE,
         description="driver_node: the router runs on the node that deploys (so its port is "
         "where `pdserve serve` ran); any: wherever Ray has room.",
+    )
+    routing: RoutingMode = Field(
+        RoutingMode.CACHE_AWARE,
+        description="load: the prefill instance with the fewest outstanding prefill tokens; "
+        "cache_aware: also the prefix each instance holds (prefill and decode), under the "
+        "balance guard of router.cache_routing.",
+    )
+    cache_routing: CacheRoutingConfig = Field(
+        default_factory=CacheRoutingConfig, description="Cache-aware routing's balance guard."
     )
 
 

@@ -95,6 +95,18 @@ class RouterMetrics:
             registry=r,
         )
         self.inflight = Gauge("pdserve_router_inflight_requests", "Requests in flight", registry=r)
+        self.routing_decisions = Counter(
+            "pdserve_routing_decisions",
+            "Instance choices by role and reason (load, cache_hit, balance_guard)",
+            ["role", "reason"],
+            registry=r,
+        )
+        self.prefix_hit_tokens = Counter(
+            "pdserve_prefix_cache_hit_tokens",
+            "Prompt tokens served from an instance's prefix cache, by the instance's role",
+            ["role"],
+            registry=r,
+        )
         self._instances = InstanceCollector()
         r.register(self._instances)
 
@@ -148,6 +160,7 @@ class InstanceCollector(Collector):
             yield family
         yield _kv_used(stats)
         yield _events(stats)
+        yield _kv_bytes(stats)
         yield from _transfer_latency(stats)
 
 
@@ -169,6 +182,22 @@ def _events(stats: list[dict]) -> CounterMetricFamily:
     for s in stats:
         for event, value in s.get("counters", {}).items():
             family.add_metric([s["name"], s.get("role", "messager"), event], value)
+    return family
+
+
+def _kv_bytes(stats: list[dict]) -> CounterMetricFamily:
+    """KV bytes a prefill instance had moved to decode instances, and those it did not have to
+    move because the decode instance already held the blocks."""
+    family = CounterMetricFamily(
+        "pdserve_kv_transfer_bytes",
+        "KV bytes moved P -> D, or skipped",
+        labels=["instance", "kind"],
+    )
+    for s in stats:
+        counters = s.get("counters", {})
+        for kind, key in (("moved", "transfer_bytes"), ("skipped", "transfer_bytes_skipped")):
+            if key in counters:
+                family.add_metric([s["name"], kind], counters[key])
     return family
 
 

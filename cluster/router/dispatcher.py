@@ -1,8 +1,9 @@
 """The router's side of the token protocol: choose an instance, send requests, receive tokens.
 
 One `Dispatcher` lives on the router's event loop. It binds the router's token inbox, sends each
-`GenerateRequest` to the PREFILL or MIXED instance with the fewest outstanding prefill tokens
-(prompt tokens whose first output token has not come back), and feeds every `TokenItem` to its
+`GenerateRequest` to the PREFILL or MIXED instance that `InstanceChooser` picks (fewest
+outstanding prefill tokens -- prompt tokens to compute whose first output token has not come
+back -- and, with cache-aware routing, the prefix it holds), and feeds every `TokenItem` to its
 request's `RequestStream`, which orders the tokens and enforces the first- and next-token
 deadlines. `release()` ends a request's life in the router: unless an instance already finished
 it, every instance is told to abort it. Nothing about a request outlives its `release()`.
@@ -11,7 +12,6 @@ it, every instance is told to abort it. Nothing about a request outlives its `re
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
@@ -23,6 +23,7 @@ import zmq.asyncio
 
 from cluster.config import RouterConfig
 from cluster.metrics import RouterMetrics
+from cluster.router.cache_routing import InstanceChooser
 from cluster.router.streams import RequestStream
 from cluster.router.timings import TimingSplit
 from engine.config import Role
@@ -76,7 +77,6 @@ class Dispatcher:
         self._config = config
         self._streams: dict[str, RequestStream] = {}
         self._outstanding = {e.name: 0 for e in self.endpoints if e.takes_requests}
-        self._rotation = itertools.count()  # spreads ties between equally loaded instances
         self._background: set[asyncio.Task] = set()
         self._counters = {
             "unknown_items": 0,
@@ -91,6 +91,7 @@ class Dispatcher:
         self._receiver: asyncio.Task | None = None
         self.timing_split = TimingSplit()
         self.metrics = RouterMetrics()
+        self.chooser = InstanceChooser(config, self.metrics)
         self._down: set[str] = set()  # instances reported dead, until update_endpoints
         # What a retry needs to resend a request that a dead instance never started.
         self._resend: dict[int, tuple[list[int], dict]] = {}
@@ -129,7 +130,7 @@ class Dispatcher:
     ) -> RequestStream:
         """Send a request to the least loaded instance; its tokens arrive on the stream."""
         self.check_capacity(1)
-        endpoint = self._choose_instance()
+        endpoint, cached_tokens = self._choose_instance(prompt_token_ids)
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(
             request_id,
@@ -138,9 +139,10 @@ class Dispatcher:
             self._config,
             logprobs=sampling.logprobs is not None,
         )
+        stream.prefill_tokens = len(prompt_token_ids) - cached_tokens
         # Registered before sending: the first token may come back before send() returns.
         self._streams[request_id] = stream
-        self._outstanding[endpoint.name] += stream.num_prompt_tokens
+        self._outstanding[endpoint.name] += stream.prefill_tokens
         self._resend[id(stream)] = (list(prompt_token_ids), sampling.to_dict())
         msg = GenerateRequest(
             request_id, list(prompt_token_ids), sampling.to_dict(), self.inbox_address, time.time()
@@ -157,6 +159,7 @@ class Dispatcher:
         """`name` died: retry on another instance the requests it never started, fail the rest
         of its requests, and choose it no more until `update_endpoints`."""
         self._down.add(name)
+        self.chooser.instance_down(name)
         if name in self._outstanding:
             self._outstanding[name] = 0
         retried = failed = 0
@@ -198,7 +201,8 @@ class Dispatcher:
         stream.request_id = f"{old_id.split('~')[0]}~retry{stream.retries}"
         stream.instance = endpoint.name
         self._streams[stream.request_id] = self._streams.pop(old_id)
-        self._outstanding[endpoint.name] += stream.num_prompt_tokens
+        stream.prefill_tokens = stream.num_prompt_tokens
+        self._outstanding[endpoint.name] += stream.prefill_tokens
         prompt, sampling = resend
         msg = GenerateRequest(stream.request_id, prompt, sampling, self.inbox_address, time.time())
         self._spawn(self._senders[endpoint.name].send(msg))
@@ -223,6 +227,7 @@ class Dispatcher:
             return
         self._resend.pop(id(stream), None)
         self._first_token_seen(stream)
+        self.chooser.observe_prefix_hits(self._role_of(stream.instance), stream.num_cached_tokens)
         phases = self.timing_split.record(stream.stamps)
         outcome = stream.finish.reason if stream.finish is not None else "abort"
         self.metrics.observe(stream.record(phases, "timeout" if timed_out else outcome))
@@ -235,18 +240,23 @@ class Dispatcher:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
-    def _choose_instance(self) -> InstanceEndpoint:
+    def _choose_instance(self, prompt: list[int]) -> tuple[InstanceEndpoint, int]:
+        """The instance to prefill `prompt`, and how many of its tokens it is expected to hold."""
         candidates = [e for e in self.endpoints if e.takes_requests and e.name not in self._down]
         if not candidates:
             raise NoInstance("no prefill or mixed instance is configured")
-        start = next(self._rotation) % len(candidates)
-        rotated = candidates[start:] + candidates[:start]
-        return min(rotated, key=lambda e: self._outstanding[e.name])
+        decision = self.chooser.choose_prefill(
+            [(e.name, e.role) for e in candidates], self._outstanding, list(prompt)
+        )
+        return next(e for e in candidates if e.name == decision.name), decision.cached_tokens
+
+    def _role_of(self, name: str) -> Role:
+        return next((e.role for e in self.endpoints if e.name == name), Role.PREFILL)
 
     def _first_token_seen(self, stream: RequestStream) -> None:
         if stream.awaiting_first_token:
             stream.awaiting_first_token = False
-            self._outstanding[stream.instance] -= stream.num_prompt_tokens
+            self._outstanding[stream.instance] -= stream.prefill_tokens
 
     async def _abort_everywhere(self, request_id: str, reason: str) -> None:
         msg = AbortRequest(request_id, reason)
@@ -300,5 +310,6 @@ class Dispatcher:
             "pending_aborts": len(self._background),
             "bad_frames": self._inbox.bad_frames if self._inbox is not None else 0,
             "ttft_split": self.timing_split.summary(),
+            "routing": self.chooser.stats(),
             **self._counters,
         }

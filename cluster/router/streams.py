@@ -49,6 +49,9 @@ class RequestStream:
         self.last_token_at = 0.0
         self.token_gaps: list[float] = []  # seconds between consecutive tokens, for ITL
         self.num_prompt_tokens = num_prompt_tokens
+        # The part of the prompt its prefill instance must compute (the rest is expected to be
+        # cached there): what it adds to that instance's outstanding prefill tokens.
+        self.prefill_tokens = num_prompt_tokens
         self.num_cached_tokens = 0
         self.stamps: dict[str, float] = {}  # server-side timings from the instances
         self.awaiting_first_token = True  # its prompt counts as outstanding prefill work
