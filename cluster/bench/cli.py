@@ -20,6 +20,7 @@ from cluster.bench import BenchError
 if TYPE_CHECKING:
     from cluster.bench.client import RequestRecord
     from cluster.bench.datasets import BenchRequest
+    from cluster.bench.multiturn import MultiturnSpec
     from cluster.bench.runner import RunResult
     from engine.tokenizer import Tokenizer
 
@@ -41,7 +42,7 @@ def add_bench(subparsers) -> None:
         "--timeout", type=float, default=600.0, help="seconds per request (default 600)"
     )
     data = p.add_argument_group("workload")
-    data.add_argument("--dataset", choices=["random", "jsonl"], default="random")
+    data.add_argument("--dataset", choices=["random", "jsonl", "multiturn"], default="random")
     data.add_argument("--dataset-path", default=None, help="JSONL file for --dataset jsonl")
     data.add_argument("--num-prompts", type=int, default=None, help="default: 100, or the file")
     data.add_argument(
@@ -59,6 +60,11 @@ def add_bench(subparsers) -> None:
         default=0.0,
         help="random: lengths uniform in len*(1±r) (default 0)",
     )
+    chat = p.add_argument_group("multiturn: conversations that share a system prompt")
+    chat.add_argument("--users", type=int, default=8, help="conversations (default 8)")
+    chat.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
+    chat.add_argument("--system-prompt-len", type=int, default=1024, help="shared, in words")
+    chat.add_argument("--turn-len", type=int, default=128, help="words per user message")
     data.add_argument("--tokenizer", default=None, help="local HF folder: exact token-id prompts")
     data.add_argument("--seed", type=int, default=0)
     load = p.add_argument_group("load and sampling")
@@ -81,6 +87,7 @@ def add_bench(subparsers) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from cluster.bench.datasets import DatasetSpec, load_requests
+    from cluster.bench.multiturn import spec_from_args
     from cluster.bench.report import format_summary, parse_slo, summarize, write_json
 
     _check_options(args)
@@ -95,14 +102,19 @@ def run_bench(args: argparse.Namespace) -> int:
         path=args.dataset_path,
         seed=args.seed,
     )
-    requests = load_requests(spec, _load_tokenizer(args.tokenizer))
+    multiturn = spec_from_args(args)
+    requests = None if multiturn else load_requests(spec, _load_tokenizer(args.tokenizer))
     try:
-        model, result = asyncio.run(_run(args, requests))
+        model, result = asyncio.run(_run(args, requests, multiturn))
     except _Unreachable as exc:
         print(f"pdserve bench: no request was sent: {exc}", file=sys.stderr)
         return 1
     summary = summarize(result.records, result.duration_s, slo)
     print(format_summary(summary, _header(args, model)), flush=True)
+    if multiturn:
+        from cluster.bench.multiturn import format_turns
+
+        print(format_turns(result, multiturn), flush=True)
     if args.json:
         write_json(args.json, _config(args, model), summary, result.records)
     if args.plot:
@@ -137,7 +149,9 @@ class _Unreachable(Exception):
     """Model discovery failed: the server is down or not OpenAI-compatible."""
 
 
-async def _run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[str, RunResult]:
+async def _run(
+    args: argparse.Namespace, requests: list[BenchRequest] | None, multiturn: MultiturnSpec | None
+) -> tuple[str, RunResult]:
     from cluster.bench.client import OpenAIClient, build_payload
     from cluster.bench.runner import LoadSpec, run_load
 
@@ -165,6 +179,11 @@ async def _run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[
             seed=args.seed,
             progress=not args.no_progress,
         )
+        if multiturn is not None:  # each turn's request depends on the last answer
+            from cluster.bench.multiturn import run_conversations
+
+            return model, await run_conversations(multiturn, send, load)
+        assert requests is not None
         return model, await run_load(requests, send, load)
 
 

@@ -43,6 +43,7 @@ class RequestRecord:
     output_tokens: int = 0
     usage_reported: bool = False  # output_tokens came from the server, not the chunk count
     max_tokens: int | None = None
+    text: str = ""  # the streamed output (a multi-turn client appends it to its conversation)
 
     @property
     def tpot_s(self) -> float | None:
@@ -194,7 +195,9 @@ class OpenAIClient:
                 if event == "[DONE]":
                     break
                 now = time.perf_counter()
-                if chunk_text(event, endpoint):
+                text = chunk_text(event, endpoint)
+                if text:
+                    record.text += text
                     if chunks == 0:
                         record.ttft_s = now - start
                     else:
