@@ -1,18 +1,19 @@
 """The router's routing state: the prefix index, the policy, and what it has sent where.
 
-The dispatcher asks `InstanceChooser` for a prefill (or mixed) instance and, in PD mode, a decode
-instance to prefer; it feeds it the instances' `CacheReport`s and tells it when requests end. It
-lives on the router's event loop, like the dispatcher, so it needs no lock.
+The dispatcher asks `InstanceChooser` for a prefill (or mixed) instance and, in PD mode, a
+decode instance to prefer; it feeds it the instances' `PrefixCacheEvents` and tells it when
+requests end. It lives on the router's event loop, like the dispatcher, so it needs no lock.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Hashable, Sequence
 
 from cluster.config import RouterConfig, RoutingMode
 from cluster.metrics import RouterMetrics
-from cluster.router.prefix_index import CacheReport, KeyChains, PrefixIndex
+from cluster.router.prefix_index import KeyChains, PrefixIndex
 from cluster.router.routing import (
     BalanceGuard,
     Decision,
@@ -22,6 +23,9 @@ from cluster.router.routing import (
     prefill_hit_cap,
 )
 from engine.config import Role
+from engine.protocol.cache_events import PrefixCacheEvents
+
+log = logging.getLogger(__name__)
 
 
 class InstanceChooser:
@@ -91,8 +95,12 @@ class InstanceChooser:
         self._metrics.routing_decisions.labels(role.value, decision.reason).inc()
 
     # ------------------------------------------------------------------ events
-    def on_report(self, report: CacheReport) -> None:
-        self.index.apply(report)
+    def on_report(self, report: PrefixCacheEvents) -> None:
+        try:
+            self.index.apply(report)
+        except TypeError:  # a key that is not hashable: a malformed report
+            log.warning("router: dropped a malformed prefix-cache report of %s", report.instance)
+            self.index.drop(report.instance)
 
     def instance_down(self, name: Hashable) -> None:
         self.index.drop(name)

@@ -27,6 +27,7 @@ from cluster.router.cache_routing import InstanceChooser
 from cluster.router.streams import RequestStream
 from cluster.router.timings import TimingSplit
 from engine.config import Role
+from engine.protocol.cache_events import PrefixCacheEvents
 from engine.protocol.channels import AsyncInbox, AsyncSender, ChannelError
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenBatch, TokenItem
@@ -100,7 +101,7 @@ class Dispatcher:
     async def start(self) -> None:
         """Bind the inbox and connect to every instance; call on the loop that serves requests."""
         self._ctx = zmq.asyncio.Context()
-        self._inbox = AsyncInbox(self._ctx, self._host, accept=(TokenBatch,))
+        self._inbox = AsyncInbox(self._ctx, self._host, accept=(TokenBatch, PrefixCacheEvents))
         self._senders = {e.name: AsyncSender(self._ctx, e.inbox) for e in self.endpoints}
         self._receiver = asyncio.get_running_loop().create_task(self._receive_loop())
 
@@ -276,6 +277,9 @@ class Dispatcher:
         assert self._inbox is not None
         while True:
             batch = await self._inbox.recv()
+            if isinstance(batch, PrefixCacheEvents):
+                self.chooser.on_report(batch)
+                continue
             for item in batch.items:
                 try:
                     self._route(item, batch.source)

@@ -1,6 +1,6 @@
 """The router's prefix index: which instance holds which prefix-cache blocks.
 
-Every instance publishes batched `CacheEvents` (block keys that entered and left its prefix
+Every instance publishes batched `PrefixCacheEvents` (block keys that entered and left its prefix
 cache since its last report, with its load). The index keeps, per instance, the set of keys it
 holds, and answers how many leading blocks of a request's key chain each instance has.
 
@@ -20,6 +20,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from engine.block_manager import block_hashes
+from engine.protocol.cache_events import PrefixCacheEvents
 
 BlockKey = Hashable
 
@@ -27,21 +28,6 @@ BlockKey = Hashable
 def request_block_keys(token_ids: Sequence[int], block_size: int) -> list[BlockKey]:
     """The prefix-cache keys of every full block of `token_ids`, as the instances compute them."""
     return list(block_hashes(list(token_ids), block_size))
-
-
-@dataclass(frozen=True)
-class CacheReport:
-    """One batch of an instance's prefix-cache events (see `PrefixCacheEvents` on the wire)."""
-
-    instance: Hashable  # the instance's name (as in its token batches)
-    incarnation: str  # changes when the instance restarts: its old keys are gone
-    seq: int  # 0, 1, 2, ... per incarnation; a gap means a lost report
-    block_size: int
-    num_blocks: int
-    free_blocks: int
-    stored: Sequence[BlockKey] = ()
-    removed: Sequence[BlockKey] = ()
-    cleared: bool = False  # the instance forgot every key before `stored` (reset_prefix_cache)
 
 
 @dataclass
@@ -66,7 +52,7 @@ class InstanceCache:
 
 
 class PrefixIndex:
-    """Per-instance sets of cached block keys, fed by `CacheReport`s. Owned by one loop."""
+    """Per-instance sets of cached block keys, fed by `PrefixCacheEvents`. Owned by one loop."""
 
     def __init__(self, max_blocks: int) -> None:
         if max_blocks < 1:
@@ -75,7 +61,7 @@ class PrefixIndex:
         self._instances: dict[Hashable, InstanceCache] = {}
         self.counters = {"reports": 0, "resyncs": 0, "dropped_keys": 0}
 
-    def apply(self, report: CacheReport) -> None:
+    def apply(self, report: PrefixCacheEvents) -> None:
         """Take one report; a new incarnation or a sequence gap first forgets the instance."""
         self.counters["reports"] += 1
         cache = self._instances.get(report.instance)

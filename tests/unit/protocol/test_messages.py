@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from cache_transfer import messages as cache_msgs
-from engine.protocol import codec, requests, splitwise, tokens
+from engine.protocol import cache_events, codec, requests, splitwise, tokens
 from engine.protocol.channels import Inbox, Sender
 
 SAMPLES = [
@@ -37,6 +37,7 @@ SAMPLES = [
     cache_msgs.CancelCache("r1", "aborted"),
     cache_msgs.TransferDone("r1", True, "", 1024, 0.01),
     cache_msgs.KvComplete("r1", True, 42, "", 1.0, 1.5),
+    cache_events.PrefixCacheEvents("d0", "a1", 3, 16, 100, 40, [-(2**63), 2**63 - 1], [7], True),
 ]
 
 

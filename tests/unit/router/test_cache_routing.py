@@ -7,8 +7,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.config import RouterConfig, parse_config
 from cluster.metrics import RouterMetrics
 from cluster.router.cache_routing import InstanceChooser
-from cluster.router.prefix_index import CacheReport, request_block_keys
+from cluster.router.prefix_index import request_block_keys
 from engine.config import Role
+from engine.protocol.cache_events import PrefixCacheEvents
 
 BS = 16
 
@@ -21,8 +22,8 @@ def _samples(metrics: RouterMetrics, stats: list[dict] | None = None) -> dict:
     return out
 
 
-def _report(name: str, keys: list, seq: int = 0, free_blocks: int = 100) -> CacheReport:
-    return CacheReport(name, "i", seq, BS, 1000, free_blocks, stored=keys)
+def _report(name: str, keys: list, seq: int = 0, free_blocks: int = 100) -> PrefixCacheEvents:
+    return PrefixCacheEvents(name, "i", seq, BS, 1000, free_blocks, stored=keys)
 
 
 def test_routing_defaults_to_cache_aware_and_parses() -> None:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from cluster.router.prefix_index import CacheReport, KeyChains, PrefixIndex, request_block_keys
+from cluster.router.prefix_index import KeyChains, PrefixIndex, request_block_keys
 from engine.block_manager import BlockManager
+from engine.protocol.cache_events import PrefixCacheEvents
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 
 BS = 4
 
 
-def _report(instance: str, seq: int, stored=(), removed=(), **kw) -> CacheReport:
-    fields = {"incarnation": "a", "block_size": BS, "num_blocks": 64, "free_blocks": 64}
-    fields.update(kw)
-    return CacheReport(instance, seq=seq, stored=list(stored), removed=list(removed), **fields)
+def _report(instance: str, seq: int, stored=(), removed=(), **kw) -> PrefixCacheEvents:
+    kw = {"incarnation": "a", "block_size": BS, "num_blocks": 64, "free_blocks": 64, **kw}
+    return PrefixCacheEvents(instance, seq=seq, stored=list(stored), removed=list(removed), **kw)
 
 
 def _cached_keys_of(manager: BlockManager, prompt: list[int]) -> list:
