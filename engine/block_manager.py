@@ -9,8 +9,10 @@ blocks without a hash are reused before any cached block is evicted.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass
 
+from engine.prefix_events import PrefixEventLog
 from engine.request import Request
 
 _ROOT_HASH = 0x9E3779B97F4A7C15
@@ -65,6 +67,8 @@ class BlockManager:
         # Request id -> (full blocks already committed, chained hash of the last of them), so a
         # decode step hashes only the block it filled instead of the whole chain again.
         self._committed: dict[str, tuple[int, int]] = {}
+        # Keys cached and evicted, drained by the instance for the routers' prefix index.
+        self.events = PrefixEventLog(4 * num_blocks, lambda: list(self._cached))
 
     # ----------------------------------------------------------------- capacity
     @property
@@ -83,15 +87,16 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ----------------------------------------------------------------- allocation
-    def match_prefix(self, token_ids: list[int]) -> list[int]:
+    def match_prefix(self, token_ids: list[int], leave_one: bool = True) -> list[int]:
         """Ids of cached blocks holding the longest prefix of `token_ids`.
 
-        At least one token is always left to compute, so a fully cached prompt still produces
-        logits for its last position.
+        With `leave_one` at least one token is always left to compute, so a fully cached prompt
+        still produces logits for its last position (a decode instance receiving KV computes
+        none of the prompt, so it matches every full block).
         """
         if not self.enable_prefix_caching:
             return []
-        usable = (len(token_ids) - 1) // self.block_size
+        usable = (len(token_ids) - leave_one) // self.block_size
         matched: list[int] = []
         for block_hash in block_hashes(token_ids[: usable * self.block_size], self.block_size):
             block_id = self._cached.get(block_hash)
@@ -131,7 +136,28 @@ class BlockManager:
     def allocate_blocks(self, num_blocks: int) -> list[int] | None:
         """Fresh blocks with no owner request, for KV written from outside (a decode instance
         receiving remote KV): never a block a step still on the device may write."""
-        usable = [b for b in self._free if b not in self._quarantine][:num_blocks]
+        return self._fresh_blocks(num_blocks, exclude=())
+
+    def allocate_remote(
+        self, token_ids: list[int], num_tokens: int
+    ) -> tuple[list[int], int] | None:
+        """Blocks for `num_tokens` positions of a request whose prompt KV is written from outside:
+        first the cached blocks that already hold the longest prefix of `token_ids` (shared,
+        ref-counted, never written: decoding writes past the prompt), then fresh blocks as in
+        `allocate_blocks`. Returns (block ids, how many leading ones were cached), or None."""
+        matched = self.match_prefix(token_ids, leave_one=False)
+        fresh = self._fresh_blocks(self.blocks_needed(num_tokens) - len(matched), set(matched))
+        if fresh is None:
+            return None
+        for block_id in matched:
+            self._take(block_id)
+        self.prefix_queries += len(token_ids)
+        self.prefix_hits += len(matched) * self.block_size
+        return matched + fresh, len(matched)
+
+    def _fresh_blocks(self, num_blocks: int, exclude: Collection[int]) -> list[int] | None:
+        usable = [b for b in self._free if b not in self._quarantine and b not in exclude]
+        usable = usable[: max(num_blocks, 0)]
         if len(usable) < num_blocks:
             return None
         for block_id in usable:
@@ -164,6 +190,7 @@ class BlockManager:
                 continue  # an identical block is already cached; this copy stays private
             block.block_hash = parent
             self._cached[parent] = block.block_id
+            self.events.stored(parent)
         self._committed[request.request_id] = (num_full, parent)
 
     def free(self, request: Request) -> None:
@@ -210,6 +237,7 @@ class BlockManager:
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (e.g. after new weights are loaded)."""
         self._committed.clear()
+        self.events.cleared()
         for block_hash, block_id in list(self._cached.items()):
             self.blocks[block_id].block_hash = None
             del self._cached[block_hash]
@@ -229,6 +257,7 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.block_hash is not None:
             del self._cached[block.block_hash]
+            self.events.removed(block.block_hash)
             block.block_hash = None
 
     def _take(self, block_id: int) -> int:
