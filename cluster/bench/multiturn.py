@@ -8,8 +8,9 @@ and answer: the prefix a server can keep instead of recomputing or moving it. Us
 arrival schedule (Poisson at --request-rate, or all at once); --max-concurrency bounds the users
 in flight. A user whose turn fails stops there (its later turns are not sent).
 
-Lengths are in words of `datasets._WORDS` (about one token each); the report uses the server's
-token counts. `--endpoint chat` sends messages; `completions` sends the conversation as text.
+Lengths are in words of `datasets._WORDS` (about one token each; a script may pass its own
+vocabulary); the report uses the server's token counts. `--endpoint chat` sends messages;
+`completions` sends the conversation as text.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class MultiturnSpec:
     output_len: int = 128  # max_tokens of every turn
     endpoint: Endpoint = "chat"
     seed: int = 0
+    vocabulary: tuple[str, ...] = ()  # words to draw from; empty: common English words
 
     def check(self) -> None:
         for name in ("users", "turns", "turn_len", "output_len"):
@@ -105,7 +107,10 @@ def _as_text(messages: list[dict[str, str]]) -> str:
         elif message["role"] == "user":
             parts.append(f"\n\nUser: {message['content']}\nAssistant:")
         else:
-            parts.append(message["content"])
+            # BPE answers start with their own space ("Assistant: Paris"); a word-level
+            # tokenizer's do not, and "Assistant:Paris" would be one unknown word.
+            answer = message["content"]
+            parts.append(answer if answer[:1].isspace() else f" {answer}")
     return "".join(parts)
 
 
@@ -113,8 +118,10 @@ def make_conversations(spec: MultiturnSpec) -> list[Conversation]:
     spec.check()  # also here for callers other than the CLI
     rng = np.random.default_rng(spec.seed)
 
+    vocabulary = spec.vocabulary or _WORDS
+
     def words(count: int) -> str:
-        return " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), size=count))
+        return " ".join(vocabulary[i] for i in rng.integers(0, len(vocabulary), size=count))
 
     system = words(spec.system_prompt_len)
     return [

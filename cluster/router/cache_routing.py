@@ -40,6 +40,7 @@ class InstanceChooser:
         self._metrics = metrics
         self._decode_inflight: Counter[Hashable] = Counter()
         self.decisions: Counter[tuple[str, str]] = Counter()  # (role, reason) -> count
+        self.hit_tokens: Counter[str] = Counter()  # role -> prefix-cache hit tokens reported
 
     # ------------------------------------------------------------------ choices
     def choose_prefill(
@@ -109,12 +110,14 @@ class InstanceChooser:
     def observe_prefix_hits(self, role: Role, tokens: int) -> None:
         """Prefix-cache hit tokens an instance reported for a finished request."""
         if tokens > 0:
+            self.hit_tokens[role.value] += tokens
             self._metrics.prefix_hit_tokens.labels(role.value).inc(tokens)
 
     def stats(self) -> dict:
         return {
             "mode": "cache_aware" if self.policy.cache_aware else "load",
             "decisions": {f"{role}/{reason}": n for (role, reason), n in self.decisions.items()},
+            "prefix_hit_tokens": dict(self.hit_tokens),
             "decode_inflight": {str(n): c for n, c in self._decode_inflight.items() if c},
             "index": self.index.stats(),
         }

@@ -40,6 +40,12 @@ def test_completions_transcript_keeps_its_prefix() -> None:
     assert turn2.prompt.endswith("\nAssistant:") and turn2.messages is None
 
 
+def test_own_vocabulary() -> None:
+    spec = MultiturnSpec(users=1, turns=1, system_prompt_len=30, vocabulary=("w5", "w6"))
+    (conversation,) = make_conversations(spec)
+    assert set(conversation.next_request().messages[0]["content"].split()) <= {"w5", "w6"}
+
+
 @pytest.mark.parametrize("field", ["users", "turns", "turn_len", "output_len"])
 def test_bad_spec_names_the_option(field: str) -> None:
     with pytest.raises(BenchError, match=f"--{field.replace('_', '-')}"):
