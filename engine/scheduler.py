@@ -93,20 +93,23 @@ class Scheduler:
         self._finish(request, status)
         return request
 
-    def reserve_remote(self, request: Request) -> bool:
-        """Decode role: allocate fresh blocks for the prompt plus the first token."""
+    def reserve_remote(self, request: Request, reuse_prefix: bool = False) -> bool:
+        """Decode role: blocks for the prompt plus the first token. With `reuse_prefix`, first
+        the cached blocks that hold a prefix of the prompt (`request.num_cached_tokens`: their
+        KV need not be sent), then fresh ones for the KV that P writes."""
         assert self.role is Role.DECODE
         self._check_new(request)
-        needed = self.block_manager.blocks_needed(request.num_prompt_tokens + 1)
         if (
             len(self.running) + self.num_with_status(RequestStatus.WAITING_FOR_KV)
             >= self.config.max_num_seqs
         ):
             return False
-        block_ids = self.block_manager.allocate_blocks(needed)
-        if block_ids is None:
+        prefix = request.prompt_token_ids if reuse_prefix else []
+        allocation = self.block_manager.allocate_remote(prefix, request.num_prompt_tokens + 1)
+        if allocation is None:
             return False
-        request.block_ids = block_ids
+        request.block_ids, cached_blocks = allocation
+        request.num_cached_tokens = cached_blocks * self.block_manager.block_size
         request.status = RequestStatus.WAITING_FOR_KV
         self.requests[request.request_id] = request
         return True

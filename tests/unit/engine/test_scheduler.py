@@ -167,6 +167,26 @@ def test_decode_role_continues_from_remote_kv() -> None:
     assert_nothing_leaked(sched)
 
 
+def test_decode_role_reuses_a_cached_prefix_of_remote_kv() -> None:
+    sched = make_scheduler(role=Role.DECODE, num_blocks=8, block_size=4)
+    prompt = list(range(1, 11))
+    want = expected_tokens(prompt, 4)
+    first = make_request("a", prompt, max_tokens=4)
+    assert sched.reserve_remote(first, reuse_prefix=True) and first.num_cached_tokens == 0
+    sched.start_remote("a", want[0])
+    run_to_completion(sched)  # its prompt blocks (and full output blocks) stay cached
+    longer = [*prompt, *want[:3], 50, 51]  # the next turn: prompt, answer, a new message
+    again = make_request("b", longer, max_tokens=3)
+    assert sched.reserve_remote(again, reuse_prefix=True)
+    assert again.num_cached_tokens == 12  # three full blocks P need not send
+    plain = make_request("c", longer, max_tokens=3)
+    assert sched.reserve_remote(plain) and plain.num_cached_tokens == 0
+    assert not set(plain.block_ids) & set(again.block_ids)
+    for rid in ("b", "c"):
+        sched.abort_request(rid)
+    assert_nothing_leaked(sched)
+
+
 def test_decode_role_refuses_when_full_and_frees_on_abort() -> None:
     sched = make_scheduler(role=Role.DECODE, num_blocks=4, block_size=4)
     assert sched.reserve_remote(make_request("a", list(range(1, 12))))
