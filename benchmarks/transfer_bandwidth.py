@@ -6,7 +6,12 @@ process to a target process, one write per layer, as the cache messager does. Tw
 patterns: "contiguous" (one descriptor per layer) and "scattered" (every other block, so no run
 coalesces: 128 descriptors per layer).
 
-    python benchmarks/transfer_bandwidth.py [--iters 10] [--backends nixl tcp]
+"nixl" is the backend as deployed (NIXL's progress thread sleeps on UCX's event fds);
+"nixl-busy" is NIXL's own default, a progress thread that polls without sleeping, which pdserve
+used until it was found to cost a core per idle process. Both run in one invocation, with each
+side's CPU use while idle (2 s after connecting, nothing in flight) next to the timings.
+
+    python benchmarks/transfer_bandwidth.py [--iters 10] [--backends nixl nixl-busy tcp]
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from cache_transfer.shared_kv import SharedKVCache
 LAYOUT = KVLayout(num_layers=30, num_blocks=320, block_size=16, kv_heads=3, head_dim=64, itemsize=4)
 PROMPT_BLOCKS = 2048 // LAYOUT.block_size
 SRC_IDS = list(range(PROMPT_BLOCKS))
+IDLE_S = 2.0
+BACKENDS = ("nixl", "nixl-busy", "tcp")
 PATTERNS = {
     "contiguous": list(range(40, 40 + PROMPT_BLOCKS)),
     "scattered": list(range(0, 2 * PROMPT_BLOCKS, 2)),
@@ -43,9 +50,16 @@ def create_backend(kind: str, name: str, host: str) -> TransferBackend:
         from cache_transfer.tcp_backend import TcpBackend
 
         return TcpBackend(name, host=host)
-    from cache_transfer.nixl_backend import NixlBackend
+    from cache_transfer.nixl_backend import PROGRESS_TIMEOUT_US, NixlBackend
 
-    return NixlBackend(name)
+    return NixlBackend(name, progress_timeout_us=0 if kind == "nixl-busy" else PROGRESS_TIMEOUT_US)
+
+
+def idle_cpu_share() -> float:
+    """This process's CPU use (all threads) over IDLE_S seconds of doing nothing, in cores."""
+    started = time.process_time()
+    time.sleep(IDLE_S)
+    return (time.process_time() - started) / IDLE_S
 
 
 def run_target(kind: str, host: str, cache_handle: dict[str, Any], conn: Connection) -> None:
@@ -55,6 +69,8 @@ def run_target(kind: str, host: str, cache_handle: dict[str, Any], conn: Connect
     try:
         backend.register(cache.regions())
         conn.send_bytes(msgpack.packb(backend.endpoint_info()))
+        conn.recv()  # the source has connected
+        conn.send(idle_cpu_share())
         conn.recv()
     finally:
         backend.close()
@@ -75,10 +91,13 @@ def time_transfer(backend: TransferBackend, peer: str, dst_ids: list[int]) -> fl
     return elapsed
 
 
+Row = tuple[str, str, int, float, str]
+
+
 def bench_backend(
     kind: str, host: str, src: SharedKVCache, dst: SharedKVCache, iters: int
-) -> list[tuple[str, str, int, float]]:
-    """[(backend, pattern, descriptors per layer, median seconds)] for one backend."""
+) -> list[Row]:
+    """[(backend, pattern, descriptors per layer, median seconds, idle CPU)] for one backend."""
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=run_target, args=(kind, host, dst.handle(), child_conn))
@@ -91,12 +110,17 @@ def bench_backend(
         with create_backend(kind, f"bench-source-{kind}", host) as source:
             source.register(src.regions())
             peer = source.connect(info, deadline_in(30))
+            conn.send("connected")
+            source_idle = idle_cpu_share()
+            if not conn.poll(60):
+                raise RuntimeError(f"{kind} target did not report its idle CPU")
+            idle = f"{source_idle:.0%} / {conn.recv():.0%}"
             for pattern, dst_ids in PATTERNS.items():
                 time_transfer(source, peer, dst_ids)  # warm-up: connection, page faults
                 check_copied(src, dst, dst_ids)
                 times = [time_transfer(source, peer, dst_ids) for _ in range(iters)]
                 descs = len(paired_runs(SRC_IDS, dst_ids))
-                rows.append((kind, pattern, descs, statistics.median(times)))
+                rows.append((kind, pattern, descs, statistics.median(times), idle))
     finally:
         conn.send("stop")
         child.join(10)
@@ -127,7 +151,13 @@ def bench_memcpy(src: SharedKVCache, dst: SharedKVCache, iters: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--backends", nargs="+", default=["nixl", "tcp"])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=BACKENDS,
+        default=list(BACKENDS),
+        help="nixl: as deployed; nixl-busy: NIXL's busy-polling progress thread; tcp: zmq frames",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address the TCP target binds")
     args = parser.parse_args()
 
@@ -139,7 +169,8 @@ def main() -> None:
         for layer in range(LAYOUT.num_layers):
             view = src.layer_bytes(layer)
             view[:] = rng.integers(0, 256, view.shape, dtype=np.uint8)
-        rows = [("memcpy (1 process)", "contiguous", 1, bench_memcpy(src, dst, args.iters))]
+        memcpy_s = bench_memcpy(src, dst, args.iters)
+        rows: list[Row] = [("memcpy (1 process)", "contiguous", 1, memcpy_s, "-")]
         for kind in args.backends:
             rows += bench_backend(kind, args.host, src, dst, args.iters)
     finally:
@@ -149,12 +180,12 @@ def main() -> None:
     print(f"KV of a 2048-token prompt, SmolLM2-135M shape {LAYOUT.layer_shape} x 30 layers fp32")
     print(
         f"{'backend':<20} {'dst pattern':<11} {'descs/layer':>11} {'MB moved':>9} "
-        f"{'median ms':>10} {'GB/s':>6}"
+        f"{'median ms':>10} {'GB/s':>6} {'idle CPU src / dst':>19}"
     )
-    for backend, pattern, descs, seconds in rows:
+    for backend, pattern, descs, seconds, idle in rows:
         print(
             f"{backend:<20} {pattern:<11} {descs:>11} {moved / 1e6:>9.1f} "
-            f"{seconds * 1e3:>10.1f} {moved / seconds / 1e9:>6.2f}"
+            f"{seconds * 1e3:>10.1f} {moved / seconds / 1e9:>6.2f} {idle:>19}"
         )
 
 

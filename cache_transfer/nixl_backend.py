@@ -18,11 +18,21 @@ Facts about NIXL 1.5 this relies on (checked against its UCX plugin and on this 
   30 writes of 3 MB took about two thirds of the total time here). On GPUs/RDMA it is async.
 - Releasing a request that is still in flight asks NIXL to cancel it and raises if it cannot;
   such handles are kept and released again at ``close()``.
+- Progress. UCX needs both sides' workers progressed: the target's for the connection wire-up
+  and, on transports without hardware RMA (UCX's tcp), for every write; so a target that
+  nobody progresses never sees a write complete. NIXL's progress thread does that: it sleeps in
+  ``poll()`` on the UCX workers' event fds and wakes on traffic, with ``pthrDelay`` as the poll
+  timeout (a fallback for wake-ups UCX misses). The Python API hard-codes ``pthrDelay=0``, which
+  makes that ``poll()`` return at once, so the thread spins: a whole core per process, idle or
+  not. ``_new_agent`` builds the agent with a real timeout instead; a writer's own
+  ``check_xfer_state`` progresses its worker as well, so completions are not held back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 from typing import Any
 
 from cache_transfer.backend import (
@@ -35,6 +45,47 @@ from cache_transfer.backend import (
 from cache_transfer.layout import Desc, KVRegions
 
 _NIXL_STATES = {"DONE": TransferState.DONE, "PROC": TransferState.PENDING}
+
+# The progress thread's poll() timeout: a wake-up UCX misses costs at most this much, and an
+# idle agent wakes ten times a second. 0 is NIXL's own setting (a busy-polling thread).
+PROGRESS_TIMEOUT_US = 100_000
+
+_log = logging.getLogger(__name__)
+_agent_build_lock = threading.Lock()
+
+
+def _new_agent(name: str, config: Any, progress_timeout_us: int) -> Any:
+    """A ``nixl_agent`` whose progress thread waits ``progress_timeout_us`` between polls.
+
+    ``nixl_agent.__init__`` fills a fresh ``_bindings.nixlAgentConfig`` and sets its
+    ``pthrDelay`` to 0 before building the C++ agent, with no parameter for it; for the length
+    of the constructor the API sees a subclass of that config whose ``pthrDelay`` keeps ours.
+    """
+    from nixl import _api
+
+    bindings = _api.nixlBind
+    base = bindings.nixlAgentConfig
+    applied = []
+
+    class _TimedProgressConfig(base):  # type: ignore[misc, valid-type]
+        @property
+        def pthrDelay(self) -> int:
+            return base.pthrDelay.__get__(self)
+
+        @pthrDelay.setter
+        def pthrDelay(self, _hardcoded: int) -> None:
+            base.pthrDelay.__set__(self, progress_timeout_us)
+            applied.append(progress_timeout_us)
+
+    with _agent_build_lock:
+        bindings.nixlAgentConfig = _TimedProgressConfig
+        try:
+            agent = _api.nixl_agent(name, config)
+        finally:
+            bindings.nixlAgentConfig = base
+    if not applied:
+        _log.warning("NIXL's API no longer sets pthrDelay; its progress thread may busy-poll")
+    return agent
 
 
 def _nixl_errors() -> tuple[type[BaseException], ...]:
@@ -49,9 +100,15 @@ class NixlBackend(TransferBackend):
 
     backend_name = "nixl"
 
-    def __init__(self, agent_name: str, num_ucx_threads: int = 0) -> None:
+    def __init__(
+        self,
+        agent_name: str,
+        num_ucx_threads: int = 0,
+        progress_timeout_us: int = PROGRESS_TIMEOUT_US,
+    ) -> None:
         super().__init__(agent_name)
         self._num_ucx_threads = num_ucx_threads
+        self._progress_timeout_us = progress_timeout_us
         self._agent: Any = None
         self._errors: tuple[type[BaseException], ...] = ()
         self._reg_descs: Any = None
@@ -62,7 +119,7 @@ class NixlBackend(TransferBackend):
 
     def _register(self, regions: KVRegions) -> None:
         # Imported here: `import nixl` takes seconds and TCP-only deployments do not need it.
-        from nixl._api import nixl_agent, nixl_agent_config
+        from nixl._api import nixl_agent_config
 
         self._errors = _nixl_errors()
         config = nixl_agent_config(
@@ -71,7 +128,7 @@ class NixlBackend(TransferBackend):
         layers = range(regions.layout.num_layers)
         descs = [(*regions.layer_desc(layer), "") for layer in layers]
         try:
-            agent = nixl_agent(self.agent_name, config)
+            agent = _new_agent(self.agent_name, config, self._progress_timeout_us)
             if "UCX" not in agent.backends:
                 raise TransferError("NIXL has no UCX plugin on this host")
             self._reg_descs = agent.register_memory(descs, regions.mem_type)

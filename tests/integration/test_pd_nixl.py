@@ -52,6 +52,23 @@ def test_sixteen_concurrent_requests_match_single_engine(dep, reference_outputs)
     assert stats["messager-0"]["counters"]["writes"] > 0
 
 
+def test_idle_deployment_uses_almost_no_cpu(dep) -> None:
+    # After serving (so the messager's UCX endpoints to D are up), with nothing in flight, every
+    # instance and messager process sleeps: NIXL's progress threads wait on UCX's event fds.
+    import psutil
+
+    stats = assert_all_free(dep)
+    processes = {n: psutil.Process(entry["pid"]) for n, entry in stats.items() if "pid" in entry}
+    assert {"prefill-0", "decode-0", "messager-0"} <= set(processes)
+    before = {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
+    window_s = 10.0
+    time.sleep(window_s)
+    cores = {
+        name: (sum(p.cpu_times()[:2]) - before[name]) / window_s for name, p in processes.items()
+    }
+    assert all(share < 0.05 for share in cores.values()), cores
+
+
 def test_streaming_client_disconnect_frees_blocks_on_p_and_d(dep) -> None:
     async def main() -> None:
         async with httpx.AsyncClient(base_url=dep.url, timeout=60) as client:
