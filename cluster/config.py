@@ -244,25 +244,19 @@ class ElasticConfig(StrictModel):
         description="Mean prompt tokens queued per prefill instance above which prefill counts "
         "as short of capacity.",
     )
-    prefill_busy_low: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Mean busy fraction of the prefill instances below which prefill has "
-        "instances to spare (after a switch away it must stay under prefill_busy_high).",
-    )
     prefill_busy_high: float = Field(
         0.85,
         gt=0,
         le=1,
         description="Mean busy fraction of prefill instances above which prefill counts as short.",
     )
-    decode_kv_high: float = Field(
+    decode_load_high: float = Field(
         0.85,
         gt=0,
         le=1,
-        description="Mean KV use of decode instances above which decode counts as short (and "
-        "which a switch away from decode must not push them over).",
+        description="Mean load of decode instances (the larger of KV use and batch slots in "
+        "use) above which decode counts as short, and which a switch away from decode must not "
+        "push them over.",
     )
     drain_timeout_s: float = Field(
         30.0,
@@ -281,15 +275,6 @@ class ElasticConfig(StrictModel):
     scale_down_idle_s: float = Field(
         120.0, gt=0, description="An instance idle this long is removed (autoscale only)."
     )
-
-    @model_validator(mode="after")
-    def _busy_bounds_ordered(self) -> ElasticConfig:
-        if self.prefill_busy_low >= self.prefill_busy_high:
-            raise ValueError(
-                f"elastic.prefill_busy_low ({self.prefill_busy_low}) must be below "
-                f"elastic.prefill_busy_high ({self.prefill_busy_high})"
-            )
-        return self
 
 
 class PdserveConfig(StrictModel):

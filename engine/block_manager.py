@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
+from itertools import islice
 
 from engine.prefix_events import PrefixEventLog
 from engine.request import Request
@@ -156,8 +157,9 @@ class BlockManager:
         return matched + fresh, len(matched)
 
     def _fresh_blocks(self, num_blocks: int, exclude: Collection[int]) -> list[int] | None:
-        usable = [b for b in self._free if b not in self._quarantine and b not in exclude]
-        usable = usable[: max(num_blocks, 0)]
+        # Lazily: the free list can hold tens of thousands of blocks.
+        candidates = (b for b in self._free if b not in self._quarantine and b not in exclude)
+        usable = list(islice(candidates, max(num_blocks, 0)))
         if len(usable) < num_blocks:
             return None
         for block_id in usable:

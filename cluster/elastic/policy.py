@@ -9,7 +9,7 @@ How it judges:
 - prefill is short when its queue is long (mean backlog tokens per prefill instance over
   `prefill_backlog_high_tokens`) or when TTFT attainment is under target while the prefill
   instances are busy (mean busy fraction over `prefill_busy_high`);
-- decode is short when its KV is nearly full (mean use over `decode_kv_high`) or when TPOT
+- decode is short when its KV is nearly full (mean use over `decode_load_high`) or when TPOT
   attainment is under target;
 - one side short and the other not: switch instances from the other side, as many as the
   imbalance asks for, at most `max_switch_fraction` of the donors, never below the donors'
@@ -49,8 +49,15 @@ class InstanceView:
     waiting: int = 0  # requests queued for this role's work
     backlog_tokens: int = 0  # prompt tokens waiting for prefill here
     kv_usage: float = 0.0  # fraction of KV blocks in use
+    slots: int = 0  # most requests it runs at once (max_num_seqs); 0: unknown
     busy: float = 0.0  # fraction of the last interval spent computing
     available: bool = True  # False while switching or starting: neither counted nor chosen
+
+    @property
+    def load(self) -> float:
+        """Decode: the larger of KV use and batch slots taken (running + arriving)."""
+        taken = (self.running + self.waiting) / self.slots if self.slots else 0.0
+        return max(self.kv_usage, taken)
 
     @property
     def idle(self) -> bool:
@@ -139,20 +146,20 @@ class ElasticPolicy:
         e, target = self.elastic, self.slo.attainment_target
         backlog = _mean([p.backlog_tokens for p in prefill])
         busy = _mean([p.busy for p in prefill])
-        kv = _mean([d.kv_usage for d in decode])
+        load = _mean([d.load for d in decode])
         ttft_missed = snap.slo.finished > 0 and snap.slo.ttft_attainment < target
         tpot_missed = snap.slo.finished > 0 and snap.slo.tpot_attainment < target
         prefill_ratio = max(backlog / e.prefill_backlog_high_tokens, busy / e.prefill_busy_high)
-        decode_ratio = kv / e.decode_kv_high
+        decode_ratio = load / e.decode_load_high
         prefill_short = bool(prefill) and (
             backlog > e.prefill_backlog_high_tokens or (ttft_missed and busy > e.prefill_busy_high)
         )
-        decode_short = bool(decode) and (kv > e.decode_kv_high or tpot_missed)
+        decode_short = bool(decode) and (load > e.decode_load_high or tpot_missed)
         if tpot_missed:
             decode_ratio = max(decode_ratio, 1.0 + (target - snap.slo.tpot_attainment))
         why = (
             f"{len(prefill)}P {len(decode)}D, prefill backlog {backlog:.0f} tok/instance, "
-            f"prefill busy {busy:.0%}, decode KV {kv:.0%}, TTFT attainment "
+            f"prefill busy {busy:.0%}, decode load {load:.0%}, TTFT attainment "
             f"{snap.slo.ttft_attainment:.0%}, TPOT attainment {snap.slo.tpot_attainment:.0%} "
             f"(target {target:.0%}, {snap.slo.finished} requests)"
         )
@@ -170,8 +177,8 @@ class ElasticPolicy:
         wanted = math.ceil(len(prefill) * (pressure.prefill_ratio - 1.0)) if prefill else 1
         count = min(max(1, wanted), self._step_limit(len(decode)), spare)
         # The decode instances left must hold what every decode instance holds now.
-        used = sum(d.kv_usage for d in decode)
-        while count > 0 and used / (len(decode) - count) > self.elastic.decode_kv_high:
+        used = sum(d.load for d in decode)
+        while count > 0 and used / (len(decode) - count) > self.elastic.decode_load_high:
             count -= 1
         donors = sorted(decode, key=lambda d: (d.running + d.waiting, d.kv_usage, d.name))
         reason = f"prefill is short of capacity; {pressure.why}"

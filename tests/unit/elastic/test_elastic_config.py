@@ -21,7 +21,6 @@ def test_defaults_leave_the_controller_off() -> None:
         ({"slo": {"attainment_target": 1.5}}, "slo.attainment_target"),
         ({"elastic": {"hysteresis": 0}}, "elastic.hysteresis"),
         ({"elastic": {"decison_interval_s": 1}}, "elastic.decison_interval_s"),
-        ({"elastic": {"prefill_busy_low": 0.9}}, "elastic.prefill_busy_low"),
         (
             {"elastic": {"enabled": True, "min_decode_instances": 2}},
             "elastic.min_decode_instances",
