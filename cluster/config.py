@@ -91,6 +91,12 @@ class RouterConfig(StrictModel):
         "on the instances.",
     )
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body.")
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM or SIGINT, how long requests in flight may run to their end "
+        "while new ones get 503 and /ready is false; the rest then end with an error.",
+    )
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the router actor.")
     placement: RouterPlacement = Field(
         RouterPlacement.DRIVER_NODE,

@@ -15,6 +15,7 @@ from typing import Any
 from cluster.config import PdserveConfig
 from cluster.router.app import HealthCheck, InstanceStats, create_app
 from cluster.router.dispatcher import Dispatcher, InstanceEndpoint
+from cluster.router.drain import DrainState
 from cluster.router.server import RouterServer
 from engine.procinfo import rss_mb
 from engine.protocol.channels import node_ip_address
@@ -64,6 +65,7 @@ class RouterActor:
             if health_actor_handles
             else None
         )
+        drain = DrainState()
         app = create_app(
             dispatcher,
             tokenizer,
@@ -72,17 +74,25 @@ class RouterActor:
             config=router,
             health=health,
             instance_stats=_ray_stats(list(health_actor_handles)),
+            drain=drain,
         )
-        server = RouterServer(app, dispatcher, router.host, router.port)
+        server = RouterServer(app, dispatcher, router.host, router.port, drain)
         self.url = server.start(timeout_s, advertise_host=self._host)
         self._server = server
         log.info("router serving on %s (token inbox %s)", self.url, self._host)
         return self.url
 
-    def stop(self) -> None:
-        """Stop serving; requests in flight are aborted on every instance."""
+    def drain(self, timeout_s: float) -> dict:
+        """Turn new generation requests away (503, /ready false) and wait up to `timeout_s`
+        for those in flight to finish. Returns {"inflight": requests still running}."""
+        server = self._require_server()
+        return {"inflight": server.drain(timeout_s)}
+
+    def stop(self, reason: str = "the server is shutting down") -> None:
+        """Stop serving; requests in flight end with an error naming `reason` and are aborted
+        on every instance."""
         if self._server is not None:
-            self._server.stop()
+            self._server.stop(reason=reason)
             self._server = None
 
     def stats(self) -> dict:

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import RouterConfig
 from cluster.router.dispatcher import Dispatcher, NoInstance, Overloaded
+from cluster.router.drain import RETRY_AFTER_S, DrainGate, DrainState
 from cluster.router.generation import InstanceFailed, InstanceOverloaded
 from cluster.router.logprobs import TokenTexts
 from cluster.router.middleware import GateMiddleware
@@ -61,6 +62,7 @@ class RouterContext:
     created: int
     token_texts: TokenTexts
     instance_stats: InstanceStats | None = None
+    drain: DrainState = field(default_factory=DrainState)
 
 
 def create_app(
@@ -72,10 +74,13 @@ def create_app(
     config: RouterConfig | None = None,
     health: HealthCheck | None = None,
     instance_stats: InstanceStats | None = None,
+    drain: DrainState | None = None,
 ) -> FastAPI:
     """The HTTP app over a started dispatcher. `health` says whether every instance is ready
-    (None: always ready)."""
+    (None: always ready); `drain`, shared with whoever shuts the server down, turns new
+    generation requests away once it starts."""
     config = config or RouterConfig()
+    drain = drain or DrainState()
     ctx = RouterContext(
         dispatcher,
         tokenizer,
@@ -86,6 +91,7 @@ def create_app(
         int(time.time()),
         TokenTexts(tokenizer),
         instance_stats,
+        drain,
     )
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
     app.state.router = ctx
@@ -98,6 +104,7 @@ def create_app(
         max_body_bytes=config.max_body_bytes,
         max_requests_per_client=config.max_requests_per_client,
     )
+    app.add_middleware(DrainGate, state=drain)  # added last: outermost, counts every request
     return app
 
 
@@ -174,7 +181,10 @@ def _add_probe_routes(app: FastAPI, ctx: RouterContext) -> None:
     @app.get("/ready")
     async def ready() -> Response:
         """Healthy and able to take a request now (`max_inflight_requests` not reached): what a
-        load balancer should route on."""
+        load balancer should route on. False for good once a drain started."""
+        if ctx.drain.draining:
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+            return JSONResponse({"status": "draining"}, status_code=503, headers=headers)
         if not await _instances_ready(ctx):
             return JSONResponse({"status": "unavailable"}, status_code=503)
         if ctx.dispatcher.num_inflight >= ctx.config.max_inflight_requests:

@@ -175,6 +175,14 @@ class Dispatcher:
         self._counters["retried_requests"] = self._counters.get("retried_requests", 0) + retried
         return {"retried": retried, "failed": failed}
 
+    def fail_inflight(self, error: str) -> int:
+        """End every unfinished request with an error (the router is stopping): streams get an
+        error event instead of a cut connection. Returns how many were ended."""
+        unfinished = [s for s in self._streams.values() if s.finish is None]
+        for stream in unfinished:
+            stream.fail("error", error)
+        return len(unfinished)
+
     def update_endpoints(self, endpoints: Iterable[InstanceEndpoint]) -> None:
         """New inboxes after restarts; instances listed here are in service again."""
         assert self._ctx is not None, "start() first"

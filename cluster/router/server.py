@@ -3,6 +3,10 @@
 The Ray actor's methods run on Ray's thread; HTTP and token traffic must not wait on them, so
 everything the router does per request lives on this one loop. The dispatcher's zmq sockets are
 created on it (in `Dispatcher.start`) and are only ever touched from it.
+
+Shutting down: `drain()` turns new generation requests away and waits for those in flight;
+`stop()` ends whatever is still in flight with an error (a stream gets an error event, never a
+cut connection) before uvicorn stops, so its graceful shutdown never has to cancel a response.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from cluster.router.dispatcher import Dispatcher
+from cluster.router.drain import DrainState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _GRACEFUL_SHUTDOWN_S = 5  # open streams get this long before uvicorn cuts them
+_END_REQUESTS_S = 5.0  # after requests were failed at stop, time to send their last events
+_CALL_MARGIN_S = 5.0
 
 
 class _Server(uvicorn.Server):
@@ -40,8 +47,16 @@ class _Server(uvicorn.Server):
 class RouterServer:
     """Serves `app` on host:port (0: a free port) next to a dispatcher, in a background thread."""
 
-    def __init__(self, app: ASGIApp, dispatcher: Dispatcher, host: str, port: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        dispatcher: Dispatcher,
+        host: str,
+        port: int,
+        drain: DrainState | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
+        self._drain = drain or DrainState()  # the app's, so stop() knows when responses ended
         self._host = host
         config = uvicorn.Config(
             app,
@@ -76,8 +91,25 @@ class RouterServer:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """Stop accepting requests, abort the ones in flight, close the sockets."""
+    def drain(self, timeout_s: float) -> int:
+        """Take no new generation requests; wait up to `timeout_s` for those in flight to end.
+        Returns how many are still in flight."""
+
+        async def run() -> int:
+            self._drain.start()
+            await self._drain.wait_idle(timeout_s)
+            return self._drain.active
+
+        return self.call(run, timeout_s + _CALL_MARGIN_S)
+
+    def stop(self, timeout_s: float = 15.0, reason: str = "the server is shutting down") -> None:
+        """Stop accepting requests, end the ones in flight with an error naming `reason` (and
+        abort them on every instance), close the sockets."""
+        if self.running:
+            try:
+                self.call(lambda: self._end_requests(reason), _END_REQUESTS_S + _CALL_MARGIN_S)
+            except Exception as exc:  # a stuck loop: uvicorn's own shutdown still bounds it
+                log.warning("router: requests in flight not ended before stopping: %r", exc)
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -96,6 +128,11 @@ class RouterServer:
             return await fn()
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout_s)
+
+    async def _end_requests(self, reason: str) -> None:
+        self._drain.start()
+        if self.dispatcher.fail_inflight(reason):
+            await self._drain.wait_idle(_END_REQUESTS_S)
 
     def _run(self) -> None:
         assert self._loop is not None

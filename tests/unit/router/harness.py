@@ -13,6 +13,7 @@ import openai
 from cluster.config import RouterConfig
 from cluster.router.app import HealthCheck, create_app
 from cluster.router.dispatcher import Dispatcher
+from cluster.router.drain import DrainState
 from cluster.router.server import RouterServer
 from engine.tokenizer import Tokenizer
 from tests.unit.router.fakes import FakeInstance
@@ -82,6 +83,7 @@ class RouterStarter:
         for fake in fakes:
             fake.start()
         dispatcher = Dispatcher([f.as_endpoint() for f in fakes], "127.0.0.1", config)
+        drain = DrainState()
         app = create_app(
             dispatcher,
             self._tokenizer,
@@ -89,8 +91,9 @@ class RouterStarter:
             model_name="folder-name",
             config=config,
             health=health,
+            drain=drain,
         )
-        server = RouterServer(app, dispatcher, config.host, config.port)
+        server = RouterServer(app, dispatcher, config.host, config.port, drain)
         harness = RouterHarness(server.start(timeout_s=10), server, fakes)
         self._harnesses.append(harness)
         return harness
