@@ -1,9 +1,12 @@
 """Paged KV-cache block manager with prefix caching.
 
-Blocks hold `block_size` token positions of every layer. A block that is full carries a hash of
-its tokens chained with the hash of the block before it, so equal hashes mean equal prefixes. Freed
-blocks that carry a hash stay findable (cached) until they are evicted, least recently freed first;
-blocks without a hash are reused before any cached block is evicted.
+Blocks hold `block_size` token positions of every layer. A block that is full carries a key: a
+SHA-256 digest of its tokens chained with the key of the block before it and the request's
+`cache_salt` (engine/prefix_keys.py), so equal keys mean equal prefixes under the same salt, and
+a crafted prompt cannot reach another request's KV. Freed blocks that carry a key stay findable
+(cached) until they are evicted, least recently freed first; blocks without a key are reused
+before any cached block is evicted. A request's keys are computed once per block and kept with
+it (`Request.block_keys`), whether they are looked up, published or both.
 """
 
 from __future__ import annotations
@@ -14,31 +17,22 @@ from dataclasses import dataclass
 from itertools import islice
 
 from engine.prefix_events import PrefixEventLog
+from engine.prefix_keys import BlockKey, extend_keys, prefix_keys
 from engine.request import Request
 
-_ROOT_HASH = 0x9E3779B97F4A7C15
 
-
-def chain_hash(parent: int, token_ids: tuple[int, ...]) -> int:
-    """Hash of a full block given the hash of the block before it."""
-    return hash((parent, token_ids))
-
-
-def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
-    """Chained hashes of every full block of `token_ids`."""
-    hashes: list[int] = []
-    parent = _ROOT_HASH
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = chain_hash(parent, tuple(token_ids[start : start + block_size]))
-        hashes.append(parent)
-    return hashes
+def block_hashes(
+    token_ids: list[int], block_size: int, cache_salt: str | None = None
+) -> list[BlockKey]:
+    """The prefix-cache keys of every full block of `token_ids` (engine/prefix_keys.py)."""
+    return prefix_keys(token_ids, block_size, cache_salt)
 
 
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None
+    block_hash: BlockKey | None = None  # its prefix-cache key while it is cached
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -62,12 +56,12 @@ class BlockManager:
         self._quarantine: dict[int, int] = {}
         self._launched_step = -1
         self._done_step = -1
-        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._cached: dict[BlockKey, int] = {}  # block key -> block id
         self.prefix_hits = 0  # tokens served from the prefix cache, cumulative
         self.prefix_queries = 0  # prompt tokens looked up, cumulative
-        # Request id -> (full blocks already committed, chained hash of the last of them), so a
-        # decode step hashes only the block it filled instead of the whole chain again.
-        self._committed: dict[str, tuple[int, int]] = {}
+        # Request id -> full blocks already committed, so a decode step publishes only the block
+        # it filled instead of walking the whole chain again.
+        self._committed: dict[str, int] = {}
         # Keys cached and evicted, drained by the instance for the routers' prefix index.
         self.events = PrefixEventLog(4 * num_blocks, lambda: list(self._cached))
 
@@ -88,8 +82,10 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ----------------------------------------------------------------- allocation
-    def match_prefix(self, token_ids: list[int], leave_one: bool = True) -> list[int]:
-        """Ids of cached blocks holding the longest prefix of `token_ids`.
+    def match_prefix(
+        self, token_ids: list[int], leave_one: bool = True, cache_salt: str | None = None
+    ) -> list[int]:
+        """Ids of cached blocks holding the longest prefix of `token_ids` (under `cache_salt`).
 
         With `leave_one` at least one token is always left to compute, so a fully cached prompt
         still produces logits for its last position (a decode instance receiving KV computes
@@ -98,17 +94,38 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         usable = (len(token_ids) - leave_one) // self.block_size
+        return self._lookup(
+            prefix_keys(token_ids[: usable * self.block_size], self.block_size, cache_salt)
+        )
+
+    def _match_request(self, request: Request) -> list[int]:
+        """`match_prefix` for a request, with the keys it keeps."""
+        if not self.enable_prefix_caching:
+            return []
+        return self._lookup(
+            self._request_keys(request, (request.num_tokens - 1) // self.block_size)
+        )
+
+    def _lookup(self, keys: list[BlockKey]) -> list[int]:
         matched: list[int] = []
-        for block_hash in block_hashes(token_ids[: usable * self.block_size], self.block_size):
-            block_id = self._cached.get(block_hash)
+        for key in keys:
+            block_id = self._cached.get(key)
             if block_id is None:
                 break
             matched.append(block_id)
         return matched
 
+    def _request_keys(self, request: Request, num_blocks: int) -> list[BlockKey]:
+        """The keys of the request's first `num_blocks` full blocks, hashing only new ones."""
+        keys = request.block_keys
+        if len(keys) < num_blocks:
+            salt = request.sampling_params.cache_salt
+            extend_keys(keys, request.all_token_ids, self.block_size, num_blocks, salt)
+        return keys[:num_blocks]
+
     def can_allocate(self, request: Request, num_tokens: int) -> bool:
         """Whether `allocate(request, num_tokens)` would succeed (prefix hits counted)."""
-        matched = self.match_prefix(request.all_token_ids) if not request.block_ids else []
+        matched = self._match_request(request) if not request.block_ids else []
         reusable_free = sum(1 for b in matched if self.blocks[b].ref_count == 0)
         needed = self.blocks_needed(num_tokens) - len(request.block_ids) - len(matched)
         return max(needed, 0) <= self.num_free_blocks - reusable_free
@@ -122,7 +139,7 @@ class BlockManager:
         if not self.can_allocate(request, num_tokens):
             raise NoFreeBlocksError(f"request {request.request_id}: not enough free blocks")
         if not request.block_ids:
-            matched = self.match_prefix(request.all_token_ids)
+            matched = self._match_request(request)
             for block_id in matched:
                 self._take(block_id)
             request.block_ids = list(matched)
@@ -140,13 +157,14 @@ class BlockManager:
         return self._fresh_blocks(num_blocks, exclude=())
 
     def allocate_remote(
-        self, token_ids: list[int], num_tokens: int
+        self, token_ids: list[int], num_tokens: int, cache_salt: str | None = None
     ) -> tuple[list[int], int] | None:
         """Blocks for `num_tokens` positions of a request whose prompt KV is written from outside:
-        first the cached blocks that already hold the longest prefix of `token_ids` (shared,
-        ref-counted, never written: decoding writes past the prompt), then fresh blocks as in
-        `allocate_blocks`. Returns (block ids, how many leading ones were cached), or None."""
-        matched = self.match_prefix(token_ids, leave_one=False)
+        first the cached blocks that already hold the longest prefix of `token_ids` under
+        `cache_salt` (shared, ref-counted, never written: decoding writes past the prompt), then
+        fresh blocks as in `allocate_blocks`. Returns (block ids, how many leading ones were
+        cached), or None."""
+        matched = self.match_prefix(token_ids, leave_one=False, cache_salt=cache_salt)
         fresh = self._fresh_blocks(self.blocks_needed(num_tokens) - len(matched), set(matched))
         if fresh is None:
             return None
@@ -171,29 +189,28 @@ class BlockManager:
         return sorted(usable)
 
     def commit_full_blocks(self, request: Request) -> None:
-        """Publish hashes of the request's blocks that are now full of computed tokens."""
+        """Publish the keys of the request's blocks that are now full of computed tokens."""
         if not self.enable_prefix_caching:
             return
         # Under the overlap schedule num_computed_tokens counts a position whose token is still
         # on the device: only blocks whose tokens are all known are hashed.
         known = min(request.num_computed_tokens, request.num_tokens)
         num_full = min(known // self.block_size, len(request.block_ids))
-        done, parent = self._committed.get(request.request_id, (0, _ROOT_HASH))
+        done = self._committed.get(request.request_id, 0)
         if num_full <= done:
             return
-        bs = self.block_size
-        tokens = request.all_token_ids[: num_full * bs]
+        keys = self._request_keys(request, num_full)
         for index in range(done, num_full):
-            parent = chain_hash(parent, tuple(tokens[index * bs : (index + 1) * bs]))
+            key = keys[index]
             block = self.blocks[request.block_ids[index]]
             if block.block_hash is not None:
                 continue
-            if parent in self._cached:
+            if key in self._cached:
                 continue  # an identical block is already cached; this copy stays private
-            block.block_hash = parent
-            self._cached[parent] = block.block_id
-            self.events.stored(parent)
-        self._committed[request.request_id] = (num_full, parent)
+            block.block_hash = key
+            self._cached[key] = block.block_id
+            self.events.stored(key)
+        self._committed[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
         """Release the request's blocks (last block first, so a prefix outlives its tail)."""

@@ -63,6 +63,8 @@ class Request:
     # schedule runs step N before step N-1's token is read back, else 0.
     pending_samples: int = 0
     error: str | None = None
+    # Prefix-cache keys of its first full blocks, each computed once (engine/prefix_keys.py).
+    block_keys: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -30,6 +30,9 @@ class SamplingParams:
     token occurs in the request's output so far (the prompt does not count).
     logprobs: None is off; k >= 0 returns each sampled token's logprob and the k likeliest
     alternatives, from the model's raw logits (before penalties, temperature and filters).
+    cache_salt (vLLM's name): not about sampling, but it travels with these to P and D. It goes
+    into the prefix-cache key of the first block, so requests with different salts never share
+    KV (engine/prefix_keys.py); None shares with every other unsalted request.
     """
 
     temperature: float = 1.0
@@ -43,6 +46,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +99,12 @@ class SamplingParams:
             raise SamplingParamsError(
                 "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
             )
+        if self.cache_salt is not None and (
+            not isinstance(self.cache_salt, str) or not self.cache_salt
+        ):
+            raise SamplingParamsError(
+                "cache_salt", f"must be a non-empty string, got {self.cache_salt!r}"
+            )
 
     def to_dict(self) -> dict:
         return {
@@ -109,6 +119,7 @@ class SamplingParams:
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "logprobs": self.logprobs,
+            "cache_salt": self.cache_salt,
         }
 
     @classmethod

@@ -44,10 +44,14 @@ class InstanceChooser:
 
     # ------------------------------------------------------------------ choices
     def choose_prefill(
-        self, candidates: Sequence[tuple[Hashable, Role]], outstanding: dict, prompt: list[int]
+        self,
+        candidates: Sequence[tuple[Hashable, Role]],
+        outstanding: dict,
+        prompt: list[int],
+        cache_salt: str | None = None,
     ) -> Decision:
         """`candidates`: (name, role) of every prefill or mixed instance in service."""
-        chains = KeyChains(prompt)
+        chains = KeyChains(prompt, cache_salt)
         scored = [
             PrefillCandidate(name, outstanding[name], self._prefill_hit(name, prompt, chains))
             for name, _ in candidates
@@ -56,13 +60,15 @@ class InstanceChooser:
         self._count(dict(candidates)[decision.name], decision)
         return decision
 
-    def choose_decode(self, names: Sequence[Hashable], prompt: list[int]) -> Decision | None:
+    def choose_decode(
+        self, names: Sequence[Hashable], prompt: list[int], cache_salt: str | None = None
+    ) -> Decision | None:
         """The decode instance to prefer for `prompt`, among those that have reported (P's own
         picker decides when there is none, or when the preferred one cannot take it)."""
         known = [(n, c) for n in names if (c := self.index.get(n)) is not None]
         if not known:
             return None
-        chains = KeyChains(prompt)
+        chains = KeyChains(prompt, cache_salt)
         block_size = known[0][1].block_size
         scored = [
             DecodeCandidate(

@@ -131,7 +131,7 @@ class Dispatcher:
     ) -> RequestStream:
         """Send a request to the least loaded instance; its tokens arrive on the stream."""
         self.check_capacity(1)
-        endpoint, cached_tokens = self._choose_instance(prompt_token_ids)
+        endpoint, cached_tokens = self._choose_instance(prompt_token_ids, sampling.cache_salt)
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(
             request_id,
@@ -249,13 +249,15 @@ class Dispatcher:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
-    def _choose_instance(self, prompt: list[int]) -> tuple[InstanceEndpoint, int]:
+    def _choose_instance(
+        self, prompt: list[int], cache_salt: str | None = None
+    ) -> tuple[InstanceEndpoint, int]:
         """The instance to prefill `prompt`, and how many of its tokens it is expected to hold."""
         candidates = [e for e in self.endpoints if e.takes_requests and e.name not in self._down]
         if not candidates:
             raise NoInstance("no prefill or mixed instance is configured")
         decision = self.chooser.choose_prefill(
-            [(e.name, e.role) for e in candidates], self._outstanding, list(prompt)
+            [(e.name, e.role) for e in candidates], self._outstanding, list(prompt), cache_salt
         )
         return next(e for e in candidates if e.name == decision.name), decision.cached_tokens
 

@@ -130,6 +130,11 @@ class SamplingFields(_Body):
     presence_penalty: float | None = Field(None, description="In [-2, 2]; default 0.")
     frequency_penalty: float | None = Field(None, description="In [-2, 2]; default 0.")
     logit_bias: dict[str, float] | None = None
+    cache_salt: str | None = Field(
+        None,
+        description="Extension (vLLM's name): requests share prefix-cache KV only with requests "
+        "that send the same salt (or none); a non-empty string.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -152,6 +157,7 @@ class SamplingFields(_Body):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=self.num_logprobs(),
+            cache_salt=self.cache_salt,
         )
 
     def num_logprobs(self) -> int | None:

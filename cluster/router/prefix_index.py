@@ -4,7 +4,7 @@ Every instance publishes batched `PrefixCacheEvents` (block keys that entered an
 cache since its last report, with its load). The index keeps, per instance, the set of keys it
 holds, and answers how many leading blocks of a request's key chain each instance has.
 
-Keys are computed with the block manager's own key function (`engine.block_manager`), so the
+Keys are computed with the block manager's own key function (`engine.prefix_keys`), so the
 router's chain for a prompt is exactly what the instances store. The index is a hint, never a
 source of truth: each instance still matches a request against its own cache, so a stale entry
 costs a recomputation, never wrong KV. That is why loss is handled by forgetting: an instance
@@ -19,15 +19,17 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from engine.block_manager import block_hashes
+from engine.prefix_keys import prefix_keys
 from engine.protocol.cache_events import PrefixCacheEvents
 
 BlockKey = Hashable
 
 
-def request_block_keys(token_ids: Sequence[int], block_size: int) -> list[BlockKey]:
+def request_block_keys(
+    token_ids: Sequence[int], block_size: int, cache_salt: str | None = None
+) -> list[BlockKey]:
     """The prefix-cache keys of every full block of `token_ids`, as the instances compute them."""
-    return list(block_hashes(list(token_ids), block_size))
+    return prefix_keys(token_ids, block_size, cache_salt)
 
 
 @dataclass
@@ -116,12 +118,14 @@ class KeyChains:
     """A request's key chain per block size, computed at most once each (instances of different
     roles may use different block sizes; within PD they must be equal)."""
 
-    def __init__(self, token_ids: Sequence[int]) -> None:
+    def __init__(self, token_ids: Sequence[int], cache_salt: str | None = None) -> None:
         self.token_ids = token_ids
+        self.cache_salt = cache_salt
         self._by_size: dict[int, list[BlockKey]] = {}
 
     def for_block_size(self, block_size: int) -> list[BlockKey]:
         chain = self._by_size.get(block_size)
         if chain is None:
-            chain = self._by_size[block_size] = request_block_keys(self.token_ids, block_size)
+            chain = request_block_keys(self.token_ids, block_size, self.cache_salt)
+            self._by_size[block_size] = chain
         return chain

@@ -2,7 +2,7 @@
 
 An instance sends one `PrefixCacheEvents` per publish interval when its prefix cache changed,
 to every router. The router's prefix index (`cluster/router/prefix_index.py`) keeps per instance
-the block keys it holds; the keys are `engine.block_manager`'s, which P, D and the router compute
+the block keys it holds; the keys are `engine.prefix_keys`', which P, D and the router compute
 alike. Reports are numbered per incarnation of the instance, so the router can tell a restart
 or a lost report (and then forgets what it knew of that instance).
 """
@@ -28,6 +28,6 @@ class PrefixCacheEvents:
     block_size: int
     num_blocks: int
     free_blocks: int
-    stored: list[int] = field(default_factory=list)
-    removed: list[int] = field(default_factory=list)
+    stored: list[bytes] = field(default_factory=list)  # 32-byte keys (engine/prefix_keys.py)
+    removed: list[bytes] = field(default_factory=list)
     cleared: bool = False

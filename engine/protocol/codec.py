@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 
 import msgpack
 
-PROTOCOL_VERSION = 3  # 2: TokenItem.logprobs, .decode_instance; 3: KvComplete stamps
+# 2: TokenItem.logprobs, .decode_instance; 3: KvComplete stamps; 4: prefix-cache keys are
+# 32-byte SHA-256 digests (PrefixCacheEvents), SamplingParams.cache_salt
+PROTOCOL_VERSION = 4
 _EXT_NESTED = 1
 
 _BY_ID: dict[int, type] = {}

@@ -2,14 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from engine.block_manager import BlockManager, NoFreeBlocksError, block_hashes
+from engine.block_manager import BlockManager, NoFreeBlocksError
+from engine.prefix_keys import prefix_keys
 from tests.unit.engine.helpers import make_request
 
 
-def test_block_hashes_chain_on_prefix() -> None:
-    a = block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
-    b = block_hashes([1, 2, 3, 4, 5, 6, 7, 0], 4)
-    c = block_hashes([0, 2, 3, 4, 5, 6, 7, 8], 4)
+def test_block_keys_chain_on_prefix() -> None:
+    a = prefix_keys([1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    b = prefix_keys([1, 2, 3, 4, 5, 6, 7, 0], 4)
+    c = prefix_keys([0, 2, 3, 4, 5, 6, 7, 8], 4)
     assert len(a) == 2  # the partial tail block has no hash
     assert a[0] == b[0] and a[1] != b[1]
     assert c[1] != a[1]  # same second block, different prefix -> different hash

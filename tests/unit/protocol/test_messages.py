@@ -37,7 +37,9 @@ SAMPLES = [
     cache_msgs.CancelCache("r1", "aborted"),
     cache_msgs.TransferDone("r1", True, "", 1024, 0.01),
     cache_msgs.KvComplete("r1", True, 42, "", 1.0, 1.5),
-    cache_events.PrefixCacheEvents("d0", "a1", 3, 16, 100, 40, [-(2**63), 2**63 - 1], [7], True),
+    cache_events.PrefixCacheEvents(
+        "d0", "a1", 3, 16, 100, 40, [b"\x00" * 32, b"\xff" * 32], [b"k" * 32], True
+    ),
 ]
 
 
