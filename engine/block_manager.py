@@ -157,7 +157,7 @@ class BlockManager:
         return self._fresh_blocks(num_blocks, exclude=())
 
     def allocate_remote(
-        self, token_ids: list[int], num_tokens: int, cache_salt: str | None = None
+        self, token_ids: list[int], num_tokens: int, *, cache_salt: str | None
     ) -> tuple[list[int], int] | None:
         """Blocks for `num_tokens` positions of a request whose prompt KV is written from outside:
         first the cached blocks that already hold the longest prefix of `token_ids` under

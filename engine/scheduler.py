@@ -105,7 +105,9 @@ class Scheduler:
         ):
             return False
         prefix = request.prompt_token_ids if reuse_prefix else []
-        allocation = self.block_manager.allocate_remote(prefix, request.num_prompt_tokens + 1)
+        allocation = self.block_manager.allocate_remote(
+            prefix, request.num_prompt_tokens + 1, cache_salt=request.sampling_params.cache_salt
+        )
         if allocation is None:
             return False
         request.block_ids, cached_blocks = allocation

@@ -59,11 +59,13 @@ def test_remote_allocation_reuses_a_cached_prefix() -> None:
     bm = BlockManager(16, 4)
     cached = _cache(bm, "turn1", list(range(10)))  # blocks 0-1 full and cached
     prompt = [*range(10), 77, 78, 79]  # 13 tokens: the first 8 are cached here
-    block_ids, num_cached = bm.allocate_remote(prompt, len(prompt) + 1)
+    block_ids, num_cached = bm.allocate_remote(prompt, len(prompt) + 1, cache_salt=None)
     assert num_cached == 2 and block_ids[:2] == cached[:2]
     assert len(block_ids) == 4 and block_ids[2:] == sorted(block_ids[2:])
     assert bm.prefix_hits == 8
-    other_ids, _ = bm.allocate_remote(prompt, len(prompt) + 1)  # shared, ref-counted
+    other_ids, _ = bm.allocate_remote(
+        prompt, len(prompt) + 1, cache_salt=None
+    )  # shared, ref-counted
     assert other_ids[:2] == block_ids[:2] and not set(other_ids[2:]) & set(block_ids[2:])
     assert bm.blocks[cached[0]].ref_count == 2
     bm.free_blocks(block_ids)
@@ -77,7 +79,7 @@ def test_remote_allocation_matches_every_full_block() -> None:
     # a fresh block for the first token.
     bm = BlockManager(8, 4)
     cached = _cache(bm, "a", list(range(8)))
-    block_ids, num_cached = bm.allocate_remote(list(range(8)), 9)
+    block_ids, num_cached = bm.allocate_remote(list(range(8)), 9, cache_salt=None)
     assert num_cached == 2 and block_ids[:2] == cached and len(block_ids) == 3
     bm.free_blocks(block_ids)
     bm.check_invariants([])
@@ -86,16 +88,20 @@ def test_remote_allocation_matches_every_full_block() -> None:
 def test_remote_allocation_fails_cleanly_and_skips_quarantined_fresh_blocks() -> None:
     bm = BlockManager(4, 4)
     _cache(bm, "a", list(range(8)))
-    assert bm.allocate_remote([*range(8), 5, 5, 5, 5, 5, 5, 5, 5, 5], 18) is None  # 2 + 3 > 4
+    assert (
+        bm.allocate_remote([*range(8), 5, 5, 5, 5, 5, 5, 5, 5, 5], 18, cache_salt=None) is None
+    )  # 2 + 3 > 4
     bm.check_invariants([])
     assert bm.num_free_blocks == 4
     busy = make_request("b", list(range(200, 208)))
     bm.allocate(busy, 8)  # both uncached blocks
     bm.step_launched(3)
     bm.free(busy)  # quarantined until step 3 is done
-    assert bm.allocate_remote([*range(8), 1, 2], 11) is None  # only quarantined ones are left
+    assert (
+        bm.allocate_remote([*range(8), 1, 2], 11, cache_salt=None) is None
+    )  # only quarantined ones are left
     bm.step_done(3)
-    block_ids, num_cached = bm.allocate_remote([*range(8), 1, 2], 11)
+    block_ids, num_cached = bm.allocate_remote([*range(8), 1, 2], 11, cache_salt=None)
     assert num_cached == 2
     bm.free_blocks(block_ids)
     bm.check_invariants([])
@@ -104,6 +110,6 @@ def test_remote_allocation_fails_cleanly_and_skips_quarantined_fresh_blocks() ->
 def test_no_prefix_caching_no_reuse() -> None:
     bm = BlockManager(8, 4, enable_prefix_caching=False)
     _cache(bm, "a", list(range(8)))
-    block_ids, num_cached = bm.allocate_remote(list(range(8)), 9)
+    block_ids, num_cached = bm.allocate_remote(list(range(8)), 9, cache_salt=None)
     assert num_cached == 0 and len(block_ids) == 3
     assert not bm.events.drain()

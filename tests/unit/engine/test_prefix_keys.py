@@ -12,10 +12,11 @@ import pytest
 
 from engine import prefix_keys
 from engine.block_manager import BlockManager
+from engine.config import Role
 from engine.prefix_keys import chain_key
 from engine.prefix_keys import prefix_keys as keys_of
 from engine.sampling_params import SamplingParams, SamplingParamsError
-from tests.unit.engine.helpers import make_request
+from tests.unit.engine.helpers import assert_nothing_leaked, make_request, make_scheduler
 
 BS = 4
 
@@ -147,3 +148,17 @@ def test_cache_salt_must_be_a_non_empty_string(salt) -> None:
 def test_cache_salt_travels_with_the_sampling_params() -> None:
     params = SamplingParams(temperature=0, cache_salt="tenant-7")
     assert SamplingParams.from_dict(params.to_dict()).cache_salt == "tenant-7"
+
+
+def test_decode_reuses_cached_remote_prefix_only_under_the_same_salt() -> None:
+    sched = make_scheduler(role=Role.DECODE, num_blocks=16, block_size=BS)
+    prompt = list(range(1, 11))
+    first = make_request("a", prompt, max_tokens=1, cache_salt="t1")
+    assert sched.reserve_remote(first, reuse_prefix=True)
+    sched.start_remote("a", 3)  # max_tokens 1: finished, its full prompt blocks stay cached
+    for rid, salt, expected in (("b", "t2", 0), ("c", None, 0), ("d", "t1", 8)):
+        request = make_request(rid, prompt, max_tokens=1, cache_salt=salt)
+        assert sched.reserve_remote(request, reuse_prefix=True)
+        assert request.num_cached_tokens == expected, rid
+        sched.abort_request(rid)
+    assert_nothing_leaked(sched)
