@@ -31,10 +31,10 @@ class Mix:
     """The two-phase workload, with rates per four instances (scaled to the deployment)."""
 
     phase_s: float = 60.0
-    rate_a: float = 16.0  # phase A: long prompts, short outputs
+    rate_a: float = 22.0  # phase A: long prompts, short outputs
     input_a: int = 4096
     output_a: int = 64
-    rate_b: float = 90.0  # phase B: short prompts, long outputs
+    rate_b: float = 100.0  # phase B: short prompts, long outputs
     input_b: int = 256
     output_b: int = 512
     range_ratio: float = 0.5
@@ -81,8 +81,10 @@ def compare_jobs(
     settings: SimSettings,
     seed: int,
     failures: tuple[Failure, ...] = (),
+    trace: list[TraceRequest] | None = None,
 ) -> list[tuple]:
-    trace = mix.trace(instances, seed)
+    """Jobs for `run_all`: the mix's trace (or `trace`) on every layout of `instances`."""
+    trace = trace if trace is not None else mix.trace(instances, seed)
     runs = layouts(instances)
     if failures:
         runs = [runs[1], runs[3]]  # static 1:1 and elastic
