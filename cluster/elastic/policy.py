@@ -83,7 +83,8 @@ class Decision:
 
     def describe(self) -> str:
         if self.kind is DecisionKind.SWITCH:
-            what = f"switch {self.instance} {self.from_role.value} -> {self.to_role.value}"
+            source = f" {self.from_role.value}" if self.from_role else ""
+            what = f"switch {self.instance}{source} -> {self.to_role.value}"
         elif self.kind is DecisionKind.ADD:
             what = f"add a {self.to_role.value} instance"
         else:

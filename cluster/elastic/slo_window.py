@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,19 @@ class SloView:
     @property
     def attainment(self) -> float:
         return min(self.ttft_attainment, self.tpot_attainment)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SloView:
+        return cls(
+            **{
+                k: data[k]
+                for k in ("finished", "ttft_attainment", "tpot_attainment", "failed")
+                if k in data
+            }
+        )
 
 
 class SloWindow:
@@ -41,6 +54,24 @@ class SloWindow:
     def record_failure(self, now: float) -> None:
         """A request ended with an error at `now`: it met neither bound."""
         self._records.append((now, False, False, False))
+
+    def observe(
+        self,
+        outcome: str,
+        arrival: float,
+        first_token: float | None,
+        finished: float,
+        output_tokens: int,
+    ) -> None:
+        """A request the router released (monotonic times). Clean finishes count by their
+        latencies, errors and timeouts as misses; a client's abort counts for nothing."""
+        if outcome == "abort":
+            return
+        if outcome not in ("stop", "length") or first_token is None:
+            self.record_failure(finished)
+            return
+        tpot = (finished - first_token) / (output_tokens - 1) if output_tokens > 1 else None
+        self.record(finished, first_token - arrival, tpot)
 
     def view(self, now: float) -> SloView:
         while self._records and self._records[0][0] < now - self.window_s:

@@ -58,7 +58,7 @@ class RouterActor:
         router = self.config.router
         tokenizer = Tokenizer.from_folder(self._model_path)
         dispatcher = Dispatcher(
-            [InstanceEndpoint.from_dict(e) for e in endpoints], self._host, router
+            [InstanceEndpoint.from_dict(e) for e in endpoints], self._host, router, self.config.slo
         )
         health = (
             _ray_health_check(list(health_actor_handles), health_method)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
-from cluster.config import RouterConfig
+from cluster.config import RouterConfig, SloConfig
+from cluster.elastic.slo_window import SloWindow
 from cluster.metrics import RouterMetrics
 from cluster.router.cache_routing import InstanceChooser
 from cluster.router.streams import RequestStream
@@ -71,9 +72,16 @@ class Dispatcher:
     """Instance choice, the token inbox and the in-flight requests of one router event loop."""
 
     def __init__(
-        self, endpoints: Iterable[InstanceEndpoint], host: str, config: RouterConfig
+        self,
+        endpoints: Iterable[InstanceEndpoint],
+        host: str,
+        config: RouterConfig,
+        slo: SloConfig | None = None,
     ) -> None:
         self.endpoints = list(endpoints)
+        slo = slo or SloConfig()
+        # SLO attainment of recent requests, for the elastic controller (stats()["slo"]).
+        self.slo_window = SloWindow(slo.ttft_ms, slo.tpot_ms, slo.window_s)
         self._host = host
         self._config = config
         self._streams: dict[str, RequestStream] = {}
@@ -239,7 +247,15 @@ class Dispatcher:
         self.chooser.observe_prefix_hits(self._role_of(stream.instance), stream.num_cached_tokens)
         phases = self.timing_split.record(stream.stamps)
         outcome = stream.finish.reason if stream.finish is not None else "abort"
-        self.metrics.observe(stream.record(phases, "timeout" if timed_out else outcome))
+        record = stream.record(phases, "timeout" if timed_out else outcome)
+        self.metrics.observe(record)
+        self.slo_window.observe(
+            record.outcome,
+            record.arrival,
+            record.first_token,
+            record.finished,
+            record.output_tokens,
+        )
         if stream.finish is None or stream.finish.reason not in _CLEAN_FINISHES:
             self._counters["timeouts"] += timed_out
             self._spawn(self._abort_everywhere(request_id, reason))
@@ -320,6 +336,7 @@ class Dispatcher:
     def stats(self) -> dict:
         return {
             "inflight_requests": len(self._streams),
+            "slo": self.slo_window.view(time.monotonic()).to_dict(),
             "outstanding_prefill_tokens": self.outstanding_prefill_tokens(),
             "pending_aborts": len(self._background),
             "bad_frames": self._inbox.bad_frames if self._inbox is not None else 0,

@@ -1,0 +1,132 @@
+"""The controller: stats in, decisions carried out by an actuator, logged, counted."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from cluster.config import parse_config
+from cluster.elastic.controller import ElasticController
+from engine.config import Role
+
+BUSY_PREFILL = {"backlog_tokens": 30000, "busy_s": 0.0, "running": 1}
+
+
+class Cluster:
+    """A stand-in deployment: stats as instances report them, switches that take effect when
+    the test lets them (`gate`)."""
+
+    def __init__(self) -> None:
+        self.roles = {"p0": "prefill", "p1": "prefill", "d0": "decode", "d1": "decode"}
+        self.clock = 0.0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.switched: list[tuple[str, Role]] = []
+        self.fail_next = False
+
+    def collect(self):
+        router = {"slo": {"finished": 40, "ttft_attainment": 0.3, "tpot_attainment": 1.0}}
+        stats = []
+        for name, role in self.roles.items():
+            s = {"name": name, "role": role, "num_blocks": 100, "free_blocks": 90}
+            if role == "prefill":
+                s |= {**BUSY_PREFILL, "busy_s": self.clock}  # busy all the time
+            stats.append(s)
+        stats.append({"name": "d9", "error": "RayActorError"})  # a dead one is left out
+        return router, stats
+
+    def switch(self, name: str, role: Role) -> None:
+        assert self.gate.wait(10)
+        if self.fail_next:
+            raise RuntimeError("drain timed out")
+        self.roles[name] = role.value
+        self.switched.append((name, role))
+
+    def add(self, role: Role) -> str:
+        raise AssertionError("autoscale is off")
+
+    def remove(self, name: str) -> None:
+        raise AssertionError("autoscale is off")
+
+    def can_add(self) -> bool:
+        return False
+
+
+def controller(cluster: Cluster, **elastic) -> ElasticController:
+    config = parse_config(
+        {
+            "prefill": {"instances": 2},
+            "decode": {"instances": 2},
+            "elastic": {"enabled": True, "hysteresis": 1, "cooldown_s": 0, **elastic},
+        }
+    )
+    return ElasticController(config, cluster, clock=lambda: cluster.clock)
+
+
+def settle(ctl: ElasticController) -> None:
+    ctl._pool.shutdown(wait=True)  # every action ran
+    ctl.drain_outcomes()
+
+
+def test_a_decision_is_carried_out_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    cluster = Cluster()
+    ctl = controller(cluster)
+    (decision,) = ctl.step()
+    assert (decision.instance, decision.to_role) == ("d0", Role.PREFILL)
+    settle(ctl)
+    assert cluster.switched == [("d0", Role.PREFILL)]
+    stats = ctl.stats()
+    assert stats["counters"]["decided_switch_decode_to_prefill"] == 1
+    assert stats["counters"]["switch_done"] == 1
+    (record,) = stats["decisions"]
+    assert record["outcome"] == "done" and "prefill is short" in record["reason"]
+    assert "elastic: switch d0 decode -> prefill" in caplog.text
+
+
+def test_an_instance_in_a_switch_is_not_chosen_again() -> None:
+    cluster = Cluster()
+    cluster.gate.clear()  # the switch hangs until released
+    ctl = controller(cluster, min_decode_instances=1)
+    (first,) = ctl.step()
+    cluster.clock = 2.0
+    assert ctl.step() == []  # d1 is the last decode instance once d0 has switched
+    assert ctl.stats()["busy"] == [first.instance]
+    cluster.gate.set()
+    settle(ctl)
+
+
+def test_a_failed_switch_is_recorded_and_the_instance_chosen_again() -> None:
+    cluster = Cluster()
+    cluster.fail_next = True
+    ctl = controller(cluster)
+    ctl.step()
+    settle(ctl)
+    stats = ctl.stats()
+    assert stats["counters"]["switch_failed"] == 1
+    assert stats["decisions"][0]["outcome"].startswith("failed: RuntimeError: drain timed out")
+    assert stats["busy"] == []
+
+
+def test_disabled_it_only_watches() -> None:
+    cluster = Cluster()
+    ctl = controller(cluster, enabled=False)
+    for t in range(5):
+        cluster.clock = 2.0 * t
+        assert ctl.step() == []
+
+
+def test_an_operator_can_force_a_switch_with_the_loop_running() -> None:
+    cluster = Cluster()
+    ctl = controller(cluster, enabled=False, decision_interval_s=0.05)
+    ctl.start()
+    try:
+        ctl.force_switch("p1", "decode")
+        for _ in range(200):
+            if ctl.stats()["counters"].get("switch_done"):
+                break
+            threading.Event().wait(0.05)
+        assert cluster.switched == [("p1", Role.DECODE)]
+        assert ctl.stats()["decisions"][0]["reason"] == "forced by an operator"
+    finally:
+        ctl.stop()
