@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from cluster.elastic.status import render_controller
+
 _ROLE_ORDER = {"prefill": 0, "decode": 1, "mixed": 2}
 
 
@@ -43,7 +45,11 @@ def render(router: dict | None, instances: list[dict]) -> str:
     header = f"{'instance':<12} {'role':<8} {'address':<24} {'run':>4} {'wait':>5} {'KV used':>14}"
     lines += [header, "-" * len(header)]
     for s in instances:
-        lines.append(_row(s))
+        if s.get("role") != "controller":
+            lines.append(_row(s))
+    for s in instances:
+        if s.get("role") == "controller":
+            lines += render_controller(s)
     return "\n".join(lines)
 
 

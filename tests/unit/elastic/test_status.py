@@ -1,0 +1,28 @@
+"""`pdserve status` shows the controller's last decisions under the instance table."""
+
+from __future__ import annotations
+
+from cluster.cli_status import render
+from cluster.config import parse_config
+from cluster.elastic.controller import ElasticController
+from tests.unit.elastic.test_controller import Cluster
+
+
+def test_status_lists_roles_and_the_last_decisions() -> None:
+    cluster = Cluster()
+    config = parse_config(
+        {
+            "prefill": {"instances": 2},
+            "decode": {"instances": 2},
+            "elastic": {"enabled": True, "hysteresis": 1},
+        }
+    )
+    ctl = ElasticController(config, cluster, clock=lambda: cluster.clock)
+    ctl.step()
+    ctl._pool.shutdown(wait=True)
+    ctl.drain_outcomes()
+    _, instances = cluster.collect()
+    text = render({"url": "http://x", "inflight_requests": 0}, [*instances, ctl.stats()])
+    assert "d0           prefill" in text  # the switched instance in its new role
+    assert "elastic controller: on, switches done 1, failed 0" in text
+    assert "switch d0 decode -> prefill: done in" in text and "prefill is short" in text
