@@ -134,6 +134,22 @@ class Scheduler:
         self._finish(request, status)
         return True
 
+    def switch_role(self, role: Role, config: SchedulerConfig) -> None:
+        """Serve as `role`, with that role's batching, from the next step on (elastic
+        prefill/decode). Only an empty scheduler switches: the old role's requests have
+        finished or moved, so no request ever sees two roles. The KV blocks stay (free)."""
+        if self.requests:
+            raise RuntimeError(
+                f"cannot switch to {role.value}: {len(self.requests)} requests are still here"
+            )
+        if config.block_size != self.block_manager.block_size:
+            raise ValueError(
+                f"block size {config.block_size} differs from the KV cache's "
+                f"{self.block_manager.block_size}"
+            )
+        self.role = role
+        self.config = config
+
     # ------------------------------------------------------------------ the step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(step_id=next(self._step_ids))

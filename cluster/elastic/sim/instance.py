@@ -94,9 +94,7 @@ class SimInstance:
         return self.scheduler.role
 
     def set_role(self, role: Role) -> None:
-        assert not self.scheduler.requests, "switch only an instance that holds nothing"
-        self.scheduler.role = role
-        self.scheduler.config = _scaled(self.configs[role], self.quantum, role)
+        self.scheduler.switch_role(role, _scaled(self.configs[role], self.quantum, role))
 
     # ------------------------------------------------------------------ what it reports
     def backlog_tokens(self) -> int:
