@@ -8,7 +8,7 @@ import sys
 
 def _generate(args: argparse.Namespace) -> int:
     # Imported here so `pdserve --help` does not pay for torch.
-    from engine.config import ModelConfig
+    from engine.config import EngineConfig, ModelConfig
     from engine.sampling_params import SamplingParams
     from worker.llm import LLM
 
@@ -20,7 +20,8 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         stop=args.stop or [],
     )
-    llm = LLM(ModelConfig(path=args.model, device=args.device, dtype=args.dtype))
+    engine = EngineConfig(tensor_parallel_size=args.tensor_parallel_size)
+    llm = LLM(ModelConfig(path=args.model, device=args.device, dtype=args.dtype), engine)
     prompt = llm.encode_chat(args.prompt) if args.chat else args.prompt
     (completion,) = llm.generate([prompt], params)
     print(completion.text)
@@ -40,6 +41,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--model", default=None, help="local Hugging Face model folder")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks to split over")
     p.set_defaults(func=_generate)
 
 

@@ -69,7 +69,10 @@ class CacheConfig(StrictModel):
         None, ge=1, description="KV blocks per instance; when set, overrides memory_mb."
     )
     memory_mb: int = Field(
-        512, ge=1, description="KV cache size per instance in MiB, used when num_blocks is unset."
+        512,
+        ge=1,
+        description="KV cache size per instance in MiB (per rank under tensor parallelism: "
+        "each rank holds its own KV heads), used when num_blocks is unset.",
     )
 
 
@@ -78,3 +81,17 @@ class EngineConfig(StrictModel):
 
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Batching.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="KV cache size.")
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Ranks (GPUs, or CPU processes) one instance's model is split over, "
+        "Megatron-style: attention heads and the MLP split across ranks. The model's query "
+        "heads and intermediate size must divide by it, and its KV heads divide it or by it.",
+    )
+    tensor_parallel_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Under tensor parallelism: longest a step (with its collectives) may take "
+        "before the instance fails instead of hanging; a rank that dies fails it at once.",
+    )

@@ -24,7 +24,9 @@ from worker.cuda_graphs import default_batch_sizes
 from worker.default_model import ensure_default_model
 from worker.kv_cache import num_blocks_for_budget
 from worker.model_config import load_model_config
-from worker.model_runner import ModelRunner, StepState
+from worker.model_runner import StepState
+from worker.tp_runner import make_runner, rank_config
+from worker.tp_worker import RunnerArgs
 
 
 def resolve_model_path(model: ModelConfig) -> Path:
@@ -56,7 +58,8 @@ def resolve_overlap(setting: bool | None, model: ModelConfig) -> bool:
 
 def kv_layout_for(model: ModelConfig, engine: EngineConfig) -> tuple[KVLayout, torch.dtype]:
     """The KV cache geometry an instance with this config allocates (before loading weights)."""
-    arch = load_model_config(resolve_model_path(model))
+    # under tensor parallelism: what each rank holds (its KV heads)
+    arch = rank_config(load_model_config(resolve_model_path(model)), engine.tensor_parallel_size)
     dtype = resolve_dtype(model, resolve_device(model))
     block_size = engine.scheduler.block_size
     num_blocks = engine.cache.num_blocks or num_blocks_for_budget(
@@ -95,27 +98,30 @@ class EngineCore:
         sched_cfg = engine.scheduler
         if kv_tensors is not None:
             num_blocks = kv_tensors[0].shape[0]
-        else:
+        else:  # under tensor parallelism each rank's budget holds its own KV heads
             num_blocks = engine.cache.num_blocks or num_blocks_for_budget(
-                self.arch, sched_cfg.block_size, dtype, engine.cache.memory_mb * 2**20
+                rank_config(self.arch, engine.tensor_parallel_size),
+                sched_cfg.block_size,
+                dtype,
+                engine.cache.memory_mb * 2**20,
             )
         self.max_model_len = min(
             sched_cfg.max_model_len or self.arch.max_position_embeddings,
             self.arch.max_position_embeddings,
         )
-        self.runner = ModelRunner(
-            self.model_path,
-            dtype=dtype,
-            device=device,
+        runner_args = RunnerArgs(
+            str(self.model_path),
+            dtype=str(dtype).removeprefix("torch."),
             block_size=sched_cfg.block_size,
             num_blocks=num_blocks,
             seed=model.seed,
-            kv_tensors=kv_tensors,
-            layer_done=layer_done,
             cuda_graphs=cuda_graphs,
             graph_batch_sizes=default_batch_sizes(sched_cfg.max_num_seqs),
             max_model_len=self.max_model_len,
             load_format=model.load_format,
+        )
+        self.runner = make_runner(
+            runner_args, device, engine, kv_tensors=kv_tensors, layer_done=layer_done
         )
         self.overlap = overlap
         self._in_flight: tuple[SchedulerOutput, StepState] | None = None

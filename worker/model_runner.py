@@ -24,6 +24,7 @@ import torch
 from engine.batch import PLACEHOLDER_TOKEN, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from worker.attention import make_attention_backend, prepare_inputs_for
 from worker.cuda_graphs import DecodeGraphs, default_batch_sizes
+from worker.distributed import TPGroup, local_config, shard_layout
 from worker.kv_cache import KVCache, make_kv_cache_spec, num_blocks_for_budget
 from worker.loader import load_model, resolve_dtype
 from worker.model_config import ModelArchConfig, load_model_config
@@ -65,22 +66,29 @@ class ModelRunner:
         graph_batch_sizes: list[int] | None = None,
         max_model_len: int | None = None,
         load_format: str = "safetensors",
+        tp: TPGroup | None = None,
     ) -> None:
         """Give the KV size as `num_blocks`, as a byte budget `kv_cache_bytes`, or implicitly by
         passing pre-made `kv_tensors` (one `[num_blocks, 2, block_size, kvh, hd]` per layer).
 
         `cuda_graphs` (None: on when the Triton backend runs on CUDA and no `layer_done` hook is
         set) captures decode graphs for `graph_batch_sizes` (default 1..64) with contexts up to
-        `max_model_len` (default: the model's)."""
+        `max_model_len` (default: the model's). Under tensor parallelism (`tp`) the runner holds
+        its rank's shard and `config` is the rank's local one (its heads; worker/distributed.py)."""
         self.device = torch.device(device)
+        self.tp = tp
         self.config: ModelArchConfig = load_model_config(model_path)
+        if tp is not None:
+            self.config = local_config(self.config, shard_layout(self.config, tp.rank, tp.size))
         self.dtype = resolve_dtype(dtype, self.config)
         cfg = self.config
         self.attention = make_attention_backend(
             attention_backend, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.device
         )
         self._prepare_inputs = prepare_inputs_for(self.attention)
-        self.model = load_model(model_path, self.dtype, self.device, self.attention, load_format)
+        self.model = load_model(
+            model_path, self.dtype, self.device, self.attention, load_format, tp
+        )
         self.kv_cache = self._make_kv_cache(block_size, num_blocks, kv_cache_bytes, kv_tensors)
         self.sampler = Sampler(self.device, seed)
         self.layer_done = layer_done

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from worker.distributed import ShardLayout, shard_layout
 from worker.model_config import ModelArchConfig
 from worker.models import LayerWeights, ModelWeights
 
@@ -18,8 +19,17 @@ RANDOM_WEIGHTS_SEED = 0
 
 
 def random_weights(
-    config: ModelArchConfig, dtype: torch.dtype, device: torch.device
+    config: ModelArchConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    layout: ShardLayout | None = None,
 ) -> ModelWeights:
+    """The whole model's weights, or under tensor parallelism rank `layout.rank`'s shard of the
+    very same model: each whole tensor is drawn in the same order and sliced (a layer's largest
+    tensor at a time is the only extra memory)."""
+    c = config
+    shard = layout or shard_layout(config, 0, 1)
+    first = shard.rank == 0
     gen = torch.Generator(device=device).manual_seed(RANDOM_WEIGHTS_SEED)
 
     def matrix(rows: int, cols: int) -> torch.Tensor:
@@ -34,24 +44,46 @@ def random_weights(
             return None
         return torch.randn(size, device=device, dtype=dtype, generator=gen).mul_(0.02)
 
-    c = config
-    qkv_rows = c.q_size + 2 * c.kv_size
-    layers = [
-        LayerWeights(
-            input_norm=ones(c.hidden_size),
-            qkv=matrix(qkv_rows, c.hidden_size),
-            qkv_bias=bias(qkv_rows, c.qkv_bias),
-            qk_norm=ones(c.num_heads + c.num_kv_heads, c.head_dim) if c.qk_norm else None,
-            o_proj=matrix(c.hidden_size, c.q_size),
-            o_bias=bias(c.hidden_size, c.o_bias),
-            post_norm=ones(c.hidden_size),
-            gate_up=matrix(2 * c.intermediate_size, c.hidden_size),
-            gate_up_bias=bias(2 * c.intermediate_size, c.mlp_bias),
-            down=matrix(c.hidden_size, c.intermediate_size),
-            down_bias=bias(c.hidden_size, c.mlp_bias),
+    def qkv_part(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else shard.shard_qkv(t, c).contiguous()
+
+    def gate_up_part(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else shard.shard_gate_up(t).contiguous()
+
+    def layer() -> LayerWeights:
+        qkv_rows = c.q_size + 2 * c.kv_size
+        qkv, qkv_bias = matrix(qkv_rows, c.hidden_size), bias(qkv_rows, c.qkv_bias)
+        o_proj, o_bias = matrix(c.hidden_size, c.q_size), bias(c.hidden_size, c.o_bias)
+        gate_up = matrix(2 * c.intermediate_size, c.hidden_size)
+        gate_up_bias = bias(2 * c.intermediate_size, c.mlp_bias)
+        down, down_bias = (
+            matrix(c.hidden_size, c.intermediate_size),
+            bias(c.hidden_size, c.mlp_bias),
         )
-        for _ in range(c.num_layers)
-    ]
+        heads = shard.heads + shard.kv_heads
+        return LayerWeights(
+            input_norm=ones(c.hidden_size),
+            qkv=qkv_part(qkv),
+            qkv_bias=qkv_part(qkv_bias),
+            qk_norm=ones(heads, c.head_dim) if c.qk_norm else None,
+            o_proj=o_proj[:, shard.q_rows(c.head_dim)].contiguous(),
+            o_bias=o_bias if first else None,  # row-parallel: added once
+            post_norm=ones(c.hidden_size),
+            gate_up=gate_up_part(gate_up),
+            gate_up_bias=gate_up_part(gate_up_bias),
+            down=down[:, shard.inter_rows()].contiguous(),
+            down_bias=down_bias if first else None,
+        )
+
+    layers = [layer() for _ in range(c.num_layers)]
     embed = matrix(c.vocab_size, c.hidden_size)
     lm_head = embed if c.tie_word_embeddings else matrix(c.vocab_size, c.hidden_size)
-    return ModelWeights(embed=embed, lm_head=lm_head, final_norm=ones(c.hidden_size), layers=layers)
+    embed_shard = shard.shard_vocab(embed).contiguous()
+    lm_head_shard = embed_shard if lm_head is embed else shard.shard_vocab(lm_head).contiguous()
+    return ModelWeights(
+        embed=embed_shard,
+        lm_head=lm_head_shard,
+        final_norm=ones(c.hidden_size),
+        layers=layers,
+        vocab_start=shard.vocab_start,
+    )

@@ -8,6 +8,11 @@ scaling, tied embeddings). Built for low per-layer overhead:
 - logits are computed only for rows that sample;
 - on CUDA (with Triton) the residual add + RMSNorm, RoPE and SiLU * up are one kernel each
   (worker/models/triton_ops.py): small kernels, not matmuls, dominated a decode step's launches.
+
+Under tensor parallelism (worker/distributed.py) the config is the rank's local one (its heads,
+its MLP slice) and the weights are its shard; the model adds one all-reduce after o_proj, one
+after down, one after the vocab-parallel embedding lookup, and gathers the logits. Row-parallel
+biases are held by rank 0 only, so they are added once.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.attention import AttentionBackend, AttentionMetadata, TorchPagedAttention
+from worker.distributed import TPGroup
 from worker.model_config import ModelArchConfig
 from worker.models.linear import select_linear
 
@@ -44,10 +50,11 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embed: torch.Tensor  # [V, H]
-    lm_head: torch.Tensor  # [V, H] (the same tensor as `embed` when tied)
+    embed: torch.Tensor  # [V, H]; under TP the rank's rows [Vr, H] (last shard zero-padded)
+    lm_head: torch.Tensor  # [V, H] (the same tensor as `embed` when tied); under TP [Vr, H]
     final_norm: torch.Tensor  # [H]
     layers: list[LayerWeights]
+    vocab_start: int = 0  # under TP: the vocabulary id of the shard's first row
 
 
 def rope_inv_freq(config: ModelArchConfig) -> torch.Tensor:
@@ -108,8 +115,11 @@ class LlamaForCausalLM:
         config: ModelArchConfig,
         weights: ModelWeights,
         attention: AttentionBackend | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
+        """`config` is the rank's local config under TP (worker/distributed.local_config)."""
         self.config = config
+        self.tp = tp if tp is not None and tp.size > 1 else None
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         self.linear = select_linear(self.device, self.dtype)
@@ -150,7 +160,7 @@ class LlamaForCausalLM:
         `layer_done(i)` is called as soon as layer i has written its KV into `kv_caches[i]`.
         """
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)  # [T, 1, hd] each
-        h = F.embedding(input_ids, self.weights.embed)  # [T, H]
+        h = self._embed(input_ids)  # [T, H]
         delta = None  # the MLP output not yet added to the residual stream h
         for i, layer in enumerate(self.weights.layers):
             x, h = self._add_norm(h, delta, layer.input_norm)  # [T, H] each
@@ -159,7 +169,7 @@ class LlamaForCausalLM:
             if layer_done is not None:
                 layer_done(i)
             attn_out = self.attention.attend(q, k, v, kv_caches[i], attn_metadata)  # [T, heads*hd]
-            o = self.linear(attn_out, layer.o_proj, layer.o_bias)  # [T, H]
+            o = self._all_reduce(self.linear(attn_out, layer.o_proj, layer.o_bias))  # [T, H]
             x, h = self._add_norm(h, o, layer.post_norm)  # [T, H] each
             delta = self._mlp(layer, x)  # [T, H]
         return self._add_norm(h, delta, self.weights.final_norm)[0]  # [T, H]
@@ -167,8 +177,26 @@ class LlamaForCausalLM:
     __call__ = forward
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden `[N, H]` (only rows that sample) -> logits `[N, V]`."""
-        return self.linear(hidden, self.weights.lm_head, None)  # [N, V]
+        """hidden `[N, H]` (only rows that sample) -> logits `[N, V]`, on every rank."""
+        logits = self.linear(hidden, self.weights.lm_head, None)  # [N, V] or [N, Vr] under TP
+        if self.tp is None:
+            return logits
+        gathered = self.tp.all_gather_rows(logits)  # [N, size * Vr]
+        return gathered[:, : self.config.vocab_size]  # [N, V]: the last shard's padding cut
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids `[T]` -> embeddings `[T, H]`; under TP each rank looks up its own rows,
+        zero elsewhere, and the sum over ranks is the whole lookup."""
+        if self.tp is None:
+            return F.embedding(input_ids, self.weights.embed)  # [T, H]
+        local = input_ids - self.weights.vocab_start  # [T]
+        outside = (local < 0) | (local >= self.weights.embed.shape[0])  # [T]
+        h = F.embedding(local.masked_fill(outside, 0), self.weights.embed)  # [T, H]
+        return self.tp.all_reduce(h.masked_fill_(outside[:, None], 0))  # [T, H]
+
+    def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel projection's partial sums `[T, H]` -> the whole projection."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
     def _add_norm(
         self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
@@ -205,7 +233,7 @@ class LlamaForCausalLM:
         else:
             gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
             act = F.silu(gate) * up  # [T, I]
-        return self.linear(act, layer.down, layer.down_bias)  # [T, H]
+        return self._all_reduce(self.linear(act, layer.down, layer.down_bias))  # [T, H]
 
 
 def _is_pow2(n: int) -> bool:

@@ -1,0 +1,122 @@
+"""Tensor parallelism end to end on CPU: two rank processes joined by gloo give the same tokens
+as one process (fp32), through the worker-level API (prefill, chunked prefill and decode steps
+over paged KV), and a rank that dies fails the instance with a clear error instead of a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from engine.batch import ScheduledChunk, SchedulerOutput
+from engine.sampling_params import SamplingParams
+from tests.unit.worker.conftest import VOCAB, Driver, make_prompts
+from worker.model_runner import ModelRunner
+from worker.tp_runner import TensorParallelError, TPRunner
+from worker.tp_worker import RunnerArgs, start_process_ranks
+
+NUM_BLOCKS = 96
+# Generous: six engineers share two cores; a failure must come well before any test timeout.
+TIMEOUT_S = 120.0
+
+
+def _tp_runner(path, size: int = 2, timeout_s: float = TIMEOUT_S) -> TPRunner:
+    return TPRunner(
+        RunnerArgs(str(path), dtype="float32", num_blocks=NUM_BLOCKS),
+        size,
+        torch.device("cpu"),
+        start_process_ranks,
+        ["cpu"] * size,
+        collective_timeout_s=timeout_s,
+        cpu_threads=1,
+    )
+
+
+def _generate(runner, prompts, params=None, chunk_size=None) -> list[list[int]]:
+    return Driver(runner, chunk_size=chunk_size, seed=3).generate(prompts, 8, params)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen2", "llama_tied", "llama3_rope"])
+def test_tp2_gives_the_same_greedy_tokens_as_tp1(checkpoints, name):
+    """llama: plain; qwen3: q/k norms; qwen2: qkv bias and 1 KV head (replicated on both ranks);
+    llama_tied: tied embeddings, 1 KV head; llama3_rope: llama3 RoPE scaling, 3 layers."""
+    path = checkpoints[name].path
+    prompts = make_prompts(6, seed=11)
+    single = ModelRunner(path, dtype="float32", num_blocks=NUM_BLOCKS)
+    expected = _generate(single, prompts)
+    expected_chunked = _generate(single, prompts, chunk_size=7)
+    assert expected == [checkpoints[name].hf_greedy(p, 8) for p in prompts]
+    tp = _tp_runner(path)
+    try:
+        assert tp.kv_cache.spec.num_kv_heads == max(1, single.config.num_kv_heads // 2)
+        assert _generate(tp, prompts) == expected
+        assert _generate(tp, prompts, chunk_size=7) == expected_chunked
+    finally:
+        tp.shutdown()
+
+
+def test_tp2_seeded_sampling_and_logprobs_match_tp1(checkpoints):
+    path = checkpoints["qwen3"].path
+    prompts = make_prompts(5, seed=2)
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i) for i in range(5)]
+    single = ModelRunner(path, dtype="float32", num_blocks=NUM_BLOCKS)
+    expected = _generate(single, prompts, params)
+    tp = _tp_runner(path)
+    try:
+        assert _generate(tp, prompts, params) == expected
+        chunk = ScheduledChunk("lp", prompts[0], 0, [0, 1, 2], True, SamplingParams(logprobs=3))
+        sched = SchedulerOutput(1000, [chunk])
+        got, want = tp.execute_model(sched).logprobs[0], single.execute_model(sched).logprobs[0]
+        (got_logprob, got_top), (want_logprob, want_top) = got, want  # [lp, [[id, lp], ...]]
+        assert [t for t, _ in got_top] == [t for t, _ in want_top]
+        assert got_logprob == pytest.approx(want_logprob, abs=1e-4)
+        assert [lp for _, lp in got_top] == pytest.approx([lp for _, lp in want_top], abs=1e-4)
+    finally:
+        tp.shutdown()
+
+
+def test_odd_vocabulary_shards_with_padding(tmp_path):
+    """Vocabulary 255 over 2 ranks: the second shard ends in a padding row no token reaches."""
+    import transformers
+
+    from tests.unit.worker.conftest import _randomize
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB - 1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=2,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    _randomize(model)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    prompts = [[t % (VOCAB - 1) for t in p] + [VOCAB - 2] for p in make_prompts(4, seed=5)]
+    expected = _generate(ModelRunner(tmp_path, dtype="float32", num_blocks=NUM_BLOCKS), prompts)
+    tp = _tp_runner(tmp_path)
+    try:
+        assert _generate(tp, prompts) == expected
+    finally:
+        tp.shutdown()
+
+
+def test_a_rank_that_dies_fails_the_instance_not_hangs(checkpoints):
+    tp = _tp_runner(checkpoints["llama"].path, timeout_s=60.0)
+    try:
+        assert _generate(tp, make_prompts(2, seed=1))  # healthy first
+        (rank,) = tp.ranks
+        os.kill(rank.process.pid, signal.SIGKILL)
+        rank.process.join(TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        with pytest.raises(TensorParallelError, match=r"rank 1 .*exited with code -9"):
+            while time.monotonic() < deadline:  # the watchdog notices within a poll interval
+                _generate(tp, make_prompts(2, seed=1))
+        assert tp.failure is not None
+    finally:
+        tp.shutdown(timeout_s=5.0)
