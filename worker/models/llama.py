@@ -157,7 +157,8 @@ class LlamaForCausalLM:
     ) -> torch.Tensor:
         """input_ids, positions `[T]` -> final-norm hidden states `[T, H]`.
 
-        `layer_done(i)` is called as soon as layer i has written its KV into `kv_caches[i]`.
+        `layer_done(i)` is called as soon as layer i has written its KV into `kv_caches[i]`;
+        under TP after the layer's first all-reduce, when every rank has written its own.
         """
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)  # [T, 1, hd] each
         h = self._embed(input_ids)  # [T, H]
@@ -166,10 +167,12 @@ class LlamaForCausalLM:
             x, h = self._add_norm(h, delta, layer.input_norm)  # [T, H] each
             q, k, v = self._qkv(layer, x, cos, sin)
             self.attention.write_kv(kv_caches[i], k, v, attn_metadata)
-            if layer_done is not None:
+            if layer_done is not None and self.tp is None:
                 layer_done(i)
             attn_out = self.attention.attend(q, k, v, kv_caches[i], attn_metadata)  # [T, heads*hd]
             o = self._all_reduce(self.linear(attn_out, layer.o_proj, layer.o_bias))  # [T, H]
+            if layer_done is not None and self.tp is not None:
+                layer_done(i)  # past this all-reduce every rank has written its KV of layer i
             x, h = self._add_norm(h, o, layer.post_norm)  # [T, H] each
             delta = self._mlp(layer, x)  # [T, H]
         return self._add_norm(h, delta, self.weights.final_norm)[0]  # [T, H]
