@@ -1,0 +1,109 @@
+"""KV transfer between instances of different tensor-parallel sizes: which rank's heads go where.
+
+Under tensor parallelism each rank's cache holds a contiguous range of the model's KV heads
+(worker/distributed.py), in the usual layout `[num_blocks, 2, block_size, rank_heads, head_dim]`.
+A prefill instance at TP a and a decode instance at TP b hold the same heads in different
+ranks: every D rank needs, for each of its heads, the slice of each block held by some P rank.
+
+- `route_heads` pairs P ranks with D ranks: for each D rank and each run of its heads, the one P
+  rank that sends them (the first that holds them; replicated heads are sent once per D rank).
+- `head_slice_descs` turns one pair's blocks into matched descriptor lists. When the pair holds
+  the same heads (equal TP sizes, or a replicated head on both sides) a block is one region, and
+  consecutive blocks merge as for a single rank. Otherwise the heads of one (K or V, token) are
+  one run of `heads * head_dim` elements, strided inside the block on at least one side: 2 *
+  block_size descriptors per block.
+
+Pure Python, no torch, like cache_transfer/layout.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cache_transfer.layout import Desc, KVRegions, LayoutError, paired_block_descs
+
+
+@dataclass(frozen=True)
+class HeadRange:
+    """Global KV heads `start .. start + count - 1`, as one rank's cache holds them."""
+
+    start: int
+    count: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+    def overlap(self, other: HeadRange) -> HeadRange | None:
+        start, end = max(self.start, other.start), min(self.end, other.end)
+        return HeadRange(start, end - start) if end > start else None
+
+
+@dataclass(frozen=True)
+class HeadRoute:
+    """P rank `src_rank` sends heads `heads` to D rank `dst_rank`."""
+
+    src_rank: int
+    dst_rank: int
+    heads: HeadRange
+
+
+def route_heads(src: Sequence[HeadRange], dst: Sequence[HeadRange]) -> list[HeadRoute]:
+    """Every D rank's heads, each from exactly one P rank. Raises LayoutError when some head
+    a D rank holds is held by no P rank (the two instances serve different models)."""
+    routes: list[HeadRoute] = []
+    for dst_rank, wanted in enumerate(dst):
+        covered = wanted.start
+        for src_rank, held in enumerate(src):
+            part = held.overlap(HeadRange(covered, wanted.end - covered))
+            if part is None or part.start != covered:
+                continue
+            routes.append(HeadRoute(src_rank, dst_rank, part))
+            covered = part.end
+            if covered == wanted.end:
+                break
+        if covered != wanted.end:
+            raise LayoutError(f"no prefill rank holds KV head {covered} of decode rank {dst_rank}")
+    return routes
+
+
+def head_slice_descs(
+    src: KVRegions,
+    src_heads: HeadRange,
+    src_layer: int,
+    src_ids: Sequence[int],
+    dst: KVRegions,
+    dst_heads: HeadRange,
+    dst_layer: int,
+    dst_ids: Sequence[int],
+    heads: HeadRange,
+) -> tuple[list[Desc], list[Desc]]:
+    """Matched descriptors that copy KV heads `heads` of blocks `src_ids` (a rank holding
+    `src_heads`) into blocks `dst_ids` (a rank holding `dst_heads`)."""
+    s, d = src.layout, dst.layout
+    if (s.block_size, s.head_dim, s.itemsize) != (d.block_size, d.head_dim, d.itemsize):
+        raise LayoutError(f"block geometry differs beyond heads: {s} vs {d}")
+    if s.kv_heads != src_heads.count or d.kv_heads != dst_heads.count:
+        raise LayoutError("a head range does not match its layout's kv_heads")
+    if src_heads.overlap(heads) != heads or dst_heads.overlap(heads) != heads:
+        raise LayoutError(f"heads {heads} are not held by both sides")
+    if src_heads == dst_heads == heads:  # whole blocks
+        return paired_block_descs(src, src_layer, src_ids, dst, dst_layer, dst_ids)
+    if len(src_ids) != len(dst_ids):
+        raise LayoutError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
+    if len(set(dst_ids)) != len(dst_ids):
+        raise LayoutError("destination block ids repeat")
+    row = s.head_dim * s.itemsize  # bytes of one head of one token
+    nbytes = heads.count * row
+    src_descs: list[Desc] = []
+    dst_descs: list[Desc] = []
+    for src_block, dst_block in zip(src_ids, dst_ids, strict=True):
+        src_base = src.run_desc(src_layer, src_block, 1)[0]
+        dst_base = dst.run_desc(dst_layer, dst_block, 1)[0]
+        for slot in range(2 * s.block_size):  # (K or V, token) in block order
+            src_at = src_base + (slot * s.kv_heads + heads.start - src_heads.start) * row
+            dst_at = dst_base + (slot * d.kv_heads + heads.start - dst_heads.start) * row
+            src_descs.append((src_at, nbytes, src.device_id))
+            dst_descs.append((dst_at, nbytes, dst.device_id))
+    return src_descs, dst_descs
