@@ -66,6 +66,8 @@ class SimCluster:
         self.outstanding: dict[str, int] = {}  # the router's count, by prefill/mixed instance
         self.pickers: dict[str, DecodePicker] = {}  # each P's own picker, as for real
         self.requests: list[SimRequest] = []
+        self.unfinished = 0
+        self._takers: list[str] = []
         self.finished_log: list[tuple[float, bool]] = []  # (time, met the SLO)
         self.on_finish: list[Callable[[SimRequest], None]] = []
         self.on_idle: list[Callable[[SimInstance], None]] = []  # an instance ran out of work
@@ -118,6 +120,7 @@ class SimCluster:
                 t.index, t.arrival_s, t.prompt_tokens, t.output_tokens, prompt, output
             )
             self.requests.append(request)
+            self.unfinished += 1
             self.clock.at(t.arrival_s, lambda r=request: self._arrive(r))
 
     def endpoints_changed(self) -> None:
@@ -133,6 +136,8 @@ class SimCluster:
         for inst in self.instances.values():
             if inst.alive and inst.role in (Role.PREFILL, Role.MIXED):
                 self.outstanding.setdefault(inst.name, 0)
+        # What the router may send requests to (every change of membership comes through here).
+        self._takers = [i.name for i in self.serving(Role.PREFILL) + self.serving(Role.MIXED)]
 
     def serving(self, role: Role) -> list[SimInstance]:
         return [i for i in self.instances.values() if i.alive and i.accepting and i.role is role]
@@ -148,7 +153,7 @@ class SimCluster:
         self._send(request)
 
     def _send(self, request: SimRequest) -> None:
-        names = [i.name for i in self.serving(Role.PREFILL) + self.serving(Role.MIXED)]
+        names = self._takers
         if not names:
             self._fail(request, "no prefill or mixed instance")
             return
@@ -171,6 +176,7 @@ class SimCluster:
             return
         request.finished = True
         request.error = error
+        self.unfinished -= 1
         now = self.clock.now
         if error:
             if request.first_token_s is None and request.prefill in self.outstanding:

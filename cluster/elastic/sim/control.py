@@ -48,7 +48,7 @@ class SimController:
         if self.enabled:
             for decision in self.policy.decide(snap):
                 self.apply(decision)
-        if any(not r.finished for r in cluster.requests):
+        if cluster.unfinished:
             cluster.clock.after(self.interval, self._tick)
 
     def snapshot(self) -> Snapshot:
