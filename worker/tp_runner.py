@@ -22,7 +22,7 @@ import datetime
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -79,10 +79,14 @@ class TPRunner:
         collective_timeout_s: float = 120.0,
         startup_timeout_s: float = 600.0,
         cpu_threads: int | None = None,
+        kv_store: Callable[..., Any] | None = None,
+        kv_store_prefix: str = "",
         **local,
     ) -> None:
         """`rank_devices[r]` is rank r's device as that rank's process names it (Ray gives each
-        actor its own GPU as cuda:0); `local` goes to rank 0's ModelRunner (kv_tensors, ...)."""
+        actor its own GPU as cuda:0); `local` goes to rank 0's ModelRunner (kv_tensors, ...).
+        With `kv_store` ranks 1.. keep their KV caches in stores it makes (shared with a cache
+        messager; see RankSpec) and `rank_kv_handles[r]` is rank r's handle."""
         assert size > 1 and len(rank_devices) == size
         self.size = size
         self.collective_timeout_s = collective_timeout_s
@@ -110,6 +114,8 @@ class TPRunner:
                 collective_timeout_s=collective_timeout_s,
                 driver_pid=os.getpid(),
                 cpu_threads=cpu_threads,
+                kv_store=kv_store,
+                kv_store_prefix=kv_store_prefix,
             )
             for r in range(1, size)
         ]
@@ -125,7 +131,10 @@ class TPRunner:
             self.tp = self._join(store, device)
             self._watchdog.abort = lambda: abort_tp_group(self.tp)
             self.local: ModelRunner = self._guard(args.build, device, self.tp, **local)
-            self._watchdog.wait_ready(size - 1, startup_timeout_s)
+            handles = self._watchdog.wait_ready(size - 1, startup_timeout_s)
+            # Ranks 1.. made their KV stores with `kv_store`; rank 0's caller passes its own.
+            self.rank_kv_handles: list[dict | None] = [None]
+            self.rank_kv_handles += [handles.get(r) for r in range(1, size)]
         except BaseException:
             self.shutdown(timeout_s=5.0)
             raise

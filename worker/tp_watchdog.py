@@ -58,7 +58,7 @@ class RankWatchdog(threading.Thread):
         self._ranks = ranks
         self._clock = clock
         self._limit_s = limit_s
-        self._ready: queue.Queue[int] = queue.Queue()
+        self._ready: queue.Queue[tuple[int, dict | None]] = queue.Queue()
         self._failures: queue.Queue[str] = queue.Queue()
         self._stop_event = threading.Event()
         self.failure: str | None = None
@@ -74,9 +74,9 @@ class RankWatchdog(threading.Thread):
 
     def _watch_once(self) -> None:
         if self._status.poll(_WATCH_INTERVAL_MS):
-            kind, rank, text = decode_status(self._status.recv())
+            kind, rank, text, kv_handle = decode_status(self._status.recv())
             if kind == STATUS_READY:
-                self._ready.put(rank)
+                self._ready.put((rank, kv_handle))
             elif kind == STATUS_ERROR:
                 self.fail(f"rank {rank}: {text}")
         if self.stopping:
@@ -106,7 +106,9 @@ class RankWatchdog(threading.Thread):
         except queue.Empty:
             return None
 
-    def wait_ready(self, count: int, timeout_s: float) -> None:
+    def wait_ready(self, count: int, timeout_s: float) -> dict[int, dict | None]:
+        """Each rank's shared KV handle (None where it shares none), once all are ready."""
+        handles: dict[int, dict | None] = {}
         deadline = time.monotonic() + timeout_s
         for _ in range(count):
             while True:
@@ -116,10 +118,12 @@ class RankWatchdog(threading.Thread):
                 if remaining <= 0:
                     raise TensorParallelError(f"ranks not ready within {timeout_s:g} s")
                 try:
-                    self._ready.get(timeout=min(remaining, 0.5))
+                    rank, handle = self._ready.get(timeout=min(remaining, 0.5))
+                    handles[rank] = handle
                     break
                 except queue.Empty:
                     continue
+        return handles
 
     def stop(self) -> bool:
         """Stop watching; True once the thread has ended (and closed its socket)."""

@@ -15,14 +15,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import torch
 import zmq
 
-from worker.distributed import TPGroup, init_tp_group
+from worker.distributed import TPGroup, init_tp_group, local_config, shard_layout
+from worker.loader import resolve_dtype
+from worker.model_config import load_model_config
 from worker.model_runner import ModelRunner
 from worker.tp_plan import PLAN_VERSION, decode_plan
 
@@ -85,16 +89,23 @@ class RankSpec:
     driver_pid: int
     cpu_threads: int | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # Share the rank's KV cache with another process (a prefill instance's cache messager):
+    # `kv_store(layout, dtype, device, name_prefix)` makes the store (cache_transfer's
+    # make_shared_kv, passed by reference so worker/ does not import it); its handle() goes to
+    # the driver with the rank's ready report.
+    kv_store: Callable[..., Any] | None = None
+    kv_store_prefix: str = ""
 
 
-def encode_status(kind: int, rank: int, text: str = "") -> bytes:
-    return msgpack.packb([PLAN_VERSION, kind, rank, text])
+def encode_status(kind: int, rank: int, text: str = "", kv_handle: dict | None = None) -> bytes:
+    return msgpack.packb([PLAN_VERSION, kind, rank, text, kv_handle])
 
 
-def decode_status(frame: bytes) -> tuple[int, int, str]:
-    version, kind, rank, text = msgpack.unpackb(frame)
+def decode_status(frame: bytes) -> tuple[int, int, str, dict | None]:
+    """(kind, rank, error text, the rank's shared KV handle or None)."""
+    version, kind, rank, text, kv_handle = msgpack.unpackb(frame)
     assert version == PLAN_VERSION, version
-    return kind, rank, text
+    return kind, rank, text, kv_handle
 
 
 def run_rank(spec: RankSpec) -> None:
@@ -107,28 +118,62 @@ def run_rank(spec: RankSpec) -> None:
     plans = ctx.socket(zmq.PULL)
     plans.setsockopt(zmq.LINGER, 0)
     plans.connect(spec.plan_address)
+    kv_store = None
     try:
-        runner = _build_runner(spec)
-        status.send(encode_status(STATUS_READY, spec.rank))
+        device = _set_up_process(spec)
+        tp = init_tp_group(
+            spec.rank, spec.size, spec.store_address, device, spec.collective_timeout_s
+        )
+        local = {}
+        if spec.kv_store is not None:
+            kv_store = _make_kv_store(spec, device)
+            local["kv_tensors"] = kv_store.layer_tensors()
+        runner = spec.runner.build(device, tp, **local)
+        handle = kv_store.handle() if kv_store is not None else None
+        status.send(encode_status(STATUS_READY, spec.rank, kv_handle=handle))
         _serve(runner, plans, spec.driver_pid)
     except BaseException as e:
         log.exception("tensor-parallel rank %d failed", spec.rank)
         status.send(encode_status(STATUS_ERROR, spec.rank, f"{type(e).__name__}: {e}"))
         raise
     finally:
+        if kv_store is not None:
+            kv_store.close()  # the owner's close also unlinks shared memory
         plans.close()
         status.close()
         ctx.term()
 
 
-def _build_runner(spec: RankSpec) -> ModelRunner:
+def _set_up_process(spec: RankSpec) -> torch.device:
     if spec.cpu_threads:
         torch.set_num_threads(spec.cpu_threads)
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tp = init_tp_group(spec.rank, spec.size, spec.store_address, device, spec.collective_timeout_s)
-    return spec.runner.build(device, tp)
+    return device
+
+
+def _make_kv_store(spec: RankSpec, device: torch.device):
+    """This rank's KV store, sized like its cache (its own KV heads)."""
+    from cache_transfer.layout import KVLayout  # pure Python, allowed from worker/
+
+    args = spec.runner
+    if args.num_blocks is None:
+        raise ValueError("a shared KV cache needs runner num_blocks")
+    config = load_model_config(args.model_path)
+    dtype = resolve_dtype(args.dtype, config)
+    local = local_config(config, shard_layout(config, spec.rank, spec.size))
+    layout = KVLayout(
+        num_layers=local.num_layers,
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        kv_heads=local.num_kv_heads,
+        head_dim=local.head_dim,
+        itemsize=torch.empty((), dtype=dtype).element_size(),
+    )
+    prefix = f"{spec.kv_store_prefix}-rank{spec.rank}"
+    assert spec.kv_store is not None
+    return spec.kv_store(layout, dtype, device, prefix)
 
 
 def _serve(runner: ModelRunner, plans: zmq.Socket, driver_pid: int) -> None:

@@ -120,3 +120,41 @@ def test_a_rank_that_dies_fails_the_instance_not_hangs(checkpoints):
         assert tp.failure is not None
     finally:
         tp.shutdown(timeout_s=5.0)
+
+
+def test_ranks_share_their_kv_caches_with_another_process(checkpoints):
+    """A prefill instance's messager maps every rank's cache: rank 1 keeps its KV heads in a
+    store it made, and its handle maps, in this process, the KV a TP 1 runner computes for
+    those heads."""
+    from cache_transfer.factory import attach_shared_kv, make_shared_kv
+
+    path = checkpoints["llama"].path
+    prompt = make_prompts(1, seed=4, min_len=20)[0]
+    chunk = ScheduledChunk("kv", prompt, 0, [3, 4, 5], True, SamplingParams(temperature=0.0))
+    single = ModelRunner(path, dtype="float32", num_blocks=NUM_BLOCKS)
+    single.execute_model(SchedulerOutput(0, [chunk]))
+    tp = TPRunner(
+        RunnerArgs(str(path), dtype="float32", num_blocks=NUM_BLOCKS),
+        2,
+        torch.device("cpu"),
+        start_process_ranks,
+        ["cpu", "cpu"],
+        collective_timeout_s=TIMEOUT_S,
+        cpu_threads=1,
+        kv_store=make_shared_kv,
+        kv_store_prefix=f"pdserve-test-tp-{os.getpid()}",
+    )
+    try:
+        tp.execute_model(SchedulerOutput(0, [chunk]))
+        assert tp.rank_kv_handles[0] is None
+        mapped = attach_shared_kv(tp.rank_kv_handles[1])
+        try:
+            rank1 = mapped.layer_tensors()
+            assert rank1[0].shape[3] == 1  # 2 KV heads over 2 ranks
+            for layer, whole in enumerate(single.kv_cache.layers):
+                want = whole[[3, 4, 5]][..., 1:2, :]  # KV head 1
+                torch.testing.assert_close(rank1[layer][[3, 4, 5]], want, rtol=1e-4, atol=1e-4)
+        finally:
+            mapped.close()
+    finally:
+        tp.shutdown()
