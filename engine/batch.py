@@ -22,7 +22,10 @@ class ScheduledChunk:
     `token_ids` sit at positions start_pos .. start_pos + len(token_ids) - 1. Their KV is written
     into the slots given by `block_ids` (the request's whole block table: position p lives in
     block block_ids[p // block_size] at offset p % block_size), and attention reads positions
-    0 .. start_pos + len(token_ids) - 1 from the same table.
+    0 .. start_pos + len(token_ids) - 1 from the same table. `block_ids` is the request's own
+    list, not a copy (a copy per step would cost as much as the context is long): the runner
+    reads it while it prepares the step and keeps no reference; blocks only ever get appended
+    to it, and a request whose blocks were replaced (preempted) is in `released_request_ids`.
     A decode step is a chunk of one token. When `sample` is set, the chunk ends at the current end
     of the sequence and the runner samples the next token from its last position.
     Under the overlap schedule a decode chunk's token may be PLACEHOLDER_TOKEN (see above).
@@ -37,9 +40,10 @@ class ScheduledChunk:
     # Number of tokens this request has generated so far: seeds per-request RNG streams so a seeded
     # request draws the same randomness whatever batch it is in.
     num_generated: int = 0
-    # The request's output so far, for presence/frequency penalties. Filled only for a sampling
-    # chunk of a request with a penalty: other chunks do not pay for a copy of the output per
-    # step. Under the overlap schedule its last entry may be PLACEHOLDER_TOKEN.
+    # The request's output so far, for presence/frequency penalties: filled only in the first
+    # sampling chunk of a request with a penalty after it was (re)admitted. The runner keeps
+    # the counts on the device from then on and adds every token it samples (a copy of the
+    # output per step would cost as much as the output is long).
     output_token_ids: list[int] | None = None
 
     @property

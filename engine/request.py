@@ -62,6 +62,9 @@ class Request:
     # Sampling chunks scheduled whose token has not been appended yet: 1 while the overlap
     # schedule runs step N before step N-1's token is read back, else 0.
     pending_samples: int = 0
+    # Penalties: whether the runner has this request's output (it keeps token counts on the
+    # device from then on); cleared when the request is released by preemption.
+    output_counted: bool = False
     error: str | None = None
     # Prefix-cache keys of its first full blocks, each computed once (engine/prefix_keys.py).
     block_keys: list[bytes] = field(default_factory=list)
@@ -81,6 +84,17 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens at positions start .. end - 1 (known ones only), without building the whole
+        sequence: a decode step reads one token of the output, whatever the context length."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        head = self.prompt_token_ids[start:end]
+        if end > num_prompt:
+            head += self.output_token_ids[: end - num_prompt]
+        return head
 
     @property
     def num_output_tokens(self) -> int:

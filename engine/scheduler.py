@@ -232,6 +232,8 @@ class Scheduler:
     def _make_room(self, request: Request, num_new: int) -> bool:
         """Ensure blocks for the request's next tokens, preempting from the tail if needed."""
         target = request.num_computed_tokens + num_new
+        if len(request.block_ids) * self.block_manager.block_size >= target:
+            return True  # the last block has room: most decode steps
         while not self.block_manager.can_allocate(request, target):
             victim = self.running[-1]
             self._preempt(victim)
@@ -246,6 +248,7 @@ class Scheduler:
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.pending_samples = 0  # a token in flight is dropped and sampled again
+        request.output_counted = False  # released: the runner forgets its counts
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         self._released.append(request.request_id)
@@ -254,7 +257,7 @@ class Scheduler:
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
-        tokens = request.all_token_ids[start : start + num_new]
+        tokens = request.token_slice(start, start + num_new)
         tokens += [PLACEHOLDER_TOKEN] * (num_new - len(tokens))  # sampled, not read back yet
         request.num_computed_tokens += num_new
         sample = request.num_computed_tokens == request.num_tokens_with_pending
@@ -262,16 +265,17 @@ class Scheduler:
             request_id=request.request_id,
             token_ids=tokens,
             start_pos=start,
-            block_ids=list(request.block_ids),
+            block_ids=request.block_ids,  # the table itself: no copy per step (see batch.py)
             sample=sample,
             sampling_params=request.sampling_params,
             num_generated=request.num_output_tokens + request.pending_samples,
         )
-        if sample and request.sampling_params.has_penalties:
-            # A token still in flight is not known here (overlap schedule): it goes as
-            # PLACEHOLDER_TOKEN, and the runner counts it from its copy on the device.
-            pending = [PLACEHOLDER_TOKEN] * request.pending_samples
-            chunk.output_token_ids = request.output_token_ids + pending
+        if sample and request.sampling_params.has_penalties and not request.output_counted:
+            # The runner keeps penalty counts on the device and adds each token it samples;
+            # it needs the output once, when the request is (re)admitted (nothing in flight).
+            assert request.pending_samples == 0
+            chunk.output_token_ids = list(request.output_token_ids)
+            request.output_counted = True
         request.pending_samples += sample
         return chunk
 

@@ -4,13 +4,14 @@ A decode step of a small model is hundreds of short kernels; launched one by one
 the launches take longer than the kernels. Each bucket's graph is captured once at start-up
 over static buffers; a step of B sequences replays the smallest bucket >= B, with rows B..b as
 padding (cache slot -1: nothing written; length 0: attention reads nothing). Sampling stays
-outside the graph (it varies per request). Steps that are not plain decodes run eagerly.
+outside the graph (it varies per request). Steps that are not plain decodes run eagerly (in a
+mixed instance: every step that holds a prefill chunk).
 
-Inputs per replay: one host->device copy of `head` (ids, positions, slots, lengths, and the
-block-table entries that changed). The block tables live on the device between steps: when
-the batch holds the same requests in the same rows as the last replay, only the blocks each
-sequence gained are sent (usually none; one when a sequence crosses into a new block), and
-the graph scatters them into the tables itself. Otherwise the tables are rewritten.
+Inputs per replay: one host->device copy of the step's integers (ids, positions, slots,
+lengths, the table rows of the sequences, and the block-table entries they gained: see
+worker/attention/block_tables.py, shared with the eager steps), then on the device the head is
+copied into the bucket's static buffer and the sequences' table rows are gathered into the
+graph's static tables. No host work grows with the context length.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.batch import ScheduledChunk
+from worker.attention.block_tables import BlockTables
+from worker.attention.packing import IntPacker
 from worker.attention.triton_metadata import TritonAttentionMetadata, TritonDecode
 from worker.models import LlamaForCausalLM
 
@@ -29,7 +32,7 @@ if TYPE_CHECKING:  # Triton itself is imported only where it is installed
     from worker.attention.triton_paged import TritonPagedAttention
 
 # Fields of a bucket's `head` buffer, each `size` long, in this order.
-_FIELDS = ("ids", "positions", "slots", "lens", "update_index", "update_value")
+_FIELDS = ("ids", "positions", "slots", "lens")
 
 
 def default_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -42,7 +45,7 @@ def default_batch_sizes(max_num_seqs: int) -> list[int]:
 @dataclass
 class _Bucket:
     size: int
-    head: torch.Tensor  # [6 * size] int64, see _FIELDS
+    head: torch.Tensor  # [4 * size] int64, see _FIELDS
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None  # [size, V], written by each replay
 
@@ -72,13 +75,10 @@ class DecodeGraphs:
         self.sliding_window = sliding_window
         device = kv_layers[0].device
         biggest = max(batch_sizes)
-        # One spare column: the sink that unused table-update entries write to.
-        self.tables = torch.zeros(biggest, self.max_blocks + 1, dtype=torch.int64, device=device)
+        # The graphs' static tables: each replay gathers its sequences' rows into them.
+        self.tables = torch.zeros(biggest, self.max_blocks, dtype=torch.int64, device=device)
         self.rows = torch.arange(biggest, device=device)
         self.buckets = [_Bucket(b, self._empty_head(b, device)) for b in sorted(batch_sizes)]
-        # Which request sits in each table row, and how many of its blocks the device holds.
-        self._row_requests: tuple[str, ...] = ()
-        self._row_blocks: list[int] = []
         self.replays = 0
 
     @property
@@ -108,78 +108,43 @@ class DecodeGraphs:
         limit = self.max_blocks * self.block_size
         return all(c.num_tokens == 1 and c.sample and c.end_pos <= limit for c in chunks)
 
-    def invalidate(self) -> None:
-        """Forget the rows: the next replay rewrites the block tables (after an eager step, or
-        when a request was released, its blocks may have changed)."""
-        self._row_requests = ()
-        self._row_blocks = []
-
     def run(
         self,
         chunks: list[ScheduledChunk],
         fill_placeholders: Callable[[torch.Tensor, list[ScheduledChunk]], None],
+        block_tables: BlockTables,
     ) -> torch.Tensor:
         """Replay for `chunks` (see can_run) -> logits `[B, V]` (a view of a static buffer,
-        valid until the next replay of the same bucket)."""
+        valid until the next replay of the same bucket). `block_tables` must have the graphs'
+        width (max_model_len's blocks)."""
+        assert block_tables.max_blocks == self.max_blocks
         n = len(chunks)
         bucket = next(b for b in self.buckets if b.size >= n)
-        head = self._host_head(chunks, bucket.size)
-        bucket.head.copy_(head, non_blocking=True)
+        packer = IntPacker()
+        packer.add("head", self._host_head(chunks, bucket.size))
+        packer.add("rows", block_tables.stage(packer, chunks))
+        t = packer.to_device(self.tables.device)
+        block_tables.apply(t)
+        bucket.head.copy_(t["head"])
+        torch.index_select(block_tables.tables, 0, t["rows"], out=self.tables[:n])
         fill_placeholders(bucket.field("ids")[:n], chunks)
         assert bucket.graph is not None and bucket.logits is not None, "capture() first"
         bucket.graph.replay()
         self.replays += 1
         return bucket.logits[:n]
 
-    def _host_head(self, chunks: list[ScheduledChunk], size: int) -> torch.Tensor:
+    def _host_head(self, chunks: list[ScheduledChunk], size: int) -> list[int]:
         bs = self.block_size
         pad = size - len(chunks)
         ids = [c.token_ids[0] for c in chunks] + [0] * pad
         positions = [c.start_pos for c in chunks] + [0] * pad
         slots = [c.block_ids[c.start_pos // bs] * 2 * bs + c.start_pos % bs for c in chunks]
         lens = [c.end_pos for c in chunks] + [0] * pad
-        index, value = self._table_updates(chunks, size)
-        sink = self.max_blocks  # row 0, spare column
-        index += [sink] * (size - len(index))
-        value += [0] * (size - len(value))
-        values = ids + positions + slots + [-1] * pad + lens + index + value
-        return torch.tensor(values, dtype=torch.int64, pin_memory=True)
-
-    def _table_updates(self, chunks: list[ScheduledChunk], size: int) -> tuple[list, list]:
-        """Block-table entries to scatter in the graph; rewrites the tables itself (outside the
-        graph) when the rows changed or too many entries did."""
-        bs, width = self.block_size, self.max_blocks + 1
-        needed = [-(-c.end_pos // bs) for c in chunks]
-        requests = tuple(c.request_id for c in chunks)
-        index: list[int] = []
-        value: list[int] = []
-        if requests == self._row_requests:
-            rows = zip(chunks, self._row_blocks, needed, strict=True)
-            for row, (c, have, need) in enumerate(rows):
-                for col in range(have, need):
-                    index.append(row * width + col)
-                    value.append(c.block_ids[col])
-            if len(index) <= size:
-                self._row_blocks = needed
-                return index, value
-        self._rewrite_tables(chunks, needed)
-        self._row_requests, self._row_blocks = requests, needed
-        return [], []
-
-    def _rewrite_tables(self, chunks: list[ScheduledChunk], needed: list[int]) -> None:
-        width = max(needed)
-        flat: list[int] = []
-        for c, need in zip(chunks, needed, strict=True):
-            flat.extend(c.block_ids[:need])
-            flat.extend([0] * (width - need))
-        host = torch.tensor(flat, dtype=torch.int64, pin_memory=True).view(len(chunks), width)
-        self.tables[: len(chunks), :width].copy_(host, non_blocking=True)
+        return ids + positions + slots + [-1] * pad + lens
 
     def _forward(self, bucket: _Bucket) -> torch.Tensor:
-        """The captured work: table updates, then the model forward and the logits."""
+        """The captured work: the model forward and the logits."""
         b = bucket.size
-        flat_tables = self.tables.view(-1)
-        flat_tables.index_copy_(0, bucket.field("update_index"), bucket.field("update_value"))
         decode = TritonDecode(
             num_seqs=b,
             rows=self.rows[:b],
@@ -196,8 +161,7 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)  # [b, V]
 
     def _empty_head(self, size: int, device: torch.device) -> torch.Tensor:
-        """A head that touches nothing: slots -1, lengths 0, table updates into the sink."""
+        """A head that touches nothing: slots -1, lengths 0."""
         head = torch.zeros(len(_FIELDS) * size, dtype=torch.int64)
         head[2 * size : 3 * size] = -1
-        head[4 * size : 5 * size] = self.max_blocks
         return head.to(device)

@@ -9,8 +9,9 @@ A step has three phases so that the overlap schedule (execute N, save N-1, postp
 Sequential mode is `execute_model`. In overlap mode a decode chunk's token may be
 PLACEHOLDER_TOKEN: the token its request sampled in the previous step, which the runner copies on
 the device from that step's sampled ids (no host round trip). The runner keeps no per-request
-state (seeded sampling is derived from the chunk itself); `released_request_ids` only tells the
-CUDA graphs (worker/cuda_graphs.py) that their device-side block tables may be stale.
+state but what saves host work per step: block tables on the device (grown by the blocks each
+step adds, worker/attention/block_tables.py) and penalty counts (worker/sampler.py); a request in
+`released_request_ids` loses both (seeded sampling is derived from the chunk itself).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from engine.batch import PLACEHOLDER_TOKEN, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from worker.attention import make_attention_backend, prepare_inputs_for
+from worker.attention.block_tables import BlockTables
 from worker.cuda_graphs import DecodeGraphs, default_batch_sizes
 from worker.distributed import TPGroup, local_config, shard_layout
 from worker.kv_cache import KVCache, make_kv_cache_spec, num_blocks_for_budget
@@ -90,6 +92,8 @@ class ModelRunner:
             model_path, self.dtype, self.device, self.attention, load_format, tp
         )
         self.kv_cache = self._make_kv_cache(block_size, num_blocks, kv_cache_bytes, kv_tensors)
+        max_len = max_model_len or cfg.max_position_embeddings
+        self.block_tables = BlockTables(block_size, -(-max_len // block_size), self.device)
         self.sampler = Sampler(self.device, seed)
         self.layer_done = layer_done
         self._host_buffers: list[torch.Tensor] = []
@@ -122,13 +126,8 @@ class ModelRunner:
             self._last_state = StepState(sched.step_id, request_ids, [], None)
             return self._last_state
         rows = [
-            SamplingRow(
-                sched.chunks[i].sampling_params,
-                sched.chunks[i].num_generated,
-                sched.chunks[i].output_token_ids,
-                self._in_flight_token(sched.chunks[i]),
-            )
-            for i in sample_chunks
+            SamplingRow(c.sampling_params, c.num_generated, c.output_token_ids, c.request_id)
+            for c in (sched.chunks[i] for i in sample_chunks)
         ]
         sampled = self.sampler(logits, rows)  # [N]
         logprobs = self.sampler.logprobs(logits, sampled, rows)  # None unless a row asked
@@ -140,14 +139,13 @@ class ModelRunner:
     def _forward(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[int]]:
         """Logits `[N, V]` of the rows that sample (None when none does) and their chunks."""
         chunks = sched.chunks
-        if self.graphs is not None:
-            if sched.released_request_ids:
-                self.graphs.invalidate()
-            if self.graphs.can_run(chunks):
-                return self.graphs.run(chunks, self._fill_placeholders), list(range(len(chunks)))
-            self.graphs.invalidate()  # this eager step may add blocks the graphs do not know
+        self.block_tables.release(sched.released_request_ids)  # before this step's chunks
+        self.sampler.release(sched.released_request_ids)
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            logits = self.graphs.run(chunks, self._fill_placeholders, self.block_tables)
+            return logits, list(range(len(chunks)))
         inputs = self._prepare_inputs(
-            chunks, self.block_size, self.device, self.config.sliding_window
+            chunks, self.block_size, self.device, self.config.sliding_window, self.block_tables
         )
         self._fill_placeholders(inputs.input_ids, chunks)
         hidden = self.model.forward(
@@ -186,15 +184,6 @@ class ModelRunner:
         index = torch.tensor(dst + src, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         index = index.to(self.device, non_blocking=True)
         input_ids.index_copy_(0, index[:n], last.index_select(0, index[n:]))
-
-    def _in_flight_token(self, chunk: ScheduledChunk) -> torch.Tensor | None:
-        """For penalties: the token a request sampled in the step still in flight, which its
-        output_token_ids end with as a placeholder; a 0-dim view on the device (no sync)."""
-        output = chunk.output_token_ids
-        if not output or output[-1] != PLACEHOLDER_TOKEN:
-            return None
-        assert self._last_state is not None and self._last_state.sampled is not None
-        return self._last_state.sampled[self._last_sampled_rows()[chunk.request_id]]
 
     def _last_sampled_rows(self) -> dict[str, int]:
         """Request id -> row of the last step's sampled ids."""

@@ -2,12 +2,14 @@
 seeds; and the logprobs a request asks for.
 
 Sampling is Gumbel-max in its exponential form: `argmax(p / E)` with `E ~ Exp(1)` draws from `p`.
-The noise of a seeded request comes from a generator seeded with (seed, num_generated), so the
-token it draws depends only on its own logits, never on its neighbours in the batch or on how
-many steps the runner has taken. Unseeded rows share the runner's generator.
+The noise of a seeded request is counter-based: each of its draws is a hash of (its seed, the
+number of tokens it has generated, the token id), computed for every seeded row in one batched
+op (no generator, no kernel per row). So the token it draws depends only on its own logits, never
+on its neighbours in the batch or on how many steps the runner has taken. Unseeded rows share the
+runner's generator.
 Presence/frequency penalties (OpenAI's definition) shift the logits of the rows that have them
-before anything else; logprobs come from the raw logits, as vLLM reports them by default.
-Nothing here reads device values back to the host.
+before anything else, from counts kept on the device (worker/penalties.py); logprobs come from
+the raw logits, as vLLM reports them by default. Nothing here reads device values back to the host.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
+from worker.penalties import PenaltyCounts
 
 _MASK64 = (1 << 64) - 1
 
@@ -26,11 +29,11 @@ _MASK64 = (1 << 64) - 1
 class SamplingRow:
     params: SamplingParams
     num_generated: int
-    # The request's output so far; set when params.has_penalties (negative ids are skipped).
+    # With penalties: the request's output so far when its counts must be (re)built (negative
+    # ids are skipped); None to use the counts kept for `request_id`.
     output_token_ids: list[int] | None = None
-    # Overlap schedule: the token its request sampled in the step in flight (a 0-dim device
-    # tensor, never read back), which output_token_ids holds only as a placeholder.
-    in_flight_token: torch.Tensor | None = None
+    # Keys the penalty counts kept on the device; None: count `output_token_ids` alone.
+    request_id: str | None = None
 
 
 @dataclass
@@ -67,6 +70,29 @@ class LogprobsTensors:
         return out
 
 
+# splitmix64's constants as signed int64 (torch has no uint64 arithmetic; products wrap).
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def counter_exponential(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise `[S, V]` (fp32) from 64-bit keys `[S]`: entry (s, v) is a splitmix64 hash
+    of (keys[s], v) turned into a uniform in (0, 1] (24 bits) and then into -log(u)."""
+    cols = torch.arange(vocab, dtype=torch.int64, device=keys.device)  # [V]
+    z = keys[:, None] + (cols[None, :] + 1) * _GOLDEN  # [S, V] int64, wrapping
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    uniform = (_shr(z, 40) + 1).to(torch.float32) * 2.0**-24  # (0, 1]
+    return -torch.log(uniform)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
 def mix_seed(seed: int, num_generated: int) -> int:
     """A 63-bit generator seed from (seed, step) with neighbouring inputs far apart (splitmix64)."""
     z = (seed * 0x9E3779B97F4A7C15 + num_generated + 1) & _MASK64
@@ -80,13 +106,26 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
-        self._row_generator = torch.Generator(device=device)
+        self.penalty_counts = PenaltyCounts(device)
+
+    def release(self, request_ids: list[str]) -> None:
+        """Forget the penalty counts of released requests."""
+        self.penalty_counts.release(request_ids)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """logits `[N, V]` -> sampled token ids `[N]` (int64, on the logits' device).
         `logits` is not modified (the runner may still want logprobs from it)."""
         assert logits.shape[0] == len(rows)
-        logits = self._apply_penalties(logits, rows)  # [N, V]
+        logits, counted = self._apply_penalties(logits, rows)  # [N, V]
+        sampled = self._sample(logits, rows)  # [N]
+        positions, slots = counted
+        if slots:  # the draws join their requests' counts on the device
+            self.penalty_counts.add_sampled(
+                slots, sampled.index_select(0, self._tensor(positions, torch.int64))
+            )
+        return sampled
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         if all(r.params.greedy for r in rows):
             return logits.argmax(dim=-1)  # [N]
         greedy = logits.argmax(dim=-1)  # [N]
@@ -113,38 +152,26 @@ class Sampler:
         top_logprobs, top_ids = logprobs.topk(k, dim=-1)  # [M, K] each, sorted descending
         return LogprobsTensors(wanted, num_top, token_logprobs, top_ids, top_logprobs)
 
-    def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def _apply_penalties(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[torch.Tensor, tuple[list[int], list[int]]]:
         """OpenAI's penalties: logit -= frequency * count + presence * (count > 0), counted over
-        the row's output so far. Returns `logits` itself when no row has a penalty."""
-        vocab = logits.shape[-1]
-        penalized: list[int] = []
-        row_of: list[int] = []
-        token_ids: list[int] = []
-        in_flight: list[tuple[int, torch.Tensor]] = []  # (slot, 0-dim device token)
-        for i, row in enumerate(rows):
-            if not row.params.has_penalties or not row.output_token_ids:
-                continue  # nothing generated yet (a first token, as on P): nothing to penalize
-            known = [t for t in row.output_token_ids if 0 <= t < vocab]
-            token_ids += known
-            row_of += [len(penalized)] * len(known)
-            if row.in_flight_token is not None:
-                in_flight.append((len(penalized), row.in_flight_token))
-            penalized.append(i)
+        the row's output so far. Returns the logits (`logits` itself when no row has a penalty)
+        and, for rows whose counts are kept, their row indices and count slots."""
+        penalized = [i for i, row in enumerate(rows) if row.params.has_penalties]
         if not penalized:
-            return logits
-        counts = torch.zeros(len(penalized), vocab, device=logits.device)  # [P, V]
-        if token_ids:
-            _add_counts(
-                counts, self._tensor(row_of, torch.int64), self._tensor(token_ids, torch.int64)
-            )
-        if in_flight:  # tokens still on the device: counted there, without a host sync
-            slots = self._tensor([slot for slot, _ in in_flight], torch.int64)  # [F]
-            _add_counts(counts, slots, torch.stack([token for _, token in in_flight]))
+            return logits, ([], [])
+        counts, kept, slots = self.penalty_counts.counts_for(
+            [rows[i].request_id for i in penalized],
+            [rows[i].output_token_ids for i in penalized],
+            logits.shape[-1],
+        )  # [P, V]
         freq = self._column([rows[i].params.frequency_penalty for i in penalized], torch.float32)
         pres = self._column([rows[i].params.presence_penalty for i in penalized], torch.float32)
         index = self._tensor(penalized, torch.int64)  # [P]
         shifted = logits.index_select(0, index).float() - freq * counts - pres * (counts > 0)
-        return logits.float().index_copy(0, index, shifted)  # [N, V] fp32, a new tensor
+        penalized_logits = logits.float().index_copy(0, index, shifted)  # [N, V] fp32, new
+        return penalized_logits, ([penalized[p] for p in kept], slots)
 
     def _probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature-scaled, top-k/top-p-filtered probabilities `[N, V]` (fp32)."""
@@ -177,10 +204,10 @@ class Sampler:
         seeded = [i for i, r in enumerate(rows) if r.params.seed is not None]
         if len(seeded) < len(rows):
             noise.exponential_(generator=self.generator)
-        for i in seeded:
-            row = rows[i]
-            self._row_generator.manual_seed(mix_seed(row.params.seed or 0, row.num_generated))
-            noise[i].exponential_(generator=self._row_generator)
+        if seeded:
+            keys = [mix_seed(rows[i].params.seed or 0, rows[i].num_generated) for i in seeded]
+            draws = counter_exponential(self._tensor(keys, torch.int64), shape[1])  # [S, V]
+            noise.index_copy_(0, self._tensor(seeded, torch.int64), draws)
         # A zero draw would turn a filtered-out token (probability 0) into 0 / 0 = NaN, the argmax.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
@@ -189,9 +216,3 @@ class Sampler:
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-
-def _add_counts(counts: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
-    """counts[rows[j], token_ids[j]] += 1 for every j (repeats add up)."""
-    ones = torch.ones(rows.shape[0], dtype=counts.dtype, device=counts.device)
-    counts.index_put_((rows, token_ids.to(torch.int64)), ones, accumulate=True)

@@ -6,7 +6,9 @@ outstanding prefill tokens -- prompt tokens to compute whose first output token 
 back -- and, with cache-aware routing, the prefix it holds), and feeds every `TokenItem` to its
 request's `RequestStream`, which orders the tokens and enforces the first- and next-token
 deadlines. `release()` ends a request's life in the router: unless an instance already finished
-it, every instance is told to abort it. Nothing about a request outlives its `release()`.
+it, the instances that hold it are told to abort it (the one it was sent to, the decode instance
+P reported, any that sent tokens; P itself cancels a D it chose but has not reported yet).
+Nothing about a request outlives its `release()`.
 """
 
 from __future__ import annotations
@@ -223,7 +225,8 @@ class Dispatcher:
         prompt, sampling = resend
         msg = GenerateRequest(stream.request_id, prompt, sampling, self.inbox_address, time.time())
         self._spawn(self._senders[endpoint.name].send(msg))
-        self._spawn(self._abort_everywhere(old_id, "retried on another instance"))
+        # Broadcast: the dead instance may have chosen a D that the router never heard of.
+        self._spawn(self._abort(old_id, "retried on another instance", set(self._senders)))
         return True
 
     def _spawn(self, coro) -> None:
@@ -237,8 +240,9 @@ class Dispatcher:
             raise Overloaded(f"{len(self._streams)} requests in flight; try again shortly")
 
     def release(self, request_id: str, reason: str, timed_out: bool = False) -> None:
-        """Forget a request; unless an instance finished it cleanly, tell every instance to
-        abort it. Synchronous, so it is safe in `finally` blocks of cancelled tasks; idempotent."""
+        """Forget a request; unless an instance finished it cleanly, tell the instances that
+        hold it to abort it. Synchronous, so it is safe in `finally` blocks of cancelled tasks;
+        idempotent."""
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return
@@ -258,7 +262,7 @@ class Dispatcher:
         )
         if stream.finish is None or stream.finish.reason not in _CLEAN_FINISHES:
             self._counters["timeouts"] += timed_out
-            self._spawn(self._abort_everywhere(request_id, reason))
+            self._spawn(self._abort(request_id, reason, stream.holders()))
 
     async def wait_background(self) -> None:
         """Wait until every abort scheduled so far has been sent (or has failed)."""
@@ -285,13 +289,15 @@ class Dispatcher:
             stream.awaiting_first_token = False
             self._outstanding[stream.instance] -= stream.prefill_tokens
 
-    async def _abort_everywhere(self, request_id: str, reason: str) -> None:
+    async def _abort(self, request_id: str, reason: str, instances: set[str]) -> None:
+        """Send AbortRequest to each of `instances` (names without a sender are skipped)."""
         msg = AbortRequest(request_id, reason)
+        names = [name for name in self._senders if name in instances]
         results = await asyncio.gather(
-            *(s.send(msg, timeout_s=_ABORT_SEND_TIMEOUT_S) for s in self._senders.values()),
+            *(self._senders[n].send(msg, timeout_s=_ABORT_SEND_TIMEOUT_S) for n in names),
             return_exceptions=True,
         )
-        for name, result in zip(self._senders, results, strict=True):
+        for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException):
                 self._counters["abort_send_failures"] += 1
                 log.warning("abort of %s not sent to %s: %s", request_id, name, result)

@@ -62,6 +62,11 @@ class RequestStream:
         self._logprobs: list[TokenLogprobs | None] | None = [] if logprobs else None
         self._delivered_any = False
 
+    def holders(self) -> set[str]:
+        """Instances that may hold state for this request: the one it was sent to, the decode
+        instance P reported, and any that sent tokens."""
+        return {n for n in (self.instance, self.decode_instance, *self.sources) if n}
+
     @property
     def finish(self) -> Finish | None:
         return self._orderer.finished

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.batch import ScheduledChunk
-from worker.attention.packing import IntPacker, pack_tokens, padded_tables
+from worker.attention.block_tables import BlockTables, tables_for
+from worker.attention.packing import IntPacker, pack_tokens, table_width
 
 
 @dataclass
@@ -26,7 +27,7 @@ class DecodeGroup:
     num_seqs: int
     # Rows of these tokens in the flat batch; None when they are rows 0 .. num_seqs - 1.
     token_index: torch.Tensor | None
-    # [num_seqs * blocks_per_seq] block tables padded with block 0 (masked out), flattened.
+    # [num_seqs * blocks_per_seq] block tables, flattened; entries past a length are masked out.
     block_ids: torch.Tensor
     blocks_per_seq: int
     # [num_seqs, 1, 1, blocks_per_seq * block_size] bool, True where the key is attended.
@@ -75,30 +76,39 @@ def prepare_step_inputs(
     block_size: int,
     device: torch.device,
     sliding_window: int | None,
+    block_tables: BlockTables | None = None,
 ) -> StepInputs:
     """Build the model inputs and attention metadata for one step's chunks.
 
     `sliding_window` is the model's (ModelArchConfig.sliding_window): None for full attention.
+    `block_tables`: the runner's tables kept on the device (see block_tables.py); None builds
+    them for this step alone.
     """
     assert chunks, "empty step"
+    tables = tables_for(block_tables, chunks, block_size, device)
     packer = IntPacker()
     starts = pack_tokens(packer, chunks, block_size)
+    rows = tables.stage(packer, chunks)
     decode_idx = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
     prefill_idx = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
-    blocks_per_seq = _pack_decode(packer, chunks, decode_idx, starts, block_size)
-    for i in prefill_idx:
-        if chunks[i].start_pos > 0:
-            num_blocks = -(-chunks[i].end_pos // block_size)
-            packer.add(f"prefill{i}", chunks[i].block_ids[:num_blocks])
+    decode_seqs = [chunks[i] for i in decode_idx]
+    packer.add("decode_table_rows", [rows[i] for i in decode_idx])
+    packer.add("decode_lens", [c.end_pos for c in decode_seqs])
+    packer.add("decode_rows", [starts[i] for i in decode_idx])
     t = packer.to_device(device)
+    tables.apply(t)
 
+    blocks_per_seq = table_width(decode_seqs, block_size)
     attn = AttentionMetadata(
         num_tokens=starts[-1],
         block_size=block_size,
         k_rows=t["slots"],
         v_rows=t["slots"] + block_size,
-        decode=_decode_group(t, decode_idx, blocks_per_seq, block_size, sliding_window),
-        prefills=[_prefill_seq(t, chunks, i, starts[i], sliding_window) for i in prefill_idx],
+        decode=_decode_group(t, tables, decode_idx, blocks_per_seq, block_size, sliding_window),
+        prefills=[
+            _prefill_seq(t, tables, rows[i], chunks, i, starts[i], sliding_window)
+            for i in prefill_idx
+        ],
     )
     sample_chunks = [i for i, c in enumerate(chunks) if c.sample]
     every_row_samples = len(sample_chunks) == len(chunks) == starts[-1]
@@ -111,25 +121,9 @@ def prepare_step_inputs(
     )
 
 
-def _pack_decode(
-    packer: IntPacker,
-    chunks: list[ScheduledChunk],
-    decode_idx: list[int],
-    starts: list[int],
-    block_size: int,
-) -> int:
-    if not decode_idx:
-        return 0
-    seqs = [chunks[i] for i in decode_idx]
-    tables, blocks_per_seq = padded_tables(seqs, block_size)
-    packer.add("decode_tables", tables)
-    packer.add("decode_lens", [c.end_pos for c in seqs])
-    packer.add("decode_rows", [starts[i] for i in decode_idx])
-    return blocks_per_seq
-
-
 def _decode_group(
     t: dict[str, torch.Tensor],
+    tables: BlockTables,
     decode_idx: list[int],
     blocks_per_seq: int,
     block_size: int,
@@ -147,7 +141,7 @@ def _decode_group(
     return DecodeGroup(
         num_seqs=num_seqs,
         token_index=None if in_order else t["decode_rows"],
-        block_ids=t["decode_tables"],
+        block_ids=tables.gather(t["decode_table_rows"], blocks_per_seq).view(-1),
         blocks_per_seq=blocks_per_seq,
         mask=mask.view(num_seqs, 1, 1, -1),  # [D, 1, 1, L]
     )
@@ -155,12 +149,15 @@ def _decode_group(
 
 def _prefill_seq(
     t: dict[str, torch.Tensor],
+    tables: BlockTables,
+    row: int,
     chunks: list[ScheduledChunk],
     i: int,
     token_start: int,
     sliding_window: int | None,
 ) -> PrefillSeq:
     c = chunks[i]
+    block_size = tables.block_size
     from_cache = c.start_pos > 0
     mask = None
     if from_cache or sliding_window is not None:
@@ -175,6 +172,6 @@ def _prefill_seq(
         token_start=token_start,
         num_tokens=c.num_tokens,
         start_pos=c.start_pos,
-        block_ids=t[f"prefill{i}"] if from_cache else None,
+        block_ids=tables.tables[row, : -(-c.end_pos // block_size)] if from_cache else None,
         mask=mask,
     )

@@ -60,13 +60,6 @@ def pack_tokens(packer: IntPacker, chunks: list[ScheduledChunk], block_size: int
     return starts
 
 
-def padded_tables(seqs: list[ScheduledChunk], block_size: int) -> tuple[list[int], int]:
-    """The block tables of `seqs` (blocks up to each one's end), padded with block 0 to one
-    width and flattened; returns them and the width."""
-    width = max((-(-c.end_pos // block_size) for c in seqs), default=0)
-    tables: list[int] = []
-    for c in seqs:
-        used = c.block_ids[: -(-c.end_pos // block_size)]
-        tables.extend(used)
-        tables.extend([0] * (width - len(used)))
-    return tables, width
+def table_width(seqs: list[ScheduledChunk], block_size: int) -> int:
+    """Blocks of the longest of `seqs` (the width of their gathered block tables)."""
+    return max((-(-c.end_pos // block_size) for c in seqs), default=0)

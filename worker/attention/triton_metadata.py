@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.batch import ScheduledChunk
-from worker.attention.packing import IntPacker, pack_tokens, padded_tables
+from worker.attention.block_tables import BlockTables, tables_for
+from worker.attention.packing import IntPacker, pack_tokens, table_width
 
 # Query rows per prefill program; the host cuts chunks into tiles of this many queries.
 PREFILL_BLOCK_M = 64
@@ -27,7 +28,7 @@ class TritonDecode:
 
     num_seqs: int
     rows: torch.Tensor  # [D] row of each query in the flat batch
-    tables: torch.Tensor  # [D, MB] block tables padded with 0 (entries past a length unread)
+    tables: torch.Tensor  # [D, MB] block tables (entries past a length are stale, never read)
     lens: torch.Tensor  # [D] keys each query attends (its position + 1)
     max_len: int  # upper bound of `lens` (chooses the number of splits)
 
@@ -72,33 +73,41 @@ def prepare_triton_inputs(
     block_size: int,
     device: torch.device,
     sliding_window: int | None,
+    block_tables: BlockTables | None = None,
 ) -> TritonStepInputs:
-    """Model inputs and Triton attention metadata for one step's chunks (any mix)."""
+    """Model inputs and Triton attention metadata for one step's chunks (any mix).
+    `block_tables`: the runner's tables kept on the device; None builds them for this step."""
     assert chunks, "empty step"
+    tables = tables_for(block_tables, chunks, block_size, device)
     packer = IntPacker()
     starts = pack_tokens(packer, chunks, block_size)
+    rows = tables.stage(packer, chunks)
     decode_idx = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
     prefill_idx = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
-    decode_mb = _pack_seqs(packer, "dec", [chunks[i] for i in decode_idx], block_size)
+    decode_seqs = [chunks[i] for i in decode_idx]
+    prefill_seqs = [chunks[i] for i in prefill_idx]
+    _pack_seqs(packer, "dec", decode_seqs, [rows[i] for i in decode_idx])
     packer.add("dec_rows", [starts[i] for i in decode_idx])
-    prefill_mb = _pack_seqs(packer, "pre", [chunks[i] for i in prefill_idx], block_size)
+    _pack_seqs(packer, "pre", prefill_seqs, [rows[i] for i in prefill_idx])
     packer.add("pre_starts", [starts[i] for i in prefill_idx])
-    tile_seq, tile_start = _prefill_tiles([chunks[i] for i in prefill_idx])
+    tile_seq, tile_start = _prefill_tiles(prefill_seqs)
     packer.add("tile_seq", tile_seq)
     packer.add("tile_start", tile_start)
     t = packer.to_device(device)
+    tables.apply(t)
     decode = None
     if decode_idx:
-        lens = [chunks[i].end_pos for i in decode_idx]
+        decode_mb = table_width(decode_seqs, block_size)
         decode = TritonDecode(
             num_seqs=len(decode_idx),
             rows=t["dec_rows"],
-            tables=t["dec_tables"].view(len(decode_idx), decode_mb),
+            tables=tables.gather(t["dec_table_rows"], decode_mb),
             lens=t["dec_lens"],
-            max_len=max(lens),
+            max_len=max(c.end_pos for c in decode_seqs),
         )
     prefill = None
     if prefill_idx:
+        prefill_mb = table_width(prefill_seqs, block_size)
         prefill = TritonPrefill(
             num_seqs=len(prefill_idx),
             num_tiles=len(tile_seq),
@@ -107,7 +116,7 @@ def prepare_triton_inputs(
             q_starts=t["pre_starts"],
             q_lens=t["pre_qlens"],
             ctx=t["pre_ctx"],
-            tables=t["pre_tables"].view(len(prefill_idx), prefill_mb),
+            tables=tables.gather(t["pre_table_rows"], prefill_mb),
         )
     attn = TritonAttentionMetadata(
         starts[-1], block_size, t["slots"], decode, prefill, sliding_window
@@ -123,14 +132,14 @@ def prepare_triton_inputs(
     )
 
 
-def _pack_seqs(packer: IntPacker, prefix: str, seqs: list[ScheduledChunk], block_size: int) -> int:
-    """Padded block tables, lengths and contexts of a group; returns the table width."""
-    tables, width = padded_tables(seqs, block_size)
-    packer.add(f"{prefix}_tables", tables)
+def _pack_seqs(
+    packer: IntPacker, prefix: str, seqs: list[ScheduledChunk], table_rows: list[int]
+) -> None:
+    """Block-table rows, lengths and contexts of a group."""
+    packer.add(f"{prefix}_table_rows", table_rows)
     packer.add(f"{prefix}_lens", [c.end_pos for c in seqs])
     packer.add(f"{prefix}_qlens", [c.num_tokens for c in seqs])
     packer.add(f"{prefix}_ctx", [c.start_pos for c in seqs])
-    return width
 
 
 def _prefill_tiles(seqs: list[ScheduledChunk]) -> tuple[list[int], list[int]]:

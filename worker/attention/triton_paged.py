@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.batch import ScheduledChunk
+from worker.attention.block_tables import BlockTables
 from worker.attention.triton_kernels import (
     decode_reduce_kernel,
     decode_split_kernel,
@@ -77,8 +78,9 @@ class TritonPagedAttention:
         block_size: int,
         device: torch.device,
         sliding_window: int | None,
+        block_tables: BlockTables | None = None,
     ) -> TritonStepInputs:
-        return prepare_triton_inputs(chunks, block_size, device, sliding_window)
+        return prepare_triton_inputs(chunks, block_size, device, sliding_window, block_tables)
 
     def write_kv(
         self,

@@ -81,23 +81,30 @@ def test_output_tokens_only_for_sampling_chunks_of_penalized_requests() -> None:
     assert all(tokens is None for rid, _, tokens in seen if rid == "plain")
     pen = [(sample, tokens) for rid, sample, tokens in seen if rid == "pen"]
     assert all(tokens is None for sample, tokens in pen if not sample)  # prefill chunks
-    assert [len(tokens) for sample, tokens in pen if sample] == [0, 1, 2, 3]
+    # Only the first sampling chunk carries the output: the runner keeps the counts after it.
+    assert [tokens for sample, tokens in pen if sample] == [[], None, None, None]
     assert penalized.num_output_tokens == 4
 
 
-def test_output_tokens_under_the_overlap_schedule_end_with_a_placeholder() -> None:
-    sched = make_scheduler()
-    sched.add_request(make_request("r", [5, 6, 7], max_tokens=5, frequency_penalty=1.0))
-    first = sched.schedule()  # the prefill
-    assert first.chunks[0].output_token_ids == []
-    second = sched.schedule()  # scheduled before the first token is read back
-    assert second.chunks[0].output_token_ids == [PLACEHOLDER_TOKEN]
-    sched.update_from_output(first, fake_run(sched, first))
-    token = sched.requests["r"].output_token_ids[0]
-    third = sched.schedule()
-    assert third.chunks[0].output_token_ids == [token, PLACEHOLDER_TOKEN]
-    sched.update_from_output(second, ModelRunnerOutput(second.step_id, ["r"], [token + 1]))
-    sched.abort_request("r")
+def test_output_tokens_are_sent_again_after_preemption() -> None:
+    """The runner forgets a preempted request's counts: its first sampling chunk after being
+    readmitted carries the whole output again (nothing is in flight then)."""
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    sched.add_request(make_request("b", [4, 5, 6, 7, 8], max_tokens=8))
+    sent: list[list[int] | None] = []
+    for step in range(200):
+        if not sched.has_work():
+            break
+        if step == 1:  # "a" runs behind "b", so it is the one preempted when "b" grows
+            sched.add_request(make_request("a", [1, 2, 3], max_tokens=8, frequency_penalty=1.0))
+        out = sched.schedule()
+        sent += [c.output_token_ids for c in out.chunks if c.request_id == "a" and c.sample]
+        sched.update_from_output(out, fake_run(sched, out))
+    assert not sched.has_work()
+    assert sched.num_preemptions > 0
+    assert sent[0] == []
+    resent = [tokens for tokens in sent[1:] if tokens is not None]
+    assert resent and all(len(tokens) > 0 and PLACEHOLDER_TOKEN not in tokens for tokens in resent)
     assert_nothing_leaked(sched)
 
 

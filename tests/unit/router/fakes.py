@@ -222,6 +222,8 @@ class FakeInstance:
                 finish_reason=finish,
                 num_prompt_tokens=len(msg.prompt_token_ids),
                 logprobs=logprobs,
+                # As a real P reports its D with the first token (the router aborts it there).
+                decode_instance=self._peer.name if self._peer is not None and not finish else "",
             )
             self._send(msg.reply_to, [item])
 
