@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.batch import PLACEHOLDER_TOKEN, ModelRunnerOutput
+from engine.batch import PLACEHOLDER_TOKEN
 from engine.config import Role
 from engine.request import Request, RequestStatus
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
