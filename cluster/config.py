@@ -91,6 +91,12 @@ class RouterConfig(StrictModel):
         "on the instances.",
     )
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body.")
+    migrate_on_failure: bool = Field(
+        True,
+        description="When an instance serving a request dies or ends it with an error (a KV "
+        "transfer failed), send it on to other instances as prompt + the tokens streamed so "
+        "far, so its stream goes on where it stopped; off: the client gets an error.",
+    )
     drain_timeout_s: float = Field(
         30.0,
         ge=0,

@@ -33,6 +33,10 @@ class SamplingParams:
     cache_salt (vLLM's name): not about sampling, but it travels with these to P and D. It goes
     into the prefix-cache key of the first block, so requests with different salts never share
     KV (engine/prefix_keys.py); None shares with every other unsalted request.
+    prior_output_tokens: set by the router when it moves a request to other instances after
+    some tokens were streamed (migration): the prompt then ends with the tokens generated so
+    far, and these last prompt tokens count as output, for penalties and for the position of
+    the seeded noise, so the continuation is the one an undisturbed run would have produced.
     """
 
     temperature: float = 1.0
@@ -47,6 +51,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     cache_salt: str | None = None
+    prior_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,6 +110,10 @@ class SamplingParams:
             raise SamplingParamsError(
                 "cache_salt", f"must be a non-empty string, got {self.cache_salt!r}"
             )
+        if not _is_int(self.prior_output_tokens) or self.prior_output_tokens < 0:
+            raise SamplingParamsError(
+                "prior_output_tokens", f"must be an integer >= 0, got {self.prior_output_tokens!r}"
+            )
 
     def to_dict(self) -> dict:
         return {
@@ -120,6 +129,7 @@ class SamplingParams:
             "frequency_penalty": self.frequency_penalty,
             "logprobs": self.logprobs,
             "cache_salt": self.cache_salt,
+            "prior_output_tokens": self.prior_output_tokens,
         }
 
     @classmethod

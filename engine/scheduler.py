@@ -256,6 +256,8 @@ class Scheduler:
         self._preempted_at[request.request_id] = self._step_id
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+        # A migrated request's prompt ends with output of its earlier run (SamplingParams).
+        prior = request.sampling_params.prior_output_tokens
         start = request.num_computed_tokens
         tokens = request.token_slice(start, start + num_new)
         tokens += [PLACEHOLDER_TOKEN] * (num_new - len(tokens))  # sampled, not read back yet
@@ -268,13 +270,15 @@ class Scheduler:
             block_ids=request.block_ids,  # the table itself: no copy per step (see batch.py)
             sample=sample,
             sampling_params=request.sampling_params,
-            num_generated=request.num_output_tokens + request.pending_samples,
+            num_generated=prior + request.num_output_tokens + request.pending_samples,
         )
         if sample and request.sampling_params.has_penalties and not request.output_counted:
             # The runner keeps penalty counts on the device and adds each token it samples;
             # it needs the output once, when the request is (re)admitted (nothing in flight).
+            # A migrated request's earlier output ends its prompt and counts too.
             assert request.pending_samples == 0
-            chunk.output_token_ids = list(request.output_token_ids)
+            earlier = request.prompt_token_ids[request.num_prompt_tokens - prior :] if prior else []
+            chunk.output_token_ids = earlier + list(request.output_token_ids)
             request.output_counted = True
         request.pending_samples += sample
         return chunk

@@ -27,6 +27,7 @@ from cluster.config import RouterConfig, SloConfig
 from cluster.elastic.slo_window import SloWindow
 from cluster.metrics import RouterMetrics
 from cluster.router.cache_routing import InstanceChooser
+from cluster.router.migration import MAX_MOVES, continuation
 from cluster.router.streams import RequestStream
 from cluster.router.timings import TimingSplit
 from engine.config import Role
@@ -167,8 +168,9 @@ class Dispatcher:
 
     # -------------------------------------------------------------------------- failures
     def instance_down(self, name: str) -> dict[str, int]:
-        """`name` died: retry on another instance the requests it never started, fail the rest
-        of its requests, and choose it no more until `update_endpoints`."""
+        """`name` died: retry on another instance the requests it never started, move the rest
+        of its requests to other instances (migration, router.migrate_on_failure; else they
+        fail), and choose it no more until `update_endpoints`."""
         self._down.add(name)
         self.chooser.instance_down(name)
         if name in self._outstanding:
@@ -177,11 +179,14 @@ class Dispatcher:
         for stream in list(self._streams.values()):
             if stream.finish is not None:
                 continue
-            if stream.instance == name and stream.awaiting_first_token and self._retry(stream):
+            never_started = stream.instance == name and stream.awaiting_first_token
+            if never_started and self._move(stream, "retried on another instance"):
                 retried += 1
             elif name in (stream.instance, stream.decode_instance) or name in stream.sources:
-                stream.fail("error", f"instance {name} failed while serving this request")
-                failed += 1
+                moved = self._config.migrate_on_failure and self._move(stream, f"{name} died")
+                if not moved:
+                    stream.fail("error", f"instance {name} failed while serving this request")
+                    failed += 1
         self._counters["retried_requests"] = self._counters.get("retried_requests", 0) + retried
         return {"retried": retried, "failed": failed}
 
@@ -207,26 +212,31 @@ class Dispatcher:
             self._down.discard(endpoint.name)
         self.endpoints = list(endpoints)
 
-    def _retry(self, stream: RequestStream) -> bool:
-        """Send a never-started request to another instance under a new id (the dead one's
-        partner instances may still hold state under the old id: it is aborted)."""
+    def _move(self, stream: RequestStream, why: str) -> bool:
+        """Send the request again under a new id, as its continuation after the tokens released
+        so far (migration.py: unchanged when there are none), to the least loaded instance. The
+        instances that held it may still hold state under the old id: it is aborted."""
         candidates = [e for e in self.endpoints if e.takes_requests and e.name not in self._down]
         resend = self._resend.get(id(stream))
-        if not candidates or resend is None:
+        if not candidates or resend is None or stream.retries >= MAX_MOVES:
             return False
+        rest = continuation(*resend, stream.output_ids)
+        if rest is None:  # every token it may have was released: it ended at max_tokens
+            stream.add(TokenItem(stream.request_id, 0, [], finish_reason="length"))
+            return True
         endpoint = min(candidates, key=lambda e: self._outstanding[e.name])
         old_id = stream.request_id
-        stream.retries += 1
-        stream.request_id = f"{old_id.split('~')[0]}~retry{stream.retries}"
-        stream.instance = endpoint.name
+        stream.move(f"{old_id.split('~')[0]}~{stream.retries + 1}", endpoint.name)
         self._streams[stream.request_id] = self._streams.pop(old_id)
-        stream.prefill_tokens = stream.num_prompt_tokens
+        stream.prefill_tokens = len(rest.prompt)
         self._outstanding[endpoint.name] += stream.prefill_tokens
-        prompt, sampling = resend
-        msg = GenerateRequest(stream.request_id, prompt, sampling, self.inbox_address, time.time())
+        msg = GenerateRequest(
+            stream.request_id, rest.prompt, rest.sampling, self.inbox_address, time.time()
+        )
         self._spawn(self._senders[endpoint.name].send(msg))
         # Broadcast: the dead instance may have chosen a D that the router never heard of.
-        self._spawn(self._abort(old_id, "retried on another instance", set(self._senders)))
+        self._spawn(self._abort(old_id, why, set(self._senders)))
+        self._counters["moved_requests"] = self._counters.get("moved_requests", 0) + 1
         return True
 
     def _spawn(self, coro) -> None:
@@ -329,6 +339,11 @@ class Dispatcher:
             return
         stream.sources.add(source)
         self._first_token_seen(stream)
+        # A failed transfer, a lost peer, an expired lease: the request goes on elsewhere (the
+        # tokens of this last item come again from the continuation).
+        failed = item.finish_reason == "error" and self._config.migrate_on_failure
+        if failed and self._move(stream, f"{source} failed it: {item.error}"):
+            return
         self._counters["duplicate_tokens"] += stream.add(item)
 
     # -------------------------------------------------------------------------- inspection

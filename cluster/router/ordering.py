@@ -62,6 +62,13 @@ class TokenOrderer:
         elif self._finish is None:
             self._finish, self._finish_at = finish, item.first_index + len(item.token_ids)
 
+    def forget_pending(self) -> None:
+        """Drop tokens held back behind a gap, and an end not reached yet: the request goes on
+        in a new run (migration) that will produce them again."""
+        assert self.finished is None, "a finished request does not move"
+        self._pending.clear()
+        self._finish = self._finish_at = None
+
     def take_logprobs(self) -> list[TokenLogprobs | None]:
         """Logprobs of the tokens `add` released since the last call, aligned with them."""
         taken, self._released_logprobs = self._released_logprobs, []

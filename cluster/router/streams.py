@@ -4,6 +4,7 @@ the next one, the instances that served it, and the timings for metrics."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -43,7 +44,9 @@ class RequestStream:
         self.instance = instance
         self.decode_instance = ""  # known from P's first item in PD mode
         self.sources: set[str] = set()  # instances that sent tokens for it
-        self.retries = 0
+        self.retries = 0  # times it was sent again (retried or migrated)
+        self.output_ids: list[int] = []  # every token released so far, what a move resends
+        self._index_offset = 0  # output index of the current run's token 0
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
@@ -73,12 +76,16 @@ class RequestStream:
 
     def add(self, item: TokenItem) -> int:
         """Take an item from an instance; returns how many of its tokens were duplicates."""
+        if self._index_offset:  # a migrated run counts its output from 0
+            item = dataclasses.replace(item, first_index=item.first_index + self._index_offset)
+        else:  # a migrated run's prompt holds output: its cache hits are not the prompt's
+            self.num_cached_tokens = max(self.num_cached_tokens, item.num_cached_tokens)
         self.decode_instance = item.decode_instance or self.decode_instance
-        self.num_cached_tokens = max(self.num_cached_tokens, item.num_cached_tokens)
         self.stamps.update(item.timings)
         duplicates_before = self._orderer.duplicates
         tokens = self._orderer.add(item)
         self._tokens.extend(tokens)
+        self.output_ids.extend(tokens)
         if tokens:
             self._note_arrival(len(tokens))
         if self._logprobs is not None:
@@ -86,6 +93,17 @@ class RequestStream:
         if tokens or self._orderer.finished is not None:
             self._ready.set()
         return self._orderer.duplicates - duplicates_before
+
+    def move(self, request_id: str, instance: str) -> None:
+        """Continue as `request_id` on `instance`, whose output token 0 is this stream's next
+        token (see migration.py); tokens held back behind a gap will come again."""
+        self.request_id, self.instance = request_id, instance
+        self.decode_instance = ""
+        self.sources = set()
+        self.retries += 1
+        self.awaiting_first_token = True
+        self._orderer.forget_pending()
+        self._index_offset = len(self.output_ids)
 
     def _note_arrival(self, count: int) -> None:
         now = time.monotonic()

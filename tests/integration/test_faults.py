@@ -29,7 +29,13 @@ pytestmark = pytest.mark.timeout(400)
 @pytest.fixture(scope="module")
 def dep():
     config = small_config(
-        router={"first_token_timeout_s": 30, "next_token_timeout_s": 20},
+        # Migration off: these tests check that faults end requests with a clear error and
+        # free everything (with it on, a failed request moves on: test_migration.py).
+        router={
+            "first_token_timeout_s": 30,
+            "next_token_timeout_s": 20,
+            "migrate_on_failure": False,
+        },
         prefill={"transfer_timeout_s": 2.0},
         decode={"instances": 2, "kv_lease_timeout_s": 30.0, "placement": {"num_cpus": 0.3}},
     )

@@ -29,7 +29,13 @@ pytestmark = pytest.mark.timeout(500)
 @pytest.fixture(scope="module")
 def dep():
     config = small_config(
-        router={"first_token_timeout_s": 120, "next_token_timeout_s": 120},
+        # Migration off: these tests check how failures reach clients (test_migration.py has
+        # them continue instead).
+        router={
+            "first_token_timeout_s": 120,
+            "next_token_timeout_s": 120,
+            "migrate_on_failure": False,
+        },
         prefill={"instances": 2, "placement": {"num_cpus": 0.25}},
         decode={"instances": 2, "placement": {"num_cpus": 0.25}},
         cluster={"health_check_interval_s": 0.5},

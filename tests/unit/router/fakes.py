@@ -98,6 +98,7 @@ class FakeInstance:
         error: str | None = None,
         fail_suffix: str | None = None,
         error_reason: str = "error",
+        fail_at: int | None = None,
     ) -> None:
         self.name = name
         self.role = role
@@ -111,6 +112,7 @@ class FakeInstance:
         self._error = error
         self._error_reason = error_reason  # "overloaded" for a capacity refusal
         self._fail_suffix = fail_suffix  # requests whose id ends with it fail with `error`
+        self._fail_at = fail_at  # a request's first run fails once it reaches this output index
         self.inbox = Inbox("127.0.0.1", accept=(GenerateRequest, AbortRequest), name=name)
         self.received: list[GenerateRequest] = []
         self.aborts: list[AbortRequest] = []
@@ -229,7 +231,9 @@ class FakeInstance:
 
     def _tokens(self, msg: GenerateRequest, start: int, end: int) -> tuple[list[int], list | None]:
         """Output tokens start..end-1 of a request, and their logprobs if it asked."""
-        shift = msg.sampling.get("seed") or 0
+        # Output token i depends on its position only, as a seeded model's does; a migrated
+        # request's prompt already holds `prior_output_tokens` of the output.
+        shift = (msg.sampling.get("seed") or 0) + (msg.sampling.get("prior_output_tokens") or 0)
         tokens = [self._script[(i + shift) % len(self._script)] for i in range(start, end)]
         top = msg.sampling.get("logprobs")
         if top is None:
@@ -246,14 +250,18 @@ class FakeInstance:
             end = min(active.next_index + self._tokens_per_step, max_tokens)
             tokens, logprobs = self._tokens(active.msg, active.next_index, end)
             finish = "length" if end >= max_tokens else None
+            first_run = not active.msg.sampling.get("prior_output_tokens")
+            failing = self._fail_at is not None and first_run and end > self._fail_at
             item = TokenItem(
                 request_id,
                 active.next_index,
-                tokens,
-                finish_reason=finish,
+                [] if failing else tokens,
+                finish_reason="error" if failing else finish,
+                error="KV transfer failed" if failing else None,
                 num_prompt_tokens=len(active.msg.prompt_token_ids),
-                logprobs=logprobs,
+                logprobs=None if failing else logprobs,
             )
+            finish = finish or ("error" if failing else None)
             by_router.setdefault(active.msg.reply_to, []).append(item)
             active.next_index = end
             if finish:

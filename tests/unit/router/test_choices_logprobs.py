@@ -104,7 +104,7 @@ def test_streamed_n_choices_with_stop_strings(start_router, pd_pair) -> None:
 
 def test_one_failing_choice_fails_the_response_and_aborts_the_others(start_router, script) -> None:
     fake = FakeInstance("m", Role.MIXED, script, step_s=0.05, error="KV lost", fail_suffix="-1")
-    router = start_router([fake])
+    router = start_router([fake], migrate_on_failure=False)  # the failure must reach the client
     with pytest.raises(openai.InternalServerError) as err:
         router.openai().completions.create(model="tiny", prompt="x", max_tokens=50, n=3)
     assert "KV lost" in str(err.value)
