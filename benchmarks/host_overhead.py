@@ -79,10 +79,13 @@ def time_steps(context: int, seeded_penalized: bool, steps: int, warmup: int = 5
     from worker.sampler import Sampler, SamplingRow
 
     cpu = torch.device("cpu")
+    # The inputs go to the meta device: tensors without data, so the device's work (on a GPU
+    # asynchronous, here it would run on this CPU) is left out and the host's work remains.
+    meta = torch.device("meta")
     sched = build_scheduler(context, seeded_penalized)
     width = -(-(context + 4096) // BLOCK)
-    triton_tables = BlockTables(BLOCK, width, cpu)
-    torch_tables = BlockTables(BLOCK, width, cpu)
+    triton_tables = BlockTables(BLOCK, width, meta)
+    torch_tables = BlockTables(BLOCK, width, meta)
     sampler = Sampler(cpu)
     logits = torch.randn(BATCH, 256)
     parts: dict[str, list[float]] = {k: [] for k in _PARTS}
@@ -91,10 +94,10 @@ def time_steps(context: int, seeded_penalized: bool, steps: int, warmup: int = 5
         out = sched.schedule()
         t1 = time.perf_counter()
         triton_tables.release(out.released_request_ids)
-        prepare_triton_inputs(out.chunks, BLOCK, cpu, None, triton_tables)
+        prepare_triton_inputs(out.chunks, BLOCK, meta, None, triton_tables)
         t2 = time.perf_counter()
         torch_tables.release(out.released_request_ids)
-        prepare_step_inputs(out.chunks, BLOCK, cpu, None, torch_tables)
+        prepare_step_inputs(out.chunks, BLOCK, meta, None, torch_tables)
         t3 = time.perf_counter()
         rows = [
             SamplingRow(c.sampling_params, c.num_generated, c.output_token_ids, c.request_id)
@@ -102,7 +105,7 @@ def time_steps(context: int, seeded_penalized: bool, steps: int, warmup: int = 5
         ]
         sampler(logits, rows)
         t4 = time.perf_counter()
-        prepare_triton_inputs(out.chunks, BLOCK, cpu, None)  # baseline: whole tables
+        prepare_triton_inputs(out.chunks, BLOCK, meta, None)  # baseline: whole tables
         t5 = time.perf_counter()
         ids = [c.request_id for c in out.chunks]
         sched.update_from_output(out, ModelRunnerOutput(out.step_id, ids, [5] * len(ids)))
@@ -177,7 +180,7 @@ def _stand_in_instances(count: int, step_s: float, ready: mp.Queue, stop: mp.Eve
                 item = TokenItem(
                     rid,
                     index,
-                    [1000 + index % 500],
+                    [40 + index % 60],  # valid in any vocabulary (a byte tokenizer's too)
                     finish_reason="length" if done else None,
                     num_prompt_tokens=prompt_len,
                 )
@@ -200,7 +203,7 @@ def _stand_in_instances(count: int, step_s: float, ready: mp.Queue, stop: mp.Eve
     stop.wait()
 
 
-def _router(endpoints: list[dict], ready: mp.Queue, stop: mp.Event) -> None:
+def _router(endpoints: list[dict], tokenizer_folder: str, ready: mp.Queue, stop: mp.Event) -> None:
     """A real router pinned to one core."""
     _pin(0)
     from cluster.config import RouterConfig
@@ -212,8 +215,12 @@ def _router(endpoints: list[dict], ready: mp.Queue, stop: mp.Event) -> None:
     from engine.tokenizer import Tokenizer
     from worker.engine_core import resolve_model_path
 
-    folder = resolve_model_path(ModelConfig())
-    tokenizer = Tokenizer.from_folder(folder)
+    if not tokenizer_folder:
+        try:
+            tokenizer_folder = str(resolve_model_path(ModelConfig()))
+        except Exception:  # no default model here (a bare GPU host): a byte-level one
+            tokenizer_folder = _byte_tokenizer_folder()
+    tokenizer = Tokenizer.from_folder(tokenizer_folder)
     config = RouterConfig(host="127.0.0.1", port=0, max_inflight_requests=4096)
     dispatcher = Dispatcher([InstanceEndpoint.from_dict(e) for e in endpoints], "127.0.0.1", config)
     drain = DrainState()
@@ -230,6 +237,29 @@ def _router(endpoints: list[dict], ready: mp.Queue, stop: mp.Event) -> None:
     ready.put(server.start(timeout_s=30))
     stop.wait()
     server.stop()
+
+
+def _byte_tokenizer_folder() -> str:
+    """A byte-level BPE tokenizer without merges (one token per byte), saved as a folder."""
+    import json
+    import tempfile
+
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<s>", "</s>"])
+    folder = Path(tempfile.mkdtemp(prefix="bytetok"))
+    backend.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
+    return str(folder)
 
 
 async def _clients(url: str, requests: int, max_tokens: int) -> tuple[int, float]:
@@ -265,14 +295,16 @@ async def _clients(url: str, requests: int, max_tokens: int) -> tuple[int, float
         return sum(counts), time.perf_counter() - start
 
 
-def router_rate(requests: int, max_tokens: int, step_s: float, rounds: int = 2) -> list[str]:
+def router_rate(
+    requests: int, max_tokens: int, step_s: float, tokenizer: str, rounds: int = 2
+) -> list[str]:
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     ready = ctx.Queue()
     instances = ctx.Process(target=_stand_in_instances, args=(2, step_s, ready, stop))
     instances.start()
     endpoints = ready.get(timeout=60)
-    router = ctx.Process(target=_router, args=(endpoints, ready, stop))
+    router = ctx.Process(target=_router, args=(endpoints, tokenizer, ready, stop))
     router.start()
     url = ready.get(timeout=120)
     print(f"(router pid {router.pid})", file=sys.stderr, flush=True)
@@ -303,6 +335,9 @@ def main() -> None:
     parser.add_argument("--router-requests", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--step-ms", type=float, default=2.0, help="stand-in instance step")
+    parser.add_argument(
+        "--tokenizer", default="", help="model folder with the tokenizer (default: default model)"
+    )
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-router", action="store_true")
     args = parser.parse_args()
@@ -311,7 +346,13 @@ def main() -> None:
         print("\n".join(engine_table(args.steps)))
     if not args.skip_router:
         print("\nRouter streaming on one core (2 stand-in instances, SSE clients):")
-        print("\n".join(router_rate(args.router_requests, args.max_tokens, args.step_ms / 1e3)))
+        print(
+            "\n".join(
+                router_rate(
+                    args.router_requests, args.max_tokens, args.step_ms / 1e3, args.tokenizer
+                )
+            )
+        )
 
 
 if __name__ == "__main__":
