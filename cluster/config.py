@@ -327,7 +327,21 @@ class PdserveConfig(StrictModel):
                 f"decode.engine.scheduler.block_size ({d_block}): KV moves block by block"
             )
         self._check_elastic()
+        self._check_tensor_parallel()
         return self
+
+    def _check_tensor_parallel(self) -> None:
+        # The ranks of a P or D instance each hold a slice of the heads; moving KV between
+        # them (cache_transfer/tp_layout.py) is not wired into the messager and D yet.
+        for role in ("prefill", "decode"):
+            section = getattr(self, role)
+            size = section.engine.tensor_parallel_size
+            if section.instances and size > 1:
+                raise ValueError(
+                    f"{role}.engine.tensor_parallel_size {size}: tensor-parallel prefill and "
+                    "decode instances are not served yet (their KV transfer is unfinished); "
+                    "tensor parallelism runs in mixed instances"
+                )
 
     def _check_elastic(self) -> None:
         elastic = self.elastic

@@ -27,6 +27,7 @@ from cluster.instances.mixed import MixedInstance
 from cluster.instances.prefill import PrefillInstance
 from cluster.router.actor import RouterActor
 from cluster.supervisor import Supervisor
+from engine.config import EngineConfig
 from engine.errors import DeployError
 from worker.engine_core import resolve_model_path
 
@@ -151,7 +152,8 @@ def _cpus_needed(config: PdserveConfig) -> int:
     total = config.router.num_cpus
     total += config.prefill.instances * (config.prefill.placement.num_cpus + _MESSAGER_CPUS)
     total += config.decode.instances * config.decode.placement.num_cpus
-    total += config.mixed.instances * config.mixed.placement.num_cpus
+    mixed_ranks = config.mixed.engine.tensor_parallel_size
+    total += config.mixed.instances * config.mixed.placement.num_cpus * mixed_ranks
     return int(total) + 1
 
 
@@ -203,6 +205,11 @@ def _start_instances(dep: Deployment) -> None:
         dep.decodes.append(ray.remote(DecodeInstance).options(**opts).remote(f"decode-{i}", raw))
     for i in range(cfg.mixed.instances):
         opts = _options(cfg.mixed.placement, f"mixed-{i}", cfg)
+        if cfg.mixed.engine.tensor_parallel_size > 1:
+            pg = tensor_parallel_placement_group(cfg.mixed.placement, cfg.mixed.engine)
+            dep.placement_groups.append(pg)
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
+            opts.pop("label_selector", None)  # the bundles carry placement
         dep.mixed.append(ray.remote(MixedInstance).options(**opts).remote(f"mixed-{i}", raw))
     prefill_pgs = [_prefill_placement_group(cfg) for _ in range(cfg.prefill.instances)]
     dep.placement_groups.extend(prefill_pgs)
@@ -245,6 +252,20 @@ def reconnect_decodes(dep: Deployment) -> None:
         ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
         inbox = dep.infos[f"messager-{index}"]["inbox"]
         ray.get(dep.prefills[index].connect.remote(inbox, decodes), timeout=timeout)
+
+
+def tensor_parallel_placement_group(placement: PlacementConfig, engine: EngineConfig):
+    """One bundle per rank on one node (NCCL and the driver's loopback sockets reach every
+    rank): the instance actor (rank 0) takes bundle 0, rank r bundle r (cluster/tp_ranks.py)."""
+    bundle: dict[str, float] = {"CPU": placement.num_cpus}
+    if placement.num_gpus:
+        bundle["GPU"] = placement.num_gpus
+    bundle.update(placement.resources)
+    size = engine.tensor_parallel_size
+    kwargs = {}
+    if placement.label_selector:
+        kwargs["bundle_label_selector"] = [dict(placement.label_selector)] * size
+    return placement_group([dict(bundle) for _ in range(size)], strategy="STRICT_PACK", **kwargs)
 
 
 def _prefill_placement_group(cfg: PdserveConfig):

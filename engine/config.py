@@ -87,7 +87,8 @@ class EngineConfig(StrictModel):
         le=64,
         description="Ranks (GPUs, or CPU processes) one instance's model is split over, "
         "Megatron-style: attention heads and the MLP split across ranks. The model's query "
-        "heads and intermediate size must divide by it, and its KV heads divide it or by it.",
+        "heads and intermediate size must divide by it, and its KV heads divide it or by it. "
+        "The instance's placement (num_gpus, num_cpus) is reserved once per rank.",
     )
     tensor_parallel_timeout_s: float = Field(
         120.0,

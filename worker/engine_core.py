@@ -25,7 +25,7 @@ from worker.default_model import ensure_default_model
 from worker.kv_cache import num_blocks_for_budget
 from worker.model_config import load_model_config
 from worker.model_runner import StepState
-from worker.tp_runner import make_runner, rank_config
+from worker.tp_runner import RankLauncher, make_runner, rank_config
 from worker.tp_worker import RunnerArgs
 
 
@@ -88,9 +88,12 @@ class EngineCore:
         layer_done=None,
         overlap: bool = False,
         cuda_graphs: bool | None = None,
+        tp_ranks: RankLauncher | None = None,
     ) -> None:
         """`overlap`: run steps under the overlap schedule (see the module docstring).
-        `cuda_graphs`: None lets the runner decide (on with Triton on CUDA)."""
+        `cuda_graphs`: None lets the runner decide (on with Triton on CUDA).
+        `tp_ranks`: how ranks 1.. start at engine.tensor_parallel_size > 1 (default: local
+        processes; deployments pass Ray actors, cluster/tp_ranks.py)."""
         self.model_path = resolve_model_path(model)
         self.arch = load_model_config(self.model_path)
         device = resolve_device(model)
@@ -121,7 +124,7 @@ class EngineCore:
             load_format=model.load_format,
         )
         self.runner = make_runner(
-            runner_args, device, engine, kv_tensors=kv_tensors, layer_done=layer_done
+            runner_args, device, engine, tp_ranks, kv_tensors=kv_tensors, layer_done=layer_done
         )
         self.overlap = overlap
         self._in_flight: tuple[SchedulerOutput, StepState] | None = None

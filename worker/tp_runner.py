@@ -81,6 +81,7 @@ class TPRunner:
         cpu_threads: int | None = None,
         kv_store: Callable[..., Any] | None = None,
         kv_store_prefix: str = "",
+        exit_on_failure: bool = False,
         **local,
     ) -> None:
         """`rank_devices[r]` is rank r's device as that rank's process names it (Ray gives each
@@ -122,7 +123,9 @@ class TPRunner:
         self._clock = StepClock()
         self.ranks: list[RankHandle] = []
         self.tp: TPGroup | None = None
-        self._watchdog = RankWatchdog(status, self.ranks, self._clock, collective_timeout_s)
+        self._watchdog = RankWatchdog(
+            status, self.ranks, self._clock, collective_timeout_s, exit_on_failure
+        )
         self._watchdog.start()
         self._closed = False
         atexit.register(self.shutdown)  # before multiprocessing's exit handler kills the ranks
@@ -262,35 +265,58 @@ class TPRunner:
         return sockets, addresses
 
 
+class LocalRanks:
+    """Ranks as spawned processes of this host, GPU r for rank r (`pdserve generate`, tests).
+    A failure raises TensorParallelError in the caller."""
+
+    exit_on_failure = False
+
+    def __call__(self, specs: list[RankSpec]) -> Sequence[RankHandle]:
+        return start_process_ranks(specs)
+
+    def devices(self, device: torch.device, size: int) -> list[str]:
+        """Each rank's device: GPU r for rank r."""
+        if device.type != "cuda":
+            return [device.type] * size
+        first = device.index or 0
+        return [f"cuda:{first + r}" for r in range(size)]
+
+
+class RankLauncher(Protocol):
+    """Starts ranks 1..N-1 and names each rank's device as its own process sees it.
+    `exit_on_failure`: the instance process exits when the group fails (its deployment
+    restarts it) instead of raising in the caller."""
+
+    exit_on_failure: bool
+
+    def __call__(self, specs: list[RankSpec]) -> Sequence[RankHandle]: ...
+
+    def devices(self, device: torch.device, size: int) -> list[str]: ...
+
+
 def make_runner(
     args: RunnerArgs,
     device: torch.device,
     engine: EngineConfig,
-    start_ranks: RankStarter | None = None,
+    ranks: RankLauncher | None = None,
     **local,
 ) -> ModelRunner | TPRunner:
     """The instance's runner: a ModelRunner, or at tensor_parallel_size > 1 the driver of that
-    many ranks, started by `start_ranks` (default: local processes, GPU r for rank r)."""
+    many ranks, started by `ranks` (default: LocalRanks)."""
     size = engine.tensor_parallel_size
     if size == 1:
         return args.build(device, None, **local)
+    ranks = ranks or LocalRanks()
     return TPRunner(
         args,
         size,
         device,
-        start_ranks or start_process_ranks,
-        local_rank_devices(device, size),
+        ranks,
+        ranks.devices(device, size),
         collective_timeout_s=engine.tensor_parallel_timeout_s,
+        exit_on_failure=ranks.exit_on_failure,
         **local,
     )
-
-
-def local_rank_devices(device: torch.device, size: int) -> list[str]:
-    """Each rank's device when all ranks are processes of this host: GPU r for rank r."""
-    if device.type != "cuda":
-        return [device.type] * size
-    first = device.index or 0
-    return [f"cuda:{first + r}" for r in range(size)]
 
 
 def rank_config(config: ModelArchConfig, size: int) -> ModelArchConfig:

@@ -8,6 +8,7 @@ reads, and aborts the process group so a collective blocked on a dead peer retur
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -21,6 +22,7 @@ from worker.tp_worker import STATUS_ERROR, STATUS_READY, decode_status
 log = logging.getLogger(__name__)
 
 _WATCH_INTERVAL_MS = 500
+_EXIT_TP_FAILED = 70  # EX_SOFTWARE
 
 
 class TensorParallelError(PdserveError, RuntimeError):
@@ -52,7 +54,14 @@ class RankWatchdog(threading.Thread):
     """Owns the status socket: collects ready reports, and turns a rank's error report, a dead
     rank or an overdue step into the group's failure (then aborts the group)."""
 
-    def __init__(self, status: zmq.Socket, ranks: list, clock: StepClock, limit_s: float):
+    def __init__(
+        self,
+        status: zmq.Socket,
+        ranks: list,
+        clock: StepClock,
+        limit_s: float,
+        exit_on_failure: bool = False,
+    ):
         super().__init__(name="pdserve-tp-watchdog", daemon=True)
         self._status = status
         self._ranks = ranks
@@ -64,6 +73,7 @@ class RankWatchdog(threading.Thread):
         self.failure: str | None = None
         self.stopping = False
         self.abort: Callable[[], None] = lambda: None
+        self.exit_on_failure = exit_on_failure
 
     def run(self) -> None:
         try:
@@ -97,6 +107,9 @@ class RankWatchdog(threading.Thread):
             self.abort()
         except Exception:  # the group may be half torn down already
             log.exception("aborting the tensor-parallel group failed")
+        if self.exit_on_failure:  # the deployment restarts the instance and its ranks
+            logging.shutdown()
+            os._exit(_EXIT_TP_FAILED)
 
     def wait_failure(self, timeout_s: float) -> str | None:
         if self.failure is not None:

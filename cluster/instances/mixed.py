@@ -17,6 +17,7 @@ from cluster.instances.common import (
     wall_time,
 )
 from cluster.instances.engine_loop import EngineLoop
+from cluster.tp_ranks import ray_ranks_for
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
@@ -42,8 +43,13 @@ class MixedInstance:
         """Load the model, bind the inbox, start the threads; returns the endpoint."""
         self.host = advertised_host(self.config)
         overlap = resolve_overlap(self.config.mixed.overlap_schedule, self.config.model)
+        mixed = self.config.mixed
         self.core = EngineCore(
-            self.config.model, self.config.mixed.engine, Role.MIXED, overlap=overlap
+            self.config.model,
+            mixed.engine,
+            Role.MIXED,
+            overlap=overlap,
+            tp_ranks=ray_ranks_for(mixed.placement, mixed.engine, self.name),
         )
         self.senders = SenderPool()
         self.publisher = TokenPublisher(self.name, self.senders, self.counters)
