@@ -12,8 +12,12 @@ import pytest
 import torch
 
 from engine.batch import ScheduledChunk, SchedulerOutput
+from engine.config import EngineConfig, ModelConfig
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 from tests.unit.worker.conftest import VOCAB, Driver, make_prompts
+from tests.unit.worker.test_overlap_engine import run
+from worker.engine_core import EngineCore
 from worker.model_runner import ModelRunner
 from worker.tp_runner import TensorParallelError, TPRunner
 from worker.tp_worker import RunnerArgs, start_process_ranks
@@ -158,3 +162,38 @@ def test_ranks_share_their_kv_caches_with_another_process(checkpoints):
             mapped.close()
     finally:
         tp.shutdown()
+
+
+def test_engine_core_at_tp2_with_the_overlap_schedule_matches_tp1(checkpoints):
+    """EngineCore at tensor_parallel_size 2 (local rank processes) under the overlap schedule:
+    every rank fills placeholders from its own sampled ids; tokens equal the TP 1 engine's, with
+    greedy and seeded requests and chunked prefill."""
+
+    def core(tp: int, overlap: bool):
+        engine = EngineConfig.model_validate(
+            {
+                "scheduler": {"max_num_batched_tokens": 32, "block_size": 4},
+                "cache": {"num_blocks": NUM_BLOCKS},
+                "tensor_parallel_size": tp,
+                "tensor_parallel_timeout_s": TIMEOUT_S,
+            }
+        )
+        model = ModelConfig(path=str(checkpoints["qwen3"].path), device="cpu", dtype="float32")
+        return EngineCore(model, engine, overlap=overlap)
+
+    def requests():
+        prompts = make_prompts(6, seed=9)
+        params = [
+            SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=6 + i)
+            for i in range(6)
+        ]
+        return [
+            Request(f"q{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+        ]
+
+    expected = run(core(1, overlap=False), requests())
+    tp = core(2, overlap=True)
+    try:
+        assert run(tp, requests()) == expected
+    finally:
+        tp.runner.shutdown()
