@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import (
 
 from cache_transfer.messager import CacheMessager
 from cluster.config import PdserveConfig, PlacementConfig, RouterPlacement
+from cluster.elastic.ray_actuator import start_controller
 from cluster.instances.decode import DecodeInstance
 from cluster.instances.mixed import MixedInstance
 from cluster.instances.prefill import PrefillInstance
@@ -55,6 +56,7 @@ class Deployment:
     infos: dict[str, dict] = field(default_factory=dict)  # instance name -> its setup() answer
     owns_ray: bool = False
     supervisor: Any = None
+    controller: Any = None  # the elastic controller actor, when elastic.enabled
 
     def names(self, *roles: str) -> list[str]:
         counts = {
@@ -111,7 +113,7 @@ class Deployment:
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.supervisor is not None:
             self.supervisor.stop()
-        actors = [a for a in [*self.instances, *self.messagers] if a is not None]
+        actors = [a for a in [*self.instances, *self.messagers, self.controller] if a is not None]
         refs = [a.shutdown.remote() for a in actors]
         if self.router is not None:
             if self.url:  # a router that never started has no server to stop: only kill it
@@ -186,6 +188,8 @@ def deploy(config: PdserveConfig, address: str | None = None) -> Deployment:
     dep = Deployment(config, owns_ray=owns_ray)
     try:
         _start_instances(dep)
+        if config.elastic.enabled:
+            dep.controller = start_controller(config)
         _start_router(dep)
         wait_ready(dep, config.cluster.startup_timeout_s)
         if config.cluster.restart_crashed_actors:
@@ -319,7 +323,9 @@ def _start_router(dep: Deployment) -> None:
     endpoints = [{"name": e["name"], "role": e["role"], "inbox": e["inbox"]} for e in dep.endpoints]
     try:
         dep.url = ray.get(
-            router.start.remote(endpoints, dep.instances), timeout=cfg.cluster.startup_timeout_s
+            # The controller's stats join the instances': /metrics counts its decisions.
+            router.start.remote(endpoints, [*dep.instances, *filter(None, [dep.controller])]),
+            timeout=cfg.cluster.startup_timeout_s,
         )
     except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnschedulableError) as exc:
         where = (

@@ -38,6 +38,9 @@ class Actuator(Protocol):
     def collect(self) -> tuple[dict | None, list[dict]]:
         """(router stats, every instance's stats); a dead instance's carries an "error"."""
 
+    def can_switch(self) -> bool:
+        """The instances can switch roles while serving; else the controller only advises."""
+
     def switch(self, name: str, role: Role) -> None:
         """Return once `name` serves in `role`; raise if it could not (it then still serves in
         its old role, or has failed and is the supervisor's)."""
@@ -185,6 +188,10 @@ class ElasticController:
         log.warning("elastic: %s", decision.describe())
         self.records.append(record)
         self.counters[_counter_name(decision)] += 1
+        if not self.actuator.can_switch():
+            record.outcome = "advice: not carried out (instances cannot switch roles yet)"
+            self.counters["advice_only"] += 1
+            return
         if decision.instance is not None:
             self.busy.add(decision.instance)
         started = self.clock()

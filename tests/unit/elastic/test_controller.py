@@ -24,6 +24,7 @@ class Cluster:
         self.gate.set()
         self.switched: list[tuple[str, Role]] = []
         self.fail_next = False
+        self.switchable = True
 
     def collect(self):
         router = {"slo": {"finished": 40, "ttft_attainment": 0.3, "tpot_attainment": 1.0}}
@@ -42,6 +43,9 @@ class Cluster:
             raise RuntimeError("drain timed out")
         self.roles[name] = role.value
         self.switched.append((name, role))
+
+    def can_switch(self) -> bool:
+        return self.switchable
 
     def add(self, role: Role) -> str:
         raise AssertionError("autoscale is off")
@@ -130,3 +134,15 @@ def test_an_operator_can_force_a_switch_with_the_loop_running() -> None:
         assert ctl.stats()["decisions"][0]["reason"] == "forced by an operator"
     finally:
         ctl.stop()
+
+
+def test_without_switchable_instances_it_only_advises() -> None:
+    cluster = Cluster()
+    cluster.switchable = False
+    ctl = controller(cluster)
+    assert len(ctl.step()) == 1
+    settle(ctl)
+    assert cluster.switched == [] and ctl.stats()["busy"] == []
+    (record,) = ctl.stats()["decisions"]
+    assert record["outcome"].startswith("advice: not carried out")
+    assert ctl.stats()["counters"]["advice_only"] == 1

@@ -1,0 +1,110 @@
+"""The elastic controller as a Ray actor, and what acting means on a Ray deployment.
+
+`start_controller(dep)` runs it (named `elastic-controller`) when `elastic.enabled`: the router's
+/metrics then counts its decisions (its stats join the instances'), `pdserve status` lists them.
+It reads the router's and the instances' stats by name each decision interval.
+
+Instances cannot switch roles while serving yet (docs/architecture.md, "Switching a serving
+instance"): until their actors offer `switch_role`, the controller runs as an adviser. It
+decides, logs and counts as it will when acting, and records each decision as advice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+
+from cluster.config import PdserveConfig
+from cluster.elastic.controller import ElasticController
+from engine.config import Role
+
+log = logging.getLogger(__name__)
+CONTROLLER_NAME = "elastic-controller"
+_STATS_TIMEOUT_S = 5.0
+_ROLES = {r.value for r in Role}
+
+
+class RayActuator:
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    def _named(self) -> dict[str, Any]:
+        names = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a.get("namespace") == self.namespace and a["name"] != CONTROLLER_NAME
+        ]
+        return {name: ray.get_actor(name, namespace=self.namespace) for name in names}
+
+    def collect(self) -> tuple[dict | None, list[dict]]:
+        actors = self._named()
+        refs = {name: actor.stats.remote() for name, actor in actors.items()}
+        router, instances = None, []
+        for name, ref in refs.items():
+            try:
+                stats = ray.get(ref, timeout=_STATS_TIMEOUT_S)
+            except Exception as exc:  # dead or stalled: the policy leaves it out
+                stats = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
+            if name == "router":
+                router = stats
+            elif stats.get("role") in _ROLES or "error" in stats:
+                instances.append(stats)
+        return router, instances
+
+    def can_switch(self) -> bool:
+        instances = [a for n, a in self._named().items() if not n.startswith(("router", "mess"))]
+        return bool(instances) and all(hasattr(a, "switch_role") for a in instances)
+
+    def switch(self, name: str, role: Role) -> None:
+        raise NotImplementedError("instances cannot switch roles while serving yet")
+
+    def add(self, role: Role) -> str:
+        raise NotImplementedError("adding instances to a running deployment is not wired yet")
+
+    def remove(self, name: str) -> None:
+        raise NotImplementedError("removing instances from a running deployment is not wired yet")
+
+    def can_add(self) -> bool:
+        return False
+
+
+class ElasticControllerActor:
+    """Ray actor wrapper: the constructor does no I/O; `start()` begins the loop."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = PdserveConfig.model_validate(config)
+        actuator = RayActuator(self.config.cluster.namespace)
+        self.controller = ElasticController(self.config, actuator)
+
+    def start(self) -> None:
+        self.controller.start()
+
+    def is_ready(self) -> bool:
+        return True
+
+    def stats(self) -> dict:
+        return self.controller.stats()
+
+    def force_switch(self, name: str, role: str) -> None:
+        self.controller.force_switch(name, role)
+
+    def shutdown(self) -> None:
+        self.controller.stop()
+
+
+def start_controller(config: PdserveConfig) -> Any:
+    """Create and start the controller actor (no resources of its own: it only watches)."""
+    actor = (
+        ray.remote(ElasticControllerActor)
+        .options(
+            name=CONTROLLER_NAME,
+            namespace=config.cluster.namespace,
+            num_cpus=0,
+            max_concurrency=4,
+        )
+        .remote(config.model_dump(mode="json"))
+    )
+    ray.get(actor.start.remote(), timeout=config.cluster.startup_timeout_s)
+    return actor

@@ -1,0 +1,54 @@
+"""The elastic controller on a live deployment: it reads the router's SLO attainment and the
+instances' stats, decides, logs and counts (in its stats, /metrics and `pdserve status`). The
+instances cannot switch roles yet, so each decision is recorded as advice."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import ray
+
+from cluster.cli_status import collect, render
+from tests.integration.harness import prompts, run_load, small_config, start, wait_until
+
+
+@pytest.fixture(scope="module")
+def deployment(default_model_path):
+    # 2P1D with a TPOT bound no CPU run meets (and a TTFT bound every run meets): decode
+    # counts as short, and one of the two prefill instances can be spared for it.
+    config = small_config(
+        prefill={"instances": 2},
+        slo={"ttft_ms": 600_000, "tpot_ms": 1, "window_s": 600},
+        elastic={"enabled": True, "decision_interval_s": 0.5, "hysteresis": 1},
+    )
+    dep = start(config)
+    yield dep
+    dep.stop()
+
+
+def test_the_controller_decides_from_live_figures(deployment) -> None:
+    run_load(deployment.url, prompts(4), 8)
+    controller = deployment.controller
+
+    def advised() -> bool:
+        return bool(ray.get(controller.stats.remote(), timeout=10)["decisions"])
+
+    wait_until(advised, timeout_s=60)
+    stats = ray.get(controller.stats.remote(), timeout=10)
+    record = stats["decisions"][0]
+    assert (record["kind"], record["from_role"], record["to_role"]) == (
+        "switch",
+        "prefill",
+        "decode",
+    )
+    assert "decode is short" in record["reason"] and "TPOT attainment" in record["reason"]
+    assert record["outcome"].startswith("advice: not carried out")
+    assert stats["counters"]["decided_switch_prefill_to_decode"] >= 1
+
+    metrics = httpx.get(f"{deployment.url}/metrics", timeout=30).text
+    assert 'instance="elastic-controller"' in metrics
+    assert 'event="decided_switch_prefill_to_decode"' in metrics
+
+    router, instances = collect(deployment.config.cluster.namespace, 10.0)
+    text = render(router, instances)
+    assert "elastic controller: on" in text and "switch prefill-" in text
