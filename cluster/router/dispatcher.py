@@ -224,7 +224,9 @@ class Dispatcher:
         if rest is None:  # every token it may have was released: it ended at max_tokens
             stream.add(TokenItem(stream.request_id, 0, [], finish_reason="length"))
             return True
-        endpoint = min(candidates, key=lambda e: self._outstanding[e.name])
+        # Another instance than the one that failed it, when there is one (it may fail again).
+        others = [e for e in candidates if e.name != stream.instance] or candidates
+        endpoint = min(others, key=lambda e: self._outstanding[e.name])
         old_id = stream.request_id
         stream.move(f"{old_id.split('~')[0]}~{stream.retries + 1}", endpoint.name)
         self._streams[stream.request_id] = self._streams.pop(old_id)

@@ -99,3 +99,22 @@ def test_with_migration_off_the_client_gets_the_error(start_router, pd_pair) -> 
     assert _text(events) == expected_text(25)
     assert len(router.fakes[0].received) == 1
     router.assert_no_leaks()
+
+
+def test_a_failed_request_moves_to_another_instance(start_router, script) -> None:
+    from engine.config import Role
+    from tests.unit.router.fakes import FakeInstance
+
+    decode = FakeInstance("d", Role.DECODE, script)
+    broken = FakeInstance("p0", Role.PREFILL, script, decode_peer=decode, error="no messager")
+    working = FakeInstance("p1", Role.PREFILL, script, decode_peer=decode)
+    router = start_router([broken, working, decode])
+    with router.http() as http:
+        for _ in range(4):
+            body = {"prompt": "hi", "max_tokens": 5, "ignore_eos": True}
+            response = http.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == expected_text(5)
+    assert broken.received  # some went there first, and moved on to p1 at once
+    assert len(working.received) == 4
+    router.assert_no_leaks()
