@@ -167,7 +167,7 @@ class TPGroup:
             return torch.cat(parts, dim=1)  # [N, size * C]
         rows, cols = x.shape  # NCCL: one collective into one buffer
         out = torch.empty(self.size * rows, cols, dtype=x.dtype, device=x.device)
-        dist.all_gather_single(out, x)  # [size * N, C]: rank r's rows at r*N .. (r+1)*N - 1
+        dist.all_gather_into_tensor(out, x)  # [size * N, C]: rank r's rows at r*N .. (r+1)*N - 1
         return out.view(self.size, rows, cols).permute(1, 0, 2).reshape(rows, self.size * cols)
 
 
