@@ -198,6 +198,8 @@ def init_tp_group(
         return TPGroup(rank, size, group, store)
     if dist.is_initialized():
         raise RuntimeError("this process already belongs to a tensor-parallel NCCL group")
+    if device.index is None:  # NCCL binds the group to one GPU: name it ("cuda" means current)
+        device = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(
         "nccl", store=store, rank=rank, world_size=size, timeout=timeout, device_id=device
     )
