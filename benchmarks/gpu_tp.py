@@ -93,8 +93,10 @@ class Results:
 
 def _all_reduce_rank(rank: int, port: int, sizes: list[int], hidden: int, out) -> None:
     torch.cuda.set_device(rank)
-    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=datetime.timedelta(60))
-    dist.init_process_group("nccl", store=store, rank=rank, world_size=2, device_id=rank)
+    timeout = datetime.timedelta(seconds=120)
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timeout)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=2, device_id=device)
     times = {}
     for rows in sizes:
         x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
