@@ -41,6 +41,9 @@ _RECOVERY_S = 180.0  # longest wait for a killed actor to be back in service
 _SETTLE_S = 60.0  # longest wait for every block to be free at the end
 
 
+ERRORS: Counter = Counter()  # what the clients were told, for the report
+
+
 async def one_request(client: httpx.AsyncClient, model: str, rng: random.Random) -> str:
     """The outcome: "ok", "error before start" or "error after start"."""
     body = {
@@ -56,11 +59,14 @@ async def one_request(client: httpx.AsyncClient, model: str, rng: random.Random)
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
+                ERRORS[f"HTTP {response.status_code}: {(await response.aread())[:120]!r}"] += 1
                 return "error before start"
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                if "error" in json.loads(line[6:]):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    ERRORS[str(chunk["error"].get("message"))[:120]] += 1
                     return "error after start" if started else "error before start"
                 started = True
     except httpx.HTTPError:
@@ -155,6 +161,8 @@ def report(outcomes: Counter, actions: list[str], router: dict, leaks: dict[str,
     print(f"| moved by the router (retried or migrated) | {router.get('moved_requests', 0)} |")
     print(f"| KV blocks leaked | {sum(leaks.values())} |")
     print(f"\nblocks held after settling: {leaks}")
+    for message, count in ERRORS.most_common(10):
+        print(f"  {count} x {message}")
 
 
 def main() -> int:
