@@ -90,7 +90,11 @@ def status(args: argparse.Namespace) -> int:
 
 def add_status(subparsers) -> None:
     p = subparsers.add_parser("status", help="show a running deployment's instances")
-    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
-    p.add_argument("--namespace", default="pdserve", help="Ray namespace of the deployment")
+    p.add_argument(
+        "--address", default="auto", help="Ray cluster address ('auto': the local cluster)"
+    )
+    p.add_argument(
+        "--namespace", default="pdserve", help="Ray namespace of the deployment (cluster.namespace)"
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait per actor")
     p.set_defaults(func=status)

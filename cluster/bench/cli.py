@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import math
 import os
 import sys
@@ -32,53 +33,66 @@ def add_bench(subparsers) -> None:
         description=__doc__.splitlines()[0],
     )
     target = p.add_argument_group("server")
-    target.add_argument("--base-url", default="http://127.0.0.1:8000", help="with or without /v1")
-    target.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    target.add_argument(
+        "--base-url", default="http://127.0.0.1:8000", help="server URL, with or without /v1"
+    )
+    target.add_argument(
+        "--endpoint",
+        choices=["completions", "chat"],
+        default="completions",
+        help="/v1/completions or /v1/chat/completions",
+    )
     target.add_argument("--model", default=None, help="default: the first id of GET /v1/models")
     target.add_argument(
         "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY"
     )
-    target.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds per request (default 600)"
-    )
+    target.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     data = p.add_argument_group("workload")
-    data.add_argument("--dataset", choices=["random", "jsonl", "multiturn"], default="random")
+    data.add_argument(
+        "--dataset",
+        choices=["random", "jsonl", "multiturn"],
+        default="random",
+        help="random: random prompts of --input-len tokens; jsonl: prompts from --dataset-path; "
+        "multiturn: chats that share a system prompt",
+    )
     data.add_argument("--dataset-path", default=None, help="JSONL file for --dataset jsonl")
     data.add_argument("--num-prompts", type=int, default=None, help="default: 100, or the file")
-    data.add_argument(
-        "--input-len", type=int, default=1024, help="random: prompt tokens (default 1024)"
-    )
+    data.add_argument("--input-len", type=int, default=1024, help="random: prompt tokens")
     data.add_argument(
         "--output-len",
         type=int,
         default=128,
-        help="max_tokens (default 128; jsonl: for lines without one)",
+        help="max_tokens (jsonl: for lines without one)",
     )
     data.add_argument(
         "--range-ratio",
         type=float,
         default=0.0,
-        help="random: lengths uniform in len*(1±r) (default 0)",
+        help="random: lengths uniform in len*(1±r)",
     )
     chat = p.add_argument_group("multiturn: conversations that share a system prompt")
-    chat.add_argument("--users", type=int, default=8, help="conversations (default 8)")
-    chat.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
+    chat.add_argument("--users", type=int, default=8, help="conversations")
+    chat.add_argument("--turns", type=int, default=4, help="turns per conversation")
     chat.add_argument("--system-prompt-len", type=int, default=1024, help="shared, in words")
     chat.add_argument("--turn-len", type=int, default=128, help="words per user message")
     data.add_argument("--tokenizer", default=None, help="local HF folder: exact token-id prompts")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times")
     load = p.add_argument_group("load and sampling")
     load.add_argument(
         "--request-rate",
         type=float,
         default=math.inf,
-        help="requests/s with Poisson arrivals (default inf: all at once)",
+        help="requests/s with Poisson arrivals (inf: all at once)",
     )
-    load.add_argument("--max-concurrency", type=int, default=None, help="requests in flight")
+    load.add_argument(
+        "--max-concurrency", type=int, default=None, help="requests in flight (default: no limit)"
+    )
     load.add_argument("--ignore-eos", action="store_true", help="extension: always max_tokens")
-    load.add_argument("--temperature", type=float, default=0.0)
+    load.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
     out = p.add_argument_group("output")
-    out.add_argument("--slo", default=None, help="e.g. ttft=500,tpot=50 (ms; also e2e)")
+    out.add_argument(
+        "--slo", default=None, help="e.g. ttft=500,tpot=50 (ms; also e2e; default: none)"
+    )
     out.add_argument("--json", default=None, metavar="FILE", help="config, summary, requests")
     out.add_argument("--plot", default=None, metavar="DIR", help="latency_cdf.png, throughput.png")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -143,6 +157,17 @@ def _check_options(args: argparse.Namespace) -> None:
         raise BenchError(f"--output-len must be at least 1, got {args.output_len}")
     if args.temperature < 0:
         raise BenchError(f"--temperature must be >= 0, got {args.temperature}")
+    _check_installed(args)
+
+
+def _check_installed(args: argparse.Namespace) -> None:
+    """Optional packages the chosen options need, before anything runs (a missing matplotlib
+    must not surface only after a long run)."""
+    needed = {"matplotlib": "--plot" if args.plot else None}
+    needed["tqdm"] = None if args.no_progress else "the progress bar (--no-progress: none)"
+    for package, what in needed.items():
+        if what and importlib.util.find_spec(package) is None:
+            raise BenchError(f"{what} needs {package}: pip install 'pdserve[bench]'")
 
 
 class _Unreachable(Exception):

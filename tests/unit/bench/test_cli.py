@@ -72,3 +72,28 @@ def test_invalid_options_return_2(capsys: pytest.CaptureFixture[str]):
     assert main(["bench", "--request-rate", "0"]) == 2
     assert main(["bench", "--dataset", "jsonl"]) == 2
     assert "needs --dataset-path" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_fails_before_any_request(
+    fake: FakeOpenAI,
+    base_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def without_matplotlib(name: str, *args, **kwargs):
+        return None if name == "matplotlib" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_matplotlib)
+    fake.reset()
+    argv = [
+        "bench", "--base-url", base_url, "--num-prompts", "2", "--no-progress",
+        "--plot", str(tmp_path / "plots"),
+    ]  # fmt: skip
+    assert main(argv) == 2
+    assert "--plot needs matplotlib: pip install 'pdserve[bench]'" in capsys.readouterr().err
+    assert fake.bodies == []  # nothing was sent
