@@ -14,16 +14,21 @@ _RAY_EXIT_S = 10.0  # Ray's processes get this long to exit after ray.shutdown()
 def serve(args: argparse.Namespace) -> int:
     import ray
 
+    from cluster import console, preflight
     from cluster.config import load_config
     from cluster.launcher import deploy, init_ray
     from cluster.shutdown import ChildProcesses, ShutdownSignals
 
     config = load_config(args.config)
-    if args.port is not None:
-        config.router.port = args.port
+    preflight.apply_port(config, args.port)
+    preflight.check_serve(config, args.address)  # before Ray starts: one line if it fails
     if args.address:
         config.cluster.address = args.address
+    config.cluster.log_to_driver |= args.verbose
     print(f"pdserve: starting {_describe(config)} ...", file=sys.stderr, flush=True)
+    if not config.cluster.log_to_driver:
+        driver_log = console.route_ray_logs()
+        print(f"pdserve: {console.where_logs_are(driver_log)}", file=sys.stderr, flush=True)
     owns_ray = init_ray(config, args.address)
     signals = ShutdownSignals()
     signals.install()  # after ray.init, so ours replace Ray's (see cluster/shutdown.py)
@@ -110,5 +115,11 @@ def add_serve(subparsers) -> None:
         help="Ray cluster to join ('auto' or host:port); default: "
         "the config's cluster.address, else an embedded local Ray",
     )
-    p.add_argument("--port", type=int, default=None, help="override router.port")
+    p.add_argument("--port", type=int, default=None, help="override router.port (0: any free port)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print Ray's, NIXL's and the actors' log lines here (cluster.log_to_driver); "
+        "otherwise they go to log files",
+    )
     p.set_defaults(func=serve)

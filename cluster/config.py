@@ -193,6 +193,12 @@ class ClusterConfig(StrictModel):
         description="Node address of an embedded local Ray (what its actors bind and advertise); "
         "ignored when joining a cluster, where each node's own address is used.",
     )
+    log_to_driver: bool = Field(
+        False,
+        description="Print the actors' output (Ray's, NIXL's and the instances' log lines) on "
+        "the terminal of `pdserve serve`; otherwise it stays in Ray's log files "
+        "(`pdserve serve --verbose` sets this).",
+    )
 
 
 class SloConfig(StrictModel):

@@ -134,15 +134,24 @@ def init_ray(config: PdserveConfig, address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or config.cluster.address
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    # Unbuffered: an actor's lines reach its log file (and, with log_to_driver, the terminal)
+    # when they are written, not when the process exits.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
+    to_driver = config.cluster.log_to_driver
     if address:
-        ray.init(address=address, namespace=config.cluster.namespace, runtime_env=env)
+        ray.init(
+            address=address,
+            namespace=config.cluster.namespace,
+            runtime_env=env,
+            log_to_driver=to_driver,
+        )
         return False
     ray.init(
         namespace=config.cluster.namespace,
         num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)),
         include_dashboard=False,
         runtime_env=env,
+        log_to_driver=to_driver,
         _node_ip_address=config.cluster.node_ip,
     )
     return True

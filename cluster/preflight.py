@@ -60,21 +60,27 @@ def check_model(config: PdserveConfig) -> Path:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """The router can listen on host:port (port 0 always can). Binds as uvicorn does
-    (SO_REUSEADDR, so a port in TIME_WAIT counts as free) and lets go at once."""
-    if port == 0:
-        return
+    """The router can listen on host:port (port 0 always can); the probe lets go at once."""
+    if port != 0:
+        listen_socket(host, port).close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port as uvicorn binds one (SO_REUSEADDR, so a port in TIME_WAIT
+    counts as free); a PdserveError naming the cause when it cannot be bound."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError(f"router.host {host!r}: cannot resolve it ({exc.strerror})") from None
     family, kind, proto, _, sockaddr = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(sockaddr)
-        except OSError as exc:
-            raise bind_error(host, port, exc) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise bind_error(host, port, exc) from None
+    return sock
 
 
 def bind_error(host: str, port: int, exc: OSError) -> PdserveError:
@@ -92,7 +98,8 @@ def bind_error(host: str, port: int, exc: OSError) -> PdserveError:
 
 
 def check_gpus(config: PdserveConfig, present: int) -> None:
-    """An embedded Ray has this machine's GPUs only: the config must fit in them."""
+    """An embedded Ray has this machine's GPUs only: the config must fit in them (the config
+    already requires placement.num_gpus > 0 for model.device cuda)."""
     roles = {"prefill": config.prefill, "decode": config.decode, "mixed": config.mixed}
     asked = {
         name: (section.instances, section.placement.num_gpus)
@@ -106,8 +113,6 @@ def check_gpus(config: PdserveConfig, present: int) -> None:
             f"the config asks for {total:g} GPUs ({parts}) but this machine has {present}; "
             "lower the instances or placement.num_gpus, or join a cluster with --address"
         )
-    if config.model.device == "cuda" and present == 0:
-        raise ConfigError("model.device: cuda, but this machine has no CUDA device")
 
 
 def _gpus_present() -> int:

@@ -8,7 +8,9 @@ begin. When new text comes out, the window slides to start at the tokens just re
 tokens are dropped, so the cost of a step does not grow with the output.
 
 Byte-level BPE tokens can end in the middle of a UTF-8 character; the decoder then yields U+FFFD.
-Such text is held until the character completes (or until `flush()` at the end of the request).
+Such text is held until the character completes. A request that ends inside a character (cut by
+max_tokens, say) ends without it: `flush()` drops the trailing U+FFFD, so streamed text never
+ends in a broken character (the tokens still count as generated).
 
 The prompt's last tokens are decoded as context, so the output is the continuation of the prompt
 text. For byte-level tokenizers (Llama 3, SmolLM2, GPT-2 style) that equals decoding the output ids
@@ -85,8 +87,8 @@ class IncrementalDetokenizer:
         return self._emit(self._decode_new(final=False), final=False)
 
     def flush(self) -> str:
-        """At the end of the request: everything still held (a partial character decodes as
-        U+FFFD, exactly as decoding all the ids at once would give)."""
+        """At the end of the request: everything still held, less a character whose last bytes
+        never came (where decoding all the ids at once would end in U+FFFD)."""
         if self._stopped:
             return ""
         return self._emit(self._decode_new(final=True), final=True).text
@@ -97,9 +99,11 @@ class IncrementalDetokenizer:
     def _decode_new(self, final: bool) -> str:
         """Text of the tokens after read_offset, or "" while it ends in a partial character."""
         window_text = self._decode(self._window)
+        if window_text.endswith(_INCOMPLETE):
+            if not final:
+                return ""
+            window_text = window_text.rstrip(_INCOMPLETE)  # the request ended inside it
         if len(window_text) <= len(self._read_text):
-            return ""
-        if window_text.endswith(_INCOMPLETE) and not final:
             return ""
         new_text = window_text[len(self._read_text) :]
         # The tokens just read become the next step's context; older ones are done with.

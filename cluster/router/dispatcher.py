@@ -251,10 +251,13 @@ class Dispatcher:
         if len(self._streams) + count > self._config.max_inflight_requests:
             raise Overloaded(f"{len(self._streams)} requests in flight; try again shortly")
 
-    def release(self, request_id: str, reason: str, timed_out: bool = False) -> None:
+    def release(
+        self, request_id: str, reason: str, timed_out: bool = False, outcome: str | None = None
+    ) -> None:
         """Forget a request; unless an instance finished it cleanly, tell the instances that
         hold it to abort it. Synchronous, so it is safe in `finally` blocks of cancelled tasks;
-        idempotent."""
+        idempotent. `outcome`: how the client saw it end when the router ended it (a stop
+        string: "stop")."""
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return
@@ -262,7 +265,8 @@ class Dispatcher:
         self._first_token_seen(stream)
         self.chooser.observe_prefix_hits(self._role_of(stream.instance), stream.num_cached_tokens)
         phases = self.timing_split.record(stream.stamps)
-        outcome = stream.finish.reason if stream.finish is not None else "abort"
+        if outcome is None:
+            outcome = stream.finish.reason if stream.finish is not None else "abort"
         record = stream.record(phases, "timeout" if timed_out else outcome)
         self.metrics.observe(record)
         self.slo_window.observe(

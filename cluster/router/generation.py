@@ -55,8 +55,8 @@ class Generation:
             self._stream.num_prompt_tokens, self.num_output_tokens, self._stream.num_cached_tokens
         )
 
-    def close(self, reason: str, timed_out: bool = False) -> None:
-        self._dispatcher.release(self.request_id, reason, timed_out=timed_out)
+    def close(self, reason: str, timed_out: bool = False, outcome: str | None = None) -> None:
+        self._dispatcher.release(self.request_id, reason, timed_out=timed_out, outcome=outcome)
 
     async def deltas(self) -> AsyncIterator[TextDelta]:
         """Non-empty text (or tokens with logprobs) as it becomes safe to show; the last delta
@@ -72,7 +72,8 @@ class Generation:
             delta = self._detokenizer.push(update.token_ids)
             tokens, logprobs = update.token_ids, update.logprobs
             if delta.stopped:
-                self.close("stop string matched")
+                # The instances are still generating (they are aborted); the client saw "stop".
+                self.close("stop string matched", outcome="stop")
                 yield TextDelta(delta.text, "stop", tokens, logprobs)
                 return
             finish = update.finish

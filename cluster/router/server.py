@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -20,6 +21,7 @@ from typing import TypeVar
 import uvicorn
 from starlette.types import ASGIApp
 
+from cluster.preflight import listen_socket
 from cluster.router.dispatcher import Dispatcher
 from cluster.router.drain import DrainState
 
@@ -75,8 +77,13 @@ class RouterServer:
         """Start serving; returns the base URL once uvicorn listens. `advertise_host` replaces a
         wildcard bind address (0.0.0.0, ::) in the URL."""
         assert self._thread is None, "started twice"
+        # Bound here, not by uvicorn: a port in use is a one-line PdserveError for the caller
+        # instead of uvicorn's SystemExit inside the thread.
+        sock = listen_socket(self._server.config.host, self._server.config.port)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="router-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(sock,), name="router-http", daemon=True
+        )
         self._thread.start()
         if not self._server.startup_done.wait(timeout_s) or not self._server.started:
             self.stop()
@@ -134,22 +141,23 @@ class RouterServer:
         if self.dispatcher.fail_inflight(reason):
             await self._drain.wait_idle(_END_REQUESTS_S)
 
-    def _run(self) -> None:
+    def _run(self, sock: socket.socket) -> None:
         assert self._loop is not None
         asyncio.set_event_loop(self._loop)
         try:
-            self._loop.run_until_complete(self._serve())
+            self._loop.run_until_complete(self._serve(sock))
         except BaseException as exc:  # SystemExit from a failed uvicorn startup included
             self._error = exc
             log.error("router server stopped with an error: %r", exc)
         finally:
             self._server.startup_done.set()  # never leave start() waiting for its deadline
+            sock.close()  # uvicorn closed it unless it failed before listening
             _close_loop(self._loop)
 
-    async def _serve(self) -> None:
+    async def _serve(self, sock: socket.socket) -> None:
         await self.dispatcher.start()
         try:
-            await self._server.serve()
+            await self._server.serve(sockets=[sock])
         finally:
             await self.dispatcher.close()
 

@@ -172,6 +172,27 @@ def test_router_without_room_on_the_driver_node_fails_start_up_clearly(dep) -> N
     assert httpx.get(f"{dep.url}/health", timeout=10).status_code == 200
 
 
+def test_router_port_taken_after_the_preflight_check_fails_in_one_line(dep) -> None:
+    import socket
+
+    from cluster.preflight import one_line
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = small_config(router={"port": port}, cluster={"namespace": "router-port-test"})
+        failed = Deployment(config, endpoints=dep.endpoints)
+        try:
+            with pytest.raises(Exception) as info:  # Ray wraps the DeployError
+                _start_router(failed)
+        finally:
+            failed.stop(timeout_s=5)
+    line = one_line(info.value)
+    assert line is not None, info.value
+    assert f"router.port {port}: 127.0.0.1:{port} is already in use" in line, line
+
+
 def test_prometheus_metrics_aggregate_router_and_instances(dep) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -97,6 +97,10 @@ def test_stop_string_ends_request_and_aborts_everywhere(start_router, pd_pair) -
     assert result.usage.completion_tokens >= SCRIPT.index("fox") + 3
     router.assert_no_leaks()
     assert not router.fakes[1].active_ids
+    # /metrics counts it as the client saw it end: finish_reason stop, not an abort.
+    metrics = router.http().get("/metrics").text
+    assert 'pdserve_requests_total{outcome="stop"} 1.0' in metrics, metrics
+    assert 'outcome="abort"' not in metrics
 
 
 def test_streaming_stop_string_spanning_tokens(start_router, pd_pair) -> None:
