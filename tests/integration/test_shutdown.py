@@ -185,4 +185,7 @@ def test_sigterm_drains_streams_and_leaves_nothing_running(server: ServerProcess
     assert "drained: every request finished" in output, output
     found = [marker for marker in _STACK_MARKERS if marker in output]
     assert not found, f"{found} in the output:\n{output}"
+    # Only pdserve's own lines: Ray's and NIXL's go to log files without --verbose.
+    foreign = [line for line in output.splitlines() if line and not line.startswith("pdserve")]
+    assert not foreign, output
     assert server.left_running() == [], output
