@@ -119,18 +119,18 @@ def run_bench(args: argparse.Namespace) -> int:
     multiturn = spec_from_args(args)
     requests = None if multiturn else load_requests(spec, _load_tokenizer(args.tokenizer))
     try:
-        model, result = asyncio.run(_run(args, requests, multiturn))
+        model, server, result = asyncio.run(_run(args, requests, multiturn))
     except _Unreachable as exc:
         print(f"pdserve bench: no request was sent: {exc}", file=sys.stderr)
         return 1
     summary = summarize(result.records, result.duration_s, slo)
-    print(format_summary(summary, _header(args, model)), flush=True)
+    print(format_summary(summary, _header(args, model, server)), flush=True)
     if multiturn:
         from cluster.bench.multiturn import format_turns
 
         print(format_turns(result, multiturn), flush=True)
     if args.json:
-        write_json(args.json, _config(args, model), summary, result.records)
+        write_json(args.json, {**_config(args, model), "server": server}, summary, result.records)
     if args.plot:
         from cluster.bench.plots import write_plots
 
@@ -176,7 +176,8 @@ class _Unreachable(Exception):
 
 async def _run(
     args: argparse.Namespace, requests: list[BenchRequest] | None, multiturn: MultiturnSpec | None
-) -> tuple[str, RunResult]:
+) -> tuple[str, dict[str, Any], RunResult]:
+    """(model, what the server says it is, the run)."""
     from cluster.bench.client import OpenAIClient, build_payload
     from cluster.bench.runner import LoadSpec, run_load
 
@@ -191,6 +192,7 @@ async def _run(
             model = args.model or await client.first_model()
         except BenchError as exc:
             raise _Unreachable(str(exc)) from exc
+        server = await client.server_info()
 
         async def send(index: int, request: BenchRequest, origin: float) -> RequestRecord:
             payload = build_payload(
@@ -207,9 +209,9 @@ async def _run(
         if multiturn is not None:  # each turn's request depends on the last answer
             from cluster.bench.multiturn import run_conversations
 
-            return model, await run_conversations(multiturn, send, load)
+            return model, server, await run_conversations(multiturn, send, load)
         assert requests is not None
-        return model, await run_load(requests, send, load)
+        return model, server, await run_load(requests, send, load)
 
 
 def _load_tokenizer(path: str | None) -> Tokenizer | None:
@@ -228,14 +230,30 @@ def _load_label(args: argparse.Namespace) -> str:
     return f"rate {rate} req/s, concurrency {concurrency}"
 
 
-def _header(args: argparse.Namespace, model: str) -> dict[str, str]:
+def _header(args: argparse.Namespace, model: str, server: dict[str, Any]) -> dict[str, str]:
     return {
+        **_server_rows(server),
         "Model": model,
         "Endpoint": f"/v1/{'chat/completions' if args.endpoint == 'chat' else 'completions'}",
         "Request rate (req/s)": "inf"
         if math.isinf(args.request_rate)
         else f"{args.request_rate:g}",
         "Max concurrency": str(args.max_concurrency or "unlimited"),
+    }
+
+
+def _server_rows(server: dict[str, Any]) -> dict[str, str]:
+    """What a pdserve server runs (its /version), so a table says what it measured."""
+    deployment = server.get("deployment")
+    if not isinstance(deployment, dict):
+        return {"Server version": str(server["version"])} if "version" in server else {}
+    settings = f"{deployment.get('device')}, {deployment.get('dtype')}"
+    if deployment.get("load_format") == "random":
+        settings += ", random weights"
+    return {
+        "Server": f"pdserve {server.get('version', '?')}",
+        "Instances": f"{deployment.get('topology')}, KV over {deployment.get('transfer')}",
+        "Model path": f"{deployment.get('model_path')} ({settings})",
     }
 
 

@@ -156,6 +156,17 @@ class OpenAIClient:
             raise BenchError(f"GET {url}: the server lists no models; pass --model")
         return str(models[0]["id"])
 
+    async def server_info(self) -> dict[str, Any]:
+        """GET /version where the server has it (pdserve, vLLM): {"version", "deployment"?};
+        {} from a server without it -- it only labels the report."""
+        assert self._http is not None, "use the client as an async context manager"
+        try:
+            response = await self._http.get(f"{self.base_url}/version")
+            body = response.json() if response.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return {}
+        return body if isinstance(body, dict) else {}
+
     async def send(
         self, index: int, endpoint: Endpoint, payload: dict[str, Any], origin: float
     ) -> RequestRecord:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import PdserveConfig
-from cluster.router.app import HealthCheck, InstanceStats, create_app
+from cluster.router.app import HealthCheck, InstanceStats, create_app, deployment_info
 from cluster.router.dispatcher import Dispatcher, InstanceEndpoint
 from cluster.router.drain import DrainState
 from cluster.router.server import RouterServer
@@ -66,15 +66,17 @@ class RouterActor:
             else None
         )
         drain = DrainState()
+        model_name = Path(self._model_path).name
         app = create_app(
             dispatcher,
             tokenizer,
             max_model_len=self._max_model_len,
-            model_name=Path(self._model_path).name,
+            model_name=model_name,
             config=router,
             health=health,
             instance_stats=_ray_stats(list(health_actor_handles)),
             drain=drain,
+            deployment=deployment_info(self.config, model_name),
         )
         server = RouterServer(app, dispatcher, router.host, router.port, drain)
         self.url = server.start(timeout_s, advertise_host=self._host)

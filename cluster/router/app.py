@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.config import RouterConfig
+from cluster.config import PdserveConfig, RouterConfig
 from cluster.router.dispatcher import Dispatcher, NoInstance, Overloaded
 from cluster.router.drain import RETRY_AFTER_S, DrainGate, DrainState
 from cluster.router.generation import InstanceFailed, InstanceOverloaded
@@ -63,6 +63,7 @@ class RouterContext:
     token_texts: TokenTexts
     instance_stats: InstanceStats | None = None
     drain: DrainState = field(default_factory=DrainState)
+    deployment: dict | None = None  # what /version describes besides the version
 
 
 def create_app(
@@ -75,6 +76,7 @@ def create_app(
     health: HealthCheck | None = None,
     instance_stats: InstanceStats | None = None,
     drain: DrainState | None = None,
+    deployment: dict | None = None,
 ) -> FastAPI:
     """The HTTP app over a started dispatcher. `health` says whether every instance is ready
     (None: always ready); `drain`, shared with whoever shuts the server down, turns new
@@ -92,6 +94,7 @@ def create_app(
         TokenTexts(tokenizer),
         instance_stats,
         drain,
+        deployment,
     )
     app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
     app.state.router = ctx
@@ -195,7 +198,12 @@ def _add_probe_routes(app: FastAPI, ctx: RouterContext) -> None:
 
     @app.get("/version")
     async def version() -> Response:
-        return JSONResponse({"version": _version()})
+        """The server's version and, from a deployment, what it runs (`deployment_info`), so a
+        benchmark can say what it measured. Not an OpenAI route: extra fields break nothing."""
+        body: dict = {"version": _version()}
+        if ctx.deployment:
+            body["deployment"] = ctx.deployment
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -203,6 +211,28 @@ def _add_probe_routes(app: FastAPI, ctx: RouterContext) -> None:
         stats = await ctx.instance_stats() if ctx.instance_stats else []
         body = ctx.dispatcher.metrics.render(stats, ctx.dispatcher.num_inflight)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def deployment_info(config: PdserveConfig, model_name: str) -> dict:
+    """The deployment in a few fields: served model, its settings, instances, KV transfer.
+    `model_name`: the model folder's name, used unless router.model_name is set."""
+    counts = {
+        "prefill": config.prefill.instances,
+        "decode": config.decode.instances,
+        "mixed": config.mixed.instances,
+    }
+    parts = [f"{counts['prefill']}P{counts['decode']}D"] if counts["prefill"] else []
+    parts += [f"{counts['mixed']} mixed"] if counts["mixed"] else []
+    return {
+        "model": config.router.model_name or model_name,
+        "model_path": config.model.path or "default (SmolLM2-135M-Instruct)",
+        "device": config.model.device,
+        "dtype": config.model.dtype,
+        "load_format": config.model.load_format,
+        "instances": counts,
+        "topology": " + ".join(parts),
+        "transfer": config.transfer.backend.value,
+    }
 
 
 def _version() -> str:

@@ -61,6 +61,20 @@ class FakeOpenAI:
         async def list_models() -> dict:
             return {"object": "list", "data": [{"id": MODEL_ID, "object": "model"}]}
 
+        @app.get("/version")
+        async def version() -> dict:  # what a pdserve router answers
+            deployment = {
+                "model": MODEL_ID,
+                "model_path": "/models/fake",
+                "device": "cpu",
+                "dtype": "float32",
+                "load_format": "safetensors",
+                "instances": {"prefill": 2, "decode": 1, "mixed": 0},
+                "topology": "2P1D",
+                "transfer": "tcp",
+            }
+            return {"version": "9.9.9", "deployment": deployment}
+
         @app.post("/v1/completions")
         async def completions(request: Request):
             return await self._serve(await request.json(), chat=False)

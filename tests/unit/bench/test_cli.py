@@ -25,11 +25,15 @@ def test_bench_end_to_end(
     out = capsys.readouterr().out
     assert "Successful requests:" in out and "Goodput (req/s):" in out
     assert f"Model:{MODEL_ID:>{62 - len('Model:')}}" in out
+    # The server's own description heads the table, so it says what it measured.
+    assert f"Instances:{'2P1D, KV over tcp':>{62 - len('Instances:')}}" in out
+    assert "pdserve 9.9.9" in out and "/models/fake (cpu, float32)" in out
     assert fake.max_active <= 4
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["summary"]["completed"] == 16 and data["summary"]["failed"] == 4
     assert data["summary"]["errors"] == {"HTTP 500: injected failure": 4}
     assert data["config"]["model"] == MODEL_ID and data["config"]["max_concurrency"] == 4
+    assert data["config"]["server"]["deployment"]["topology"] == "2P1D"
     assert len(data["requests"]) == 20
     assert all(body["model"] == MODEL_ID and body["ignore_eos"] for body in fake.bodies)
     for name in ("latency_cdf.png", "throughput.png"):

@@ -46,6 +46,11 @@ def test_actor_serves_and_reports(pd_pair, tmp_path) -> None:
             handles[1].ready = True
             assert http.get("/health").status_code == 200
             assert http.get("/v1/models").json()["data"][0]["id"] == "TinyModel"
+            # /version says what the deployment runs, for `pdserve bench` to print.
+            deployment = http.get("/version").json()["deployment"]
+            assert deployment["model"] == "TinyModel" and deployment["transfer"] == "nixl"
+            assert deployment["topology"] == "1P1D"
+            assert deployment["instances"] == {"prefill": 1, "decode": 1, "mixed": 0}
             body = {"model": "TinyModel", "prompt": "hi", "max_tokens": 4}
             response = http.post("/v1/completions", json=body).json()
         assert response["choices"][0]["text"] == expected_text(4)
