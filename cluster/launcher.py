@@ -138,22 +138,27 @@ def init_ray(config: PdserveConfig, address: str | None = None) -> bool:
     # when they are written, not when the process exits.
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
     to_driver = config.cluster.log_to_driver
-    if address:
+    try:
+        if address:
+            ray.init(
+                address=address,
+                namespace=config.cluster.namespace,
+                runtime_env=env,
+                log_to_driver=to_driver,
+            )
+            return False
         ray.init(
-            address=address,
             namespace=config.cluster.namespace,
+            num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)),
+            include_dashboard=False,
             runtime_env=env,
             log_to_driver=to_driver,
+            _node_ip_address=config.cluster.node_ip,
         )
-        return False
-    ray.init(
-        namespace=config.cluster.namespace,
-        num_cpus=max(os.cpu_count() or 1, _cpus_needed(config)),
-        include_dashboard=False,
-        runtime_env=env,
-        log_to_driver=to_driver,
-        _node_ip_address=config.cluster.node_ip,
-    )
+    except Exception as exc:  # Ray raises plain Exception / ConnectionError with a paragraph
+        where = f"join the Ray cluster at {address}" if address else "start a local Ray"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DeployError(f"could not {where}: {first}") from exc
     return True
 
 
