@@ -115,7 +115,9 @@ def add_serve(subparsers) -> None:
         help="Ray cluster to join ('auto' or host:port); default: "
         "the config's cluster.address, else an embedded local Ray",
     )
-    p.add_argument("--port", type=int, default=None, help="override router.port (0: any free port)")
+    p.add_argument(
+        "--port", type=int, default=None, help="router.port (0: any free; default: the config's)"
+    )
     p.add_argument(
         "--verbose",
         action="store_true",
