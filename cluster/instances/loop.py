@@ -165,6 +165,7 @@ class InstanceLoop:
         self.heartbeat = time.monotonic()  # of the last iteration; published for health checks
         self.steps = 0
         self.failed_steps = 0
+        self.busy_s = 0.0  # time spent in steps, for the elastic controller's busy fraction
         self._poller = zmq.Poller()
         self._poller.register(self.inbox.socket, zmq.POLLIN)
         self._poller.register(self.mailbox.fileno(), zmq.POLLIN)
@@ -248,7 +249,9 @@ class InstanceLoop:
             if idle_wait_s > 0:
                 self._poller.poll(int(idle_wait_s * 1000))
             return
+        started = time.monotonic()
         self._step(sched)
+        self.busy_s += time.monotonic() - started
 
     def _apply(self, item: Any) -> None:
         """One message or posted closure; an exception ends only the request it concerns."""
@@ -379,6 +382,8 @@ class InstanceLoop:
             "heartbeat_age_s": self.heartbeat_age_s(),
             "steps": self.steps,
             "failed_steps": self.failed_steps,
+            "busy_s": self.busy_s,
+            "max_num_seqs": scheduler.config.max_num_seqs,
             **self.policy.stats(),
         }
 

@@ -172,13 +172,16 @@ class PrefillRole(RolePolicy):
             self.queued[0].since = time.monotonic()
         return prep
 
-    def _backlog_ok(self) -> bool:
-        backlog = sum(
+    def _backlog_tokens(self) -> int:
+        """Prompt tokens admitted but not computed yet."""
+        return sum(
             r.num_prompt_tokens - r.num_computed_tokens
             for r in self.loop.core.scheduler.requests.values()
             if r.status in (RequestStatus.WAITING, RequestStatus.RUNNING)
         )
-        return backlog < self.config.max_backlog_tokens
+
+    def _backlog_ok(self) -> bool:
+        return self._backlog_tokens() < self.config.max_backlog_tokens
 
     def _ask_next(self, prep: Preparation) -> None:
         """Hand the preparation to an idle worker with the best D not tried yet, or give up."""
@@ -374,6 +377,7 @@ class PrefillRole(RolePolicy):
         return {
             "sending_kv": scheduler.num_with_status(RequestStatus.SENDING_KV),
             "prepare_queue": len(self.queued) + len(self.preparing),
+            "backlog_tokens": self._backlog_tokens(),
             "tracked": len(self.loop.clients.keys() | self.transfers.keys()),
             "decodes": self.picker.snapshot(),
             "transfer_seconds": self.transfer_seconds.to_dict(),

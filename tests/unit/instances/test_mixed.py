@@ -111,6 +111,7 @@ def test_threaded_loop_answers_calls_and_beats(mixed, offline) -> None:
         router.send(loop, "a", PROMPTS["a"])
         stats = loop.call(loop.stats, timeout_s=30)
         assert stats["role"] == "mixed" and stats["heartbeat_age_s"] < 30
+        assert stats["max_num_seqs"] > 0 and stats["busy_s"] >= 0
         pump(router=router, until=lambda: router.finish("a") is not None)
         assert router.tokens("a") == offline(PROMPTS["a"])
         with pytest.raises(ZeroDivisionError):  # an exception goes to the caller
