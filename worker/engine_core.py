@@ -166,6 +166,8 @@ class EngineCore:
         overlap mode the step launched before it (None when none was in flight)."""
         if not sched.is_empty:
             self.block_manager.step_launched(sched.step_id)
+        elif sched.released_request_ids:  # nothing to run, but the runner drops their state
+            self.runner.preprocess_and_execute(sched)
         if not self.overlap and self._in_flight is None:
             if sched.is_empty:
                 return None

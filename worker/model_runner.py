@@ -116,6 +116,10 @@ class ModelRunner:
     @torch.inference_mode()
     def preprocess_and_execute(self, sched: SchedulerOutput) -> StepState:
         request_ids = [c.request_id for c in sched.chunks]
+        # Released requests lose their block tables and penalty counts, before this step's
+        # chunks are seen (a preempted request may come back in this very step).
+        self.block_tables.release(sched.released_request_ids)
+        self.sampler.release(sched.released_request_ids)
         if sched.is_empty:
             return StepState(sched.step_id, request_ids, [], None)
         if self.step_events is not None and self.device.type == "cuda":
@@ -139,8 +143,6 @@ class ModelRunner:
     def _forward(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[int]]:
         """Logits `[N, V]` of the rows that sample (None when none does) and their chunks."""
         chunks = sched.chunks
-        self.block_tables.release(sched.released_request_ids)  # before this step's chunks
-        self.sampler.release(sched.released_request_ids)
         if self.graphs is not None and self.graphs.can_run(chunks):
             logits = self.graphs.run(chunks, self._fill_placeholders, self.block_tables)
             return logits, list(range(len(chunks)))

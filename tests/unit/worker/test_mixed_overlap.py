@@ -199,3 +199,16 @@ def test_seeded_sampling_reproducible_in_any_batch(checkpoints) -> None:
         busy = [(i, r) for i, r in enumerate(requests(prompts[1:], 15))] + [(4, seeded)]
         tokens, _ = run(make_core(path, overlap), busy)
         assert tokens["seeded"] == alone["seeded"]
+
+
+def test_runner_state_is_dropped_when_requests_end(checkpoints) -> None:
+    """Block-table rows and penalty counts of finished requests are released, also when the
+    step that reports them has nothing to run (the engine went idle)."""
+    path = checkpoints["llama"].path
+    for overlap in (False, True):
+        core = make_core(path, overlap)
+        prompts = make_prompts(6, seed=38, min_len=3, max_len=20)
+        run(core, [(0, r) for r in requests(prompts, 6)])
+        core.step()  # idle: the scheduler hands over the last releases
+        assert core.runner.block_tables.num_rows_used == 0
+        assert core.runner.sampler.penalty_counts.num_requests == 0
