@@ -15,8 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from cache_transfer.factory import make_backend, regions_of_tensors
-from cache_transfer.messages import KvComplete
+from cache_transfer.factory import kv_agent_name, make_backend, regions_of_tensors
 from cluster.config import PdserveConfig
 from cluster.instances.common import (
     Counters,
@@ -29,12 +28,13 @@ from cluster.instances.engine_loop import EngineLoop
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
+from engine.protocol.cache import KvComplete
 from engine.protocol.channels import ChannelError, Inbox, SenderPool
+from engine.protocol.identity import InstanceId
 from engine.protocol.requests import AbortRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
-from engine.protocol.tokens import TokenItem
+from engine.protocol.tokens import Timings, TokenItem
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
 from worker.engine_core import EngineCore, resolve_overlap
 
 
@@ -46,13 +46,13 @@ class _Remote:
     reserved_at: float  # monotonic, starts the KV lease
     aborted: bool = False  # client gone while KV may still be in flight
     # Wall-clock stamps of the transfer, for the router's TTFT split.
-    transfer_stamps: dict[str, float] = field(default_factory=dict)
+    transfer_stamps: Timings = field(default_factory=Timings)
 
 
 class DecodeInstance:
     role = Role.DECODE
 
-    def __init__(self, name: str, config: dict) -> None:
+    def __init__(self, name: InstanceId, config: dict) -> None:
         self.name = name
         self.config = PdserveConfig.model_validate(config)
         self.counters = Counters()
@@ -64,7 +64,7 @@ class DecodeInstance:
         cfg = self.config
         overlap = resolve_overlap(cfg.decode.overlap_schedule, cfg.model)
         self.core = EngineCore(cfg.model, cfg.decode.engine, Role.DECODE, overlap=overlap)
-        self.backend = make_backend(cfg.transfer.backend, f"{self.name}-kv", self.host)
+        self.backend = make_backend(cfg.transfer.backend, kv_agent_name(self.name), self.host)
         self.backend.register(regions_of_tensors(self.core.runner.kv_cache.layers))
         self.senders = SenderPool()
         self.publisher = TokenPublisher(self.name, self.senders, self.counters)
@@ -76,7 +76,7 @@ class DecodeInstance:
             name=f"{self.name}-engine",
         )
         accept = (DecodeTask, CancelDecode, KvComplete, AbortRequest)
-        self.inbox = Inbox(self.host, accept=accept, name=self.name)
+        self.inbox = Inbox(self.host, accept=accept, name=str(self.name))
         self._receiver = threading.Thread(target=self._receive, daemon=True)
         self.loop.start()
         self._receiver.start()
@@ -106,7 +106,7 @@ class DecodeInstance:
         request = Request(
             task.request_id,
             task.prompt_token_ids,
-            SamplingParams.from_dict(task.sampling),
+            task.sampling,
             eos_token_ids=tuple(task.eos_token_ids),
         )
         with self.loop.lock:
@@ -150,11 +150,11 @@ class DecodeInstance:
                     reason=f"KV transfer failed: {reason}",
                 )
                 return
-            remote.transfer_stamps = {
-                "kv_signalled": msg.signalled_time,
-                "writes_done": msg.writes_done_time,
-                "kv_complete": wall_time(),
-            }
+            remote.transfer_stamps = Timings(
+                kv_signalled=msg.signalled_time,
+                writes_done=msg.writes_done_time,
+                kv_complete=wall_time(),
+            )
             delta = self.core.scheduler.start_remote(msg.request_id, msg.first_token_id)
         self.counters.add("kv_complete")
         if delta is not None and delta.finished:
@@ -218,10 +218,12 @@ class DecodeInstance:
                 remote = self._remote.get(delta.request_id)
                 if remote is None:
                     continue
-                timings = {}
+                timings = None
                 if delta.first_index == 1:  # the first token D computed
-                    timings = {**remote.transfer_stamps, "first_decode_step": now}
-                by_router[remote.router_inbox].append(TokenPublisher.item(delta, **timings))
+                    timings = remote.transfer_stamps
+                    timings.first_decode_step = now
+                item = TokenPublisher.item(delta, timings=timings)
+                by_router[remote.router_inbox].append(item)
                 if delta.finished:
                     del self._remote[delta.request_id]
         self.publisher.publish(by_router)
@@ -242,6 +244,10 @@ class DecodeInstance:
         if not hasattr(self, "loop"):
             return False
         return self.loop.alive and self._receiver.is_alive()
+
+    def heartbeat_age_s(self) -> float | None:
+        """Seconds since the engine loop last went round; None before setup() (restarted)."""
+        return self.loop.heartbeat_age_s() if hasattr(self, "loop") else None
 
     def stats(self) -> dict:
         with self.loop.lock:
