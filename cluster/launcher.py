@@ -22,9 +22,7 @@ from ray.util.scheduling_strategies import (
 
 from cache_transfer.messager import CacheMessager
 from cluster.config import PdserveConfig, PlacementConfig, RouterPlacement
-from cluster.instances.decode import DecodeInstance
-from cluster.instances.mixed import MixedInstance
-from cluster.instances.prefill import PrefillInstance
+from cluster.instances.actor import DecodeInstance, MixedInstance, PrefillInstance
 from cluster.router.actor import RouterActor
 from cluster.supervisor import Supervisor
 from engine.config import EngineConfig

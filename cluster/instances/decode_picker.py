@@ -9,7 +9,6 @@ a penalty period, and instances known to lack the blocks are tried last.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -34,73 +33,69 @@ class DecodePeer:
 
 
 class DecodePicker:
-    """Thread-safe: every prepare thread consults it."""
+    """Owned by the prefill instance's loop (prepare workers never consult it)."""
 
     def __init__(self, peers: list[DecodePeer], penalty_s: float, suspect_after_s: float) -> None:
         self._peers = {p.name: p for p in peers}
         self._penalty_s = penalty_s
         self._suspect_after_s = suspect_after_s
-        self._lock = threading.Lock()
 
     def set_peers(self, peers: list[DecodePeer]) -> None:
         """Replace the peer list; a peer keeps its load history unless its inbox changed (a
         restarted instance starts afresh)."""
-        with self._lock:
-            old = self._peers
-            self._peers = {
-                p.name: old[p.name] if p.name in old and old[p.name].inbox == p.inbox else p
-                for p in peers
-            }
+        old = self._peers
+        self._peers = {
+            p.name: old[p.name] if p.name in old and old[p.name].inbox == p.inbox else p
+            for p in peers
+        }
 
     def remove(self, name: str) -> None:
-        with self._lock:
-            self._peers.pop(name, None)
+        self._peers.pop(name, None)
 
     def choose(self, blocks_needed: int, exclude: set[str]) -> DecodePeer | None:
         """The best peer not in `exclude` (penalized peers only when nothing else is left)."""
         now = time.monotonic()
-        with self._lock:
-            candidates = [p for p in self._peers.values() if p.name not in exclude]
-            if not candidates:
-                return None
-            healthy = [p for p in candidates if p.penalty_until <= now] or candidates
-            fits = [p for p in healthy if p.free_blocks >= blocks_needed] or healthy
-            best = min(
-                fits,
-                key=lambda p: (p.suspect(now, self._suspect_after_s), p.pending, -p.free_blocks),
-            )
-            best.pending_since.append(now)
-            return best
+        candidates = [p for p in self._peers.values() if p.name not in exclude]
+        if not candidates:
+            return None
+        healthy = [p for p in candidates if p.penalty_until <= now] or candidates
+        fits = [p for p in healthy if p.free_blocks >= blocks_needed] or healthy
+        best = min(
+            fits,
+            key=lambda p: (p.suspect(now, self._suspect_after_s), p.pending, -p.free_blocks),
+        )
+        best.pending_since.append(now)
+        return best
+
+    def abandon(self, name: str) -> DecodePeer | None:
+        """An ask that ended without an answer from the peer (e.g. aborted)."""
+        peer = self._peers.get(name)
+        if peer is not None and peer.pending_since:
+            peer.pending_since.pop(0)
+        return peer
 
     def on_reply(self, name: str, free_blocks: int) -> None:
-        with self._lock:
-            peer = self._peers.get(name)
-            if peer is not None:
-                if peer.pending_since:
-                    peer.pending_since.pop(0)
-                peer.free_blocks = free_blocks
-                peer.penalty_until = 0.0
-                peer.timeouts_in_a_row = 0
+        peer = self.abandon(name)
+        if peer is not None:
+            peer.free_blocks = free_blocks
+            peer.penalty_until = 0.0
+            peer.timeouts_in_a_row = 0
 
     def on_timeout(self, name: str) -> None:
-        with self._lock:
-            peer = self._peers.get(name)
-            if peer is not None:
-                if peer.pending_since:
-                    peer.pending_since.pop(0)
-                backoff = self._penalty_s * 2 ** min(peer.timeouts_in_a_row, 5)
-                peer.timeouts_in_a_row += 1
-                peer.penalty_until = time.monotonic() + backoff
+        peer = self.abandon(name)
+        if peer is not None:
+            backoff = self._penalty_s * 2 ** min(peer.timeouts_in_a_row, 5)
+            peer.timeouts_in_a_row += 1
+            peer.penalty_until = time.monotonic() + backoff
 
     def snapshot(self) -> list[dict]:
-        with self._lock:
-            return [
-                {
-                    "name": p.name,
-                    "inbox": p.inbox,
-                    "free_blocks": p.free_blocks,
-                    "pending": p.pending,
-                    "penalized": p.penalty_until > time.monotonic(),
-                }
-                for p in self._peers.values()
-            ]
+        return [
+            {
+                "name": p.name,
+                "inbox": p.inbox,
+                "free_blocks": p.free_blocks,
+                "pending": p.pending,
+                "penalized": p.penalty_until > time.monotonic(),
+            }
+            for p in self._peers.values()
+        ]

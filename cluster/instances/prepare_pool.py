@@ -1,10 +1,15 @@
-"""The prefill instance's prepare pool: N threads, each running one request's whole preparation.
+"""The prefill instance's prepare pool: threads that do only the blocking part of a preparation.
 
-For one request a thread (a) reserves P's KV blocks (prefix cache consulted), (b) picks a decode
-instance and sends it the splitwise task, (c) waits for D's allocation with a deadline and tries
-another D on refusal or timeout (bounded), (d) hands the cache task to the cache messager and
-(e) hands the request to P's scheduler. A slow D only holds the thread that chose it; the picker
-steers other requests away from it.
+The loop reserves P's blocks, chooses a decode instance and hands an idle worker one `Ask`:
+send the splitwise task (`DecodeTask`) to that D and wait for its `DecodeAllocation`, up to
+`prefill.allocation_timeout_s`. D answers on the worker's own inbox, so the answer reaches the
+waiting thread at once however long P's current step runs, and a slow D holds only the worker
+that asked it. The worker posts an `Answer` to the loop, which admits the request, asks the next
+D (refusal, timeout) or gives up. Aborts are decided by the loop; it tells the worker holding
+the request (an `AbortRequest` on the worker's inbox) so that it stops waiting.
+
+On a timeout or an abort the worker cancels the ask on the same socket as the task, so D sees
+the cancel after the task. An answer that arrives after that is reported as late.
 """
 
 from __future__ import annotations
@@ -14,237 +19,107 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from cache_transfer.messages import CacheTask
-from cluster.config import PrefillConfig
-from cluster.instances.decode_picker import DecodePeer, DecodePicker
-from engine.protocol.channels import ChannelError, SenderPool
-from engine.protocol.requests import GenerateRequest
+import zmq
+
+from cluster.instances.loop import Mailbox
+from engine.protocol.channels import ChannelError, Inbox, SenderPool
+from engine.protocol.requests import AbortRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
-from engine.request import Request
 
 log = logging.getLogger(__name__)
 
 
-class PrepareFailed(Exception):
-    """No capacity to prepare the request (P's blocks, P's queue, every D asked): the client
-    gets the message with a hint to retry (503 + Retry-After at the router)."""
+@dataclass(frozen=True)
+class Ask:
+    """Ask decode instance `peer` (at `peer_inbox`) to allocate for `task`."""
 
-
-@dataclass
-class Preparation:
-    """One request on its way through the pool; `aborted` may be set by another thread."""
-
-    msg: GenerateRequest
-    request: Request
-    aborted: threading.Event = field(default_factory=threading.Event)
-    reply: DecodeAllocation | None = None
-    replied: threading.Event = field(default_factory=threading.Event)
-    waiting_on: str = ""  # the D whose answer this thread awaits
-    prepared_at: float = 0.0
-
-
-@dataclass
-class PrepareHooks:
-    """What the pool needs from its prefill instance (kept narrow so it is testable alone)."""
-
-    reserve: Callable[[Request], bool]  # take P's blocks; False if P is full now
-    unreserve: Callable[[str], None]  # give P's blocks back (request never started)
-    admit: Callable[[Preparation, DecodePeer, DecodeAllocation], None]  # (d) + (e)
-    fail: Callable[..., None]  # (msg, error, overloaded=False): tell the client
-    backlog_ok: Callable[[], bool]  # P's queue is short enough to ask a D for blocks now
-    eos_token_ids: tuple[int, ...]
-    inbox: str  # P's inbox, where D answers
-    name: str
-
-
-class PreparePool:
-    def __init__(
-        self,
-        config: PrefillConfig,
-        picker: DecodePicker,
-        hooks: PrepareHooks,
-        senders: SenderPool,
-        reserve_timeout_s: float = 30.0,
-    ) -> None:
-        self.config = config
-        self.picker = picker
-        self.hooks = hooks
-        self.senders = senders
-        self.reserve_timeout_s = reserve_timeout_s
-        self._executor = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="prepare")
-        self._lock = threading.Lock()
-        self._active: dict[str, Preparation] = {}
-        self.progress = threading.Condition()
-
-    # ------------------------------------------------------------------ called by other threads
-    def submit(self, preparation: Preparation) -> None:
-        with self._lock:
-            self._active[preparation.request.request_id] = preparation
-        self._executor.submit(self._run, preparation)
-
-    def on_allocation(self, reply: DecodeAllocation) -> bool:
-        """Route D's answer to the waiting thread. False if nobody waits for it (late)."""
-        self.picker.on_reply(reply.decode_instance, reply.free_blocks)
-        with self._lock:
-            prep = self._active.get(reply.request_id)
-            if prep is None or prep.waiting_on != reply.decode_instance or prep.replied.is_set():
-                return False
-            prep.reply = reply
-            prep.replied.set()
-            return True
-
-    def abort(self, request_id: str) -> bool:
-        with self._lock:
-            prep = self._active.get(request_id)
-        if prep is None:
-            return False
-        prep.aborted.set()
-        prep.replied.set()  # wake the thread if it is waiting on D
-        with self.progress:
-            self.progress.notify_all()
-        return True
-
-    def notify_progress(self) -> None:
-        """P freed blocks or finished a step: waiting preparations look again."""
-        with self.progress:
-            self.progress.notify_all()
+    peer: str
+    peer_inbox: str
+    task: DecodeTask
+    timeout_s: float
 
     @property
-    def queue_depth(self) -> int:
-        with self._lock:
-            return len(self._active)
+    def request_id(self) -> str:
+        return self.task.request_id
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
-    # ------------------------------------------------------------------ one request
-    def _run(self, prep: Preparation) -> None:
-        rid = prep.request.request_id
-        reserved = False
+@dataclass(frozen=True)
+class Answer:
+    """A worker's result for the loop. Without `reply`, `why` says what happened instead:
+    timeout, unreachable, aborted, or an internal error. `late`: a reply nobody waited for."""
+
+    request_id: str
+    peer: str
+    worker: PrepareWorker
+    reply: DecodeAllocation | None = None
+    why: str = ""
+    late: bool = False
+
+
+class PrepareWorker(threading.Thread):
+    """One thread of the pool; idle until the loop `submit`s an Ask (only when it is idle)."""
+
+    def __init__(self, host: str, hand_back: Callable[[Answer], None], name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.inbox = Inbox(host, accept=(DecodeAllocation, AbortRequest), name=name)
+        self._jobs = Mailbox()
+        self._hand_back = hand_back
+        self._senders = SenderPool()
+        self._poller = zmq.Poller()
+        self._poller.register(self._jobs.fileno(), zmq.POLLIN)
+        self._poller.register(self.inbox.socket, zmq.POLLIN)
+
+    def submit(self, ask: Ask) -> None:
+        self._jobs.put(ask)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._jobs.put(None)
+        self.join(timeout_s)
+        self.inbox.close()
+        self._senders.close()
+        self._jobs.close()
+
+    def run(self) -> None:
+        while True:
+            self._poller.poll()
+            for ask in self._jobs.take_all():  # before the inbox: an abort may follow its ask
+                if ask is None:
+                    return
+                try:
+                    self._hand_back(self._ask(ask))
+                except Exception as exc:  # a bug here must not end the thread or lose the ask
+                    log.exception("preparing %s failed", ask.request_id)
+                    self._hand_back(Answer(ask.request_id, ask.peer, self, why=f"internal: {exc}"))
+            for msg in self.inbox.drain():
+                self._late(msg)
+
+    def _ask(self, ask: Ask) -> Answer:
         try:
-            self._reserve(prep)
-            reserved = True
-            self._wait_for_backlog(prep)
-            peer, reply = self._find_decode(prep)
-            if prep.aborted.is_set():
-                self._cancel(peer, rid, "aborted while preparing")
-                raise PrepareFailed("aborted")
-            prep.prepared_at = time.time()
-            self.hooks.admit(prep, peer, reply)
-            reserved = False  # the scheduler owns the blocks now
-        except PrepareFailed as exc:
-            if not prep.aborted.is_set():
-                self.hooks.fail(prep.msg, str(exc), True)
-        except Exception as exc:  # a bug must not kill the pool thread or leak the blocks
-            log.exception("preparing %s failed", rid)
-            self.hooks.fail(prep.msg, f"internal error while preparing: {exc}")
-        finally:
-            if reserved:
-                self.hooks.unreserve(rid)
-            with self._lock:
-                self._active.pop(rid, None)
-
-    def _reserve(self, prep: Preparation) -> None:
-        """(a) P's blocks; when P is full, wait (bounded) for blocks to be freed."""
-        deadline = time.monotonic() + self.reserve_timeout_s
-        with self.progress:
-            while not self.hooks.reserve(prep.request):
-                left = deadline - time.monotonic()
-                if prep.aborted.is_set():
-                    raise PrepareFailed("aborted")
-                if left <= 0:
-                    raise PrepareFailed("prefill instance has no free KV blocks (timed out)")
-                self.progress.wait(min(left, 1.0))
-
-    def _wait_for_backlog(self, prep: Preparation) -> None:
-        """Ask D for blocks only when P will start this prompt soon: D's lease on them must
-        cover P's queue, so a long queue here would waste D's memory and expire leases."""
-        deadline = time.monotonic() + self.reserve_timeout_s
-        with self.progress:
-            while not self.hooks.backlog_ok():
-                left = deadline - time.monotonic()
-                if prep.aborted.is_set():
-                    raise PrepareFailed("aborted")
-                if left <= 0:
-                    raise PrepareFailed("prefill instance is overloaded (queue did not drain)")
-                self.progress.wait(min(left, 1.0))
-
-    def _find_decode(self, prep: Preparation) -> tuple[DecodePeer, DecodeAllocation]:
-        """(b) + (c): ask decode instances in turn until one allocates."""
-        tried: set[str] = set()
-        needed = -(-(prep.request.num_prompt_tokens + 1) // self._block_size())
-        reasons = []
-        for _ in range(self.config.max_decode_attempts):
-            if prep.aborted.is_set():
-                raise PrepareFailed("aborted")
-            peer = self.picker.choose(needed, exclude=tried)
-            if peer is None:
-                break
-            tried.add(peer.name)
-            reply = self._ask(prep, peer)
-            if reply is not None and reply.accepted:
-                return peer, reply
-            reasons.append(f"{peer.name}: {reply.reason if reply else 'no answer in time'}")
-        raise PrepareFailed(
-            "no decode instance could take the request (" + "; ".join(reasons) + ")"
-        )
-
-    def _ask(self, prep: Preparation, peer: DecodePeer) -> DecodeAllocation | None:
-        rid = prep.request.request_id
-        with self._lock:
-            prep.reply = None
-            prep.replied.clear()
-            prep.waiting_on = peer.name
-        task = DecodeTask(
-            request_id=rid,
-            prompt_token_ids=prep.request.prompt_token_ids,
-            sampling=prep.request.sampling_params.to_dict(),
-            eos_token_ids=list(self.hooks.eos_token_ids),
-            reply_to=self.hooks.inbox,
-            router_inbox=prep.msg.reply_to,
-            prefill_instance=self.hooks.name,
-        )
-        try:
-            self.senders.send(peer.inbox, task)
+            self._senders.send(ask.peer_inbox, ask.task)
         except ChannelError:
-            self.picker.on_timeout(peer.name)
-            return None
-        answered = prep.replied.wait(self.config.allocation_timeout_s)
-        with self._lock:
-            prep.waiting_on = ""
-            reply = prep.reply
-        if not answered:
-            self.picker.on_timeout(peer.name)
-            self._cancel(peer, rid, "allocation reply timed out")  # in case it arrives later
-            return None
-        if reply is None:  # woken by an abort
-            self._cancel(peer, rid, "aborted while preparing")
-        return reply
+            return Answer(ask.request_id, ask.peer, self, why="unreachable")
+        deadline = time.monotonic() + ask.timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self.inbox.recv(left)
+            if isinstance(msg, AbortRequest) and msg.request_id == ask.request_id:
+                self._cancel(ask, "aborted while preparing")
+                return Answer(ask.request_id, ask.peer, self, why="aborted")
+            if isinstance(msg, DecodeAllocation) and (msg.request_id, msg.decode_instance) == (
+                ask.request_id,
+                ask.peer,
+            ):
+                return Answer(ask.request_id, ask.peer, self, reply=msg)
+            self._late(msg)
+        self._cancel(ask, "allocation reply timed out")  # in case it answers later
+        return Answer(ask.request_id, ask.peer, self, why="timeout")
 
-    def _cancel(self, peer: DecodePeer, request_id: str, reason: str) -> None:
-        # Sent on this thread's socket to D, after the DecodeTask, so D sees them in order.
+    def _late(self, msg: DecodeAllocation | AbortRequest | None) -> None:
+        """An answer to an ask already cancelled (an abort for a request handed back: moot)."""
+        if isinstance(msg, DecodeAllocation):
+            self._hand_back(Answer(msg.request_id, msg.decode_instance, self, msg, late=True))
+
+    def _cancel(self, ask: Ask, reason: str) -> None:
         with contextlib.suppress(ChannelError):  # D is gone; its lease frees the blocks
-            self.senders.send(peer.inbox, CancelDecode(request_id, reason))
-
-    def _block_size(self) -> int:
-        return self.config.engine.scheduler.block_size
-
-
-def cache_task_for(
-    prep: Preparation, peer: DecodePeer, reply: DecodeAllocation, lease_s: float
-) -> CacheTask:
-    """(d): which of P's blocks go to which of D's, for the messager. Writes must start before
-    D's lease on the blocks can run out (D started it before its reply reached us)."""
-    src = list(prep.request.block_ids)
-    return CacheTask(
-        request_id=prep.request.request_id,
-        decode_instance=peer.name,
-        decode_inbox=peer.inbox,
-        src_block_ids=src,
-        dst_block_ids=list(reply.block_ids[: len(src)]),
-        num_prompt_tokens=prep.request.num_prompt_tokens,
-        write_deadline=time.time() + lease_s - max(2.0, 0.2 * lease_s),
-    )
+            self._senders.send(ask.peer_inbox, CancelDecode(ask.request_id, reason))

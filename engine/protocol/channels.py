@@ -62,6 +62,11 @@ class Inbox:
         self.name = name or self.address
         self.bad_frames = 0
 
+    @property
+    def socket(self) -> zmq.Socket:
+        """For a zmq.Poller that waits on this inbox and something else at once."""
+        return self._socket
+
     def recv(self, timeout_s: float | None) -> Any | None:
         """The next valid message, or None when `timeout_s` passes first."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -1,0 +1,364 @@
+"""The one loop of an instance: it alone touches the engine and the records of its requests.
+
+Each iteration drains the inbox and the mailbox (what other threads post) without blocking,
+lets the role check its deadlines, runs one engine step and publishes its tokens; with nothing
+to run it blocks on both instead (with a timeout, so deadlines still pass). Other threads never
+touch the state: Ray's method threads post a closure and wait for its result (`call`), the
+prepare pool posts its answers. A bad message or a bug while handling one ends that request
+only, with an error to its client; a failing step ends that step's requests only.
+
+What a role does differently lives in its policy (roles.py, prefill_role.py), which the loop
+holds as data, so a role could be swapped while serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import zmq
+
+from cluster.instances.memory import MallocTrimmer
+from engine.batch import SchedulerOutput
+from engine.config import Role
+from engine.outputs import TokenDelta
+from engine.procinfo import rss_mb
+from engine.protocol.channels import ChannelError, Inbox, SenderPool
+from engine.protocol.requests import AbortRequest, GenerateRequest
+from engine.protocol.tokens import TokenBatch, TokenItem
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams, SamplingParamsError
+from worker.engine_core import EngineCore
+
+log = logging.getLogger(__name__)
+
+
+class Mailbox:
+    """A queue any thread may put into, with a file descriptor a zmq poller can watch."""
+
+    def __init__(self) -> None:
+        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def put(self, item: Any) -> None:
+        self._items.put(item)
+        with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the reader
+            os.write(self._write, b"\0")
+
+    def fileno(self) -> int:
+        return self._read
+
+    def take_all(self) -> list[Any]:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                pass
+        items = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self._items.get_nowait())
+        return items
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
+@dataclass
+class Client:
+    """Where a request's tokens go (the router's inbox) and the stamps its items carry."""
+
+    reply_to: str
+    decode: str = ""  # P: the decode instance that continues the request
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class RolePolicy(Protocol):
+    """What a role adds to the loop. Every method runs on the loop thread."""
+
+    role: Role
+    accepts: tuple[type, ...]  # inbox message types besides AbortRequest
+
+    def attach(self, loop: InstanceLoop) -> None: ...
+    def handle(self, msg: Any) -> None: ...
+    def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool: ...
+    def before_step(self, sched: SchedulerOutput) -> None: ...
+    def stamps(self, delta: TokenDelta, client: Client, now: float) -> dict[str, float]: ...
+    def after_delta(self, delta: TokenDelta) -> None: ...
+    def tick(self) -> None: ...
+    def ready(self) -> bool: ...
+    def info(self) -> dict: ...
+    def stats(self) -> dict: ...
+    def close(self) -> None: ...
+
+
+def token_item(delta: TokenDelta, decode: str, timings: dict[str, float]) -> TokenItem:
+    return TokenItem(
+        request_id=delta.request_id,
+        first_index=delta.first_index,
+        token_ids=list(delta.new_token_ids),
+        finish_reason=delta.status.finish_reason(),
+        error=delta.error,
+        num_prompt_tokens=delta.num_prompt_tokens,
+        num_cached_tokens=delta.num_cached_tokens,
+        timings=dict(timings),
+        logprobs=delta.logprobs,
+        decode_instance=decode,
+    )
+
+
+class InstanceLoop:
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        core: EngineCore,
+        policy: RolePolicy,
+        idle_wait_s: float = 0.2,
+    ) -> None:
+        self.name = name
+        self.core = core
+        self.policy = policy
+        self.idle_wait_s = idle_wait_s
+        self.inbox = Inbox(host, accept=(AbortRequest, *policy.accepts), name=name)
+        self.senders = SenderPool()
+        self.mailbox = Mailbox()
+        self.clients: dict[str, Client] = {}
+        self.counters: Counter[str] = Counter()
+        self.trimmer = MallocTrimmer()
+        self.heartbeat = time.monotonic()  # of the last iteration; published for health checks
+        self.steps = 0
+        self.failed_steps = 0
+        self._poller = zmq.Poller()
+        self._poller.register(self.inbox.socket, zmq.POLLIN)
+        self._poller.register(self.mailbox.fileno(), zmq.POLLIN)
+        self._running = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        policy.attach(self)
+
+    # ------------------------------------------------------------------ other threads
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-loop", daemon=True)
+        self._thread.start()
+
+    def post(self, item: Any) -> None:
+        """Hand the loop a message-like object (applied as if it came in the inbox) or a
+        closure to run on the loop thread."""
+        self.mailbox.put(item)
+
+    def call(self, fn: Callable[[], Any], timeout_s: float) -> Any:
+        """Run `fn` on the loop thread and return its result; TimeoutError past the deadline."""
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # the caller's to handle, not the loop's
+                future.set_exception(exc)
+
+        self.post(run)
+        return future.result(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def heartbeat_age_s(self) -> float:
+        return time.monotonic() - self.heartbeat
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._thread is not None:
+            self.post(self._halt)
+            self._thread.join(timeout_s)
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.policy.close()
+        self.inbox.close()
+        self.senders.close()
+        self.mailbox.close()
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        while self._running:
+            try:
+                self.iterate(self.idle_wait_s)
+            except Exception:  # a bug outside any one request: keep serving, but say so
+                self.counters["loop_errors"] += 1
+                log.exception("%s: loop iteration failed", self.name)
+                self._poller.poll(100)
+
+    def _halt(self) -> None:
+        self._running = False
+
+    def iterate(self, idle_wait_s: float = 0.0) -> None:
+        """Apply what arrived, check deadlines, run one step; block up to `idle_wait_s` when
+        there is nothing to run. Tests call it directly to drive the loop step by step."""
+        self.heartbeat = time.monotonic()
+        for item in self.mailbox.take_all():
+            self._apply(item)
+        for msg in self.inbox.drain():
+            self._apply(msg)
+        self.policy.tick()
+        sched = self.core.scheduler.schedule()
+        idle = sched.is_empty and self.core.in_flight is None
+        self.trimmer.maybe_trim(idle)
+        if idle:
+            if idle_wait_s > 0:
+                self._poller.poll(int(idle_wait_s * 1000))
+            return
+        self._step(sched)
+
+    def _apply(self, item: Any) -> None:
+        """One message or posted closure; an exception ends only the request it concerns."""
+        try:
+            if callable(item):
+                item()
+            elif isinstance(item, AbortRequest):
+                self.abort(item.request_id)
+            else:
+                self.policy.handle(item)
+        except Exception as exc:
+            self.counters["handler_errors"] += 1
+            log.exception("%s: handling %s failed", self.name, type(item).__name__)
+            request_id = getattr(item, "request_id", None)
+            if isinstance(request_id, str):
+                error = f"internal error handling {type(item).__name__}: {exc}"
+                self.fail_request(request_id, error)
+
+    def _step(self, sched: SchedulerOutput) -> None:
+        try:
+            if not sched.is_empty:
+                self.policy.before_step(sched)
+            ready = self.core.execute_and_save(sched)  # overlap: the step before `sched`
+            if ready is None:
+                return
+            deltas = self.core.scheduler.update_from_output(*ready)
+            self.steps += 1
+            self.publish(deltas)
+        except Exception:  # a failed step ends its requests (and the step in flight's)
+            self.failed_steps += 1
+            error = traceback.format_exc(limit=5)
+            log.error("%s: engine step failed:\n%s", self.name, error)
+            in_flight = self.core.drop_in_flight()
+            for failed in (sched, None if in_flight is sched else in_flight):
+                if failed is not None and not failed.is_empty:
+                    # The failed step no longer runs: blocks it held may be reused.
+                    self.core.block_manager.step_done(failed.step_id)
+                    for chunk in failed.chunks:
+                        self.fail_request(chunk.request_id, error.strip().splitlines()[-1])
+
+    # ------------------------------------------------------------------ used by the roles
+    def new_request(self, msg: GenerateRequest) -> Request | None:
+        """The engine's Request for `msg`, or None after telling the client why not."""
+        try:
+            params = SamplingParams.from_dict(msg.sampling)
+            request = Request(msg.request_id, msg.prompt_token_ids, params, self.core.eos_token_ids)
+            if msg.request_id in self.clients:
+                raise ValueError(f"duplicate request id {msg.request_id}")
+            if request.num_tokens >= self.core.max_model_len:
+                raise ValueError(
+                    f"prompt has {request.num_tokens} tokens; "
+                    f"the context is {self.core.max_model_len}"
+                )
+        except (SamplingParamsError, ValueError, TypeError) as exc:
+            self.counters["failed_requests"] += 1
+            self._send({msg.reply_to: [error_item(msg.request_id, 0, f"invalid request: {exc}")]})
+            return None
+        self.counters["requests"] += 1
+        self.clients[msg.request_id] = Client(msg.reply_to, timings={"arrival": msg.arrival_time})
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """The client is gone: end the request wherever it is, tell nobody."""
+        if self.policy.drop(request_id, RequestStatus.FINISHED_ABORTED, "aborted"):
+            self.clients.pop(request_id, None)
+        else:
+            self.counters["unknown_request_messages"] += 1
+
+    def fail_request(self, request_id: str, error: str, overloaded: bool = False) -> None:
+        """End a request with an error to its client; its blocks are freed (or, where KV may
+        still move, freed once that ends)."""
+        self.fail_client(request_id, error, overloaded)
+        try:
+            self.policy.drop(request_id, RequestStatus.FINISHED_ERROR, error)
+        except Exception:  # the role's own records are broken: at least free the blocks
+            log.exception("%s: dropping %s failed", self.name, request_id)
+            self.core.abort_request(request_id, RequestStatus.FINISHED_ERROR)
+
+    def fail_client(self, request_id: str, error: str, overloaded: bool = False) -> None:
+        client = self.clients.pop(request_id, None)
+        if client is not None:
+            request = self.core.scheduler.requests.get(request_id)
+            index = request.num_output_tokens if request is not None else 0
+            self._send({client.reply_to: [error_item(request_id, index, error, overloaded)]})
+
+    def publish(self, deltas: list[TokenDelta]) -> None:
+        """One TokenBatch per router for these deltas (never one message per token)."""
+        now = time.time()
+        by_router: dict[str, list[TokenItem]] = defaultdict(list)
+        for delta in deltas:
+            client = self.clients.get(delta.request_id)
+            if client is not None:
+                stamps = self.policy.stamps(delta, client, now)
+                by_router[client.reply_to].append(token_item(delta, client.decode, stamps))
+                if delta.finished:
+                    del self.clients[delta.request_id]
+            self.policy.after_delta(delta)
+        self._send(by_router)
+
+    def _send(self, items_by_router: dict[str, list[TokenItem]]) -> None:
+        for address, items in items_by_router.items():
+            self.send(address, TokenBatch(self.name, items), "router_send_failures")
+
+    def send(self, address: str, msg: Any, failure_counter: str) -> bool:
+        try:
+            self.senders.send(address, msg)
+            return True
+        except ChannelError:
+            self.counters[failure_counter] += 1
+            return False
+
+    def stats(self) -> dict:
+        scheduler, blocks = self.core.scheduler, self.core.block_manager
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "rss_mb": rss_mb(),
+            "inbox": self.inbox.address,
+            "role": self.policy.role.value,
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting),
+            "requests": len(scheduler.requests),
+            "num_blocks": blocks.num_blocks,
+            "free_blocks": blocks.num_free_blocks,
+            "tracked": len(self.clients),
+            "counters": dict(self.counters),
+            "bad_frames": self.inbox.bad_frames,
+            "heartbeat_age_s": self.heartbeat_age_s(),
+            "steps": self.steps,
+            "failed_steps": self.failed_steps,
+            **self.policy.stats(),
+        }
+
+
+def error_item(request_id: str, index: int, error: str, overloaded: bool = False) -> TokenItem:
+    """An item ending the request; `overloaded` marks a capacity refusal worth retrying."""
+    reason = "overloaded" if overloaded else "error"
+    return TokenItem(request_id, index, [], finish_reason=reason, error=error)

@@ -1,0 +1,392 @@
+"""The prefill role of the instance loop: preparation, prefill steps, hand-off to the messager.
+
+A request passes through these states; the loop holds every record, so an abort (or an error)
+ends the request in one place whatever its state:
+  queued      `queued`: waiting for P's blocks, a short enough backlog and an idle worker
+  preparing   `preparing`: P's blocks reserved, a prepare worker asks a D for its blocks
+  prefilling  admitted (`transfers`): the messager has its CacheTask, the scheduler computes
+  sending KV  first token sampled (SENDING_KV): P's blocks are held until the messager's
+              TransferDone (its writes read them), so an abort cancels but does not free
+Each step is announced to the messager (StepPlan), then each written layer (LayerReady), then
+each first token (PrefillDone), all in order through the messager link.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from cache_transfer.factory import make_shared_kv
+from cache_transfer.messages import (
+    CacheTask,
+    CancelCache,
+    LayerReady,
+    PrefillDone,
+    StepPlan,
+    TransferDone,
+)
+from cluster.config import PdserveConfig
+from cluster.instances.common import deployment_id
+from cluster.instances.decode_picker import DecodePeer, DecodePicker
+from cluster.instances.loop import Client, InstanceLoop
+from cluster.instances.messager_link import MessagerLink
+from cluster.instances.prepare_pool import Answer, Ask, PrepareWorker
+from cluster.instances.roles import BaseRole
+from cluster.metrics import BucketHistogram
+from engine.batch import SchedulerOutput
+from engine.config import Role
+from engine.outputs import TokenDelta
+from engine.protocol.channels import ChannelError
+from engine.protocol.requests import AbortRequest, GenerateRequest
+from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
+from engine.request import Request, RequestStatus
+from worker.engine_core import EngineCore, kv_layout_for, resolve_device
+
+RESERVE_TIMEOUT_S = 30.0  # longest wait in the queue for P's blocks and backlog
+
+
+@dataclass
+class Preparation:
+    msg: GenerateRequest
+    request: Request
+    queued_at: float  # monotonic
+    tried: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # why each D asked did not allocate
+    peer: DecodePeer | None = None  # the D asked last
+    worker: PrepareWorker | None = None  # while it asks
+    reply: DecodeAllocation | None = None  # the last D's answer
+    aborted: bool = False
+
+
+@dataclass
+class Transfer:
+    """An admitted request's KV hand-off, until the messager's TransferDone."""
+
+    decode: str
+    started: float = 0.0  # monotonic, when the first token was sampled
+    cancel_sent: bool = False
+    on_purpose: bool = False  # cancelled on purpose (finished on P, client gone): no failure
+
+
+def transfer_counter(done: TransferDone, transfer: Transfer | None) -> str:
+    """The counter a finished transfer moves, so that `transfers_failed` means a failure."""
+    if done.ok:
+        return "transfers_ok"
+    return "transfers_cancelled" if transfer and transfer.on_purpose else "transfers_failed"
+
+
+class PrefillRole(BaseRole):
+    role = Role.PREFILL
+    accepts = (GenerateRequest, TransferDone)
+
+    def __init__(self, name: str, config: PdserveConfig, host: str) -> None:
+        layout, dtype = kv_layout_for(config.model, config.prefill.engine)
+        self.device = resolve_device(config.model)
+        self.kv = make_shared_kv(layout, dtype, self.device, f"pdserve-{deployment_id()}-{name}")
+        self.config = config.prefill
+        self.lease_s = config.decode.kv_lease_timeout_s
+        self.host = host
+        timeout = self.config.allocation_timeout_s
+        self.picker = DecodePicker([], 2 * timeout, suspect_after_s=min(0.25, timeout / 4))
+        # Items are (address, message); on a GPU the link's thread sends them on its own socket.
+        self.link = MessagerLink(lambda item: self.loop.senders.send(*item), self.device, name)
+        self.messager: str | None = None  # the cache messager's inbox, once connected
+        self.queued: deque[Preparation] = deque()
+        self.preparing: dict[str, Preparation] = {}
+        self.transfers: dict[str, Transfer] = {}
+        self.transfer_seconds = BucketHistogram()
+        self.reserve_timeout_s = RESERVE_TIMEOUT_S
+        self._step_id = -1
+
+    def build_core(self, config: PdserveConfig) -> EngineCore:
+        return EngineCore(
+            config.model,
+            config.prefill.engine,
+            Role.PREFILL,
+            kv_tensors=self.kv.layer_tensors(),
+            layer_done=self.layer_done,
+        )
+
+    def attach(self, loop: InstanceLoop) -> None:
+        super().attach(loop)
+        self.workers = [
+            PrepareWorker(self.host, loop.post, f"{loop.name}-prepare-{i}")
+            for i in range(self.config.prepare_threads)
+        ]
+        for worker in self.workers:
+            worker.start()
+        self.idle = list(self.workers)
+
+    # ------------------------------------------------------------------ Ray calls, on the loop
+    def connect(self, messager_inbox: str, decodes: list[dict]) -> None:
+        """Wire to the cache messager and the decode instances (again after a restart). A new
+        messager knows none of the old one's tasks: those requests end, their blocks free."""
+        replaced = self.messager is not None and messager_inbox != self.messager
+        self.picker.set_peers(
+            [DecodePeer(d["name"], d["inbox"], d["num_blocks"], d["num_blocks"]) for d in decodes]
+        )
+        for rid in list(self.transfers) if replaced else []:
+            self.loop.fail_client(rid, "the cache messager restarted")
+            self.loop.core.abort_request(rid, RequestStatus.FINISHED_ERROR)
+            del self.transfers[rid]
+            self.loop.counters["requests_ended_by_failure"] += 1
+        self.messager = messager_inbox
+
+    def decode_down(self, decode_name: str) -> None:
+        """A decode instance died: choose it no more; end the requests bound for it."""
+        self.picker.remove(decode_name)
+        for rid, transfer in list(self.transfers.items()):
+            if transfer.decode == decode_name and rid in self.loop.clients:
+                self.loop.fail_request(rid, f"{decode_name} failed")
+                self.loop.counters["requests_ended_by_failure"] += 1
+
+    # ------------------------------------------------------------------ messages
+    def handle(self, msg: Any) -> None:
+        if isinstance(msg, GenerateRequest):
+            request = self.loop.new_request(msg)
+            if request is not None:
+                self.queued.append(Preparation(msg, request, time.monotonic()))
+                self._start_preparations()
+        elif isinstance(msg, Answer):
+            self._on_answer(msg)
+        elif isinstance(msg, TransferDone):
+            self._on_transfer_done(msg)
+
+    def _start_preparations(self) -> None:
+        """Reserve P's blocks for queued requests while a worker is idle, the backlog short
+        (D's lease on its blocks must cover P's queue) and the blocks there."""
+        scheduler = self.loop.core.scheduler
+        while self.queued and self.idle and self._backlog_ok():
+            prep = self.queued[0]
+            if not scheduler.reserve_prefill(prep.request):
+                return
+            self.queued.popleft()
+            self.preparing[prep.request.request_id] = prep
+            self._ask_next(prep)
+
+    def _backlog_ok(self) -> bool:
+        backlog = sum(
+            r.num_prompt_tokens - r.num_computed_tokens
+            for r in self.loop.core.scheduler.requests.values()
+            if r.status in (RequestStatus.WAITING, RequestStatus.RUNNING)
+        )
+        return backlog < self.config.max_backlog_tokens
+
+    def _ask_next(self, prep: Preparation) -> None:
+        """Hand the preparation to an idle worker with the best D not tried yet, or give up."""
+        rid = prep.request.request_id
+        block_size = self.config.engine.scheduler.block_size
+        needed = -(-(prep.request.num_prompt_tokens + 1) // block_size)
+        peer = None
+        if len(prep.tried) < self.config.max_decode_attempts:
+            peer = self.picker.choose(needed, exclude=set(prep.tried))
+        if peer is None:
+            self._end_preparation(prep)
+            reasons = "; ".join(prep.reasons)
+            self._overloaded(rid, f"no decode instance could take the request ({reasons})")
+            return
+        prep.tried.append(peer.name)
+        prep.peer, prep.worker = peer, self.idle.pop()
+        task = DecodeTask(
+            request_id=rid,
+            prompt_token_ids=prep.request.prompt_token_ids,
+            sampling=prep.request.sampling_params.to_dict(),
+            eos_token_ids=list(prep.request.eos_token_ids),
+            reply_to=prep.worker.inbox.address,
+            router_inbox=prep.msg.reply_to,
+            prefill_instance=self.loop.name,
+        )
+        prep.worker.submit(Ask(peer.name, peer.inbox, task, self.config.allocation_timeout_s))
+
+    def _on_answer(self, answer: Answer) -> None:
+        if answer.late:
+            self.loop.counters["late_allocations"] += 1
+            return
+        self.idle.append(answer.worker)
+        rid, reply = answer.request_id, answer.reply
+        if reply is not None:
+            self.picker.on_reply(answer.peer, reply.free_blocks)
+        elif answer.why in ("timeout", "unreachable"):
+            self.picker.on_timeout(answer.peer)
+        else:
+            self.picker.abandon(answer.peer)
+        prep = self.preparing[rid]
+        prep.worker, prep.reply = None, reply
+        if prep.aborted:
+            self._end_preparation(prep)
+        elif answer.why.startswith("internal"):
+            self.loop.fail_request(rid, f"internal error while preparing: {answer.why}")
+        elif reply is not None and reply.accepted:
+            self._admit(prep, reply)
+        else:
+            prep.reasons.append(f"{answer.peer}: {reply.reason if reply else answer.why}")
+            self._ask_next(prep)
+        self._start_preparations()
+
+    def _end_preparation(self, prep: Preparation) -> None:
+        """Give back P's blocks and D's (if it allocated) of a preparation no worker holds."""
+        rid = prep.request.request_id
+        del self.preparing[rid]
+        self.loop.core.abort_request(rid)
+        if prep.reply is not None and prep.reply.accepted and prep.peer is not None:
+            cancel = CancelDecode(rid, "request ended while preparing")
+            self.loop.send(prep.peer.inbox, cancel, "decode_send_failures")
+
+    def _admit(self, prep: Preparation, reply: DecodeAllocation) -> None:
+        rid = prep.request.request_id
+        del self.preparing[rid]
+        assert prep.peer is not None
+        # The messager learns of the task before the scheduler may run the request.
+        self._to_messager(cache_task_for(prep.request, prep.peer, reply, self.lease_s))
+        self.transfers[rid] = Transfer(prep.peer.name)
+        client = self.loop.clients[rid]
+        client.decode = prep.peer.name
+        client.timings["prepared"] = time.time()
+        self.loop.core.scheduler.add_request(prep.request)
+
+    def _on_transfer_done(self, done: TransferDone) -> None:
+        transfer = self.transfers.pop(done.request_id, None)
+        if done.ok:
+            self.loop.clients.pop(done.request_id, None)
+            self.transfer_seconds.observe(done.seconds)
+        else:
+            self.loop.fail_client(done.request_id, f"KV transfer: {done.error}")
+        status = RequestStatus.FINISHED_STOPPED if done.ok else RequestStatus.FINISHED_ERROR
+        self.loop.core.scheduler.release_sent(done.request_id, status)
+        self.loop.counters[transfer_counter(done, transfer)] += 1
+        self.loop.counters["transfer_bytes"] += done.nbytes
+
+    def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool:
+        for prep in self.queued:
+            if prep.request.request_id == request_id:
+                self.queued.remove(prep)
+                return True
+        prep = self.preparing.get(request_id)
+        if prep is not None and prep.worker is None:  # answered; its handling failed
+            self._end_preparation(prep)
+        elif prep is not None and not prep.aborted:  # P's blocks now, D's once answered
+            prep.aborted = True
+            self.loop.core.abort_request(request_id, status)
+            msg = AbortRequest(request_id, reason)  # the worker stops waiting for D
+            self.loop.send(prep.worker.inbox.address, msg, "worker_send_failures")
+        if prep is not None:
+            return True
+        transfer = self.transfers.get(request_id)
+        request = self.loop.core.scheduler.requests.get(request_id)
+        if request is not None and request.status is not RequestStatus.SENDING_KV:
+            self.loop.core.abort_request(request_id, status)
+        if transfer is None:
+            return request is not None
+        # The messager drains in-flight writes, frees D, then reports TransferDone.
+        transfer.on_purpose = transfer.on_purpose or status is RequestStatus.FINISHED_ABORTED
+        transfer.started = transfer.started or time.monotonic()  # its deadline now runs
+        transfer.cancel_sent = True
+        self._to_messager(CancelCache(request_id, reason, client_informed=True))
+        return True
+
+    # ------------------------------------------------------------------ steps
+    def before_step(self, sched: SchedulerOutput) -> None:
+        now = time.time()
+        for chunk in sched.chunks:
+            client = self.loop.clients.get(chunk.request_id)
+            if client is not None:
+                client.timings.setdefault("prefill_start", now)
+        self._step_id = sched.step_id
+        chunks = [[c.request_id, c.end_pos, c.sample] for c in sched.chunks]
+        self._to_messager(StepPlan(sched.step_id, chunks))
+
+    def layer_done(self, layer: int) -> None:
+        """The model wrote a layer's KV (on a GPU: queued its kernels; the link waits)."""
+        if self.messager is not None:
+            self.link.layer_written((self.messager, LayerReady(self._step_id, layer)))
+
+    def stamps(self, delta: TokenDelta, client: Client, now: float) -> dict[str, float]:
+        client.timings["prefill_end"] = now
+        return client.timings
+
+    def after_delta(self, delta: TokenDelta) -> None:
+        transfer = self.transfers.get(delta.request_id)
+        if transfer is None:
+            return
+        if delta.status is RequestStatus.SENDING_KV:
+            transfer.started = time.monotonic()
+            self._to_messager(PrefillDone(delta.request_id, delta.new_token_ids[0]))
+        else:  # finished on P (EOS, max_tokens 1): D's reservation must go
+            transfer.on_purpose = True
+            reason = "finished on prefill"
+            self._to_messager(CancelCache(delta.request_id, reason, client_informed=True))
+
+    def tick(self) -> None:
+        """Deadlines: slow transfers, requests queued too long; then start what now fits."""
+        timeout = self.config.transfer_timeout_s
+        now = time.monotonic()
+        for rid, transfer in list(self.transfers.items()):
+            if not transfer.started or now - transfer.started <= timeout:
+                continue
+            if not transfer.cancel_sent:
+                transfer.cancel_sent = True
+                self._to_messager(CancelCache(rid, f"transfer exceeded {timeout:.0f} s"))
+            elif now - transfer.started > 2 * timeout:  # the messager is gone
+                self._on_transfer_done(TransferDone(rid, False, "cache messager did not answer"))
+        while self.queued and now - self.queued[0].queued_at > self.reserve_timeout_s:
+            prep = self.queued.popleft()
+            why = "has no free KV blocks" if self._backlog_ok() else "is overloaded"
+            self._overloaded(prep.request.request_id, f"prefill instance {why} (timed out)")
+        self._start_preparations()
+
+    # ------------------------------------------------------------------ helpers
+    def _overloaded(self, request_id: str, error: str) -> None:
+        """A capacity refusal: the client may retry (503 + Retry-After at the router)."""
+        self.loop.counters["overloaded_requests"] += 1
+        self.loop.fail_client(request_id, error, overloaded=True)
+
+    def _to_messager(self, msg: Any) -> None:
+        """In order with the layer signals (one FIFO on a GPU)."""
+        try:
+            if self.messager is None:
+                raise ChannelError("no cache messager connected yet")
+            self.link.send((self.messager, msg))
+        except ChannelError:
+            self.loop.counters["messager_send_failures"] += 1
+
+    def ready(self) -> bool:
+        return self.messager is not None
+
+    def info(self) -> dict:
+        return {"kv_cache": self.kv.handle(), "node_ip": self.host}  # the messager binds beside P
+
+    def stats(self) -> dict:
+        scheduler = self.loop.core.scheduler
+        return {
+            "sending_kv": scheduler.num_with_status(RequestStatus.SENDING_KV),
+            "prepare_queue": len(self.queued) + len(self.preparing),
+            "tracked": len(self.loop.clients.keys() | self.transfers.keys()),
+            "decodes": self.picker.snapshot(),
+            "transfer_seconds": self.transfer_seconds.to_dict(),
+            "dropped_layer_signals": self.link.dropped_signals,
+        }
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.link.close()
+        self.kv.close()  # the owner's close also unlinks a shared-memory segment
+
+
+def cache_task_for(
+    request: Request, peer: DecodePeer, reply: DecodeAllocation, lease_s: float
+) -> CacheTask:
+    """Which of P's blocks go to which of D's. Writes must start before D's lease on the blocks
+    can run out (D started it before its reply reached us)."""
+    src = list(request.block_ids)
+    return CacheTask(
+        request_id=request.request_id,
+        decode_instance=peer.name,
+        decode_inbox=peer.inbox,
+        src_block_ids=src,
+        dst_block_ids=list(reply.block_ids[: len(src)]),
+        num_prompt_tokens=request.num_prompt_tokens,
+        write_deadline=time.time() + lease_s - max(2.0, 0.2 * lease_s),
+    )

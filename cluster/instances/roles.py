@@ -1,0 +1,215 @@
+"""The mixed and decode roles of the instance loop (the prefill role is in prefill_role.py).
+
+Mixed: prefill and decode in one engine, classic continuous batching; the colocated baseline.
+Decode: answers P's splitwise tasks at once with an allocation held under a lease, starts a
+request when the messager's KvComplete says its KV is in, decodes. Blocks whose KV may still be
+in flight are freed only on KvComplete (sent after every write finished or failed) or when the
+lease expires, never on an abort.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cache_transfer.factory import make_backend, regions_of_tensors
+from cache_transfer.messages import KvComplete
+from cluster.config import PdserveConfig
+from cluster.instances.loop import Client, InstanceLoop
+from cluster.tp_ranks import ray_ranks_for
+from engine.batch import SchedulerOutput
+from engine.config import Role
+from engine.outputs import TokenDelta
+from engine.protocol.requests import GenerateRequest
+from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from worker.engine_core import EngineCore, resolve_overlap
+
+
+class BaseRole:
+    """What a role does when it adds nothing: the hooks the loop calls, as no-ops."""
+
+    role: Role
+    accepts: tuple[type, ...] = ()
+    loop: InstanceLoop
+
+    def attach(self, loop: InstanceLoop) -> None:
+        self.loop = loop
+
+    def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool:
+        return self.loop.core.abort_request(request_id, status)
+
+    def before_step(self, sched: SchedulerOutput) -> None:
+        pass
+
+    def after_delta(self, delta: TokenDelta) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+    def ready(self) -> bool:
+        return True
+
+    def info(self) -> dict:
+        return {}
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class MixedRole(BaseRole):
+    role = Role.MIXED
+    accepts = (GenerateRequest,)
+
+    @staticmethod
+    def build_core(config: PdserveConfig, name: str) -> EngineCore:
+        mixed = config.mixed
+        return EngineCore(
+            config.model,
+            mixed.engine,
+            Role.MIXED,
+            overlap=resolve_overlap(mixed.overlap_schedule, config.model),
+            tp_ranks=ray_ranks_for(mixed.placement, mixed.engine, name),
+        )
+
+    def handle(self, msg: GenerateRequest) -> None:
+        request = self.loop.new_request(msg)
+        if request is not None:
+            self.loop.core.add_request(request)
+
+    def stamps(self, delta: TokenDelta, client: Client, now: float) -> dict[str, float]:
+        return {"step_end": now}
+
+
+@dataclass
+class Lease:
+    """D's hold on blocks whose KV P is writing."""
+
+    since: float  # monotonic
+    aborted: bool = False  # the client left while KV may still be in flight
+
+
+class DecodeRole(BaseRole):
+    role = Role.DECODE
+    accepts = (DecodeTask, CancelDecode, KvComplete)
+
+    def __init__(self, name: str, config: PdserveConfig, core: EngineCore, host: str) -> None:
+        self.name = name
+        self.lease_s = config.decode.kv_lease_timeout_s
+        self.backend = make_backend(config.transfer.backend, f"{name}-kv", host)
+        self.backend.register(regions_of_tensors(core.runner.kv_cache.layers))
+        self.leases: dict[str, Lease] = {}
+
+    @staticmethod
+    def build_core(config: PdserveConfig) -> EngineCore:
+        overlap = resolve_overlap(config.decode.overlap_schedule, config.model)
+        return EngineCore(config.model, config.decode.engine, Role.DECODE, overlap=overlap)
+
+    def handle(self, msg: Any) -> None:
+        if isinstance(msg, DecodeTask):
+            self._on_task(msg)
+        elif isinstance(msg, CancelDecode):
+            if not self._end(msg.request_id, RequestStatus.FINISHED_ABORTED):
+                self.loop.counters["unknown_request_messages"] += 1
+        elif isinstance(msg, KvComplete):
+            self._on_kv_complete(msg)
+
+    def _on_task(self, task: DecodeTask) -> None:
+        loop = self.loop
+        request = Request(
+            task.request_id,
+            task.prompt_token_ids,
+            SamplingParams.from_dict(task.sampling),
+            eos_token_ids=tuple(task.eos_token_ids),
+        )
+        reason = "no free blocks or sequence slots"
+        try:
+            accepted = task.request_id not in loop.clients and (
+                loop.core.scheduler.reserve_remote(request)
+            )
+        except ValueError as exc:  # a prompt longer than this instance's context
+            accepted, reason = False, str(exc)
+        if accepted:
+            self.leases[task.request_id] = Lease(time.monotonic())
+            loop.clients[task.request_id] = Client(task.router_inbox)
+        reply = DecodeAllocation(
+            task.request_id,
+            self.name,
+            accepted,
+            list(request.block_ids) if accepted else [],
+            "" if accepted else reason,
+            loop.core.block_manager.num_free_blocks,
+        )
+        loop.counters["allocations_accepted" if accepted else "allocations_refused"] += 1
+        if not loop.send(task.reply_to, reply, "allocation_send_failures") and accepted:
+            self._end(task.request_id, RequestStatus.FINISHED_ERROR)  # P will never send KV
+
+    def _on_kv_complete(self, msg: KvComplete) -> None:
+        loop = self.loop
+        lease = self.leases.pop(msg.request_id, None)
+        if lease is None:
+            loop.counters["unknown_request_messages"] += 1
+            return
+        if not msg.ok or lease.aborted:
+            loop.core.abort_request(msg.request_id, RequestStatus.FINISHED_ERROR)
+            if msg.client_informed:
+                loop.clients.pop(msg.request_id, None)
+            loop.fail_client(msg.request_id, f"KV transfer failed: {msg.error or 'aborted'}")
+            return
+        loop.counters["kv_complete"] += 1
+        client = loop.clients.get(msg.request_id)
+        if client is not None:
+            client.timings = {
+                "kv_signalled": msg.signalled_time,
+                "writes_done": msg.writes_done_time,
+                "kv_complete": time.time(),
+            }
+        delta = loop.core.scheduler.start_remote(msg.request_id, msg.first_token_id)
+        if delta is not None and delta.finished:
+            loop.publish([delta])
+
+    def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool:
+        lease = self.leases.get(request_id)
+        if lease is None:
+            return self.loop.core.abort_request(request_id, status)
+        lease.aborted = True  # KV may be in flight: free on KvComplete or lease expiry
+        return True
+
+    def _end(self, request_id: str, status: RequestStatus) -> bool:
+        """Free a request's blocks now (P has stopped writing) and forget it silently."""
+        self.leases.pop(request_id, None)
+        self.loop.clients.pop(request_id, None)
+        return self.loop.core.abort_request(request_id, status)
+
+    def stamps(self, delta: TokenDelta, client: Client, now: float) -> dict[str, float]:
+        if delta.first_index != 1:  # only the first token D computed carries the transfer's
+            return {}
+        return {**client.timings, "first_decode_step": now}
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        expired = [rid for rid, lease in self.leases.items() if now - lease.since > self.lease_s]
+        for rid in expired:
+            self.loop.counters["leases_expired"] += 1
+            del self.leases[rid]
+            self.loop.core.abort_request(rid, RequestStatus.FINISHED_ERROR)
+            self.loop.fail_client(rid, f"KV did not arrive within {self.lease_s:.0f} s")
+
+    def info(self) -> dict:
+        return {
+            "transfer": self.backend.endpoint_info(),
+            "num_blocks": self.loop.core.block_manager.num_blocks,
+        }
+
+    def stats(self) -> dict:
+        waiting = self.loop.core.scheduler.num_with_status(RequestStatus.WAITING_FOR_KV)
+        return {"waiting_for_kv": waiting, "transfer": self.backend.stats()}
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,119 @@
+"""The mixed (colocated) role's loop: serving, bad input, a raising handler, a failing step."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+
+from engine.config import Role
+from tests.unit.instances.harness import Router, assert_all_free, make_config, make_loop, pump
+
+PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [40, 41, 42], "c": list(range(20, 45))}
+
+
+@pytest.fixture
+def mixed(tiny_model):
+    loop = make_loop(Role.MIXED, "m0", make_config(tiny_model))
+    router = Router()
+    yield loop, router
+    loop.close()
+    router.close()
+
+
+def serve(loop, router, prompts: dict[str, list[int]]) -> None:
+    for rid, prompt in prompts.items():
+        router.send(loop, rid, prompt)
+    pump(loop, router=router, until=lambda: all(router.finish(r) for r in prompts))
+
+
+def test_serves_the_offline_tokens(mixed, offline) -> None:
+    loop, router = mixed
+    serve(loop, router, PROMPTS)
+    for rid, prompt in PROMPTS.items():
+        assert router.tokens(rid) == offline(prompt), rid
+        assert router.finish(rid).finish_reason == "length"
+    assert all("step_end" in item.timings for item in router.items["a"])
+    assert_all_free(loop)
+
+
+def test_malformed_frames_are_dropped_and_the_loop_serves_on(mixed, offline) -> None:
+    loop, router = mixed
+    raw = zmq.Context.instance().socket(zmq.PUSH)
+    raw.connect(loop.inbox.address)
+    raw.send(b"\x93\x01\x02")  # msgpack, but no message of this protocol
+    raw.send(b"not msgpack at all \xff")
+    raw.close(linger=1000)
+    router.send(loop, "bad-params", [5, 6], temperature="hot")
+    router.send(loop, "too-long", list(range(600)))
+    serve(loop, router, {"a": PROMPTS["a"]})
+    assert loop.inbox.bad_frames == 2
+    assert "invalid request" in router.finish("bad-params").error
+    assert "context" in router.finish("too-long").error
+    assert router.tokens("a") == offline(PROMPTS["a"])
+    assert_all_free(loop)
+
+
+def test_a_raising_handler_fails_that_request_only(mixed, offline, monkeypatch) -> None:
+    loop, router = mixed
+    handle = loop.policy.handle
+
+    def buggy(msg) -> None:
+        handle(msg)  # the request is in the engine (holding blocks) when the bug strikes
+        if msg.request_id == "b":
+            raise KeyError("bug")
+
+    monkeypatch.setattr(loop.policy, "handle", buggy)
+    serve(loop, router, PROMPTS)
+    assert "internal error handling GenerateRequest" in router.finish("b").error
+    for rid in ("a", "c"):
+        assert router.tokens(rid) == offline(PROMPTS[rid])
+    assert loop.counters["handler_errors"] == 1
+    assert_all_free(loop)
+
+
+def test_a_failing_step_ends_its_requests_only(mixed, offline, monkeypatch) -> None:
+    loop, router = mixed
+    execute = loop.core.runner.execute_model
+    calls = {"n": 0}
+
+    def fails_once(sched):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device lost")
+        return execute(sched)
+
+    monkeypatch.setattr(loop.core.runner, "execute_model", fails_once)
+    serve(loop, router, {"a": PROMPTS["a"]})
+    assert router.finish("a").finish_reason == "error"
+    assert "device lost" in router.finish("a").error
+    serve(loop, router, {"b": PROMPTS["b"]})  # the loop serves on
+    assert router.tokens("b") == offline(PROMPTS["b"])
+    assert loop.failed_steps == 1
+    assert_all_free(loop)
+
+
+def test_abort_while_running_frees_at_once(mixed) -> None:
+    loop, router = mixed
+    router.send(loop, "a", PROMPTS["a"], max_tokens=200)
+    pump(loop, router=router, until=lambda: len(router.tokens("a")) >= 2)
+    router.abort(loop, "a")
+    router.abort(loop, "never-seen")
+    pump(loop, router=router, until=lambda: not loop.core.scheduler.requests)
+    assert loop.counters["unknown_request_messages"] == 1
+    assert_all_free(loop)
+
+
+def test_threaded_loop_answers_calls_and_beats(mixed, offline) -> None:
+    loop, router = mixed
+    loop.start()
+    try:
+        router.send(loop, "a", PROMPTS["a"])
+        stats = loop.call(loop.stats, timeout_s=30)
+        assert stats["role"] == "mixed" and stats["heartbeat_age_s"] < 30
+        pump(router=router, until=lambda: router.finish("a") is not None)
+        assert router.tokens("a") == offline(PROMPTS["a"])
+        with pytest.raises(ZeroDivisionError):  # an exception goes to the caller
+            loop.call(lambda: 1 / 0, timeout_s=30)
+        assert loop.alive
+    finally:
+        loop.stop()
