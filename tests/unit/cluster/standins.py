@@ -1,5 +1,5 @@
-"""Stand-ins for a prefill instance's hooks and for decode instances, speaking the real
-splitwise protocol over real zmq sockets. Used by the prepare-pool tests and benchmark."""
+"""Stand-ins for decode instances, speaking the real splitwise protocol over real zmq sockets.
+Used by the prepare-pool tests and benchmark."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import threading
 import time
 
 from cluster.instances.decode_picker import DecodePeer
-from cluster.instances.prepare_pool import PrepareHooks
 from engine.protocol.channels import Inbox, SenderPool
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
-from engine.request import Request
 
 
 class FakeDecode(threading.Thread):
@@ -68,58 +66,3 @@ class FakeDecode(threading.Thread):
         self._halt.set()
         self.join(2)
         self.inbox.close()
-
-
-class FakePrefill:
-    """Hooks recording what the pool asked for; `capacity` reservations at most."""
-
-    def __init__(self, capacity: int = 100) -> None:
-        self.inbox = Inbox("127.0.0.1", accept=(DecodeAllocation,))
-        self.capacity = capacity
-        self.reserved: set[str] = set()
-        self.admitted: dict[str, str] = {}
-        self.failed: dict[str, str] = {}
-        self.lock = threading.Lock()
-
-    def hooks(self) -> PrepareHooks:
-        return PrepareHooks(
-            self.reserve,
-            self.unreserve,
-            self.admit,
-            self.fail,
-            lambda: True,
-            (2,),
-            self.inbox.address,
-            "p0",
-        )
-
-    def reserve(self, request: Request) -> bool:
-        with self.lock:
-            if len(self.reserved) >= self.capacity:
-                return False
-            self.reserved.add(request.request_id)
-            return True
-
-    def unreserve(self, rid: str) -> None:
-        with self.lock:
-            self.reserved.remove(rid)
-
-    def admit(self, prep, peer, reply) -> None:
-        with self.lock:
-            self.admitted[prep.request.request_id] = peer.name
-            self.reserved.remove(prep.request.request_id)
-
-    def fail(self, msg, error: str, overloaded: bool = False) -> None:
-        with self.lock:
-            self.failed[msg.request_id] = error
-
-
-def route_replies(prefill: FakePrefill, pool) -> None:
-    """P's control thread in miniature: hand D's answers to the pool."""
-    while True:
-        try:
-            msg = prefill.inbox.recv(0.05)
-        except Exception:
-            return
-        if msg is not None:
-            pool.on_allocation(msg)

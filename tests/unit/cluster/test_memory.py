@@ -6,14 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from cluster.instances import memory
-from cluster.instances.engine_loop import EngineLoop
 from cluster.instances.memory import MallocTrimmer
 from worker.models.linear import _CAPACITY_VARIABLES, bound_onednn_caches
 
@@ -69,22 +66,6 @@ def test_capacity_set_unless_the_environment_has_one(monkeypatch) -> None:
     bound_onednn_caches(32)
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
     assert os.environ["LRU_CACHE_CAPACITY"] == "7"
-
-
-def test_engine_loop_trims_while_idle() -> None:
-    lock = threading.Lock()
-    empty = SimpleNamespace(is_empty=True)
-    core = SimpleNamespace(
-        lock=lock, in_flight=None, scheduler=SimpleNamespace(schedule=lambda: empty)
-    )
-    trimmed = threading.Event()
-    loop = EngineLoop(core, after_step=lambda sched, deltas: None, idle_wait_s=0.01)
-    loop.trimmer = MallocTrimmer(0.0, 60.0, trim=lambda pad: trimmed.set() or 1)
-    loop.start()
-    try:
-        assert trimmed.wait(5.0)
-    finally:
-        loop.stop()
 
 
 # Linears at 100 new row counts (4 weight shapes each: 400 primitives, as a prefill instance

@@ -127,12 +127,11 @@ def test_preemption_with_prefix_cache(checkpoints) -> None:
     assert overlapped == sequential
 
 
-def test_engine_loop_drives_overlap(checkpoints) -> None:
-    """The instance loop under overlap: after_step gets each saved step with its own deltas,
-    and the tokens equal sequential mode."""
-    import threading
-
-    from cluster.instances.engine_loop import EngineLoop
+def test_instance_loop_drives_overlap(checkpoints) -> None:
+    """The instance loop under overlap publishes every saved step's deltas, and the tokens
+    equal sequential mode."""
+    from cluster.instances.loop import InstanceLoop
+    from cluster.instances.roles import MixedRole
 
     path = checkpoints["llama"].path
     prompts = make_prompts(4, seed=21, max_len=20)
@@ -141,23 +140,20 @@ def test_engine_loop_drives_overlap(checkpoints) -> None:
         core = make_core(path, overlap)
         requests = make_requests(prompts, 9)
         streamed: dict[str, list[int]] = {r.request_id: [] for r in requests}
-        done = threading.Event()
+        loop = InstanceLoop("m0", "127.0.0.1", core, MixedRole())
+        publish = loop.publish
 
-        def after_step(sched, deltas, streamed=streamed, done=done, core=core) -> None:
-            scheduled = {c.request_id for c in sched.chunks}
+        def capture(deltas, streamed=streamed, publish=publish) -> None:
             for delta in deltas:
-                assert delta.request_id in scheduled  # deltas belong to the step passed along
                 streamed[delta.request_id].extend(delta.new_token_ids)
-            if not core.has_work():
-                done.set()
+            publish(deltas)
 
-        loop = EngineLoop(core, after_step, idle_wait_s=0.01)
-        with loop.lock:
-            for request in requests:
-                core.add_request(request)
-        loop.start()
-        assert done.wait(60)
-        loop.stop()
+        loop.publish = capture
+        for request in requests:
+            core.add_request(request)
+        while core.has_work():
+            loop.iterate()
+        loop.close()
         assert loop.failed_steps == 0
         results.append(streamed)
     assert results[0] == results[1]
