@@ -69,12 +69,11 @@ class Transfer:
     cancel_sent: bool = False
     on_purpose: bool = False  # cancelled on purpose (finished on P, client gone): no failure
 
-
-def transfer_counter(done: TransferDone, transfer: Transfer | None) -> str:
-    """The counter a finished transfer moves, so that `transfers_failed` means a failure."""
-    if done.ok:
-        return "transfers_ok"
-    return "transfers_cancelled" if transfer and transfer.on_purpose else "transfers_failed"
+    def counter(self, done: TransferDone) -> str:
+        """The counter its end moves, so that `transfers_failed` means a failure."""
+        if done.ok:
+            return "transfers_ok"
+        return "transfers_cancelled" if self.on_purpose else "transfers_failed"
 
 
 class PrefillRole(BaseRole):
@@ -248,6 +247,9 @@ class PrefillRole(BaseRole):
 
     def _on_transfer_done(self, done: TransferDone) -> None:
         transfer = self.transfers.pop(done.request_id, None)
+        if transfer is None:  # e.g. the answer to a cancel after the transfer had ended
+            self.loop.counters["unknown_request_messages"] += 1
+            return
         if done.ok:
             self.loop.clients.pop(done.request_id, None)
             self.transfer_seconds.observe(done.seconds)
@@ -255,7 +257,7 @@ class PrefillRole(BaseRole):
             self.loop.fail_client(done.request_id, f"KV transfer: {done.error}")
         status = RequestStatus.FINISHED_STOPPED if done.ok else RequestStatus.FINISHED_ERROR
         self.loop.core.scheduler.release_sent(done.request_id, status)
-        self.loop.counters[transfer_counter(done, transfer)] += 1
+        self.loop.counters[transfer.counter(done)] += 1
         self.loop.counters["transfer_bytes"] += done.nbytes
 
     def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from engine.config import Role
-from engine.request import RequestStatus
 from tests.unit.instances.harness import (
     PD,
     Router,
