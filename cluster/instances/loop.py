@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 
@@ -84,23 +84,48 @@ class Client:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class RolePolicy(Protocol):
-    """What a role adds to the loop. Every method runs on the loop thread."""
+class RolePolicy:
+    """What a role adds to the loop; the defaults add nothing. Every hook runs on the loop."""
 
     role: Role
-    accepts: tuple[type, ...]  # inbox message types besides AbortRequest
+    accepts: tuple[type, ...] = ()  # inbox message types besides AbortRequest
+    loop: InstanceLoop
 
-    def attach(self, loop: InstanceLoop) -> None: ...
-    def handle(self, msg: Any) -> None: ...
-    def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool: ...
-    def before_step(self, sched: SchedulerOutput) -> None: ...
-    def stamps(self, delta: TokenDelta, client: Client, now: float) -> dict[str, float]: ...
-    def after_delta(self, delta: TokenDelta) -> None: ...
-    def tick(self) -> None: ...
-    def ready(self) -> bool: ...
-    def info(self) -> dict: ...
-    def stats(self) -> dict: ...
-    def close(self) -> None: ...
+    def attach(self, loop: InstanceLoop) -> None:
+        self.loop = loop
+
+    def handle(self, msg: Any) -> None:
+        """One message from the inbox or the mailbox (other than an abort)."""
+
+    def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool:
+        """End a request wherever it is, freeing what can be freed now; False if unknown."""
+        return self.loop.core.abort_request(request_id, status)
+
+    def before_step(self, sched: SchedulerOutput) -> None:
+        pass
+
+    def stamps(self, delta: TokenDelta, client: Client, now: float) -> dict[str, float]:
+        """The timing stamps the delta's item carries."""
+        return {}
+
+    def after_delta(self, delta: TokenDelta) -> None:
+        pass
+
+    def tick(self) -> None:
+        """Every iteration: deadlines."""
+
+    def ready(self) -> bool:
+        return True
+
+    def info(self) -> dict:
+        """Role-specific parts of setup()'s answer."""
+        return {}
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 def token_item(delta: TokenDelta, decode: str, timings: dict[str, float]) -> TokenItem:

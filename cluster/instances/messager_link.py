@@ -1,12 +1,10 @@
 """A prefill instance's ordered line to its cache messager, aware of when the GPU wrote KV.
 
-The engine thread tells the messager, in this order: a step's plan (before it runs), each layer
-whose KV is written, then each request's first token. On CPU a layer's KV is in memory when the
-model's layer hook runs, so the signal goes at once, from the engine thread. On a GPU the hook
-runs when the layer's kernels are queued, long before they finish: the link records a CUDA event
-behind them, and a sender thread waits for each event before it signals, so the messager never
-reads KV the GPU has not written yet. Everything the engine thread sends to the messager goes
-through that one FIFO, so a layer signal can never overtake its step's plan.
+On CPU a layer's KV is in memory when the model's layer hook runs, so everything is sent at once
+from the loop thread. On a GPU the hook runs when the layer's kernels are queued: the link
+records a CUDA event behind them, and its sender thread waits for each event before it signals,
+so the messager never reads KV the GPU has not written. Everything goes through that one FIFO,
+so a layer signal never overtakes its step's plan.
 """
 
 from __future__ import annotations

@@ -30,10 +30,9 @@ from cache_transfer.messages import (
 from cluster.config import PdserveConfig
 from cluster.instances.common import deployment_id
 from cluster.instances.decode_picker import DecodePeer, DecodePicker
-from cluster.instances.loop import Client, InstanceLoop
+from cluster.instances.loop import Client, InstanceLoop, RolePolicy
 from cluster.instances.messager_link import MessagerLink
 from cluster.instances.prepare_pool import Answer, Ask, PrepareWorker
-from cluster.instances.roles import BaseRole
 from cluster.metrics import BucketHistogram
 from engine.batch import SchedulerOutput
 from engine.config import Role
@@ -76,7 +75,7 @@ class Transfer:
         return "transfers_cancelled" if self.on_purpose else "transfers_failed"
 
 
-class PrefillRole(BaseRole):
+class PrefillRole(RolePolicy):
     role = Role.PREFILL
     accepts = (GenerateRequest, TransferDone)
 

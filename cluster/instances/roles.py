@@ -16,9 +16,8 @@ from typing import Any
 from cache_transfer.factory import make_backend, regions_of_tensors
 from cache_transfer.messages import KvComplete
 from cluster.config import PdserveConfig
-from cluster.instances.loop import Client, InstanceLoop
+from cluster.instances.loop import Client, RolePolicy
 from cluster.tp_ranks import ray_ranks_for
-from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
 from engine.protocol.requests import GenerateRequest
@@ -28,42 +27,7 @@ from engine.sampling_params import SamplingParams
 from worker.engine_core import EngineCore, resolve_overlap
 
 
-class BaseRole:
-    """What a role does when it adds nothing: the hooks the loop calls, as no-ops."""
-
-    role: Role
-    accepts: tuple[type, ...] = ()
-    loop: InstanceLoop
-
-    def attach(self, loop: InstanceLoop) -> None:
-        self.loop = loop
-
-    def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool:
-        return self.loop.core.abort_request(request_id, status)
-
-    def before_step(self, sched: SchedulerOutput) -> None:
-        pass
-
-    def after_delta(self, delta: TokenDelta) -> None:
-        pass
-
-    def tick(self) -> None:
-        pass
-
-    def ready(self) -> bool:
-        return True
-
-    def info(self) -> dict:
-        return {}
-
-    def stats(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
-class MixedRole(BaseRole):
+class MixedRole(RolePolicy):
     role = Role.MIXED
     accepts = (GenerateRequest,)
 
@@ -95,7 +59,7 @@ class Lease:
     aborted: bool = False  # the client left while KV may still be in flight
 
 
-class DecodeRole(BaseRole):
+class DecodeRole(RolePolicy):
     role = Role.DECODE
     accepts = (DecodeTask, CancelDecode, KvComplete)
 
