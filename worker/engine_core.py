@@ -8,7 +8,6 @@ Both give the same tokens; overlap is on by default for decode instances on GPU.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import torch
@@ -77,7 +76,7 @@ def kv_layout_for(model: ModelConfig, engine: EngineConfig) -> tuple[KVLayout, t
 
 
 class EngineCore:
-    """Schedules and runs one step at a time. Not thread-safe: one owner drives it."""
+    """Schedules and runs one step at a time. Not thread-safe: one loop owns and drives it."""
 
     def __init__(
         self,
@@ -131,7 +130,6 @@ class EngineCore:
         self.block_manager = BlockManager(
             num_blocks, sched_cfg.block_size, sched_cfg.enable_prefix_caching
         )
-        self.lock = threading.RLock()  # the owner's threads share the scheduler through it
         self.scheduler = Scheduler(sched_cfg, self.block_manager, self.max_model_len, role)
 
     @property
@@ -167,19 +165,19 @@ class EngineCore:
         caller to pass to `scheduler.update_from_output`: `sched` itself in sequential mode; in
         overlap mode the step launched before it (None when none was in flight)."""
         if not sched.is_empty:
-            self._mark(self.block_manager.step_launched, sched.step_id)
+            self.block_manager.step_launched(sched.step_id)
         if not self.overlap and self._in_flight is None:
             if sched.is_empty:
                 return None
             result = self.runner.execute_model(sched)
-            self._mark(self.block_manager.step_done, sched.step_id)
+            self.block_manager.step_done(sched.step_id)
             return sched, result
         state = None if sched.is_empty else self.runner.preprocess_and_execute(sched)
         ready = None
         if self._in_flight is not None:  # kept until saved: a failure can still end its requests
             prev_sched, prev_state = self._in_flight
             ready = prev_sched, self.runner.save_output(prev_state)
-            self._mark(self.block_manager.step_done, prev_sched.step_id)
+            self.block_manager.step_done(prev_sched.step_id)
         self._in_flight = None
         if state is not None:
             self.runner.postprocess(state)
@@ -193,11 +191,5 @@ class EngineCore:
         if sched is not None:
             if self.runner.device.type == "cuda":
                 torch.cuda.synchronize(self.runner.device)  # its writes end before blocks move
-            self._mark(self.block_manager.step_done, sched.step_id)
+            self.block_manager.step_done(sched.step_id)
         return sched
-
-    def _mark(self, note, step_id: int) -> None:
-        """Tell the block manager about a step's progress, under the scheduler lock (other
-        threads free blocks concurrently)."""
-        with self.lock:
-            note(step_id)

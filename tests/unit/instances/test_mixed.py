@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import zmq
 
+from cluster.instances.memory import MallocTrimmer
 from engine.config import Role
 from tests.unit.instances.harness import Router, assert_all_free, make_config, make_loop, pump
 
@@ -117,3 +118,11 @@ def test_threaded_loop_answers_calls_and_beats(mixed, offline) -> None:
         assert loop.alive
     finally:
         loop.stop()
+
+
+def test_an_idle_loop_trims_malloc(mixed) -> None:
+    loop, _ = mixed
+    trims: list[int] = []
+    loop.trimmer = MallocTrimmer(0.0, 60.0, trim=lambda pad: trims.append(pad) or 1)
+    loop.iterate()
+    assert trims == [0]
