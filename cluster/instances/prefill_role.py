@@ -50,7 +50,7 @@ RESERVE_TIMEOUT_S = 30.0  # longest wait in the queue for P's blocks and backlog
 class Preparation:
     msg: GenerateRequest
     request: Request
-    queued_at: float  # monotonic
+    since: float  # monotonic: when it became first in the queue (or later arrived)
     tried: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)  # why each D asked did not allocate
     peer: DecodePeer | None = None  # the D asked last
@@ -160,9 +160,17 @@ class PrefillRole(RolePolicy):
             prep = self.queued[0]
             if not scheduler.reserve_prefill(prep.request):
                 return
-            self.queued.popleft()
+            self._pop_first()
             self.preparing[prep.request.request_id] = prep
             self._ask_next(prep)
+
+    def _pop_first(self) -> Preparation:
+        """The first in the queue leaves; the next one's wait for capacity starts now (those
+        behind it wait only for it, as they would for a thread of a pool)."""
+        prep = self.queued.popleft()
+        if self.queued:
+            self.queued[0].since = time.monotonic()
+        return prep
 
     def _backlog_ok(self) -> bool:
         backlog = sum(
@@ -262,7 +270,10 @@ class PrefillRole(RolePolicy):
     def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool:
         for prep in self.queued:
             if prep.request.request_id == request_id:
-                self.queued.remove(prep)
+                if prep is self.queued[0]:
+                    self._pop_first()
+                else:
+                    self.queued.remove(prep)
                 return True
         prep = self.preparing.get(request_id)
         if prep is not None and prep.worker is None:  # answered; its handling failed
@@ -331,8 +342,8 @@ class PrefillRole(RolePolicy):
                 self._to_messager(CancelCache(rid, f"transfer exceeded {timeout:.0f} s"))
             elif now - transfer.started > 2 * timeout:  # the messager is gone
                 self._on_transfer_done(TransferDone(rid, False, "cache messager did not answer"))
-        while self.queued and now - self.queued[0].queued_at > self.reserve_timeout_s:
-            prep = self.queued.popleft()
+        while self.queued and now - self.queued[0].since > self.reserve_timeout_s:
+            prep = self._pop_first()
             why = "has no free KV blocks" if self._backlog_ok() else "is overloaded"
             self._overloaded(prep.request.request_id, f"prefill instance {why} (timed out)")
         self._start_preparations()
