@@ -1,60 +1,76 @@
-"""Prepare-pool throughput: 1 vs N threads when every decode instance answers its allocation
+"""Prepare-pool throughput: 1 vs N workers when every decode instance answers its allocation
 after 20 ms, and with one of two decode instances stalled (never answers).
 
-The pool runs for real (threads, zmq, the msgpack protocol, the D picker); the decode instances
-are stand-ins that answer after a fixed delay, so the figure is the pool's own ceiling.
+The workers run for real (threads, zmq, the msgpack protocol) with the real D picker; the decode
+instances are stand-ins that answer after a fixed delay, so the figure is the pool's own
+ceiling.
 
     python benchmarks/prepare_pool.py
 """
 
 from __future__ import annotations
 
+import queue
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the decode stand-ins in tests/
 
-from cluster.config import PrefillConfig
 from cluster.instances.decode_picker import DecodePicker
-from cluster.instances.prepare_pool import Preparation, PreparePool
-from engine.protocol.channels import SenderPool
-from engine.protocol.requests import GenerateRequest
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from tests.unit.cluster.standins import (
-    FakeDecode,
-    FakePrefill,
-    route_replies,
-)
+from cluster.instances.prepare_pool import Answer, Ask, PrepareWorker
+from engine.protocol.splitwise import DecodeTask
+from tests.unit.cluster.standins import FakeDecode
 
 
 def run(threads: int, policies: list, requests: int, timeout_s: float = 1.0) -> tuple[float, int]:
-    """(requests admitted per second, requests failed)."""
+    """(requests admitted per second, requests failed). The dispatch below is P's loop's in
+    miniature: an idle worker gets the next request and the D the picker chooses; a refusal or
+    timeout asks the next D (3 at most)."""
     decodes = [FakeDecode(f"d{i}", p, free=200 - i) for i, p in enumerate(policies)]
-    prefill = FakePrefill()
-    config = PrefillConfig(prepare_threads=threads, allocation_timeout_s=timeout_s)
-    picker = DecodePicker(
-        [d.peer() for d in decodes],
-        penalty_s=2 * timeout_s,
-        suspect_after_s=min(0.25, timeout_s / 4),
-    )
-    pool = PreparePool(config, picker, prefill.hooks(), SenderPool())
-    threading.Thread(target=route_replies, args=(prefill, pool), daemon=True).start()
+    inboxes = {d.name_: d.inbox.address for d in decodes}
+    picker = DecodePicker([d.peer() for d in decodes], 2 * timeout_s, min(0.25, timeout_s / 4))
+    answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
+    workers = [PrepareWorker("127.0.0.1", answers.put, f"w{i}") for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    idle, waiting = list(workers), [f"r{i}" for i in range(requests)]
+    tried: dict[str, set[str]] = {rid: set() for rid in waiting}
+    admitted = failed = 0
+
+    def ask(rid: str) -> None:
+        nonlocal failed
+        peer = picker.choose(1, exclude=tried[rid]) if len(tried[rid]) < 3 else None
+        if peer is None:
+            failed += 1
+            return
+        tried[rid].add(peer.name)
+        worker = idle.pop()
+        task = DecodeTask(rid, [1, 2, 3], {}, [2], worker.inbox.address, "tcp://x:1", "p0")
+        worker.submit(Ask(peer.name, inboxes[peer.name], task, timeout_s))
+
     start = time.perf_counter()
-    for i in range(requests):
-        request = Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=4))
-        msg = GenerateRequest(request.request_id, [1, 2, 3], {}, "tcp://127.0.0.1:1", 0.0)
-        pool.submit(Preparation(msg, request))
-    while len(prefill.admitted) + len(prefill.failed) < requests:
-        time.sleep(0.005)
+    while admitted + failed < requests:
+        while idle and waiting:
+            ask(waiting.pop(0))
+        answer = answers.get()
+        if answer.late:
+            continue
+        idle.append(answer.worker)
+        if answer.reply is not None:
+            picker.on_reply(answer.peer, answer.reply.free_blocks)
+        else:
+            picker.on_timeout(answer.peer)
+        if answer.reply is not None and answer.reply.accepted:
+            admitted += 1
+        else:
+            ask(answer.request_id)
     elapsed = time.perf_counter() - start
-    pool.shutdown()
+    for worker in workers:
+        worker.stop()
     for d in decodes:
         d.close()
-    prefill.inbox.close()
-    return len(prefill.admitted) / elapsed, len(prefill.failed)
+    return admitted / elapsed, failed
 
 
 def main() -> None:
