@@ -175,6 +175,8 @@ FAILURE_COUNTERS = (
     "allocations_refused",
     "missed_tasks",
     "transfers_failed",
+    "handler_errors",
+    "loop_errors",
 )
 
 

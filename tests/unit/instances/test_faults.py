@@ -128,3 +128,22 @@ def test_decode_down_ends_its_requests(pd, offline) -> None:
     survivor = d1 if p.policy.picker.snapshot()[0]["name"] == "d1" else d0
     serves_on(cluster, router, offline, [p, survivor])
     all_free(p)
+
+
+def test_a_raising_handler_on_d_fails_that_request_only(pd, offline, monkeypatch) -> None:
+    cluster, router = pd()
+    p, d = cluster.prefill, cluster.decodes[0]
+    handle = d.policy.handle
+
+    def buggy(msg) -> None:
+        handle(msg)  # KV arrived and the request joined the batch when the bug strikes
+        if type(msg).__name__ == "KvComplete" and msg.request_id == "a":
+            raise RuntimeError("bug")
+
+    monkeypatch.setattr(d.policy, "handle", buggy)
+    router.send(p, "a", PROMPT)
+    pump(p, d, router=router, until=lambda: router.finish("a") is not None)
+    assert "internal error handling KvComplete" in router.finish("a").error
+    assert d.counters["handler_errors"] == 1
+    serves_on(cluster, router, offline)
+    all_free(p, d)
