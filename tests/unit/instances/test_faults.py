@@ -86,7 +86,7 @@ def test_restarted_messager_ends_its_requests_at_once(pd, offline) -> None:
     router.send(p, "a", PROMPT)
     pump(p, d, until=lambda: "a" in p.policy.transfers and p.policy.transfers["a"].started)
     cluster.messager = cluster.start_messager("m1")  # connect(): a new messager inbox
-    router.collect()
+    pump(p, router=router, until=lambda: router.finish("a") is not None)
     assert router.finish("a").error == "the cache messager restarted"
     assert p.counters["requests_ended_by_failure"] == 1
     all_free(p)
@@ -121,8 +121,7 @@ def test_decode_down_ends_its_requests(pd, offline) -> None:
     router.send(p, "a", PROMPT, max_tokens=50)
     pump(p, d0, d1, until=lambda: "a" in p.policy.transfers)
     p.policy.decode_down(p.policy.transfers["a"].decode)
-    pump(p, until=lambda: not p.policy.transfers)
-    router.collect()
+    pump(p, router=router, until=lambda: router.finish("a") and not p.policy.transfers)
     assert router.finish("a").finish_reason == "error"
     assert p.counters["requests_ended_by_failure"] == 1
     survivor = d1 if p.policy.picker.snapshot()[0]["name"] == "d1" else d0
