@@ -10,7 +10,14 @@ import pytest
 import zmq
 
 from engine.request import RequestStatus
-from tests.unit.instances.harness import PD, Router, assert_all_free, make_config, pump
+from tests.unit.instances.harness import (
+    ENGINE,
+    PD,
+    Router,
+    assert_all_free,
+    make_config,
+    pump,
+)
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
 LONG = list(range(100, 200))  # two prefill chunks
@@ -157,3 +164,32 @@ def test_abort_while_decoding(pd, offline) -> None:
     abort_everywhere(cluster, router, "a")
     pump(*cluster.loops, until=lambda: not cluster.decodes[0].core.scheduler.requests)
     finish_and_check(cluster, router, offline, "a")
+
+
+def test_abort_storm_leaves_the_others_whole(pd, offline) -> None:
+    """Many requests at once, every other one aborted at a different moment; the others get
+    their whole answer and nothing stays held."""
+    roomy = {"scheduler": ENGINE["scheduler"], "cache": {"num_blocks": 256}}  # D never refuses
+    cluster, router = pd(
+        prefill={"prepare_threads": 2, "max_backlog_tokens": 32}, decode={"engine": roomy}
+    )
+    prompts = {f"r{i}": [5 + i, 6, 7, 8 + i, 9, 10 + i] * (1 + i % 3) for i in range(16)}
+    for rid, prompt in prompts.items():
+        router.send(cluster.prefill, rid, prompt)
+    leaving = {rid: 2 * i for i, rid in enumerate(prompts) if int(rid[1:]) % 2}
+    for iteration in range(200):
+        for rid, when in leaving.items():
+            if when == iteration:
+                abort_everywhere(cluster, router, rid)
+        for loop in cluster.loops:
+            loop.iterate(0.001)
+        router.collect()
+    staying = [rid for rid in prompts if rid not in leaving]
+    pump(*cluster.loops, router=router, until=lambda: all(router.finish(r) for r in staying))
+    for rid in staying:
+        assert router.tokens(rid) == offline(prompts[rid]), (rid, router.finish(rid))
+    pump(*cluster.loops, until=lambda: not cluster.prefill.policy.transfers)
+    pump(*cluster.loops, until=lambda: not cluster.decodes[0].policy.leases)
+    for loop in cluster.loops:
+        assert_all_free(loop)
+        assert not loop.counters["handler_errors"] and not loop.failed_steps
