@@ -32,7 +32,7 @@ from tests.unit.cluster.standins import (
 
 def run(threads: int, policies: list, requests: int, timeout_s: float = 1.0) -> tuple[float, int]:
     """(requests admitted per second, requests failed)."""
-    decodes = [FakeDecode(f"d{i}", p, free=200 - i) for i, p in enumerate(policies)]
+    decodes = [FakeDecode(i, p, free=200 - i) for i, p in enumerate(policies)]
     prefill = FakePrefill()
     config = PrefillConfig(prepare_threads=threads, allocation_timeout_s=timeout_s)
     picker = DecodePicker(
@@ -45,7 +45,9 @@ def run(threads: int, policies: list, requests: int, timeout_s: float = 1.0) -> 
     start = time.perf_counter()
     for i in range(requests):
         request = Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=4))
-        msg = GenerateRequest(request.request_id, [1, 2, 3], {}, "tcp://127.0.0.1:1", 0.0)
+        msg = GenerateRequest(
+            request.request_id, [1, 2, 3], request.sampling_params, "tcp://127.0.0.1:1", 0.0
+        )
         pool.submit(Preparation(msg, request))
     while len(prefill.admitted) + len(prefill.failed) < requests:
         time.sleep(0.005)

@@ -23,7 +23,8 @@ import time
 from cache_transfer.backend import deadline_in
 from cache_transfer.factory import attach_shared_kv, make_backend
 from cache_transfer.messager_state import MessagerState, Outcome
-from cache_transfer.messages import (
+from engine.procinfo import rss_mb
+from engine.protocol.cache import (
     CacheTask,
     CancelCache,
     KvComplete,
@@ -32,8 +33,8 @@ from cache_transfer.messages import (
     StepPlan,
     TransferDone,
 )
-from engine.procinfo import rss_mb
 from engine.protocol.channels import ChannelError, Inbox, SenderPool, node_ip_address
+from engine.protocol.identity import InstanceId, MessagerId
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,11 @@ _IDLE_WAIT_S = 0.5
 
 
 class CacheMessager:
-    def __init__(self, name: str, backend: str, task_wait_s: float) -> None:
+    def __init__(self, name: MessagerId, backend: str, task_wait_s: float) -> None:
         self.name = name
         self.backend_name = backend
         self.task_wait_s = task_wait_s
-        self._peers: dict[str, str] = {}  # decode instance name -> backend peer name
+        self._peers: dict[InstanceId, str] = {}  # decode instance -> backend peer name
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -73,7 +74,7 @@ class CacheMessager:
         )
         self.senders = SenderPool()
         accept = (CacheTask, StepPlan, LayerReady, PrefillDone, CancelCache)
-        self.inbox = Inbox(self.host, accept=accept, name=self.name)
+        self.inbox = Inbox(self.host, accept=accept, name=str(self.name))
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         return {"name": self.name, "inbox": self.inbox.address}
@@ -85,14 +86,14 @@ class CacheMessager:
             with self._lock:
                 self._peers[decode["name"]] = peer
 
-    def decode_down(self, decode_name: str) -> None:
+    def decode_down(self, decode_name: InstanceId) -> None:
         """A decode instance died: its pending writes fail, its tasks end (P hears of each)."""
         with self._lock:
             peer = self._peers.pop(decode_name, None)
         if peer is not None:
             self.backend.disconnect(peer)
 
-    def _resolve_peer(self, decode_name: str) -> str | None:
+    def _resolve_peer(self, decode_name: InstanceId) -> str | None:
         with self._lock:
             return self._peers.get(decode_name)
 
@@ -137,6 +138,7 @@ class CacheMessager:
             client_informed=st.client_informed,
             signalled_time=max(st.prefill_done_wall, st.all_issued_wall),
             writes_done_time=st.writes_done_wall,
+            attempt=st.task.attempt,
         )
         self._send(st.task.decode_inbox, done)
         self._send(
@@ -156,7 +158,7 @@ class CacheMessager:
 
     def stats(self) -> dict:
         return {
-            "name": self.name,
+            "name": str(self.name),
             "pid": os.getpid(),
             "rss_mb": rss_mb(),
             "inbox": self.inbox.address,

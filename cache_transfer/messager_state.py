@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cache_transfer.backend import TransferBackend, TransferError, TransferHandle, TransferState
-from cache_transfer.messages import CacheTask
+from engine.protocol.cache import CacheTask, ChunkPlan
+from engine.protocol.identity import InstanceId
 
 _KEEP_PLANS = 64
 
@@ -64,7 +65,7 @@ class MessagerState:
         backend: TransferBackend,
         num_layers: int,
         block_size: int,
-        resolve_peer: Callable[[str], str | None],
+        resolve_peer: Callable[[InstanceId], str | None],
         task_wait_s: float,
         drain_s: float = 30.0,
     ) -> None:
@@ -75,7 +76,7 @@ class MessagerState:
         self.task_wait_s = task_wait_s
         self.drain_s = drain_s
         self.tasks: dict[str, TaskState] = {}
-        self.plans: dict[int, list[list]] = {}
+        self.plans: dict[int, list[ChunkPlan]] = {}
         self.deferred: dict[str, _Deferred] = {}
         self.missed: dict[str, float] = {}  # request id -> when its signals were given up
         self.counters = {"unknown_task_waits": 0, "missed_tasks": 0, "writes": 0}
@@ -95,7 +96,7 @@ class MessagerState:
                 self._issue(state, layer, end_pos, last)
         return None
 
-    def add_plan(self, step_id: int, chunks: list[list]) -> None:
+    def add_plan(self, step_id: int, chunks: list[ChunkPlan]) -> None:
         self.plans[step_id] = chunks
         # A step that failed mid-forward never sends its last layer: forget old plans.
         for old in [s for s in self.plans if s < step_id - _KEEP_PLANS]:
@@ -103,12 +104,12 @@ class MessagerState:
 
     def layer_ready(self, step_id: int, layer: int) -> None:
         chunks = self.plans.get(step_id, [])
-        for request_id, end_pos, last in chunks:
-            state = self.tasks.get(request_id)
+        for chunk in chunks:
+            state = self.tasks.get(chunk.request_id)
             if state is not None:
-                self._issue(state, layer, end_pos, last)
-            elif request_id not in self.missed:
-                self._defer(request_id, layer, end_pos, last)
+                self._issue(state, layer, chunk.end_pos, chunk.last)
+            elif chunk.request_id not in self.missed:
+                self._defer(chunk.request_id, layer, chunk.end_pos, chunk.last)
         if layer == self.num_layers - 1:
             self.plans.pop(step_id, None)
 

@@ -27,7 +27,9 @@ from cluster.instances.mixed import MixedInstance
 from cluster.instances.prefill import PrefillInstance
 from cluster.router.actor import RouterActor
 from cluster.supervisor import Supervisor
+from engine.config import Role
 from engine.errors import DeployError
+from engine.protocol.identity import InstanceId, MessagerId, WorkerId
 from worker.engine_core import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -51,31 +53,29 @@ class Deployment:
     mixed: list[Any] = field(default_factory=list)
     placement_groups: list[Any] = field(default_factory=list)
     endpoints: list[dict] = field(default_factory=list)
-    infos: dict[str, dict] = field(default_factory=dict)  # instance name -> its setup() answer
+    infos: dict[WorkerId, dict] = field(default_factory=dict)  # each actor's setup() answer
     owns_ray: bool = False
     supervisor: Any = None
 
-    def names(self, *roles: str) -> list[str]:
-        counts = {
-            "prefill": len(self.prefills),
-            "decode": len(self.decodes),
-            "mixed": len(self.mixed),
-        }
-        return [f"{role}-{i}" for role in roles for i in range(counts[role])]
+    def _group(self, role: Role) -> list[Any]:
+        return {Role.PREFILL: self.prefills, Role.DECODE: self.decodes, Role.MIXED: self.mixed}[
+            role
+        ]
+
+    def ids(self, *roles: Role) -> list[InstanceId]:
+        return [InstanceId(role, i) for role in roles for i in range(len(self._group(role)))]
+
+    def messager_ids(self) -> list[MessagerId]:
+        return [MessagerId(i) for i in range(len(self.messagers))]
 
     @property
     def decode_infos(self) -> list[dict]:
-        return [self.infos[n] for n in self.names("decode")]
+        return [self.infos[i] for i in self.ids(Role.DECODE)]
 
-    def actor(self, name: str) -> Any:
-        role, index = name.rsplit("-", 1)
-        group = {
-            "prefill": self.prefills,
-            "decode": self.decodes,
-            "mixed": self.mixed,
-            "messager": self.messagers,
-        }[role]
-        return group[int(index)]
+    def actor(self, worker: WorkerId) -> Any:
+        if isinstance(worker, MessagerId):
+            return self.messagers[worker.index]
+        return self._group(worker.role)[worker.index]
 
     @property
     def max_model_len(self) -> int:
@@ -85,11 +85,13 @@ class Deployment:
     def instances(self) -> list[Any]:
         return [*self.prefills, *self.decodes, *self.mixed]
 
+    def workers(self) -> list[WorkerId]:
+        """Every instance and cache messager (the router aside)."""
+        return [*self.ids(Role.PREFILL, Role.DECODE, Role.MIXED), *self.messager_ids()]
+
     def named_workers(self) -> dict[str, Any]:
         """Every instance and cache messager by name (the router aside)."""
-        named = {n: self.actor(n) for n in self.names("prefill", "decode", "mixed")}
-        named.update({f"messager-{i}": m for i, m in enumerate(self.messagers)})
-        return named
+        return {str(w): self.actor(w) for w in self.workers()}
 
     def stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Every actor's stats by name; an actor that does not answer in time (stalled, dead)
@@ -199,18 +201,21 @@ def _start_instances(dep: Deployment) -> None:
     cfg = dep.config
     raw = cfg.model_dump(mode="json")
     for i in range(cfg.decode.instances):
-        opts = _options(cfg.decode.placement, f"decode-{i}", cfg)
-        dep.decodes.append(ray.remote(DecodeInstance).options(**opts).remote(f"decode-{i}", raw))
+        iid = InstanceId(Role.DECODE, i)
+        opts = _options(cfg.decode.placement, str(iid), cfg)
+        dep.decodes.append(ray.remote(DecodeInstance).options(**opts).remote(iid, raw))
     for i in range(cfg.mixed.instances):
-        opts = _options(cfg.mixed.placement, f"mixed-{i}", cfg)
-        dep.mixed.append(ray.remote(MixedInstance).options(**opts).remote(f"mixed-{i}", raw))
+        iid = InstanceId(Role.MIXED, i)
+        opts = _options(cfg.mixed.placement, str(iid), cfg)
+        dep.mixed.append(ray.remote(MixedInstance).options(**opts).remote(iid, raw))
     prefill_pgs = [_prefill_placement_group(cfg) for _ in range(cfg.prefill.instances)]
     dep.placement_groups.extend(prefill_pgs)
     for i, pg in enumerate(prefill_pgs):
-        opts = _options(cfg.prefill.placement, f"prefill-{i}", cfg)
+        iid = InstanceId(Role.PREFILL, i)
+        opts = _options(cfg.prefill.placement, str(iid), cfg)
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
         opts.pop("label_selector", None)  # the bundle carries placement
-        dep.prefills.append(ray.remote(PrefillInstance).options(**opts).remote(f"prefill-{i}", raw))
+        dep.prefills.append(ray.remote(PrefillInstance).options(**opts).remote(iid, raw))
         dep.messagers.append(_messager_actor(cfg, i, pg))
     # Model loading happens in setup(); every instance loads in parallel.
     instances = [*dep.decodes, *dep.prefills, *dep.mixed]
@@ -218,13 +223,13 @@ def _start_instances(dep: Deployment) -> None:
     dep.infos = {info["name"]: info for info in infos}
     for index in range(len(dep.prefills)):
         wire_prefill(dep, index)
-    dep.endpoints = [dep.infos[n] for n in dep.names("prefill", "decode", "mixed")]
+    dep.endpoints = [dep.infos[i] for i in dep.ids(Role.PREFILL, Role.DECODE, Role.MIXED)]
 
 
 def wire_prefill(dep: Deployment, index: int) -> None:
     """(Re)connect prefill instance `index`, its messager and the decode instances."""
     timeout = dep.config.cluster.startup_timeout_s
-    p_info = dep.infos[f"prefill-{index}"]
+    p_info = dep.infos[InstanceId(Role.PREFILL, index)]
     messager = dep.messagers[index]
     m_info = ray.get(
         messager.setup.remote(p_info["node_ip"], p_info["kv_cache"], p_info["inbox"]),
@@ -243,7 +248,7 @@ def reconnect_decodes(dep: Deployment) -> None:
     decodes = dep.decode_infos
     for index, messager in enumerate(dep.messagers):
         ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
-        inbox = dep.infos[f"messager-{index}"]["inbox"]
+        inbox = dep.infos[MessagerId(index)]["inbox"]
         ray.get(dep.prefills[index].connect.remote(inbox, decodes), timeout=timeout)
 
 
@@ -260,9 +265,9 @@ def _prefill_placement_group(cfg: PdserveConfig):
 
 
 def _messager_actor(cfg: PdserveConfig, index: int, pg):
-    name = f"messager-{index}"
+    name = MessagerId(index)
     options: dict[str, Any] = {
-        "name": name,
+        "name": str(name),
         "namespace": cfg.cluster.namespace,
         "num_cpus": _MESSAGER_CPUS,
         "max_concurrency": _ACTOR_CONCURRENCY,

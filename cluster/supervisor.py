@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
+from engine.config import Role
+from engine.protocol.identity import InstanceId, MessagerId, WorkerId
+
 if TYPE_CHECKING:
     from cluster.launcher import Deployment
 
@@ -35,7 +38,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-supervisor", daemon=True)
         self.recoveries: list[str] = []  # names revived, in order (for tests and logs)
-        self._unrevived: set[str] = set()  # died, restart not wired in yet: retried each round
+        self._unrevived: set[WorkerId] = set()  # died, not wired in yet: retried each round
 
     def start(self) -> None:
         self._thread.start()
@@ -46,7 +49,7 @@ class Supervisor:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            for name in self._watched():
+            for name in self.dep.workers():
                 if self._stop.is_set():
                     return
                 try:
@@ -55,11 +58,7 @@ class Supervisor:
                 except Exception:  # the watch must go on whatever one check does
                     log.exception("supervisor: checking %s failed", name)
 
-    def _watched(self) -> list[str]:
-        names = self.dep.names("prefill", "decode", "mixed")
-        return names + [f"messager-{i}" for i in range(len(self.dep.messagers))]
-
-    def _died(self, name: str) -> bool:
+    def _died(self, name: WorkerId) -> bool:
         try:
             ray.get(self.dep.actor(name).is_ready.remote(), timeout=self.probe_timeout_s)
             return False
@@ -69,7 +68,7 @@ class Supervisor:
         except RayActorError:
             return True
 
-    def _recover(self, name: str) -> None:
+    def _recover(self, name: WorkerId) -> None:
         if name not in self._unrevived:
             log.warning("supervisor: %s died; failing its requests, awaiting its restart", name)
             self._announce_down(name)
@@ -83,34 +82,33 @@ class Supervisor:
             log.error("supervisor: %s could not be revived: %s", name, exc)
             return
         self._unrevived.discard(name)
-        self.recoveries.append(name)
+        self.recoveries.append(str(name))
         log.warning("supervisor: %s is back", name)
 
-    def _announce_down(self, name: str) -> None:
+    def _announce_down(self, name: WorkerId) -> None:
         dep = self.dep
         calls = []
-        if name.startswith("decode-"):
+        if isinstance(name, InstanceId) and name.role is Role.DECODE:
             calls += [p.decode_down.remote(name) for p in dep.prefills]
             calls += [m.decode_down.remote(name) for m in dep.messagers]
-        if not name.startswith("messager-"):
+        if isinstance(name, InstanceId):
             calls.append(dep.router.instance_down.remote(name))
         _best_effort(calls, self.probe_timeout_s)
 
-    def _revive(self, name: str) -> None:
+    def _revive(self, name: WorkerId) -> None:
         from cluster.launcher import reconnect_decodes, wire_prefill
 
         dep = self.dep
         timeout = dep.config.cluster.startup_timeout_s
-        role, index = name.rsplit("-", 1)
-        if role == "messager":
-            wire_prefill(dep, int(index))  # setup() of the restarted messager + P's new link
+        if isinstance(name, MessagerId):
+            wire_prefill(dep, name.index)  # setup() of the restarted messager + P's new link
             return
         dep.infos[name] = ray.get(dep.actor(name).setup.remote(), timeout=timeout)
-        if role == "decode":
+        if name.role is Role.DECODE:
             reconnect_decodes(dep)
-        elif role == "prefill":
-            wire_prefill(dep, int(index))
-        dep.endpoints = [dep.infos[n] for n in dep.names("prefill", "decode", "mixed")]
+        elif name.role is Role.PREFILL:
+            wire_prefill(dep, name.index)
+        dep.endpoints = [dep.infos[i] for i in dep.ids(Role.PREFILL, Role.DECODE, Role.MIXED)]
         endpoints = [
             {"name": e["name"], "role": e["role"], "inbox": e["inbox"]} for e in dep.endpoints
         ]

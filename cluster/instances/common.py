@@ -12,7 +12,8 @@ from cluster.config import PdserveConfig
 from engine.outputs import TokenDelta
 from engine.procinfo import rss_mb
 from engine.protocol.channels import ChannelError, SenderPool, node_ip_address
-from engine.protocol.tokens import TokenBatch, TokenItem
+from engine.protocol.identity import InstanceId
+from engine.protocol.tokens import Timings, TokenBatch, TokenItem
 
 
 def advertised_host(config: PdserveConfig) -> str:
@@ -45,7 +46,7 @@ class TokenPublisher:
     Only the engine thread calls `publish`; it owns the sender sockets.
     """
 
-    def __init__(self, source: str, senders: SenderPool, counters: Counters) -> None:
+    def __init__(self, source: InstanceId, senders: SenderPool, counters: Counters) -> None:
         self.source = source
         self._senders = senders
         self._counters = counters
@@ -58,7 +59,12 @@ class TokenPublisher:
                 self._counters.add("router_send_failures")
 
     @staticmethod
-    def item(delta: TokenDelta, decode_instance: str = "", **timings: float) -> TokenItem:
+    def item(
+        delta: TokenDelta,
+        attempt: int,
+        decode_instance: InstanceId | None = None,
+        timings: Timings | None = None,
+    ) -> TokenItem:
         return TokenItem(
             request_id=delta.request_id,
             first_index=delta.first_index,
@@ -67,24 +73,29 @@ class TokenPublisher:
             error=delta.error,
             num_prompt_tokens=delta.num_prompt_tokens,
             num_cached_tokens=delta.num_cached_tokens,
-            timings=dict(timings),
+            timings=timings,
             logprobs=delta.logprobs,
             decode_instance=decode_instance,
+            attempt=attempt,
         )
 
     @staticmethod
-    def error_item(request_id: str, index: int, error: str, overloaded: bool = False) -> TokenItem:
+    def error_item(
+        request_id: str, attempt: int, index: int, error: str, overloaded: bool = False
+    ) -> TokenItem:
         """An item ending the request; `overloaded` marks a capacity refusal worth retrying."""
         reason = "overloaded" if overloaded else "error"
-        return TokenItem(request_id, index, [], finish_reason=reason, error=error)
+        return TokenItem(request_id, index, [], reason, error, attempt=attempt)
 
 
-def engine_stats(name: str, role: str, inbox: str, core, counters: Counters, tracked: int) -> dict:
+def engine_stats(
+    name: InstanceId, role: str, inbox: str, core, counters: Counters, tracked: int
+) -> dict:
     """The stats every instance reports (call under the engine lock); each role adds its own."""
     scheduler = core.scheduler
     blocks = core.block_manager
     return {
-        "name": name,
+        "name": str(name),
         "pid": os.getpid(),
         "rss_mb": rss_mb(),
         "inbox": inbox,

@@ -16,7 +16,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from cache_transfer.factory import make_backend, regions_of_tensors
-from cache_transfer.messages import KvComplete
 from cluster.config import PdserveConfig
 from cluster.instances.common import (
     Counters,
@@ -29,12 +28,13 @@ from cluster.instances.engine_loop import EngineLoop
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
+from engine.protocol.cache import KvComplete
 from engine.protocol.channels import ChannelError, Inbox, SenderPool
+from engine.protocol.identity import InstanceId
 from engine.protocol.requests import AbortRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
-from engine.protocol.tokens import TokenItem
+from engine.protocol.tokens import Timings, TokenItem
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
 from worker.engine_core import EngineCore, resolve_overlap
 
 
@@ -43,16 +43,17 @@ class _Remote:
     """What D remembers of a request besides the scheduler's Request."""
 
     router_inbox: str
+    attempt: int  # the router's attempt (engine.protocol.requests) this allocation serves
     reserved_at: float  # monotonic, starts the KV lease
     aborted: bool = False  # client gone while KV may still be in flight
     # Wall-clock stamps of the transfer, for the router's TTFT split.
-    transfer_stamps: dict[str, float] = field(default_factory=dict)
+    transfer_stamps: Timings = field(default_factory=Timings)
 
 
 class DecodeInstance:
     role = Role.DECODE
 
-    def __init__(self, name: str, config: dict) -> None:
+    def __init__(self, name: InstanceId, config: dict) -> None:
         self.name = name
         self.config = PdserveConfig.model_validate(config)
         self.counters = Counters()
@@ -76,7 +77,7 @@ class DecodeInstance:
             name=f"{self.name}-engine",
         )
         accept = (DecodeTask, CancelDecode, KvComplete, AbortRequest)
-        self.inbox = Inbox(self.host, accept=accept, name=self.name)
+        self.inbox = Inbox(self.host, accept=accept, name=str(self.name))
         self._receiver = threading.Thread(target=self._receive, daemon=True)
         self.loop.start()
         self._receiver.start()
@@ -106,7 +107,7 @@ class DecodeInstance:
         request = Request(
             task.request_id,
             task.prompt_token_ids,
-            SamplingParams.from_dict(task.sampling),
+            task.sampling,
             eos_token_ids=tuple(task.eos_token_ids),
         )
         with self.loop.lock:
@@ -114,7 +115,8 @@ class DecodeInstance:
                 self.core.scheduler.reserve_remote(request)
             )
             if accepted:
-                self._remote[request.request_id] = _Remote(task.router_inbox, time.monotonic())
+                remote = _Remote(task.router_inbox, task.attempt, time.monotonic())
+                self._remote[request.request_id] = remote
             free = self.core.block_manager.num_free_blocks
         reply = DecodeAllocation(
             task.request_id,
@@ -123,6 +125,7 @@ class DecodeInstance:
             list(request.block_ids) if accepted else [],
             "" if accepted else "no free blocks or sequence slots",
             free,
+            task.attempt,
         )
         self.counters.add("allocations_accepted" if accepted else "allocations_refused")
         try:
@@ -132,13 +135,21 @@ class DecodeInstance:
             self._drop(task.request_id, RequestStatus.FINISHED_ERROR)
 
     def _on_cancel(self, msg: CancelDecode) -> None:
-        if not self._drop(msg.request_id, RequestStatus.FINISHED_ABORTED):
+        if not self._holds(msg.request_id, msg.attempt) or not self._drop(
+            msg.request_id, RequestStatus.FINISHED_ABORTED
+        ):
             self.counters.add("unknown_request_messages")
+
+    def _holds(self, request_id: str, attempt: int) -> bool:
+        """Whether this instance holds `request_id` for `attempt` (not an older or newer one)."""
+        with self.loop.lock:
+            remote = self._remote.get(request_id)
+            return remote is not None and remote.attempt == attempt
 
     def _on_kv_complete(self, msg: KvComplete) -> None:
         with self.loop.lock:
             remote = self._remote.get(msg.request_id)
-            if remote is None:
+            if remote is None or remote.attempt != msg.attempt:
                 self.counters.add("unknown_request_messages")
                 return
             if not msg.ok or remote.aborted:
@@ -150,11 +161,11 @@ class DecodeInstance:
                     reason=f"KV transfer failed: {reason}",
                 )
                 return
-            remote.transfer_stamps = {
-                "kv_signalled": msg.signalled_time,
-                "writes_done": msg.writes_done_time,
-                "kv_complete": wall_time(),
-            }
+            remote.transfer_stamps = Timings(
+                kv_signalled=msg.signalled_time,
+                writes_done=msg.writes_done_time,
+                kv_complete=wall_time(),
+            )
             delta = self.core.scheduler.start_remote(msg.request_id, msg.first_token_id)
         self.counters.add("kv_complete")
         if delta is not None and delta.finished:
@@ -165,7 +176,7 @@ class DecodeInstance:
         with self.loop.lock:
             remote = self._remote.get(msg.request_id)
             request = self.core.scheduler.requests.get(msg.request_id)
-            if remote is None or request is None:
+            if remote is None or request is None or not msg.covers(remote.attempt):
                 self.counters.add("unknown_request_messages")
                 return
             if request.status is RequestStatus.WAITING_FOR_KV:
@@ -183,7 +194,7 @@ class DecodeInstance:
             index = request.num_output_tokens if request else 0
             known = self.core.abort_request(request_id, status)
         if notify and remote is not None:
-            item = TokenPublisher.error_item(request_id, index, reason)
+            item = TokenPublisher.error_item(request_id, remote.attempt, index, reason)
             self.publisher.publish({remote.router_inbox: [item]})
         return known
 
@@ -218,10 +229,12 @@ class DecodeInstance:
                 remote = self._remote.get(delta.request_id)
                 if remote is None:
                     continue
-                timings = {}
+                timings = None
                 if delta.first_index == 1:  # the first token D computed
-                    timings = {**remote.transfer_stamps, "first_decode_step": now}
-                by_router[remote.router_inbox].append(TokenPublisher.item(delta, **timings))
+                    timings = remote.transfer_stamps
+                    timings.first_decode_step = now
+                item = TokenPublisher.item(delta, remote.attempt, timings=timings)
+                by_router[remote.router_inbox].append(item)
                 if delta.finished:
                     del self._remote[delta.request_id]
         self.publisher.publish(by_router)
@@ -232,7 +245,9 @@ class DecodeInstance:
             for chunk in sched.chunks:
                 remote = self._remote.pop(chunk.request_id, None)
                 if remote is not None:
-                    item = TokenPublisher.error_item(chunk.request_id, chunk.num_generated, error)
+                    item = TokenPublisher.error_item(
+                        chunk.request_id, remote.attempt, chunk.num_generated, error
+                    )
                     by_router[remote.router_inbox].append(item)
         self.publisher.publish(by_router)
 

@@ -13,10 +13,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from engine.protocol.identity import InstanceId
+
 
 @dataclass
 class DecodePeer:
-    name: str
+    name: InstanceId
     inbox: str
     num_blocks: int
     free_blocks: int  # as last reported by the D itself
@@ -52,11 +54,11 @@ class DecodePicker:
                 for p in peers
             }
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: InstanceId) -> None:
         with self._lock:
             self._peers.pop(name, None)
 
-    def choose(self, blocks_needed: int, exclude: set[str]) -> DecodePeer | None:
+    def choose(self, blocks_needed: int, exclude: set[InstanceId]) -> DecodePeer | None:
         """The best peer not in `exclude` (penalized peers only when nothing else is left)."""
         now = time.monotonic()
         with self._lock:
@@ -72,7 +74,7 @@ class DecodePicker:
             best.pending_since.append(now)
             return best
 
-    def on_reply(self, name: str, free_blocks: int) -> None:
+    def on_reply(self, name: InstanceId, free_blocks: int) -> None:
         with self._lock:
             peer = self._peers.get(name)
             if peer is not None:
@@ -82,7 +84,7 @@ class DecodePicker:
                 peer.penalty_until = 0.0
                 peer.timeouts_in_a_row = 0
 
-    def on_timeout(self, name: str) -> None:
+    def on_timeout(self, name: InstanceId) -> None:
         with self._lock:
             peer = self._peers.get(name)
             if peer is not None:
@@ -92,11 +94,16 @@ class DecodePicker:
                 peer.timeouts_in_a_row += 1
                 peer.penalty_until = time.monotonic() + backoff
 
+    def inbox_of(self, name: InstanceId) -> str | None:
+        with self._lock:
+            peer = self._peers.get(name)
+            return peer.inbox if peer is not None else None
+
     def snapshot(self) -> list[dict]:
         with self._lock:
             return [
                 {
-                    "name": p.name,
+                    "name": str(p.name),
                     "inbox": p.inbox,
                     "free_blocks": p.free_blocks,
                     "pending": p.pending,

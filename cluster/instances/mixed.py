@@ -14,28 +14,27 @@ from cluster.instances.common import (
     TokenPublisher,
     advertised_host,
     engine_stats,
-    wall_time,
 )
 from cluster.instances.engine_loop import EngineLoop
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
 from engine.protocol.channels import Inbox, SenderPool
+from engine.protocol.identity import InstanceId
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenItem
 from engine.request import Request
-from engine.sampling_params import SamplingParams, SamplingParamsError
 from worker.engine_core import EngineCore, resolve_overlap
 
 
 class MixedInstance:
     role = Role.MIXED
 
-    def __init__(self, name: str, config: dict) -> None:
+    def __init__(self, name: InstanceId, config: dict) -> None:
         self.name = name
         self.config = PdserveConfig.model_validate(config)
         self.counters = Counters()
-        self._reply_to: dict[str, str] = {}
+        self._clients: dict[str, GenerateRequest] = {}  # request id -> the router's request
         self._stop = threading.Event()
 
     def setup(self) -> dict:
@@ -50,7 +49,7 @@ class MixedInstance:
         self.loop = EngineLoop(
             self.core, self._after_step, on_failure=self._on_failure, name=f"{self.name}-engine"
         )
-        self.inbox = Inbox(self.host, accept=(GenerateRequest, AbortRequest), name=self.name)
+        self.inbox = Inbox(self.host, accept=(GenerateRequest, AbortRequest), name=str(self.name))
         self._receiver = threading.Thread(target=self._receive, daemon=True)
         self.loop.start()
         self._receiver.start()
@@ -67,21 +66,26 @@ class MixedInstance:
             if isinstance(msg, GenerateRequest):
                 self._add(msg)
             elif isinstance(msg, AbortRequest):
-                with self.loop.lock:
-                    if not self.core.abort_request(msg.request_id):
-                        self.counters.add("unknown_request_messages")
-                    self._reply_to.pop(msg.request_id, None)
+                self._abort(msg)
+
+    def _abort(self, msg: AbortRequest) -> None:
+        with self.loop.lock:
+            client = self._clients.get(msg.request_id)
+            if client is None or not msg.covers(client.attempt):
+                self.counters.add("unknown_request_messages")
+                return
+            self.core.abort_request(msg.request_id)
+            del self._clients[msg.request_id]
 
     def _add(self, msg: GenerateRequest) -> None:
         try:
-            request = Request(
-                msg.request_id, msg.prompt_token_ids, SamplingParams.from_dict(msg.sampling)
-            )
+            request = Request(msg.request_id, msg.prompt_token_ids, msg.sampling)
             with self.loop.lock:
                 self.core.add_request(request)
-                self._reply_to[msg.request_id] = msg.reply_to
-        except (SamplingParamsError, ValueError, TypeError) as exc:
-            item = TokenPublisher.error_item(msg.request_id, 0, f"invalid request: {exc}")
+                self._clients[msg.request_id] = msg
+        except (ValueError, TypeError) as exc:
+            error = f"invalid request: {exc}"
+            item = TokenPublisher.error_item(msg.request_id, msg.attempt, 0, error)
             self.publisher.publish({msg.reply_to: [item]})
             return
         self.counters.add("requests")
@@ -89,25 +93,26 @@ class MixedInstance:
 
     def _after_step(self, sched: SchedulerOutput, deltas: list[TokenDelta]) -> None:
         by_router: dict[str, list[TokenItem]] = defaultdict(list)
-        now = wall_time()
         with self.loop.lock:
             for delta in deltas:
-                address = self._reply_to.get(delta.request_id)
-                if address is None:
+                client = self._clients.get(delta.request_id)
+                if client is None:
                     continue
-                by_router[address].append(TokenPublisher.item(delta, step_end=now))
+                by_router[client.reply_to].append(TokenPublisher.item(delta, client.attempt))
                 if delta.finished:
-                    del self._reply_to[delta.request_id]
+                    del self._clients[delta.request_id]
         self.publisher.publish(by_router)
 
     def _on_failure(self, sched: SchedulerOutput, error: str) -> None:
         by_router: dict[str, list[TokenItem]] = defaultdict(list)
         with self.loop.lock:
             for chunk in sched.chunks:
-                address = self._reply_to.pop(chunk.request_id, None)
-                if address:
-                    item = TokenPublisher.error_item(chunk.request_id, chunk.num_generated, error)
-                    by_router[address].append(item)
+                client = self._clients.pop(chunk.request_id, None)
+                if client is not None:
+                    item = TokenPublisher.error_item(
+                        chunk.request_id, client.attempt, chunk.num_generated, error
+                    )
+                    by_router[client.reply_to].append(item)
         self.publisher.publish(by_router)
 
     # ------------------------------------------------------------------ inspection
@@ -123,7 +128,7 @@ class MixedInstance:
                 self.inbox.address,
                 self.core,
                 self.counters,
-                len(self._reply_to),
+                len(self._clients),
             )
 
     def shutdown(self) -> None:

@@ -9,20 +9,13 @@ transfer done (or failed).
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
 from collections import defaultdict
 
 from cache_transfer.factory import make_shared_kv
-from cache_transfer.messages import (
-    CacheTask,
-    CancelCache,
-    LayerReady,
-    PrefillDone,
-    StepPlan,
-    TransferDone,
-)
 from cluster.config import PdserveConfig
 from cluster.instances.common import (
     Counters,
@@ -46,19 +39,28 @@ from cluster.metrics import BucketHistogram
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
+from engine.protocol.cache import (
+    CacheTask,
+    CancelCache,
+    ChunkPlan,
+    LayerReady,
+    PrefillDone,
+    StepPlan,
+    TransferDone,
+)
 from engine.protocol.channels import ChannelError, Inbox, SenderPool
+from engine.protocol.identity import InstanceId
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation
-from engine.protocol.tokens import TokenItem
+from engine.protocol.tokens import Timings, TokenItem
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams, SamplingParamsError
 from worker.engine_core import EngineCore, kv_layout_for, resolve_device
 
 
 class PrefillInstance:
     role = Role.PREFILL
 
-    def __init__(self, name: str, config: dict) -> None:
+    def __init__(self, name: InstanceId, config: dict) -> None:
         self.name = name
         self.config = PdserveConfig.model_validate(config)
         self.counters = Counters()
@@ -97,7 +99,7 @@ class PrefillInstance:
             name=f"{self.name}-engine",
         )
         accept = (GenerateRequest, AbortRequest, DecodeAllocation, TransferDone)
-        self.inbox = Inbox(self.host, accept=accept, name=self.name)
+        self.inbox = Inbox(self.host, accept=accept, name=str(self.name))
         timeout = cfg.prefill.allocation_timeout_s
         self.picker = DecodePicker(
             [], penalty_s=2 * timeout, suspect_after_s=min(0.25, timeout / 4)
@@ -127,7 +129,7 @@ class PrefillInstance:
             self._end_tracked(lambda t: True, "the cache messager restarted", free_now=True)
         self._messager_inbox = messager_inbox
 
-    def decode_down(self, decode_name: str) -> None:
+    def decode_down(self, decode_name: InstanceId) -> None:
         """A decode instance died: choose it no more, and end the requests bound for it."""
         self.picker.remove(decode_name)
         self._end_tracked(lambda t: t.decode == decode_name, f"{decode_name} failed")
@@ -146,7 +148,7 @@ class PrefillInstance:
                     del self._tracked[rid]
         for rid, tracked in chosen:
             if tracked.reply_to:
-                item = TokenPublisher.error_item(rid, 1, error)
+                item = TokenPublisher.error_item(rid, tracked.attempt, 1, error)
                 self.publisher.publish({tracked.reply_to: [item]})
                 tracked.reply_to = ""
             if not free_now:
@@ -179,13 +181,14 @@ class PrefillInstance:
                 self._transfer_done.put(msg)
                 self.loop.wake()
             elif isinstance(msg, AbortRequest):
-                self._on_abort(msg.request_id)
+                self._on_abort(msg)
 
     def _on_generate(self, msg: GenerateRequest) -> None:
         try:
-            params = SamplingParams.from_dict(msg.sampling)
-            request = Request(msg.request_id, msg.prompt_token_ids, params, self.core.eos_token_ids)
-        except (SamplingParamsError, ValueError, TypeError) as exc:
+            request = Request(
+                msg.request_id, msg.prompt_token_ids, msg.sampling, self.core.eos_token_ids
+            )
+        except (ValueError, TypeError) as exc:
             self._fail(msg, f"invalid request: {exc}")
             return
         self.counters.add("requests")
@@ -195,19 +198,19 @@ class PrefillInstance:
         """An acceptance nobody waits for any more: give D its blocks back."""
         self.counters.add("late_allocations")
         if msg.accepted:
-            peer = next(
-                (p for p in self.picker.snapshot() if p["name"] == msg.decode_instance), None
-            )
-            if peer is not None:
-                self.senders.send(peer["inbox"], CancelDecode(msg.request_id, "late allocation"))
+            inbox = self.picker.inbox_of(msg.decode_instance)
+            if inbox is not None:
+                cancel = CancelDecode(msg.request_id, "late allocation", msg.attempt)
+                self.senders.send(inbox, cancel)
 
-    def _on_abort(self, request_id: str) -> None:
-        if self.pool.abort(request_id):
+    def _on_abort(self, msg: AbortRequest) -> None:
+        if self.pool.abort(msg):
             return
+        request_id = msg.request_id
         with self.loop.lock:
             tracked = self._tracked.get(request_id)
             request = self.core.scheduler.requests.get(request_id)
-            if tracked is None or request is None:
+            if tracked is None or request is None or not msg.covers(tracked.attempt):
                 self.counters.add("unknown_request_messages")
                 return
             if request.status is not RequestStatus.SENDING_KV:
@@ -241,15 +244,16 @@ class PrefillInstance:
         task: CacheTask = cache_task_for(prep, peer, reply, self.config.decode.kv_lease_timeout_s)
         self._send_messager(task)  # before the scheduler sees it: the messager knows it first
         rid = prep.request.request_id
-        timings = {"arrival": prep.msg.arrival_time, "prepared": prep.prepared_at}
+        timings = Timings(arrival=prep.msg.arrival_time, prepared=prep.prepared_at)
+        tracked = TrackedRequest(prep.msg.reply_to, peer.name, prep.msg.attempt, timings)
         with self.loop.lock:
-            self._tracked[rid] = TrackedRequest(prep.msg.reply_to, peer.name, timings)
+            self._tracked[rid] = tracked
             self.core.scheduler.add_request(prep.request)
         self.loop.wake()
 
     def _fail(self, msg: GenerateRequest, error: str, overloaded: bool = False) -> None:
         self.counters.add("overloaded_requests" if overloaded else "failed_requests")
-        item = TokenPublisher.error_item(msg.request_id, 0, error, overloaded)
+        item = TokenPublisher.error_item(msg.request_id, msg.attempt, 0, error, overloaded)
         self.publisher.publish({msg.reply_to: [item]})
 
     # ------------------------------------------------------------------ engine thread
@@ -259,9 +263,9 @@ class PrefillInstance:
         with self.loop.lock:
             for chunk in sched.chunks:
                 tracked = self._tracked.get(chunk.request_id)
-                if tracked is not None:
-                    tracked.timings.setdefault("prefill_start", now)
-                chunks.append([chunk.request_id, chunk.end_pos, chunk.sample])
+                if tracked is not None and tracked.timings.prefill_start is None:
+                    tracked.timings.prefill_start = now
+                chunks.append(ChunkPlan(chunk.request_id, chunk.end_pos, chunk.sample))
         self._step_id = sched.step_id
         self.link.send(StepPlan(sched.step_id, chunks))
 
@@ -277,11 +281,11 @@ class PrefillInstance:
                 tracked = self._tracked.get(delta.request_id)
             if tracked is None:
                 continue
-            tracked.timings["prefill_end"] = now
+            tracked.timings.prefill_end = now
             if tracked.reply_to:
-                by_router[tracked.reply_to].append(
-                    TokenPublisher.item(delta, tracked.decode, **tracked.timings)
-                )
+                timings = dataclasses.replace(tracked.timings)
+                item = TokenPublisher.item(delta, tracked.attempt, tracked.decode, timings)
+                by_router[tracked.reply_to].append(item)
             if delta.status is RequestStatus.SENDING_KV:
                 tracked.transfer_started = time.monotonic()
                 self.link.send(PrefillDone(delta.request_id, delta.new_token_ids[0]))
@@ -312,7 +316,9 @@ class PrefillInstance:
         if done.ok:
             self.transfer_seconds.observe(done.seconds)
         if not done.ok and tracked is not None and tracked.reply_to:
-            error = TokenPublisher.error_item(done.request_id, 1, f"KV transfer: {done.error}")
+            error = TokenPublisher.error_item(
+                done.request_id, tracked.attempt, 1, f"KV transfer: {done.error}"
+            )
             self.publisher.publish({tracked.reply_to: [error]})
 
     def _check_transfer_deadlines(self) -> None:
@@ -341,7 +347,7 @@ class PrefillInstance:
             cancel = CancelCache(chunk.request_id, "prefill step failed", client_informed=True)
             self._send_messager(cancel)
             if tracked.reply_to:
-                item = TokenPublisher.error_item(chunk.request_id, 0, error)
+                item = TokenPublisher.error_item(chunk.request_id, tracked.attempt, 0, error)
                 self.publisher.publish({tracked.reply_to: [item]})
         self.pool.notify_progress()
 

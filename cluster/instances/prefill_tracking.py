@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cache_transfer.messages import TransferDone
+from engine.protocol.cache import TransferDone
+from engine.protocol.identity import InstanceId
+from engine.protocol.tokens import Timings
 
 
 @dataclass
@@ -12,8 +14,9 @@ class TrackedRequest:
     """P's view of a request from admission to the end of its transfer."""
 
     reply_to: str  # the router's token inbox; "" once the client has its answer or is gone
-    decode: str  # the decode instance that holds its reservation
-    timings: dict[str, float] = field(default_factory=dict)
+    decode: InstanceId  # the decode instance that holds its reservation
+    attempt: int  # the router's attempt (engine.protocol.requests)
+    timings: Timings = field(default_factory=Timings)
     transfer_started: float = 0.0  # monotonic, when the first token was sampled
     cancel_sent: bool = False
     # Cancelled on purpose (finished on P, client gone): its transfer ending is no failure.

@@ -17,11 +17,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cache_transfer.messages import CacheTask
 from cluster.config import PrefillConfig
 from cluster.instances.decode_picker import DecodePeer, DecodePicker
+from engine.protocol.cache import CacheTask
 from engine.protocol.channels import ChannelError, SenderPool
-from engine.protocol.requests import GenerateRequest
+from engine.protocol.identity import InstanceId
+from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
 from engine.request import Request
 
@@ -42,7 +43,7 @@ class Preparation:
     aborted: threading.Event = field(default_factory=threading.Event)
     reply: DecodeAllocation | None = None
     replied: threading.Event = field(default_factory=threading.Event)
-    waiting_on: str = ""  # the D whose answer this thread awaits
+    waiting_on: InstanceId | None = None  # the D whose answer this thread awaits
     prepared_at: float = 0.0
 
 
@@ -57,7 +58,7 @@ class PrepareHooks:
     backlog_ok: Callable[[], bool]  # P's queue is short enough to ask a D for blocks now
     eos_token_ids: tuple[int, ...]
     inbox: str  # P's inbox, where D answers
-    name: str
+    name: InstanceId
 
 
 class PreparePool:
@@ -96,10 +97,10 @@ class PreparePool:
             prep.replied.set()
             return True
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, msg: AbortRequest) -> bool:
         with self._lock:
-            prep = self._active.get(request_id)
-        if prep is None:
+            prep = self._active.get(msg.request_id)
+        if prep is None or not msg.covers(prep.msg.attempt):
             return False
         prep.aborted.set()
         prep.replied.set()  # wake the thread if it is waiting on D
@@ -130,7 +131,7 @@ class PreparePool:
             self._wait_for_backlog(prep)
             peer, reply = self._find_decode(prep)
             if prep.aborted.is_set():
-                self._cancel(peer, rid, "aborted while preparing")
+                self._cancel(peer, prep, "aborted while preparing")
                 raise PrepareFailed("aborted")
             prep.prepared_at = time.time()
             self.hooks.admit(prep, peer, reply)
@@ -174,7 +175,7 @@ class PreparePool:
 
     def _find_decode(self, prep: Preparation) -> tuple[DecodePeer, DecodeAllocation]:
         """(b) + (c): ask decode instances in turn until one allocates."""
-        tried: set[str] = set()
+        tried: set[InstanceId] = set()
         needed = -(-(prep.request.num_prompt_tokens + 1) // self._block_size())
         reasons = []
         for _ in range(self.config.max_decode_attempts):
@@ -201,11 +202,12 @@ class PreparePool:
         task = DecodeTask(
             request_id=rid,
             prompt_token_ids=prep.request.prompt_token_ids,
-            sampling=prep.request.sampling_params.to_dict(),
+            sampling=prep.request.sampling_params,
             eos_token_ids=list(self.hooks.eos_token_ids),
             reply_to=self.hooks.inbox,
             router_inbox=prep.msg.reply_to,
             prefill_instance=self.hooks.name,
+            attempt=prep.msg.attempt,
         )
         try:
             self.senders.send(peer.inbox, task)
@@ -214,20 +216,21 @@ class PreparePool:
             return None
         answered = prep.replied.wait(self.config.allocation_timeout_s)
         with self._lock:
-            prep.waiting_on = ""
+            prep.waiting_on = None
             reply = prep.reply
         if not answered:
             self.picker.on_timeout(peer.name)
-            self._cancel(peer, rid, "allocation reply timed out")  # in case it arrives later
+            self._cancel(peer, prep, "allocation reply timed out")  # in case it arrives later
             return None
         if reply is None:  # woken by an abort
-            self._cancel(peer, rid, "aborted while preparing")
+            self._cancel(peer, prep, "aborted while preparing")
         return reply
 
-    def _cancel(self, peer: DecodePeer, request_id: str, reason: str) -> None:
+    def _cancel(self, peer: DecodePeer, prep: Preparation, reason: str) -> None:
         # Sent on this thread's socket to D, after the DecodeTask, so D sees them in order.
+        cancel = CancelDecode(prep.request.request_id, reason, prep.msg.attempt)
         with contextlib.suppress(ChannelError):  # D is gone; its lease frees the blocks
-            self.senders.send(peer.inbox, CancelDecode(request_id, reason))
+            self.senders.send(peer.inbox, cancel)
 
     def _block_size(self) -> int:
         return self.config.engine.scheduler.block_size
@@ -247,4 +250,5 @@ def cache_task_for(
         dst_block_ids=list(reply.block_ids[: len(src)]),
         num_prompt_tokens=prep.request.num_prompt_tokens,
         write_deadline=time.time() + lease_s - max(2.0, 0.2 * lease_s),
+        attempt=prep.msg.attempt,
     )

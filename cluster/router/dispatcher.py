@@ -14,6 +14,7 @@ Nothing about a request outlives its `release()`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -32,6 +33,7 @@ from cluster.router.timings import TimingSplit
 from engine.config import Role
 from engine.protocol.cache_events import PrefixCacheEvents
 from engine.protocol.channels import AsyncInbox, AsyncSender, ChannelError
+from engine.protocol.identity import InstanceId
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenBatch, TokenItem
 from engine.sampling_params import SamplingParams
@@ -49,13 +51,15 @@ _ABORT_SEND_TIMEOUT_S = 2.0
 class InstanceEndpoint:
     """Where an instance takes requests: its name (as in `TokenBatch.source`), role and inbox."""
 
-    name: str
+    name: InstanceId
     role: Role
     inbox: str
 
     @classmethod
     def from_dict(cls, data: dict) -> InstanceEndpoint:
-        return cls(name=str(data["name"]), role=Role(data["role"]), inbox=str(data["inbox"]))
+        name = data["name"]
+        assert isinstance(name, InstanceId), name
+        return cls(name=name, role=Role(data["role"]), inbox=str(data["inbox"]))
 
     @property
     def takes_requests(self) -> bool:
@@ -103,9 +107,9 @@ class Dispatcher:
         self.timing_split = TimingSplit()
         self.metrics = RouterMetrics()
         self.chooser = InstanceChooser(config, self.metrics)
-        self._down: set[str] = set()  # instances reported dead, until update_endpoints
+        self._down: set[InstanceId] = set()  # instances reported dead, until update_endpoints
         # What a retry needs to resend a request that a dead instance never started.
-        self._resend: dict[int, tuple[list[int], dict]] = {}
+        self._resend: dict[int, GenerateRequest] = {}
 
     # -------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -154,10 +158,10 @@ class Dispatcher:
         # Registered before sending: the first token may come back before send() returns.
         self._streams[request_id] = stream
         self._outstanding[endpoint.name] += stream.prefill_tokens
-        self._resend[id(stream)] = (list(prompt_token_ids), sampling.to_dict())
         msg = GenerateRequest(
-            request_id, list(prompt_token_ids), sampling.to_dict(), self.inbox_address, time.time()
+            request_id, list(prompt_token_ids), sampling, self.inbox_address, time.time()
         )
+        self._resend[id(stream)] = msg
         try:
             await self._senders[endpoint.name].send(msg)
         except ChannelError as exc:
@@ -166,7 +170,7 @@ class Dispatcher:
         return stream
 
     # -------------------------------------------------------------------------- failures
-    def instance_down(self, name: str) -> dict[str, int]:
+    def instance_down(self, name: InstanceId) -> dict[str, int]:
         """`name` died: retry on another instance the requests it never started, fail the rest
         of its requests, and choose it no more until `update_endpoints`."""
         self._down.add(name)
@@ -208,25 +212,23 @@ class Dispatcher:
         self.endpoints = list(endpoints)
 
     def _retry(self, stream: RequestStream) -> bool:
-        """Send a never-started request to another instance under a new id (the dead one's
-        partner instances may still hold state under the old id: it is aborted)."""
+        """Send a never-started request to another instance as its next attempt. The dead one's
+        partner instances may still hold the earlier attempt: it is aborted (an abort leaves a
+        newer attempt alone, and tokens of an older one are dropped)."""
         candidates = [e for e in self.endpoints if e.takes_requests and e.name not in self._down]
-        resend = self._resend.get(id(stream))
-        if not candidates or resend is None:
+        first = self._resend.get(id(stream))
+        if not candidates or first is None:
             return False
         endpoint = min(candidates, key=lambda e: self._outstanding[e.name])
-        old_id = stream.request_id
-        stream.retries += 1
-        stream.request_id = f"{old_id.split('~')[0]}~retry{stream.retries}"
+        stream.attempt += 1
         stream.instance = endpoint.name
-        self._streams[stream.request_id] = self._streams.pop(old_id)
         stream.prefill_tokens = stream.num_prompt_tokens
         self._outstanding[endpoint.name] += stream.prefill_tokens
-        prompt, sampling = resend
-        msg = GenerateRequest(stream.request_id, prompt, sampling, self.inbox_address, time.time())
+        msg = dataclasses.replace(first, arrival_time=time.time(), attempt=stream.attempt)
+        earlier = AbortRequest(stream.request_id, "retried on another instance", stream.attempt - 1)
         self._spawn(self._senders[endpoint.name].send(msg))
         # Broadcast: the dead instance may have chosen a D that the router never heard of.
-        self._spawn(self._abort(old_id, "retried on another instance", set(self._senders)))
+        self._spawn(self._abort(earlier, set(self._senders)))
         return True
 
     def _spawn(self, coro) -> None:
@@ -262,7 +264,8 @@ class Dispatcher:
         )
         if stream.finish is None or stream.finish.reason not in _CLEAN_FINISHES:
             self._counters["timeouts"] += timed_out
-            self._spawn(self._abort(request_id, reason, stream.holders()))
+            abort = AbortRequest(request_id, reason, stream.attempt)
+            self._spawn(self._abort(abort, stream.holders()))
 
     async def wait_background(self) -> None:
         """Wait until every abort scheduled so far has been sent (or has failed)."""
@@ -289,9 +292,8 @@ class Dispatcher:
             stream.awaiting_first_token = False
             self._outstanding[stream.instance] -= stream.prefill_tokens
 
-    async def _abort(self, request_id: str, reason: str, instances: set[str]) -> None:
-        """Send AbortRequest to each of `instances` (names without a sender are skipped)."""
-        msg = AbortRequest(request_id, reason)
+    async def _abort(self, msg: AbortRequest, instances: set[InstanceId]) -> None:
+        """Send `msg` to each of `instances` (names without a sender are skipped)."""
         names = [name for name in self._senders if name in instances]
         results = await asyncio.gather(
             *(self._senders[n].send(msg, timeout_s=_ABORT_SEND_TIMEOUT_S) for n in names),
@@ -300,7 +302,7 @@ class Dispatcher:
         for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException):
                 self._counters["abort_send_failures"] += 1
-                log.warning("abort of %s not sent to %s: %s", request_id, name, result)
+                log.warning("abort of %s not sent to %s: %s", msg.request_id, name, result)
             else:
                 self._counters["aborts_sent"] += 1
 
@@ -322,9 +324,10 @@ class Dispatcher:
                     if stream is not None:
                         stream.fail("error", "router failed to handle this request's tokens")
 
-    def _route(self, item: TokenItem, source: str) -> None:
+    def _route(self, item: TokenItem, source: InstanceId) -> None:
         stream = self._streams.get(item.request_id)
-        if stream is None:  # late tokens of a request that ended or was aborted
+        if stream is None or item.attempt != stream.attempt:
+            # Late tokens of a request that ended or was aborted, or of an earlier attempt.
             self._counters["unknown_items"] += 1
             return
         stream.sources.add(source)
@@ -337,7 +340,7 @@ class Dispatcher:
         return len(self._streams)
 
     def outstanding_prefill_tokens(self) -> dict[str, int]:
-        return dict(self._outstanding)
+        return {str(name): tokens for name, tokens in self._outstanding.items()}
 
     def stats(self) -> dict:
         return {

@@ -11,7 +11,8 @@ from cluster.config import RouterConfig
 from cluster.metrics import RequestRecord
 from cluster.router.ordering import Finish, TokenOrderer
 from engine.outputs import TokenLogprobs
-from engine.protocol.tokens import TokenItem
+from engine.protocol.identity import InstanceId
+from engine.protocol.tokens import Timings, TokenItem
 
 
 class TokenTimeout(Exception):
@@ -34,16 +35,16 @@ class RequestStream:
     def __init__(
         self,
         request_id: str,
-        instance: str,
+        instance: InstanceId,
         num_prompt_tokens: int,
         config: RouterConfig,
         logprobs: bool = False,
     ) -> None:
         self.request_id = request_id
         self.instance = instance
-        self.decode_instance = ""  # known from P's first item in PD mode
-        self.sources: set[str] = set()  # instances that sent tokens for it
-        self.retries = 0
+        self.decode_instance: InstanceId | None = None  # known from P's first item in PD mode
+        self.sources: set[InstanceId] = set()  # instances that sent tokens for it
+        self.attempt = 0  # resends after the instance holding it died (GenerateRequest.attempt)
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
@@ -53,7 +54,7 @@ class RequestStream:
         # cached there): what it adds to that instance's outstanding prefill tokens.
         self.prefill_tokens = num_prompt_tokens
         self.num_cached_tokens = 0
-        self.stamps: dict[str, float] = {}  # server-side timings from the instances
+        self.stamps = Timings()  # server-side timings from the instances
         self.awaiting_first_token = True  # its prompt counts as outstanding prefill work
         self._config = config
         self._orderer = TokenOrderer(keep_logprobs=logprobs)
@@ -62,7 +63,7 @@ class RequestStream:
         self._logprobs: list[TokenLogprobs | None] | None = [] if logprobs else None
         self._delivered_any = False
 
-    def holders(self) -> set[str]:
+    def holders(self) -> set[InstanceId]:
         """Instances that may hold state for this request: the one it was sent to, the decode
         instance P reported, and any that sent tokens."""
         return {n for n in (self.instance, self.decode_instance, *self.sources) if n}
@@ -75,7 +76,8 @@ class RequestStream:
         """Take an item from an instance; returns how many of its tokens were duplicates."""
         self.decode_instance = item.decode_instance or self.decode_instance
         self.num_cached_tokens = max(self.num_cached_tokens, item.num_cached_tokens)
-        self.stamps.update(item.timings)
+        if item.timings is not None:
+            self.stamps.update(item.timings)
         duplicates_before = self._orderer.duplicates
         tokens = self._orderer.add(item)
         self._tokens.extend(tokens)
@@ -110,7 +112,7 @@ class RequestStream:
         )
 
     def fail(self, reason: str, error: str) -> None:
-        self.add(TokenItem(self.request_id, 0, [], finish_reason=reason, error=error))
+        self.add(TokenItem(self.request_id, 0, [], reason, error, attempt=self.attempt))
 
     async def next(self) -> StreamUpdate:
         """Tokens that arrived since the last call (waits for at least one, or the end)."""

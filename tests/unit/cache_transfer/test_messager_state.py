@@ -6,7 +6,9 @@ import time
 
 from cache_transfer.backend import TransferHandle, TransferState
 from cache_transfer.messager_state import MessagerState
-from cache_transfer.messages import CacheTask
+from engine.config import Role
+from engine.protocol.cache import CacheTask, ChunkPlan
+from engine.protocol.identity import InstanceId
 
 
 class RecordingBackend:
@@ -40,8 +42,11 @@ class RecordingBackend:
                 handle.state = TransferState.DONE
 
 
+D0 = InstanceId(Role.DECODE, 0)
+
+
 def make_state(backend: RecordingBackend, layers: int = 2, wait_s: float = 5.0) -> MessagerState:
-    peers = {"d0": "peer-d0"}
+    peers = {D0: "peer-d0"}
     return MessagerState(backend, layers, block_size=4, resolve_peer=peers.get, task_wait_s=wait_s)
 
 
@@ -49,7 +54,7 @@ def task(rid: str = "r", num_prompt: int = 10, deadline_s: float = 60.0) -> Cach
     blocks = -(-num_prompt // 4)
     return CacheTask(
         rid,
-        "d0",
+        D0,
         "tcp://d0",
         list(range(blocks)),
         [10 + b for b in range(blocks)],
@@ -62,11 +67,13 @@ def test_layerwise_chunked_stream_sends_full_blocks_then_tail() -> None:
     backend = RecordingBackend()
     state = make_state(backend)
     state.add_task(task(num_prompt=10))  # blocks 0,1 full, block 2 is the tail
-    state.add_plan(0, [["r", 6, False]])  # first chunk: positions 0..5 -> only block 0 is full
+    state.add_plan(
+        0, [ChunkPlan("r", 6, False)]
+    )  # first chunk: positions 0..5 -> only block 0 is full
     state.layer_ready(0, 0)
     state.layer_ready(0, 1)
     assert backend.writes == [(0, [0], [10]), (1, [0], [10])]
-    state.add_plan(1, [["r", 10, True]])  # last chunk: block 1 and the tail block 2
+    state.add_plan(1, [ChunkPlan("r", 10, True)])  # last chunk: block 1 and the tail block 2
     state.layer_ready(1, 0)
     assert backend.writes[-1] == (0, [1, 2], [11, 12])
     state.layer_ready(1, 1)
@@ -84,7 +91,7 @@ def test_layerwise_chunked_stream_sends_full_blocks_then_tail() -> None:
 def test_signals_before_task_wait_and_replay() -> None:
     backend = RecordingBackend()
     state = make_state(backend, layers=1)
-    state.add_plan(0, [["r", 8, True]])
+    state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     assert backend.writes == []  # never send KV for an unknown task
     assert state.busy
@@ -95,7 +102,7 @@ def test_signals_before_task_wait_and_replay() -> None:
 def test_task_that_never_comes_is_given_up_and_fails_if_late() -> None:
     backend = RecordingBackend()
     state = make_state(backend, layers=1, wait_s=0.01)
-    state.add_plan(0, [["r", 8, True]])
+    state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     time.sleep(0.02)
     assert state.poll() == [] and not state.deferred
@@ -109,7 +116,7 @@ def test_cancel_waits_for_inflight_writes_then_fails() -> None:
     backend = RecordingBackend()
     state = make_state(backend, layers=1)
     state.add_task(task(num_prompt=8))
-    state.add_plan(0, [["r", 8, True]])
+    state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     assert state.cancel("r", "aborted")
     assert state.poll() == []  # the in-flight write must drain before D may free its blocks
@@ -124,7 +131,7 @@ def test_failed_write_fails_the_task_and_stops_writing() -> None:
     backend.fail_next = True
     state = make_state(backend, layers=2)
     state.add_task(task(num_prompt=8))
-    state.add_plan(0, [["r", 8, True]])
+    state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     (outcome,) = state.poll()
     assert not outcome.ok and outcome.error == "injected"
@@ -138,7 +145,7 @@ def test_unknown_decode_instance_fails_without_writing() -> None:
     bad = task()
     bad.decode_instance = "d9"
     state.add_task(bad)
-    state.add_plan(0, [["r", 10, True]])
+    state.add_plan(0, [ChunkPlan("r", 10, True)])
     state.layer_ready(0, 0)
     (outcome,) = state.poll()
     assert not outcome.ok and "d9" in outcome.error and backend.writes == []
@@ -148,7 +155,7 @@ def test_no_write_after_the_write_deadline() -> None:
     backend = RecordingBackend()
     state = make_state(backend, layers=2)
     state.add_task(task(num_prompt=8, deadline_s=-1.0))  # already past
-    state.add_plan(0, [["r", 8, True]])
+    state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     (outcome,) = state.poll()
     assert not outcome.ok and "deadline" in outcome.error

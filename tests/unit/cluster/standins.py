@@ -9,7 +9,9 @@ import time
 
 from cluster.instances.decode_picker import DecodePeer
 from cluster.instances.prepare_pool import PrepareHooks
+from engine.config import Role
 from engine.protocol.channels import Inbox, SenderPool
+from engine.protocol.identity import InstanceId
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
 from engine.request import Request
 
@@ -17,10 +19,10 @@ from engine.request import Request
 class FakeDecode(threading.Thread):
     """Answers DecodeTasks: 'accept', 'refuse', 'silent' (never) or a delay in seconds."""
 
-    def __init__(self, name: str, policy: str | float = "accept", free: int = 100) -> None:
+    def __init__(self, index: int, policy: str | float = "accept", free: int = 100) -> None:
         super().__init__(daemon=True)
         self.inbox = Inbox("127.0.0.1", accept=(DecodeTask, CancelDecode))
-        self.name_ = name
+        self.name_ = InstanceId(Role.DECODE, index)
         self.policy = policy
         self.free = free
         self.tasks: list[str] = []
@@ -42,8 +44,9 @@ class FakeDecode(threading.Thread):
                 if self.policy == "silent":
                     continue
                 ok = self.policy != "refuse"
+                blocks = [1, 2] if ok else []
                 reply = DecodeAllocation(
-                    msg.request_id, self.name_, ok, [1, 2] if ok else [], "", 50
+                    msg.request_id, self.name_, ok, blocks, "", 50, msg.attempt
                 )
                 delay = self.policy if isinstance(self.policy, float) else 0.0
                 self._replies.put((time.monotonic() + delay, msg.reply_to, reply))
@@ -90,7 +93,7 @@ class FakePrefill:
             lambda: True,
             (2,),
             self.inbox.address,
-            "p0",
+            InstanceId(Role.PREFILL, 0),
         )
 
     def reserve(self, request: Request) -> bool:
@@ -106,7 +109,7 @@ class FakePrefill:
 
     def admit(self, prep, peer, reply) -> None:
         with self.lock:
-            self.admitted[prep.request.request_id] = peer.name
+            self.admitted[prep.request.request_id] = str(peer.name)
             self.reserved.remove(prep.request.request_id)
 
     def fail(self, msg, error: str, overloaded: bool = False) -> None:

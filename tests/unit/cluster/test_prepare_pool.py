@@ -11,7 +11,7 @@ from cluster.config import PrefillConfig
 from cluster.instances.decode_picker import DecodePicker
 from cluster.instances.prepare_pool import Preparation, PreparePool
 from engine.protocol.channels import SenderPool
-from engine.protocol.requests import GenerateRequest
+from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from tests.unit.cluster.standins import FakeDecode, FakePrefill, route_replies
@@ -22,7 +22,7 @@ def env():
     made: list = []
 
     def build(policies: list, threads: int = 4, timeout: float = 0.3, attempts: int = 3):
-        decodes = [FakeDecode(f"d{i}", p, free=200 - i) for i, p in enumerate(policies)]
+        decodes = [FakeDecode(i, p, free=200 - i) for i, p in enumerate(policies)]
         prefill = FakePrefill()
         config = PrefillConfig(
             prepare_threads=threads, allocation_timeout_s=timeout, max_decode_attempts=attempts
@@ -44,7 +44,7 @@ def env():
 
 def submit(pool: PreparePool, rid: str) -> None:
     request = Request(rid, [1, 2, 3], SamplingParams(max_tokens=4))
-    msg = GenerateRequest(rid, [1, 2, 3], request.sampling_params.to_dict(), "tcp://x:1", 0.0)
+    msg = GenerateRequest(rid, [1, 2, 3], request.sampling_params, "tcp://x:1", 0.0)
     pool.submit(Preparation(msg, request))
 
 
@@ -59,14 +59,14 @@ def test_refusal_goes_to_the_next_decode(env) -> None:
     _, prefill, pool = env(["refuse", "accept"])
     submit(pool, "r1")
     wait_for(lambda: "r1" in prefill.admitted)
-    assert prefill.admitted["r1"] == "d1" and not prefill.reserved
+    assert prefill.admitted["r1"] == "decode-1" and not prefill.reserved
 
 
 def test_timeout_tries_another_and_cancels_the_late_one(env) -> None:
     decodes, prefill, pool = env(["silent", "accept"])  # d0 looks emptier: asked first
     submit(pool, "r1")
     wait_for(lambda: "r1" in prefill.admitted)
-    assert decodes[0].tasks == ["r1"] and prefill.admitted["r1"] == "d1"
+    assert decodes[0].tasks == ["r1"] and prefill.admitted["r1"] == "decode-1"
     wait_for(lambda: decodes[0].cancels == ["r1"])
 
 
@@ -82,7 +82,8 @@ def test_abort_while_waiting_frees_and_cancels(env) -> None:
     decodes, prefill, pool = env(["silent"], timeout=5.0)
     submit(pool, "r1")
     wait_for(lambda: decodes[0].tasks == ["r1"])
-    assert pool.abort("r1")
+    assert not pool.abort(AbortRequest("r1", "an earlier attempt", attempt=-1))
+    assert pool.abort(AbortRequest("r1", "client gone"))
     wait_for(lambda: pool.queue_depth == 0)
     assert not prefill.reserved and "r1" not in prefill.failed  # aborted: nobody to tell
     wait_for(lambda: decodes[0].cancels == ["r1"])
@@ -97,4 +98,4 @@ def test_stalled_decode_does_not_stall_requests_another_can_take(env) -> None:
     wait_for(lambda: len(prefill.admitted) == 8 - len(decodes[0].tasks), timeout=1.9)
     assert len(decodes[0].tasks) <= 2
     wait_for(lambda: len(prefill.admitted) == 8, timeout=10)
-    assert set(prefill.admitted.values()) == {"d1"}
+    assert set(prefill.admitted.values()) == {"decode-1"}

@@ -22,6 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from cluster.router.dispatcher import InstanceEndpoint
 from engine.config import Role
 from engine.protocol.channels import Inbox, Sender
+from engine.protocol.identity import InstanceId
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenBatch, TokenItem
 from engine.tokenizer import Tokenizer
@@ -98,8 +99,10 @@ class FakeInstance:
         error: str | None = None,
         fail_suffix: str | None = None,
         error_reason: str = "error",
+        index: int = 0,
     ) -> None:
-        self.name = name
+        self.label = name  # the test's own name for it
+        self.name = InstanceId(role, index)
         self.role = role
         self._script = script
         self._peer = decode_peer
@@ -180,9 +183,13 @@ class FakeInstance:
         with self._changed:
             if isinstance(msg, AbortRequest):
                 self.aborts.append(msg)
-                self._active.pop(msg.request_id, None)
+                active = self._active.get(msg.request_id)
+                if active is not None and msg.covers(active.msg.attempt):
+                    del self._active[msg.request_id]
                 self._parked = [
-                    (due, m) for due, m in self._parked if m.request_id != msg.request_id
+                    (due, m)
+                    for due, m in self._parked
+                    if m.request_id != msg.request_id or not msg.covers(m.attempt)
                 ]
             else:
                 self.received.append(msg)
@@ -193,7 +200,7 @@ class FakeInstance:
         failing = self._fail_suffix is None or msg.request_id.endswith(self._fail_suffix)
         if self._error is not None and failing:
             item = TokenItem(
-                msg.request_id, 0, [], finish_reason=self._error_reason, error=self._error
+                msg.request_id, 0, [], self._error_reason, self._error, attempt=msg.attempt
             )
             self._send(msg.reply_to, [item])
         elif self.role == Role.PREFILL:
@@ -209,7 +216,7 @@ class FakeInstance:
         due = [m for t, m in self._parked if t <= now]
         self._parked = [(t, m) for t, m in self._parked if t > now]
         for msg in due:
-            max_tokens = msg.sampling["max_tokens"]
+            max_tokens = msg.sampling.max_tokens
             if max_tokens > 1 and self._peer is not None:
                 # Forward first: with a first-token delay, D's tokens overtake P's.
                 self._send(self._peer.inbox.address, msg)
@@ -223,15 +230,16 @@ class FakeInstance:
                 num_prompt_tokens=len(msg.prompt_token_ids),
                 logprobs=logprobs,
                 # As a real P reports its D with the first token (the router aborts it there).
-                decode_instance=self._peer.name if self._peer is not None and not finish else "",
+                decode_instance=self._peer.name if self._peer is not None and not finish else None,
+                attempt=msg.attempt,
             )
             self._send(msg.reply_to, [item])
 
     def _tokens(self, msg: GenerateRequest, start: int, end: int) -> tuple[list[int], list | None]:
         """Output tokens start..end-1 of a request, and their logprobs if it asked."""
-        shift = msg.sampling.get("seed") or 0
+        shift = msg.sampling.seed or 0
         tokens = [self._script[(i + shift) % len(self._script)] for i in range(start, end)]
-        top = msg.sampling.get("logprobs")
+        top = msg.sampling.logprobs
         if top is None:
             return tokens, None
         logprobs = [
@@ -242,7 +250,7 @@ class FakeInstance:
     def _step(self) -> None:
         by_router: dict[str, list[TokenItem]] = {}
         for request_id, active in list(self._active.items()):
-            max_tokens = active.msg.sampling["max_tokens"]
+            max_tokens = active.msg.sampling.max_tokens
             end = min(active.next_index + self._tokens_per_step, max_tokens)
             tokens, logprobs = self._tokens(active.msg, active.next_index, end)
             finish = "length" if end >= max_tokens else None
@@ -253,6 +261,7 @@ class FakeInstance:
                 finish_reason=finish,
                 num_prompt_tokens=len(active.msg.prompt_token_ids),
                 logprobs=logprobs,
+                attempt=active.msg.attempt,
             )
             by_router.setdefault(active.msg.reply_to, []).append(item)
             active.next_index = end
