@@ -10,26 +10,26 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
     PlacementGroupSchedulingStrategy,
 )
 
-from cache_transfer.messager import CacheMessager
 from cluster.config import PdserveConfig, PlacementConfig, RouterPlacement
+from cluster.deployment import Deployment, wire_prefill
 from cluster.instances.decode import DecodeInstance
 from cluster.instances.mixed import MixedInstance
 from cluster.instances.prefill import PrefillInstance
+from cluster.messager.actor import CacheMessager
 from cluster.router.actor import RouterActor
 from cluster.supervisor import Supervisor
 from engine.config import Role
 from engine.errors import DeployError
-from engine.protocol.identity import InstanceId, MessagerId, WorkerId
+from engine.protocol.identity import InstanceId, MessagerId
 from worker.engine_core import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -38,96 +38,6 @@ _MESSAGER_CPUS = 0.25
 _RAY_NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 # Actor methods (stats, is_ready, abort plumbing) run on a few Ray threads beside the actor's own.
 _ACTOR_CONCURRENCY = 8
-
-
-@dataclass
-class Deployment:
-    """Handles of a running deployment; `stop()` tears everything down."""
-
-    config: PdserveConfig
-    url: str = ""
-    router: Any = None
-    prefills: list[Any] = field(default_factory=list)
-    messagers: list[Any] = field(default_factory=list)
-    decodes: list[Any] = field(default_factory=list)
-    mixed: list[Any] = field(default_factory=list)
-    placement_groups: list[Any] = field(default_factory=list)
-    endpoints: list[dict] = field(default_factory=list)
-    infos: dict[WorkerId, dict] = field(default_factory=dict)  # each actor's setup() answer
-    owns_ray: bool = False
-    supervisor: Any = None
-
-    def _group(self, role: Role) -> list[Any]:
-        return {Role.PREFILL: self.prefills, Role.DECODE: self.decodes, Role.MIXED: self.mixed}[
-            role
-        ]
-
-    def ids(self, *roles: Role) -> list[InstanceId]:
-        return [InstanceId(role, i) for role in roles for i in range(len(self._group(role)))]
-
-    def messager_ids(self) -> list[MessagerId]:
-        return [MessagerId(i) for i in range(len(self.messagers))]
-
-    @property
-    def decode_infos(self) -> list[dict]:
-        return [self.infos[i] for i in self.ids(Role.DECODE)]
-
-    def actor(self, worker: WorkerId) -> Any:
-        if isinstance(worker, MessagerId):
-            return self.messagers[worker.index]
-        return self._group(worker.role)[worker.index]
-
-    @property
-    def max_model_len(self) -> int:
-        return min(e["max_model_len"] for e in self.endpoints)
-
-    @property
-    def instances(self) -> list[Any]:
-        return [*self.prefills, *self.decodes, *self.mixed]
-
-    def workers(self) -> list[WorkerId]:
-        """Every instance and cache messager (the router aside)."""
-        return [*self.ids(Role.PREFILL, Role.DECODE, Role.MIXED), *self.messager_ids()]
-
-    def named_workers(self) -> dict[str, Any]:
-        """Every instance and cache messager by name (the router aside)."""
-        return {str(w): self.actor(w) for w in self.workers()}
-
-    def stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
-        """Every actor's stats by name; an actor that does not answer in time (stalled, dead)
-        appears as {"name", "error"}."""
-        actors = {"router": self.router} if self.router is not None else {}
-        actors.update(self.named_workers())
-        refs = {name: actor.stats.remote() for name, actor in actors.items()}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        done = set(ready)
-        out: dict[str, Any] = {}
-        for name, ref in refs.items():
-            try:
-                out[name] = ray.get(ref) if ref in done else {"name": name, "error": "no answer"}
-            except Exception as exc:  # a dead actor
-                out[name] = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
-        return out
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.supervisor is not None:
-            self.supervisor.stop()
-        actors = [a for a in [*self.instances, *self.messagers] if a is not None]
-        refs = [a.shutdown.remote() for a in actors]
-        if self.router is not None:
-            if self.url:  # a router that never started has no server to stop: only kill it
-                refs.append(self.router.stop.remote())
-            actors.append(self.router)
-        try:
-            ray.get(refs, timeout=timeout_s)
-        except Exception as exc:  # best effort: the kill below frees everything anyway
-            log.warning("shutdown incomplete: %s", exc)
-        for actor in actors:
-            ray.kill(actor)
-        for pg in self.placement_groups:
-            remove_placement_group(pg)
-        if self.owns_ray:
-            ray.shutdown()
 
 
 def init_ray(config: PdserveConfig, address: str | None = None) -> bool:
@@ -223,33 +133,7 @@ def _start_instances(dep: Deployment) -> None:
     dep.infos = {info["name"]: info for info in infos}
     for index in range(len(dep.prefills)):
         wire_prefill(dep, index)
-    dep.endpoints = [dep.infos[i] for i in dep.ids(Role.PREFILL, Role.DECODE, Role.MIXED)]
-
-
-def wire_prefill(dep: Deployment, index: int) -> None:
-    """(Re)connect prefill instance `index`, its messager and the decode instances."""
-    timeout = dep.config.cluster.startup_timeout_s
-    p_info = dep.infos[InstanceId(Role.PREFILL, index)]
-    messager = dep.messagers[index]
-    m_info = ray.get(
-        messager.setup.remote(p_info["node_ip"], p_info["kv_cache"], p_info["inbox"]),
-        timeout=timeout,
-    )
-    dep.infos[m_info["name"]] = m_info
-    decodes = dep.decode_infos
-    ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
-    ray.get(dep.prefills[index].connect.remote(m_info["inbox"], decodes), timeout=timeout)
-
-
-def reconnect_decodes(dep: Deployment) -> None:
-    """After a decode instance restarted: messagers connect to its new transfer endpoint and
-    prefill instances learn its new inbox."""
-    timeout = dep.config.cluster.startup_timeout_s
-    decodes = dep.decode_infos
-    for index, messager in enumerate(dep.messagers):
-        ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
-        inbox = dep.infos[MessagerId(index)]["inbox"]
-        ray.get(dep.prefills[index].connect.remote(inbox, decodes), timeout=timeout)
+    dep.refresh_endpoints()
 
 
 def _prefill_placement_group(cfg: PdserveConfig):
@@ -300,7 +184,7 @@ def _start_router(dep: Deployment) -> None:
         .remote(raw, str(resolve_model_path(cfg.model)), _router_host(cfg), dep.max_model_len)
     )
     dep.router = router  # set first, so that stop() removes it whatever happens next
-    endpoints = [{"name": e["name"], "role": e["role"], "inbox": e["inbox"]} for e in dep.endpoints]
+    endpoints = dep.router_endpoints()
     try:
         dep.url = ray.get(
             router.start.remote(endpoints, dep.instances), timeout=cfg.cluster.startup_timeout_s

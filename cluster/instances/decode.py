@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from cache_transfer.factory import make_backend, regions_of_tensors
+from cache_transfer.factory import kv_agent_name, make_backend, regions_of_tensors
 from cluster.config import PdserveConfig
 from cluster.instances.common import (
     Counters,
@@ -65,7 +65,7 @@ class DecodeInstance:
         cfg = self.config
         overlap = resolve_overlap(cfg.decode.overlap_schedule, cfg.model)
         self.core = EngineCore(cfg.model, cfg.decode.engine, Role.DECODE, overlap=overlap)
-        self.backend = make_backend(cfg.transfer.backend, f"{self.name}-kv", self.host)
+        self.backend = make_backend(cfg.transfer.backend, kv_agent_name(self.name), self.host)
         self.backend.register(regions_of_tensors(self.core.runner.kv_cache.layers))
         self.senders = SenderPool()
         self.publisher = TokenPublisher(self.name, self.senders, self.counters)
@@ -257,6 +257,10 @@ class DecodeInstance:
         if not hasattr(self, "loop"):
             return False
         return self.loop.alive and self._receiver.is_alive()
+
+    def heartbeat_age_s(self) -> float | None:
+        """Seconds since the engine loop last went round; None before setup() (restarted)."""
+        return self.loop.heartbeat_age_s() if hasattr(self, "loop") else None
 
     def stats(self) -> dict:
         with self.loop.lock:

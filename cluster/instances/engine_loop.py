@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
 
@@ -50,6 +51,7 @@ class EngineLoop:
         self.steps = 0
         self.failed_steps = 0
         self.trimmer = MallocTrimmer()
+        self.heartbeat = time.monotonic()  # of the last round, for the supervisor
 
     def start(self) -> None:
         self._thread.start()
@@ -66,8 +68,12 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def heartbeat_age_s(self) -> float:
+        return time.monotonic() - self.heartbeat
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
             self._tick()
             with self.lock:
                 sched = self.core.scheduler.schedule()

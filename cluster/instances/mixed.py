@@ -120,6 +120,10 @@ class MixedInstance:
         """False until setup() ran (also right after Ray restarted this actor)."""
         return hasattr(self, "loop") and self.loop.alive
 
+    def heartbeat_age_s(self) -> float | None:
+        """Seconds since the engine loop last went round; None before setup() (restarted)."""
+        return self.loop.heartbeat_age_s() if hasattr(self, "loop") else None
+
     def stats(self) -> dict:
         with self.loop.lock:
             return engine_stats(

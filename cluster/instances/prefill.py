@@ -365,6 +365,10 @@ class PrefillInstance:
             return False
         return self.loop.alive and self._receiver.is_alive() and self._messager_inbox is not None
 
+    def heartbeat_age_s(self) -> float | None:
+        """Seconds since the engine loop last went round; None before setup() (restarted)."""
+        return self.loop.heartbeat_age_s() if hasattr(self, "loop") else None
+
     def stats(self) -> dict:
         with self.loop.lock:
             stats = engine_stats(

@@ -9,8 +9,12 @@ Completion goes to D as a `KvComplete` message on D's inbox, sent only after eve
 request polled DONE (which, per the backend contract, means the bytes are in D's memory). A zmq
 message lets D block on its inbox instead of polling NIXL's notification list.
 
-The loop blocks on its inbox; while writes are in flight it wakes every `_BUSY_POLL_S` to poll
-their state, because NIXL offers no completion handle to block on.
+One loop owns the bookkeeping (`MessagerState`). It blocks on its inbox; while writes are in
+flight it wakes every `_BUSY_POLL_S` to poll them, because NIXL offers no completion handle to
+block on. Each message and each outcome is handled under its own guard: a message that cannot
+be handled fails its request only (D hears `KvComplete(ok=False)`, P `TransferDone(ok=False)`),
+and the loop goes on. Ray's method threads touch only the backend (thread-safe by contract),
+never the state.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 from cache_transfer.backend import deadline_in
-from cache_transfer.factory import attach_shared_kv, make_backend
-from cache_transfer.messager_state import MessagerState, Outcome
+from cache_transfer.factory import attach_shared_kv, kv_agent_name, make_backend
+from cluster.messager.state import MessagerState, Outcome
 from engine.procinfo import rss_mb
 from engine.protocol.cache import (
     CacheTask,
@@ -33,13 +38,14 @@ from engine.protocol.cache import (
     StepPlan,
     TransferDone,
 )
-from engine.protocol.channels import ChannelError, Inbox, SenderPool, node_ip_address
+from engine.protocol.channels import Inbox, SenderPool, node_ip_address
 from engine.protocol.identity import InstanceId, MessagerId
 
 log = logging.getLogger(__name__)
 
 _BUSY_POLL_S = 0.0005
 _IDLE_WAIT_S = 0.5
+_ACCEPTS = (CacheTask, StepPlan, LayerReady, PrefillDone, CancelCache)
 
 
 class CacheMessager:
@@ -47,72 +53,74 @@ class CacheMessager:
         self.name = name
         self.backend_name = backend
         self.task_wait_s = task_wait_s
-        self._peers: dict[InstanceId, str] = {}  # decode instance -> backend peer name
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._heartbeat = time.monotonic()
 
     def setup(self, host: str | None, kv_handle: dict, prefill_inbox: str) -> dict:
         """Map P's KV cache (its shared KV store's `handle()`), register it, start the loop. Called
         again after this actor or its prefill instance restarted."""
-        if getattr(self, "_thread", None) is not None:
+        if self._thread is not None:
             self.shutdown()  # re-attaching to a restarted prefill instance: start clean
         self._stop = threading.Event()
-        self._peers = {}
-        self.host = host or node_ip_address()
-        self.prefill_inbox = prefill_inbox
+        host = host or node_ip_address()
         self.kv = attach_shared_kv(kv_handle)
         regions = self.kv.regions()
-        self.backend = make_backend(self.backend_name, f"{self.name}-kv", self.host)
+        self.backend = make_backend(self.backend_name, kv_agent_name(self.name), host)
         self.backend.register(regions)
-        self.state = MessagerState(
-            self.backend,
-            regions.layout.num_layers,
-            regions.layout.block_size,
-            self._resolve_peer,
-            self.task_wait_s,
+        layout = regions.layout
+        state = MessagerState(
+            self.backend, layout.num_layers, layout.block_size, kv_agent_name, self.task_wait_s
         )
-        self.senders = SenderPool()
-        accept = (CacheTask, StepPlan, LayerReady, PrefillDone, CancelCache)
-        self.inbox = Inbox(self.host, accept=accept, name=str(self.name))
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.open(state, host, prefill_inbox)
+        self._thread = threading.Thread(target=self._run, name=str(self.name), daemon=True)
+        self._heartbeat = time.monotonic()
         self._thread.start()
         return {"name": self.name, "inbox": self.inbox.address}
+
+    def open(self, state: MessagerState, host: str, prefill_inbox: str) -> None:
+        """Bind the inbox and take `state`; the loop's rounds (`round()`) may start."""
+        self.state = state
+        self.prefill_inbox = prefill_inbox
+        self.senders = SenderPool()
+        self.inbox = Inbox(host, accept=_ACCEPTS, name=str(self.name))
 
     def add_decode_peers(self, decodes: list[dict], timeout_s: float = 30.0) -> None:
         """Connect to decode instances' transfer endpoints (again, if one restarted)."""
         for decode in decodes:
-            peer = self.backend.connect(decode["transfer"], deadline_in(timeout_s))
-            with self._lock:
-                self._peers[decode["name"]] = peer
+            self.backend.connect(decode["transfer"], deadline_in(timeout_s))
 
-    def decode_down(self, decode_name: InstanceId) -> None:
-        """A decode instance died: its pending writes fail, its tasks end (P hears of each)."""
-        with self._lock:
-            peer = self._peers.pop(decode_name, None)
-        if peer is not None:
-            self.backend.disconnect(peer)
-
-    def _resolve_peer(self, decode_name: InstanceId) -> str | None:
-        with self._lock:
-            return self._peers.get(decode_name)
+    def decode_down(self, decode: InstanceId) -> None:
+        """A decode instance died: its pending writes fail, so its tasks end (P hears of each)."""
+        self.backend.disconnect(kv_agent_name(decode))
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
         while not self._stop.is_set():
-            timeout = _BUSY_POLL_S if self.state.busy else _IDLE_WAIT_S
-            msg = self.inbox.recv(timeout_s=timeout)
-            try:
-                if msg is not None:
-                    self._handle(msg)
-                    for msg in self.inbox.drain():
-                        self._handle(msg)
-                for outcome in self.state.poll():
-                    self._report(outcome)
-            except Exception:  # keep streaming other requests; the failed ones time out on P
-                log.exception("cache messager %s: loop error", self.name)
+            self.round()
 
-    def _handle(self, msg) -> None:
+    def round(self) -> None:
+        """One turn of the loop: wait for messages (briefly while writes are in flight), apply
+        them, report the tasks that finished."""
+        self._heartbeat = time.monotonic()
+        timeout = _BUSY_POLL_S if self.state.busy else _IDLE_WAIT_S
+        msg = self.inbox.recv(timeout_s=timeout)
+        if msg is not None:
+            for each in [msg, *self.inbox.drain()]:
+                self._apply(each)
+        for outcome in self.state.poll():
+            self._report(outcome)
+
+    def _apply(self, msg: Any) -> None:
+        """Handle one message; if that fails, fail its request (if it names one), nothing else."""
+        try:
+            self._handle(msg)
+        except Exception as exc:
+            log.exception("cache messager %s: could not handle %s", self.name, type(msg).__name__)
+            self.state.counters["bad_messages"] += 1
+            self._fail(msg, f"cache messager could not handle {type(msg).__name__}: {exc}")
+
+    def _handle(self, msg: Any) -> None:
         state = self.state
         if isinstance(msg, LayerReady):
             state.layer_ready(msg.step_id, msg.layer)
@@ -128,6 +136,15 @@ class CacheMessager:
             # Unknown here: P still waits for an answer before it frees its blocks.
             self._send(self.prefill_inbox, TransferDone(msg.request_id, False, msg.reason))
 
+    def _fail(self, msg: Any, error: str) -> None:
+        request_id = getattr(msg, "request_id", None)
+        if request_id is None or self.state.cancel(request_id, error):
+            return  # a step's signal (its requests fail one by one), or reported once drained
+        if isinstance(msg, CacheTask):  # never became a task: nothing was written
+            failed = KvComplete(request_id, False, error=error, attempt=msg.attempt)
+            self._send(msg.decode_inbox, failed)
+        self._send(self.prefill_inbox, TransferDone(request_id, False, error))
+
     def _report(self, outcome: Outcome) -> None:
         st = outcome.state
         done = KvComplete(
@@ -135,26 +152,30 @@ class CacheMessager:
             outcome.ok,
             st.first_token_id if st.first_token_id is not None else -1,
             outcome.error,
-            client_informed=st.client_informed,
             signalled_time=max(st.prefill_done_wall, st.all_issued_wall),
             writes_done_time=st.writes_done_wall,
+            client_informed=st.client_informed,
             attempt=st.task.attempt,
         )
         self._send(st.task.decode_inbox, done)
-        self._send(
-            self.prefill_inbox,
-            TransferDone(st.request_id, outcome.ok, outcome.error, st.nbytes, outcome.seconds),
+        transfer = TransferDone(
+            st.request_id, outcome.ok, outcome.error, st.nbytes, outcome.seconds
         )
+        self._send(self.prefill_inbox, transfer)
 
-    def _send(self, address: str, msg) -> None:
+    def _send(self, address: str, msg: Any) -> None:
         try:
             self.senders.send(address, msg)
-        except ChannelError:
-            log.warning("cache messager %s: could not reach %s", self.name, address)
+        except Exception as exc:  # that peer's loss; every other request's reports go on
+            log.warning("cache messager %s: could not tell %s: %s", self.name, address, exc)
 
     # ------------------------------------------------------------------ inspection
     def is_ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def heartbeat_age_s(self) -> float | None:
+        """Seconds since the loop last went round (at least every 0.5 s); None before setup()."""
+        return None if self._thread is None else time.monotonic() - self._heartbeat
 
     def stats(self) -> dict:
         return {
@@ -168,6 +189,7 @@ class CacheMessager:
             "counters": dict(self.state.counters),
             "transfer": self.backend.stats(),
             "bad_frames": self.inbox.bad_frames,
+            "heartbeat_age_s": self.heartbeat_age_s(),
         }
 
     def shutdown(self) -> None:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import time
 
-from cache_transfer.backend import TransferHandle, TransferState
-from cache_transfer.messager_state import MessagerState
+from cache_transfer.backend import TransferError, TransferHandle, TransferState
+from cache_transfer.factory import kv_agent_name
+from cluster.messager.state import MessagerState
 from engine.config import Role
 from engine.protocol.cache import CacheTask, ChunkPlan
 from engine.protocol.identity import InstanceId
 
+D0 = InstanceId(Role.DECODE, 0)
+
 
 class RecordingBackend:
-    """Test double: records writes; completion is controlled by the test."""
+    """Test double: records writes to its one connected peer (decode-0); completion is
+    controlled by the test."""
 
     def __init__(self) -> None:
         self.writes: list[tuple[int, list[int], list[int]]] = []
@@ -21,7 +25,9 @@ class RecordingBackend:
         self.fail_next = False
 
     def write(self, peer, src_layer, src_ids, dst_layer, dst_ids) -> TransferHandle:
-        assert peer == "peer-d0" and src_layer == dst_layer
+        if peer != kv_agent_name(D0):
+            raise TransferError(f"unknown or lost peer {peer!r}")
+        assert src_layer == dst_layer
         self.writes.append((src_layer, list(src_ids), list(dst_ids)))
         handle = TransferHandle(peer=peer, nbytes=100 * len(src_ids), num_descs=1)
         if self.fail_next:
@@ -42,12 +48,8 @@ class RecordingBackend:
                 handle.state = TransferState.DONE
 
 
-D0 = InstanceId(Role.DECODE, 0)
-
-
 def make_state(backend: RecordingBackend, layers: int = 2, wait_s: float = 5.0) -> MessagerState:
-    peers = {D0: "peer-d0"}
-    return MessagerState(backend, layers, block_size=4, resolve_peer=peers.get, task_wait_s=wait_s)
+    return MessagerState(backend, layers, 4, kv_agent_name, task_wait_s=wait_s)
 
 
 def task(rid: str = "r", num_prompt: int = 10, deadline_s: float = 60.0) -> CacheTask:
@@ -143,12 +145,12 @@ def test_unknown_decode_instance_fails_without_writing() -> None:
     backend = RecordingBackend()
     state = make_state(backend, layers=1)
     bad = task()
-    bad.decode_instance = "d9"
+    bad.decode_instance = InstanceId(Role.DECODE, 9)
     state.add_task(bad)
     state.add_plan(0, [ChunkPlan("r", 10, True)])
     state.layer_ready(0, 0)
     (outcome,) = state.poll()
-    assert not outcome.ok and "d9" in outcome.error and backend.writes == []
+    assert not outcome.ok and "decode-9" in outcome.error and backend.writes == []
 
 
 def test_no_write_after_the_write_deadline() -> None:
