@@ -206,7 +206,6 @@ class PreparePool:
             eos_token_ids=list(self.hooks.eos_token_ids),
             reply_to=self.hooks.inbox,
             router_inbox=prep.msg.reply_to,
-            prefill_instance=self.hooks.name,
             attempt=prep.msg.attempt,
         )
         try:

@@ -18,7 +18,6 @@ class DecodeTask:
     eos_token_ids: list[int]
     reply_to: str  # P's inbox for the DecodeAllocation
     router_inbox: str  # where D streams tokens
-    prefill_instance: InstanceId
     attempt: int = 0  # the router's attempt (engine.protocol.requests)
 
 

@@ -52,7 +52,7 @@ SAMPLES = [
         attempt=1,
     ),
     TokenBatch(P0, [TokenItem("r1", 0, [5]), TokenItem("r2", 3, [6, 7])]),
-    DecodeTask("r1", [1, 2], SamplingParams(), [2], "tcp://a:1", "tcp://b:2", P0, 1),
+    DecodeTask("r1", [1, 2], SamplingParams(), [2], "tcp://a:1", "tcp://b:2", 1),
     DecodeAllocation("r1", D1, True, [4, 5], "", 100, 1),
     CancelDecode("r1", "timeout", 1),
     CacheTask("r1", D1, "tcp://d:1", [1, 2], [7, 8], 20, 1.0e9, 1),
