@@ -194,9 +194,10 @@ class CacheMessager:
 
     def shutdown(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+        if self._thread is None:
+            return  # never set up: nothing is open
+        self._thread.join(5)
+        self._thread = None
         self.inbox.close()
         self.senders.close()
         self.backend.close()
