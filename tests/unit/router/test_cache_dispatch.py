@@ -59,7 +59,7 @@ def test_a_dead_instance_is_forgotten(start_router, script) -> None:
     decode = FakeInstance("d", Role.DECODE, script)
     p0 = FakeInstance("p0", Role.PREFILL, script, decode_peer=decode)
     router = start_router([p0, decode])
-    _report(router, p0.name, [1, 2, 3])
+    _report(router, p0.name, [bytes([i]) * 32 for i in (1, 2, 3)])  # 32-byte keys
     assert router.stats()["routing"]["index"]["blocks"] == {"prefill-0": 3}
 
     async def down() -> None:
