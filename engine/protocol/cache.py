@@ -26,6 +26,7 @@ class CacheTask:
     # has already given to another request.
     write_deadline: float
     attempt: int = 0  # the router's attempt, echoed in KvComplete so D can drop a stale one
+    skip_blocks: int = 0  # leading blocks D already holds (DecodeAllocation.cached_blocks)
 
 
 @dataclass

@@ -19,6 +19,7 @@ class DecodeTask:
     reply_to: str  # P's inbox for the DecodeAllocation
     router_inbox: str  # where D streams tokens
     attempt: int = 0  # the router's attempt (engine.protocol.requests)
+    reuse_prefix: bool = False  # D may use cached blocks holding a prefix of the prompt
 
 
 @dataclass
@@ -32,6 +33,9 @@ class DecodeAllocation:
     reason: str = ""
     free_blocks: int = 0  # D's load after this decision, for P's choice of D
     attempt: int = 0  # DecodeTask.attempt, so that P cancels a late acceptance precisely
+    # The leading `block_ids` that already hold this prompt's KV on D (reused from its prefix
+    # cache): P writes only the blocks after them.
+    cached_blocks: int = 0
 
 
 @dataclass
