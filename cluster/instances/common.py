@@ -7,13 +7,20 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cluster.config import PdserveConfig
+from cluster.instances.cache_reports import CacheReporter
+from engine.block_manager import BlockManager
 from engine.outputs import TokenDelta
 from engine.procinfo import rss_mb
+from engine.protocol.cache_events import PrefixCacheEvents
 from engine.protocol.channels import ChannelError, SenderPool, node_ip_address
 from engine.protocol.identity import InstanceId
 from engine.protocol.tokens import Timings, TokenBatch, TokenItem
+
+if TYPE_CHECKING:
+    from cluster.instances.engine_loop import EngineLoop
 
 
 def advertised_host(config: PdserveConfig) -> str:
@@ -50,8 +57,24 @@ class TokenPublisher:
         self.source = source
         self._senders = senders
         self._counters = counters
+        self.reporter: CacheReporter | None = None
+
+    def report_cache(self, loop: EngineLoop, blocks: BlockManager) -> None:
+        """Send the block manager's prefix-cache events to the routers this instance serves."""
+
+        def send(address: str, report: PrefixCacheEvents) -> bool:
+            try:
+                self._senders.send(address, report)
+                return True
+            except ChannelError:
+                self._counters.add("router_send_failures")
+                return False
+
+        self.reporter = loop.reporter = CacheReporter(self.source, blocks, send)
 
     def publish(self, items_by_router: dict[str, list[TokenItem]]) -> None:
+        if self.reporter is not None:
+            self.reporter.add_routers(items_by_router)
         for address, items in items_by_router.items():
             try:
                 self._senders.send(address, TokenBatch(self.source, items))

@@ -76,6 +76,7 @@ class DecodeInstance:
             on_failure=self._on_failure,
             name=f"{self.name}-engine",
         )
+        self.publisher.report_cache(self.loop, self.core.block_manager)
         accept = (DecodeTask, CancelDecode, KvComplete, AbortRequest)
         self.inbox = Inbox(self.host, accept=accept, name=str(self.name))
         self._receiver = threading.Thread(target=self._receive, daemon=True)
@@ -112,7 +113,7 @@ class DecodeInstance:
         )
         with self.loop.lock:
             accepted = request.request_id not in self._remote and (
-                self.core.scheduler.reserve_remote(request)
+                self.core.scheduler.reserve_remote(request, reuse_prefix=task.reuse_prefix)
             )
             if accepted:
                 remote = _Remote(task.router_inbox, task.attempt, time.monotonic())
@@ -126,6 +127,7 @@ class DecodeInstance:
             "" if accepted else "no free blocks or sequence slots",
             free,
             task.attempt,
+            request.num_cached_tokens // self.core.block_manager.block_size if accepted else 0,
         )
         self.counters.add("allocations_accepted" if accepted else "allocations_refused")
         try:

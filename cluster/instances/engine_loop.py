@@ -8,6 +8,7 @@ import time
 import traceback
 from collections.abc import Callable
 
+from cluster.instances.cache_reports import CacheReporter
 from cluster.instances.memory import MallocTrimmer
 from engine.batch import SchedulerOutput
 from engine.outputs import TokenDelta
@@ -52,6 +53,7 @@ class EngineLoop:
         self.failed_steps = 0
         self.trimmer = MallocTrimmer()
         self.heartbeat = time.monotonic()  # of the last round, for the supervisor
+        self.reporter: CacheReporter | None = None  # prefix-cache reports to the routers
 
     def start(self) -> None:
         self._thread.start()
@@ -75,6 +77,9 @@ class EngineLoop:
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
             self._tick()
+            if self.reporter is not None:
+                with self.lock:
+                    self.reporter.tick()
             with self.lock:
                 sched = self.core.scheduler.schedule()
             idle = sched.is_empty and self.core.in_flight is None

@@ -49,6 +49,7 @@ class MixedInstance:
         self.loop = EngineLoop(
             self.core, self._after_step, on_failure=self._on_failure, name=f"{self.name}-engine"
         )
+        self.publisher.report_cache(self.loop, self.core.block_manager)
         self.inbox = Inbox(self.host, accept=(GenerateRequest, AbortRequest), name=str(self.name))
         self._receiver = threading.Thread(target=self._receive, daemon=True)
         self.loop.start()

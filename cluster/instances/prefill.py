@@ -80,6 +80,7 @@ class PrefillInstance:
         prefix = f"pdserve-{deployment_id()}-{self.name}"
         device = resolve_device(cfg.model)
         self.kv = make_shared_kv(layout, dtype, device, prefix)
+        self._block_bytes = layout.block_nbytes * layout.num_layers  # one block, every layer
         self.link = MessagerLink(self._send_messager, device, self.name)
         self.core = EngineCore(
             cfg.model,
@@ -98,6 +99,7 @@ class PrefillInstance:
             on_failure=self._on_failure,
             name=f"{self.name}-engine",
         )
+        self.publisher.report_cache(self.loop, self.core.block_manager)
         accept = (GenerateRequest, AbortRequest, DecodeAllocation, TransferDone)
         self.inbox = Inbox(self.host, accept=accept, name=str(self.name))
         timeout = cfg.prefill.allocation_timeout_s
@@ -243,6 +245,7 @@ class PrefillInstance:
     def _admit(self, prep: Preparation, peer: DecodePeer, reply: DecodeAllocation) -> None:
         task: CacheTask = cache_task_for(prep, peer, reply, self.config.decode.kv_lease_timeout_s)
         self._send_messager(task)  # before the scheduler sees it: the messager knows it first
+        self.counters.add("transfer_bytes_skipped", task.skip_blocks * self._block_bytes)
         rid = prep.request.request_id
         timings = Timings(arrival=prep.msg.arrival_time, prepared=prep.prepared_at)
         tracked = TrackedRequest(prep.msg.reply_to, peer.name, prep.msg.attempt, timings)

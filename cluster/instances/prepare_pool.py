@@ -181,7 +181,8 @@ class PreparePool:
         for _ in range(self.config.max_decode_attempts):
             if prep.aborted.is_set():
                 raise PrepareFailed("aborted")
-            peer = self.picker.choose(needed, exclude=tried)
+            hint = prep.msg.decode_hint if not tried else None
+            peer = self.picker.choose(needed, exclude=tried, prefer=hint)
             if peer is None:
                 break
             tried.add(peer.name)
@@ -207,6 +208,7 @@ class PreparePool:
             reply_to=self.hooks.inbox,
             router_inbox=prep.msg.reply_to,
             attempt=prep.msg.attempt,
+            reuse_prefix=prep.msg.reuse_decode_prefix,
         )
         try:
             self.senders.send(peer.inbox, task)
@@ -250,4 +252,5 @@ def cache_task_for(
         num_prompt_tokens=prep.request.num_prompt_tokens,
         write_deadline=time.time() + lease_s - max(2.0, 0.2 * lease_s),
         attempt=prep.msg.attempt,
+        skip_blocks=reply.cached_blocks,
     )
