@@ -63,7 +63,7 @@ class BlockManager:
         # it filled instead of walking the whole chain again.
         self._committed: dict[str, int] = {}
         # Keys cached and evicted, drained by the instance for the routers' prefix index.
-        self.events = PrefixEventLog(4 * num_blocks, lambda: list(self._cached))
+        self.events = PrefixEventLog(4 * num_blocks, self.cached_keys)
 
     # ----------------------------------------------------------------- capacity
     @property
@@ -77,6 +77,10 @@ class BlockManager:
     @property
     def usage(self) -> float:
         return self.num_used_blocks / self.num_blocks
+
+    def cached_keys(self) -> list[BlockKey]:
+        """Every key the prefix cache can serve right now."""
+        return list(self._cached)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
