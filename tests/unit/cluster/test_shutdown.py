@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from cluster.shutdown import ChildProcesses, ShutdownSignals
@@ -47,14 +49,24 @@ def test_signals_while_serving_are_posted_in_order(signals: ShutdownSignals) -> 
 def test_reap_kills_what_outlives_its_grace() -> None:
     code = "import subprocess, sys, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"
     parent = subprocess.Popen([sys.executable, "-c", code])
+    sleep_pid = _wait_for_grandchild(parent.pid, "sleep")
     children = ChildProcesses()
-    for _ in range(400):  # the grandchild appears once the child has started it
-        children.snapshot()
-        if len(children._alive()) == 2:
-            break
-        time.sleep(0.05)
+    children.snapshot()
     assert len(children._alive()) == 2
     killed = children.reap(0.2)
     parent.wait(10)
-    assert len(killed) == 2 and any(name.startswith("sleep[") for name in killed), killed
+    # By pid: a name read while the grandchild was still between fork and exec says "python".
+    assert len(killed) == 2 and any(name.endswith(f"[{sleep_pid}]") for name in killed), killed
     assert children._alive() == []
+
+
+def _wait_for_grandchild(pid: int, name: str, timeout_s: float = 20.0) -> int:
+    """The pid of `pid`'s child once it runs `name` (it appears when the child has exec'd it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in psutil.Process(pid).children():
+            with contextlib.suppress(psutil.Error):
+                if proc.name() == name:
+                    return proc.pid
+        time.sleep(0.05)
+    raise AssertionError(f"no {name} under pid {pid} within {timeout_s:.0f} s")
