@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import queue
 import sys
+import threading
 from typing import Any
 
+from cluster import console
 from cluster.elastic.status import render_controller
+from cluster.preflight import check_ray_reachable
+from engine.errors import DeployError
 
 _ROLE_ORDER = {"prefill": 0, "decode": 1, "mixed": 2}
 
@@ -23,9 +28,11 @@ def collect(namespace: str, timeout_s: float) -> tuple[dict | None, list[dict]]:
     router = None
     instances = []
     refs = {name: ray.get_actor(name, namespace=namespace).stats.remote() for name in names}
+    # One deadline for all of them: hung actors cost timeout_s in all, not each.
+    ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
     for name, ref in refs.items():
         try:
-            stats = ray.get(ref, timeout=timeout_s)
+            stats = ray.get(ref, timeout=0)
         except Exception as exc:  # a dead or hung actor is reported, not fatal
             stats = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
         if name == "router":
@@ -67,19 +74,39 @@ def _row(s: dict[str, Any]) -> str:
     return f"{s['name']:<12} {role:<8} {address:<24} {running:>4} {waiting:>5} {kv:>14}"
 
 
-def status(args: argparse.Namespace) -> int:
+def join(address: str, namespace: str, timeout_s: float) -> None:
+    """ray.init(address) within timeout_s, or a one-line DeployError. Ray itself retries an
+    address for minutes, so its GCS must first accept a connection, and ray.init runs on a
+    daemon thread the CLI stops waiting for (the process then exits)."""
     import ray
 
+    check_ray_reachable(address, timeout_s)
+    outcome: queue.Queue[BaseException | None] = queue.Queue()
+
+    def init() -> None:
+        try:
+            ray.init(
+                address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False
+            )
+            outcome.put(None)
+        except BaseException as exc:  # handed to the waiting thread
+            outcome.put(exc)
+
+    threading.Thread(target=init, name="ray-join", daemon=True).start()
     try:
-        ray.init(
-            address=args.address,
-            namespace=args.namespace,
-            logging_level="ERROR",
-            log_to_driver=False,
-        )
-    except ConnectionError as exc:
-        print(f"pdserve: error: no Ray cluster at {args.address}: {exc}", file=sys.stderr)
-        return 2
+        error = outcome.get(timeout=timeout_s)
+    except queue.Empty:
+        raise DeployError(
+            f"no Ray cluster answered at {address} within --timeout {timeout_s:g} s"
+        ) from None
+    if error is not None:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DeployError(f"could not join the Ray cluster at {address}: {first}") from error
+
+
+def status(args: argparse.Namespace) -> int:
+    console.native_stderr_to(console.STATUS_LOG_FILE)
+    join(args.address, args.namespace, args.timeout)
     router, instances = collect(args.namespace, args.timeout)
     if router is None and not instances:
         print(f"pdserve: no deployment in Ray namespace {args.namespace!r}", file=sys.stderr)
@@ -96,5 +123,10 @@ def add_status(subparsers) -> None:
     p.add_argument(
         "--namespace", default="pdserve", help="Ray namespace of the deployment (cluster.namespace)"
     )
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait per actor")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the Ray cluster to answer, then for the actors' stats",
+    )
     p.set_defaults(func=status)

@@ -9,9 +9,12 @@ process, which `route_ray_logs` points at a file.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 LOG_FILE = Path("~/.cache/pdserve/logs/serve.log")
+STATUS_LOG_FILE = Path("~/.cache/pdserve/logs/status.log")
 RAY_LOGS = "/tmp/ray/session_latest/logs"
 
 
@@ -36,3 +39,19 @@ def where_logs_are(driver_log: Path) -> str:
         f"logs: actors in {RAY_LOGS} (on each node), Ray's own lines in {driver_log} "
         "(--verbose prints them here)"
     )
+
+
+def native_stderr_to(log_file: Path) -> Path:
+    """Point file descriptor 2 at `log_file` (appended) for the rest of this process, and
+    `sys.stderr` at the terminal it was. Ray's C++ core writes its warnings straight to fd 2
+    (e.g. a GCS retry every second while joining an address that is not a Ray cluster);
+    Python's lines, the CLI's own included, stay on the terminal."""
+    path = log_file.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    sys.stderr = open(terminal, "w", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    return path

@@ -1,8 +1,9 @@
 """Checks `pdserve` runs before Ray starts, so a start-up failure is one line naming its cause.
 
 What can be known on the deploying machine is checked here: the model folder (config.json of a
-supported architecture, weights, tokenizer), the router's port (in range, free) and, with an
-embedded Ray, the GPUs the config asks for against those present. What only the cluster knows
+supported architecture, weights, tokenizer), the router's port (in range, free), with an
+embedded Ray the GPUs the config asks for against those present, and when joining a cluster
+that its address answers (`pdserve status` uses the same check). What only the cluster knows
 (room on other nodes, a port taken after this check) fails later, in the launcher and the
 router, as a `PdserveError` too; `one_line` turns any of them, raised here or inside a Ray
 actor, into the single line the CLI prints.
@@ -18,6 +19,7 @@ from cluster.config import PdserveConfig, RouterPlacement
 from engine.errors import ConfigError, DeployError, PdserveError
 
 PORT_MAX = 65535
+RAY_CONNECT_TIMEOUT_S = 10.0  # a cluster to join must accept a connection within this
 
 
 def apply_port(config: PdserveConfig, port: int | None) -> None:
@@ -37,6 +39,8 @@ def check_serve(config: PdserveConfig, address: str | None = None) -> None:
         check_port_free(config.router.host, config.router.port)
     if embedded:
         check_gpus(config, _gpus_present())
+    else:
+        check_ray_reachable(address or config.cluster.address, RAY_CONNECT_TIMEOUT_S)
 
 
 def check_model(config: PdserveConfig) -> Path:
@@ -97,6 +101,44 @@ def bind_error(host: str, port: int, exc: OSError) -> PdserveError:
     return DeployError(f"router cannot listen on {host}:{port}: {exc.strerror or exc}")
 
 
+def ray_bootstrap_address(address: str | None) -> str | None:
+    """The GCS host:port that `ray.init(address=...)` would join, or None where that cannot be
+    known before joining (a Ray Client `ray://` address). "auto" finds the running local cluster
+    as Ray does; none found is a DeployError."""
+    if address and "://" in address:
+        return None
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        return canonicalize_bootstrap_address_or_die(address or "auto")
+    except (ConnectionError, ValueError) as exc:
+        raise DeployError(f"no Ray cluster at {address or 'auto'}: {_first_line(exc)}") from None
+
+
+def check_ray_reachable(address: str | None, timeout_s: float) -> None:
+    """Ray's GCS at `address` accepts a TCP connection within timeout_s. Without this check,
+    joining an address where nothing listens retries for minutes (Ray's own back-off)."""
+    bootstrap = ray_bootstrap_address(address)
+    if bootstrap is None:
+        return
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except TimeoutError:
+        raise DeployError(
+            f"no Ray cluster at {address} ({bootstrap}): no answer within {timeout_s:g} s"
+        ) from None
+    except OSError as exc:
+        raise DeployError(
+            f"no Ray cluster at {address} ({bootstrap}): {exc.strerror or exc}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def check_gpus(config: PdserveConfig, present: int) -> None:
     """An embedded Ray has this machine's GPUs only: the config must fit in them (the config
     already requires placement.num_gpus > 0 for model.device cuda)."""
@@ -129,5 +171,4 @@ def one_line(exc: BaseException) -> str | None:
         exc = cause
     if not isinstance(exc, PdserveError):
         return None
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return _first_line(exc)

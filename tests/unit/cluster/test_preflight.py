@@ -17,9 +17,9 @@ from engine.errors import ConfigError, DeployError, PdserveError
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _listener() -> socket.socket:
+def _listener(host: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, 0))
     sock.listen()
     return sock
 
@@ -149,3 +149,35 @@ def test_cli_more_gpus_than_present(tmp_path: Path) -> None:
 
 def test_cli_generate_empty_prompt() -> None:
     _single_error_line(_cli("generate", ""), "the prompt is empty")
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ray_address_where_nothing_listens() -> None:
+    port = _closed_port()
+    with pytest.raises(DeployError, match=f"no Ray cluster at 127.0.0.1:{port}") as info:
+        preflight.check_ray_reachable(f"127.0.0.1:{port}", timeout_s=5)
+    assert "\n" not in str(info.value)
+
+
+def test_ray_client_address_is_left_to_ray() -> None:
+    assert preflight.ray_bootstrap_address("ray://head:10001") is None
+
+
+def test_cli_status_where_nothing_listens() -> None:
+    port = _closed_port()
+    result = _cli("status", "--address", f"127.0.0.1:{port}", "--timeout", "5")
+    _single_error_line(result, f"no Ray cluster at 127.0.0.1:{port}")
+
+
+def test_cli_status_where_something_else_listens_gives_up_at_its_timeout() -> None:
+    # It accepts connections but never speaks Ray's protocol: Ray alone would retry for
+    # minutes, printing a warning a second; the CLI stops at --timeout with one line.
+    with _listener("0.0.0.0") as other:  # Ray joins 127.0.0.1 at this machine's own address
+        port = other.getsockname()[1]
+        result = _cli("status", "--address", f"127.0.0.1:{port}", "--timeout", "2")
+    _single_error_line(result, "within --timeout 2 s")
