@@ -151,11 +151,13 @@ def _pin(core: int) -> None:
 def _stand_in_instances(count: int, step_s: float, ready: mp.Queue, stop: mp.Event) -> None:
     """Mixed-role stand-ins: take GenerateRequests, stream one token per request per step."""
     _pin(1)
+    from engine.config import Role
     from engine.protocol.channels import Inbox, Sender
+    from engine.protocol.identity import InstanceId
     from engine.protocol.requests import AbortRequest, GenerateRequest
     from engine.protocol.tokens import TokenBatch, TokenItem
 
-    def serve(name: str, inbox: Inbox) -> None:
+    def serve(name: InstanceId, inbox: Inbox) -> None:
         active: dict[str, list] = {}  # request id -> [reply_to, next index, max tokens, prompt]
         senders: dict[str, Sender] = {}
         next_step = time.monotonic()
@@ -165,7 +167,7 @@ def _stand_in_instances(count: int, step_s: float, ready: mp.Queue, stop: mp.Eve
                 active[msg.request_id] = [
                     msg.reply_to,
                     0,
-                    msg.sampling["max_tokens"],
+                    msg.sampling.max_tokens,
                     len(msg.prompt_token_ids),
                 ]
             elif isinstance(msg, AbortRequest):
@@ -193,13 +195,14 @@ def _stand_in_instances(count: int, step_s: float, ready: mp.Queue, stop: mp.Eve
                     senders[address] = Sender(address)
                 senders[address].send(TokenBatch(name, items))
 
+    names = [InstanceId(Role.MIXED, i) for i in range(count)]
     inboxes = []
-    for i in range(count):
-        inbox = Inbox("127.0.0.1", accept=(GenerateRequest, AbortRequest), name=f"standin{i}")
+    for name in names:
+        inbox = Inbox("127.0.0.1", accept=(GenerateRequest, AbortRequest), name=str(name))
         inboxes.append(inbox)
-        threading.Thread(target=serve, args=(f"standin{i}", inbox), daemon=True).start()
-    ready.put([{"name": f"standin{i}", "role": "mixed", "inbox": b.address} for i, b in
-               enumerate(inboxes)])  # fmt: skip
+        threading.Thread(target=serve, args=(name, inbox), daemon=True).start()
+    pairs = zip(names, inboxes, strict=True)
+    ready.put([{"name": n, "role": "mixed", "inbox": b.address} for n, b in pairs])
     stop.wait()
 
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the decode stand
 from cluster.instances.decode_picker import DecodePicker
 from cluster.instances.prepare_pool import Answer, Ask, PrepareWorker
 from engine.protocol.splitwise import DecodeTask
+from engine.sampling_params import SamplingParams
 from tests.unit.cluster.standins import FakeDecode
 
 
@@ -27,7 +28,7 @@ def run(threads: int, policies: list, requests: int, timeout_s: float = 1.0) -> 
     """(requests admitted per second, requests failed). The dispatch below is P's loop's in
     miniature: an idle worker gets the next request and the D the picker chooses; a refusal or
     timeout asks the next D (3 at most)."""
-    decodes = [FakeDecode(f"d{i}", p, free=200 - i) for i, p in enumerate(policies)]
+    decodes = [FakeDecode(i, p, free=200 - i) for i, p in enumerate(policies)]
     inboxes = {d.name_: d.inbox.address for d in decodes}
     picker = DecodePicker([d.peer() for d in decodes], 2 * timeout_s, min(0.25, timeout_s / 4))
     answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
@@ -46,7 +47,7 @@ def run(threads: int, policies: list, requests: int, timeout_s: float = 1.0) -> 
             return
         tried[rid].add(peer.name)
         worker = idle.pop()
-        task = DecodeTask(rid, [1, 2, 3], {}, [2], worker.inbox.address, "tcp://x:1", "p0")
+        task = DecodeTask(rid, [1, 2, 3], SamplingParams(), [2], worker.inbox.address, "tcp://x:1")
         worker.submit(Ask(peer.name, inboxes[peer.name], task, timeout_s))
 
     start = time.perf_counter()

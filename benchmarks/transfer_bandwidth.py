@@ -82,11 +82,12 @@ def time_transfer(backend: TransferBackend, peer: str, dst_ids: list[int]) -> fl
     handles = [
         backend.write(peer, layer, SRC_IDS, layer, dst_ids) for layer in range(LAYOUT.num_layers)
     ]
-    state = backend.wait_all(handles, deadline_in(60))
+    deadline = deadline_in(60)
+    states = [backend.wait(handle, deadline) for handle in handles]
     elapsed = time.perf_counter() - started
     for handle in handles:
         backend.release(handle)
-    if state != TransferState.DONE:
+    if any(state != TransferState.DONE for state in states):
         raise RuntimeError(f"transfer failed: {[h.error for h in handles if h.error]}")
     return elapsed
 

@@ -25,11 +25,9 @@ means they may be partly written: the target must not hand those blocks to anyon
 its own lease on them expires. ``release(handle)`` frees backend resources; call it once per
 handle on every path (``close()`` releases whatever is left).
 
-Notifications. ``notify(peer, message)`` sends a small message that the target receives after
-every write to it that had completed (polled DONE) before ``notify`` was called, so "notify after
-the last write is DONE" means "KV complete". The target reads them with
-``drain_notifications()`` (non-blocking) or ``wait_notifications(deadline)`` (blocks until at
-least one arrives, returns [] at the deadline); each item is ``(source agent name, bytes)``.
+Completion is not signalled through the backend: because DONE means the bytes are in the
+target's memory, the source tells the target "KV complete" with a control message of its own
+(pdserve's ``KvComplete``) sent after the last DONE.
 
 Deadlines are absolute ``time.monotonic()`` values (see ``deadline_in``), so a caller can share
 one deadline across many waits. All public methods are thread-safe. ``stats()`` returns counters
@@ -149,7 +147,7 @@ class TransferBackend(ABC):
         self._lock = threading.RLock()
         self._regions: KVRegions | None = None
         self._peers: dict[str, KVRegions] = {}
-        self._counters = {"writes": 0, "failed": 0, "notifications_sent": 0}
+        self._counters = {"writes": 0, "failed": 0}
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -260,12 +258,6 @@ class TransferBackend(ABC):
     @abstractmethod
     def release(self, handle: TransferHandle) -> None: ...
 
-    @abstractmethod
-    def notify(self, peer: str, message: bytes) -> None: ...
-
-    @abstractmethod
-    def drain_notifications(self) -> list[tuple[str, bytes]]: ...
-
     def disconnect(self, peer: str) -> None:
         with self._lock:
             if peer in self._peers:
@@ -316,25 +308,6 @@ class TransferBackend(ABC):
             left = remaining(deadline)
             if left <= 0:
                 raise TransferTimeout(f"transfer {handle.id} to {handle.peer} still pending")
-            time.sleep(min(sleep_s, left))
-            sleep_s = min(sleep_s * 2, _MAX_POLL_SLEEP_S)
-
-    def wait_all(self, handles: Sequence[TransferHandle], deadline: float) -> TransferState:
-        """Wait for every handle; FAILED if any failed, else DONE."""
-        states = [self.wait(h, deadline) for h in handles]
-        return max(states, default=TransferState.DONE)
-
-    def wait_notifications(self, deadline: float) -> list[tuple[str, bytes]]:
-        """Block until at least one notification is in; [] at ``deadline``.
-
-        Default: poll with a capped sleep (see ``wait``).
-        """
-        sleep_s = _MIN_POLL_SLEEP_S
-        while True:
-            notes = self.drain_notifications()
-            left = remaining(deadline)
-            if notes or left <= 0:
-                return notes
             time.sleep(min(sleep_s, left))
             sleep_s = min(sleep_s * 2, _MAX_POLL_SLEEP_S)
 

@@ -8,6 +8,13 @@ from cache_transfer.backend import TransferBackend
 from cache_transfer.cuda_kv import CudaKVCache
 from cache_transfer.layout import KVLayout, KVRegions
 from cache_transfer.shared_kv import SharedKVCache
+from engine.protocol.identity import InstanceId, MessagerId
+
+
+def kv_agent_name(owner: InstanceId | MessagerId) -> str:
+    """The transfer agent name of an actor's KV cache: a decode instance's is also the peer name
+    its messagers' backends know it by once connected."""
+    return f"{owner}-kv"
 
 
 def make_backend(name: str, agent_name: str, host: str) -> TransferBackend:

@@ -3,15 +3,13 @@
 Facts about NIXL 1.5 this relies on (checked against its UCX plugin and on this machine):
 
 - A WRITE request ends with a UCX endpoint flush, so ``check_xfer_state() == "DONE"`` means the
-  bytes are in the target's memory, and a ``send_notif`` issued afterwards (an active message on
-  the same endpoint) reaches the target after them. That is what ``notify`` promises.
+  bytes are in the target's memory.
 - Only ``get_agent_metadata()`` bytes (NIXL's own serialization) cross the wire; descriptors are
   rebuilt on each side from (address, nbytes, device) lists via ``get_xfer_descs``.
-- There is no blocking wait for a transfer or a notification in the Python API
-  (``getXferStatus``/``getNotifs`` only poll), so ``wait`` and ``wait_notifications`` use the
-  base class's capped-sleep poll (50 us growing to 1 ms).
+- There is no blocking wait for a transfer in the Python API (``getXferStatus`` only polls),
+  so ``wait`` uses the base class's capped-sleep poll (50 us growing to 1 ms).
 - A destination outside the peer's registered memory fails in ``initialize_xfer``
-  (NIXL_ERR_NOT_FOUND); a peer process that died fails the next post or notification with
+  (NIXL_ERR_NOT_FOUND); a peer process that died fails the next post with
   NIXL_ERR_REMOTE_DISCONNECT. NIXL's exceptions share no base class, so all of them are caught.
 - On a CPU host UCX moves host memory between processes with CMA (process_vm_writev), and the
   copy happens inside ``transfer()``: ``write`` returns after most of the work is done (posting
@@ -233,26 +231,6 @@ class NixlBackend(TransferBackend):
             if not handle.released:
                 self._finish(handle, TransferState.FAILED, "released while pending")
                 handle.released = True
-
-    # -- notifications --------------------------------------------------------------------
-
-    def notify(self, peer: str, message: bytes) -> None:
-        with self._lock:
-            self._require_peer(peer)
-            try:
-                self._agent.send_notif(peer, bytes(message))
-            except self._errors as exc:
-                raise TransferError(f"notification to {peer} failed: {exc!r}") from exc
-            self._counters["notifications_sent"] += 1
-
-    def drain_notifications(self) -> list[tuple[str, bytes]]:
-        with self._lock:
-            self._require_registered()
-            try:
-                new = self._agent.get_new_notifs()
-            except self._errors as exc:
-                raise TransferError(f"reading NIXL notifications failed: {exc!r}") from exc
-        return [(str(src), bytes(msg)) for src, msgs in new.items() for msg in msgs]
 
     def stats(self) -> dict[str, int]:
         with self._lock:

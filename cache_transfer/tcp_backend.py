@@ -7,12 +7,10 @@ peer. Every message is a msgpack header frame, optionally followed by payload fr
     hello  {v, op, session, src, xfer}                       -> ack
     write  {v, op, session, src, xfer, layer, descs=[[addr, nbytes], ...]} + one payload frame
            per descriptor (a coalesced run of source blocks, sent zero-copy) -> ack
-    notify {v, op, session, src, msg}                        (no ack)
     ack    {v, op, xfer, ok, error}
 
 The receiver (tcp_receiver.py) checks every message before it copies anything and answers a bad
-one with a failed ack; one connection delivers in order, so a notification is queued only after
-every earlier write was copied.
+one with a failed ack; an ack means the bytes were copied into the target's memory.
 
 A lost connection (zmq heartbeat or TCP close) fails the peer's pending writes and discards what
 was still queued for it, so nothing is sent after the failure is reported; ``connect`` again to
@@ -25,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,8 +81,6 @@ class TcpBackend(TransferBackend):
         self._session = ""
         self._receiver: Receiver | None = None
         self._links: dict[str, _PeerLink] = {}
-        self._notes: deque[tuple[str, bytes]] = deque()
-        self._notes_cv = threading.Condition()
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -95,7 +89,7 @@ class TcpBackend(TransferBackend):
             raise TransferError("the TCP backend moves host memory only")
         self._ctx = zmq.Context()
         self._session = secrets.token_hex(8)
-        self._receiver = Receiver(self._ctx, self._host, self._session, regions, self._on_notify)
+        self._receiver = Receiver(self._ctx, self._host, self._session, regions)
         self._receiver.start()
 
     def _endpoint_extra(self) -> dict[str, Any]:
@@ -253,34 +247,6 @@ class TcpBackend(TransferBackend):
             if handle.state == TransferState.PENDING:
                 handle.state, handle.error = TransferState.FAILED, "released while pending"
             handle.released = True
-
-    # -- notifications --------------------------------------------------------------------
-
-    def notify(self, peer: str, message: bytes) -> None:
-        with self._lock:
-            self._require_peer(peer)
-            link = self._links[peer]
-            frame = pack(op="notify", session=link.session, src=self.agent_name, msg=message)
-            try:
-                link.socket.send(frame, flags=zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                raise TransferError(f"notification to {peer} failed: {exc}") from exc
-            self._counters["notifications_sent"] += 1
-
-    def _on_notify(self, src: str, message: bytes) -> None:
-        with self._notes_cv:
-            self._notes.append((src, message))
-            self._notes_cv.notify_all()
-
-    def drain_notifications(self) -> list[tuple[str, bytes]]:
-        return self.wait_notifications(deadline=0.0)
-
-    def wait_notifications(self, deadline: float) -> list[tuple[str, bytes]]:
-        with self._notes_cv:
-            self._notes_cv.wait_for(lambda: bool(self._notes), timeout=remaining(deadline))
-            notes = list(self._notes)
-            self._notes.clear()
-            return notes
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -4,8 +4,7 @@ registered KV memory after checking every destination (see tcp_backend.py for th
 The receiver checks version, session (a restarted target never accepts a stale sender's bytes)
 and that every destination lies inside the named layer of its registered cache before copying
 anything; a bad message is counted and, where it carries a transfer id, answered with a failed
-ack. It never stops the receiver. One connection delivers in order and the receiver handles one
-message at a time, so a notification is queued only after every earlier write was copied.
+ack. It never stops the receiver.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -53,7 +51,7 @@ class _Rejected(Exception):
 
 
 class Receiver(threading.Thread):
-    """Target side: copies incoming writes into registered memory and queues notifications."""
+    """Target side: copies incoming writes into registered memory and acknowledges them."""
 
     def __init__(
         self,
@@ -61,17 +59,14 @@ class Receiver(threading.Thread):
         host: str,
         session: str,
         regions: KVRegions,
-        on_notify: Callable[[str, bytes], None],
     ) -> None:
         super().__init__(name=f"tcp-kv-receiver-{session[:6]}", daemon=True)
         self._session = session
         self._regions = regions
-        self._on_notify = on_notify
         self.counters = {
             "rejected": 0,
             "writes_received": 0,
             "bytes_received": 0,
-            "notifications_received": 0,
         }
         self._router = ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -131,10 +126,6 @@ class Receiver(threading.Thread):
         op = header.get("op")
         if op == "write":
             self._copy_in(header, payload, xfer)
-        elif op == "notify" and isinstance(header.get("msg"), bytes):
-            self.counters["notifications_received"] += 1
-            self._on_notify(str(header.get("src")), header["msg"])
-            return None
         elif op != "hello":
             raise _Rejected(f"unexpected op {op!r}")
         return pack(op="ack", xfer=xfer, ok=True, error="")

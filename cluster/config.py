@@ -188,6 +188,13 @@ class ClusterConfig(StrictModel):
     health_check_interval_s: float = Field(
         1.0, gt=0, description="How often the supervisor checks every instance actor."
     )
+    heartbeat_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="An instance or cache messager whose loop has not gone round for this long "
+        "(stuck in a step or a wait) counts as failed: the supervisor kills it so that Ray "
+        "restarts it, and re-wires it. Longer than the slowest step, JIT compilation included.",
+    )
     node_ip: str = Field(
         "127.0.0.1",
         description="Node address of an embedded local Ray (what its actors bind and advertise); "

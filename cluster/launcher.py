@@ -10,24 +10,25 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
     PlacementGroupSchedulingStrategy,
 )
 
-from cache_transfer.messager import CacheMessager
 from cluster.config import PdserveConfig, PlacementConfig, RouterPlacement
+from cluster.deployment import Deployment, wire_prefill
 from cluster.elastic.ray_actuator import start_controller
 from cluster.instances.actor import DecodeInstance, MixedInstance, PrefillInstance
+from cluster.messager.actor import CacheMessager
 from cluster.router.actor import RouterActor
 from cluster.supervisor import Supervisor
-from engine.config import EngineConfig
+from engine.config import EngineConfig, Role
 from engine.errors import DeployError
+from engine.protocol.identity import InstanceId, MessagerId
 from worker.engine_core import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -36,97 +37,6 @@ _MESSAGER_CPUS = 0.25
 _RAY_NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 # Actor methods (stats, is_ready, abort plumbing) run on a few Ray threads beside the actor's own.
 _ACTOR_CONCURRENCY = 8
-
-
-@dataclass
-class Deployment:
-    """Handles of a running deployment; `stop()` tears everything down."""
-
-    config: PdserveConfig
-    url: str = ""
-    router: Any = None
-    prefills: list[Any] = field(default_factory=list)
-    messagers: list[Any] = field(default_factory=list)
-    decodes: list[Any] = field(default_factory=list)
-    mixed: list[Any] = field(default_factory=list)
-    placement_groups: list[Any] = field(default_factory=list)
-    endpoints: list[dict] = field(default_factory=list)
-    infos: dict[str, dict] = field(default_factory=dict)  # instance name -> its setup() answer
-    owns_ray: bool = False
-    supervisor: Any = None
-    controller: Any = None  # the elastic controller actor, when elastic.enabled
-
-    def names(self, *roles: str) -> list[str]:
-        counts = {
-            "prefill": len(self.prefills),
-            "decode": len(self.decodes),
-            "mixed": len(self.mixed),
-        }
-        return [f"{role}-{i}" for role in roles for i in range(counts[role])]
-
-    @property
-    def decode_infos(self) -> list[dict]:
-        return [self.infos[n] for n in self.names("decode")]
-
-    def actor(self, name: str) -> Any:
-        role, index = name.rsplit("-", 1)
-        group = {
-            "prefill": self.prefills,
-            "decode": self.decodes,
-            "mixed": self.mixed,
-            "messager": self.messagers,
-        }[role]
-        return group[int(index)]
-
-    @property
-    def max_model_len(self) -> int:
-        return min(e["max_model_len"] for e in self.endpoints)
-
-    @property
-    def instances(self) -> list[Any]:
-        return [*self.prefills, *self.decodes, *self.mixed]
-
-    def named_workers(self) -> dict[str, Any]:
-        """Every instance and cache messager by name (the router aside)."""
-        named = {n: self.actor(n) for n in self.names("prefill", "decode", "mixed")}
-        named.update({f"messager-{i}": m for i, m in enumerate(self.messagers)})
-        return named
-
-    def stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
-        """Every actor's stats by name; an actor that does not answer in time (stalled, dead)
-        appears as {"name", "error"}."""
-        actors = {"router": self.router} if self.router is not None else {}
-        actors.update(self.named_workers())
-        refs = {name: actor.stats.remote() for name, actor in actors.items()}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        done = set(ready)
-        out: dict[str, Any] = {}
-        for name, ref in refs.items():
-            try:
-                out[name] = ray.get(ref) if ref in done else {"name": name, "error": "no answer"}
-            except Exception as exc:  # a dead actor
-                out[name] = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
-        return out
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.supervisor is not None:
-            self.supervisor.stop()
-        actors = [a for a in [*self.instances, *self.messagers, self.controller] if a is not None]
-        refs = [a.shutdown.remote() for a in actors]
-        if self.router is not None:
-            if self.url:  # a router that never started has no server to stop: only kill it
-                refs.append(self.router.stop.remote())
-            actors.append(self.router)
-        try:
-            ray.get(refs, timeout=timeout_s)
-        except Exception as exc:  # best effort: the kill below frees everything anyway
-            log.warning("shutdown incomplete: %s", exc)
-        for actor in actors:
-            ray.kill(actor)
-        for pg in self.placement_groups:
-            remove_placement_group(pg)
-        if self.owns_ray:
-            ray.shutdown()
 
 
 def init_ray(config: PdserveConfig, address: str | None = None) -> bool:
@@ -217,23 +127,26 @@ def _start_instances(dep: Deployment) -> None:
     cfg = dep.config
     raw = cfg.model_dump(mode="json")
     for i in range(cfg.decode.instances):
-        opts = _options(cfg.decode.placement, f"decode-{i}", cfg)
-        dep.decodes.append(ray.remote(DecodeInstance).options(**opts).remote(f"decode-{i}", raw))
+        iid = InstanceId(Role.DECODE, i)
+        opts = _options(cfg.decode.placement, str(iid), cfg)
+        dep.decodes.append(ray.remote(DecodeInstance).options(**opts).remote(iid, raw))
     for i in range(cfg.mixed.instances):
-        opts = _options(cfg.mixed.placement, f"mixed-{i}", cfg)
+        iid = InstanceId(Role.MIXED, i)
+        opts = _options(cfg.mixed.placement, str(iid), cfg)
         if cfg.mixed.engine.tensor_parallel_size > 1:
             pg = tensor_parallel_placement_group(cfg.mixed.placement, cfg.mixed.engine)
             dep.placement_groups.append(pg)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
             opts.pop("label_selector", None)  # the bundles carry placement
-        dep.mixed.append(ray.remote(MixedInstance).options(**opts).remote(f"mixed-{i}", raw))
+        dep.mixed.append(ray.remote(MixedInstance).options(**opts).remote(iid, raw))
     prefill_pgs = [_prefill_placement_group(cfg) for _ in range(cfg.prefill.instances)]
     dep.placement_groups.extend(prefill_pgs)
     for i, pg in enumerate(prefill_pgs):
-        opts = _options(cfg.prefill.placement, f"prefill-{i}", cfg)
+        iid = InstanceId(Role.PREFILL, i)
+        opts = _options(cfg.prefill.placement, str(iid), cfg)
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
         opts.pop("label_selector", None)  # the bundle carries placement
-        dep.prefills.append(ray.remote(PrefillInstance).options(**opts).remote(f"prefill-{i}", raw))
+        dep.prefills.append(ray.remote(PrefillInstance).options(**opts).remote(iid, raw))
         dep.messagers.append(_messager_actor(cfg, i, pg))
     # Model loading happens in setup(); every instance loads in parallel.
     instances = [*dep.decodes, *dep.prefills, *dep.mixed]
@@ -241,33 +154,7 @@ def _start_instances(dep: Deployment) -> None:
     dep.infos = {info["name"]: info for info in infos}
     for index in range(len(dep.prefills)):
         wire_prefill(dep, index)
-    dep.endpoints = [dep.infos[n] for n in dep.names("prefill", "decode", "mixed")]
-
-
-def wire_prefill(dep: Deployment, index: int) -> None:
-    """(Re)connect prefill instance `index`, its messager and the decode instances."""
-    timeout = dep.config.cluster.startup_timeout_s
-    p_info = dep.infos[f"prefill-{index}"]
-    messager = dep.messagers[index]
-    m_info = ray.get(
-        messager.setup.remote(p_info["node_ip"], p_info["kv_cache"], p_info["inbox"]),
-        timeout=timeout,
-    )
-    dep.infos[m_info["name"]] = m_info
-    decodes = dep.decode_infos
-    ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
-    ray.get(dep.prefills[index].connect.remote(m_info["inbox"], decodes), timeout=timeout)
-
-
-def reconnect_decodes(dep: Deployment) -> None:
-    """After a decode instance restarted: messagers connect to its new transfer endpoint and
-    prefill instances learn its new inbox."""
-    timeout = dep.config.cluster.startup_timeout_s
-    decodes = dep.decode_infos
-    for index, messager in enumerate(dep.messagers):
-        ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
-        inbox = dep.infos[f"messager-{index}"]["inbox"]
-        ray.get(dep.prefills[index].connect.remote(inbox, decodes), timeout=timeout)
+    dep.refresh_endpoints()
 
 
 def tensor_parallel_placement_group(placement: PlacementConfig, engine: EngineConfig):
@@ -297,9 +184,9 @@ def _prefill_placement_group(cfg: PdserveConfig):
 
 
 def _messager_actor(cfg: PdserveConfig, index: int, pg):
-    name = f"messager-{index}"
+    name = MessagerId(index)
     options: dict[str, Any] = {
-        "name": name,
+        "name": str(name),
         "namespace": cfg.cluster.namespace,
         "num_cpus": _MESSAGER_CPUS,
         "max_concurrency": _ACTOR_CONCURRENCY,
@@ -332,7 +219,7 @@ def _start_router(dep: Deployment) -> None:
         .remote(raw, str(resolve_model_path(cfg.model)), _router_host(cfg), dep.max_model_len)
     )
     dep.router = router  # set first, so that stop() removes it whatever happens next
-    endpoints = [{"name": e["name"], "role": e["role"], "inbox": e["inbox"]} for e in dep.endpoints]
+    endpoints = dep.router_endpoints()
     try:
         dep.url = ray.get(
             # The controller's stats join the instances': /metrics counts its decisions.

@@ -1,41 +1,77 @@
-"""Keeps a deployment whole: notices crashed actors, tells the survivors, re-wires the restarted.
+"""Keeps a deployment whole: notices crashed or stalled actors, tells the survivors, re-wires.
 
 Ray restarts a crashed instance or messager actor (`cluster.restart_crashed_actors`), running
 its constructor again. The supervisor, a thread in the process that deployed, checks every
-actor each `cluster.health_check_interval_s`. When one has died it
+actor each `cluster.health_check_interval_s`. An actor has failed when Ray reports it dead, or
+when it answers but its loop has not gone round for `cluster.heartbeat_timeout_s` (stuck in a
+step or a wait that never ends): the supervisor kills that one, so that Ray restarts it. Then it
 1. tells the others at once: prefill instances and messagers stop sending to a dead decode
    instance (their requests for it end with an error), and the router fails or retries the
    requests that instance held, so no client waits for a deadline;
 2. waits for Ray to restart the actor, calls its `setup()` again and wires it back in (new
    inbox and transfer endpoint; a restarted prefill instance gets its messager re-attached).
-An actor that does not answer in time but has not died (e.g. stalled) is left to the request
-deadlines: restarting it would race with work it may still finish.
+An actor that does not answer the probe at all is left to the request deadlines: its method
+threads are busy, and killing it would race with work it may still finish.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
-from typing import TYPE_CHECKING
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-if TYPE_CHECKING:
-    from cluster.launcher import Deployment
+from cluster.deployment import Deployment, reconnect_decodes, wire_prefill
+from engine.config import Role
+from engine.protocol.identity import InstanceId, MessagerId, WorkerId
 
 log = logging.getLogger(__name__)
+
+
+class Health(enum.Enum):
+    ALIVE = "alive"
+    DEAD = "dead"  # Ray says the process is gone (it may be restarting)
+    RESTARTED = "restarted"  # Ray restarted it already: not set up, not wired
+    STALLED = "stalled"  # answers, but its loop stopped going round
+    UNKNOWN = "unknown"  # no answer in time: left to the request deadlines
+
+    @property
+    def failed(self) -> bool:
+        return self in (Health.DEAD, Health.RESTARTED, Health.STALLED)
+
+
+class Probe(enum.Enum):
+    """Probe outcomes that carry no heartbeat."""
+
+    DEAD = "dead"
+    NO_ANSWER = "no answer"
+
+
+def judge(answer: Probe | float | None, timeout_s: float) -> Health:
+    """The verdict on one probe of `heartbeat_age_s()`: its answer (seconds since the loop last
+    went round, or None before setup()), or why there is none."""
+    if answer is Probe.DEAD:
+        return Health.DEAD
+    if answer is Probe.NO_ANSWER:
+        return Health.UNKNOWN
+    if answer is None:
+        return Health.RESTARTED
+    return Health.STALLED if answer > timeout_s else Health.ALIVE
 
 
 class Supervisor:
     def __init__(self, dep: Deployment, probe_timeout_s: float = 10.0) -> None:
         self.dep = dep
         self.interval_s = dep.config.cluster.health_check_interval_s
+        self.heartbeat_timeout_s = dep.config.cluster.heartbeat_timeout_s
         self.probe_timeout_s = probe_timeout_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-supervisor", daemon=True)
         self.recoveries: list[str] = []  # names revived, in order (for tests and logs)
-        self._unrevived: set[str] = set()  # died, restart not wired in yet: retried each round
+        self.stalls: list[str] = []  # names killed for a stalled loop, in order
+        self._unrevived: set[WorkerId] = set()  # failed, not wired in yet: retried each round
 
     def start(self) -> None:
         self._thread.start()
@@ -46,75 +82,86 @@ class Supervisor:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            for name in self._watched():
-                if self._stop.is_set():
-                    return
-                try:
-                    if name in self._unrevived or self._died(name):
-                        self._recover(name)
-                except Exception:  # the watch must go on whatever one check does
-                    log.exception("supervisor: checking %s failed", name)
+            self.check_all()
 
-    def _watched(self) -> list[str]:
-        names = self.dep.names("prefill", "decode", "mixed")
-        return names + [f"messager-{i}" for i in range(len(self.dep.messagers))]
+    def check_all(self) -> None:
+        """One round over every actor."""
+        for worker in self.dep.workers():
+            if self._stop.is_set():
+                return
+            try:
+                self._check(worker)
+            except Exception:  # the watch must go on whatever one check does
+                log.exception("supervisor: checking %s failed", worker)
 
-    def _died(self, name: str) -> bool:
+    def _check(self, worker: WorkerId) -> None:
+        if worker in self._unrevived:
+            self._recover(worker)
+            return
+        health = self._probe(worker)
+        if health is Health.STALLED:
+            log.error(
+                "supervisor: %s has not gone round its loop for over %.0f s; restarting it",
+                worker,
+                self.heartbeat_timeout_s,
+            )
+            self.stalls.append(str(worker))
+            ray.kill(self.dep.actor(worker), no_restart=False)
+        if health.failed:
+            self._recover(worker)
+
+    def _probe(self, worker: WorkerId) -> Health:
+        answer: Probe | float | None
         try:
-            ray.get(self.dep.actor(name).is_ready.remote(), timeout=self.probe_timeout_s)
-            return False
+            ref = self.dep.actor(worker).heartbeat_age_s.remote()
+            answer = ray.get(ref, timeout=self.probe_timeout_s)
         except GetTimeoutError:
-            log.warning("supervisor: %s did not answer in %.0f s", name, self.probe_timeout_s)
-            return False
+            log.warning("supervisor: %s did not answer in %.0f s", worker, self.probe_timeout_s)
+            answer = Probe.NO_ANSWER
         except RayActorError:
-            return True
+            answer = Probe.DEAD
+        return judge(answer, self.heartbeat_timeout_s)
 
-    def _recover(self, name: str) -> None:
-        if name not in self._unrevived:
-            log.warning("supervisor: %s died; failing its requests, awaiting its restart", name)
-            self._announce_down(name)
-            self._unrevived.add(name)
+    def _recover(self, worker: WorkerId) -> None:
+        if worker not in self._unrevived:
+            log.warning("supervisor: %s failed; failing its requests, awaiting restart", worker)
+            self._announce_down(worker)
+            self._unrevived.add(worker)
         try:
-            self._revive(name)
+            self._revive(worker)
         except (ActorUnavailableError, RayActorError, GetTimeoutError) as exc:
-            log.info("supervisor: %s not back yet: %s", name, type(exc).__name__)
+            log.info("supervisor: %s not back yet: %s", worker, type(exc).__name__)
             return  # still restarting: next round
         except Exception as exc:  # setup itself failed: try again next round, keep serving
-            log.error("supervisor: %s could not be revived: %s", name, exc)
+            log.error("supervisor: %s could not be revived: %s", worker, exc)
             return
-        self._unrevived.discard(name)
-        self.recoveries.append(name)
-        log.warning("supervisor: %s is back", name)
+        self._unrevived.discard(worker)
+        self.recoveries.append(str(worker))
+        log.warning("supervisor: %s is back", worker)
 
-    def _announce_down(self, name: str) -> None:
+    def _announce_down(self, worker: WorkerId) -> None:
         dep = self.dep
         calls = []
-        if name.startswith("decode-"):
-            calls += [p.decode_down.remote(name) for p in dep.prefills]
-            calls += [m.decode_down.remote(name) for m in dep.messagers]
-        if not name.startswith("messager-"):
-            calls.append(dep.router.instance_down.remote(name))
+        if isinstance(worker, InstanceId) and worker.role is Role.DECODE:
+            calls += [p.decode_down.remote(worker) for p in dep.prefills]
+            calls += [m.decode_down.remote(worker) for m in dep.messagers]
+        if isinstance(worker, InstanceId):
+            calls.append(dep.router.instance_down.remote(worker))
         _best_effort(calls, self.probe_timeout_s)
 
-    def _revive(self, name: str) -> None:
-        from cluster.launcher import reconnect_decodes, wire_prefill
-
+    def _revive(self, worker: WorkerId) -> None:
         dep = self.dep
         timeout = dep.config.cluster.startup_timeout_s
-        role, index = name.rsplit("-", 1)
-        if role == "messager":
-            wire_prefill(dep, int(index))  # setup() of the restarted messager + P's new link
+        if isinstance(worker, MessagerId):
+            wire_prefill(dep, worker.index)  # setup() of the restarted messager + P's new link
             return
-        dep.infos[name] = ray.get(dep.actor(name).setup.remote(), timeout=timeout)
-        if role == "decode":
+        dep.infos[worker] = ray.get(dep.actor(worker).setup.remote(), timeout=timeout)
+        if worker.role is Role.DECODE:
             reconnect_decodes(dep)
-        elif role == "prefill":
-            wire_prefill(dep, int(index))
-        dep.endpoints = [dep.infos[n] for n in dep.names("prefill", "decode", "mixed")]
-        endpoints = [
-            {"name": e["name"], "role": e["role"], "inbox": e["inbox"]} for e in dep.endpoints
-        ]
-        ray.get(dep.router.update_endpoints.remote(endpoints), timeout=timeout)
+        elif worker.role is Role.PREFILL:
+            wire_prefill(dep, worker.index)
+        dep.refresh_endpoints()
+        ray.get(dep.router.update_endpoints.remote(dep.router_endpoints()), timeout=timeout)
 
 
 def _best_effort(refs: list, timeout_s: float) -> None:

@@ -115,27 +115,6 @@ class SamplingParams:
                 "prior_output_tokens", f"must be an integer >= 0, got {self.prior_output_tokens!r}"
             )
 
-    def to_dict(self) -> dict:
-        return {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "max_tokens": self.max_tokens,
-            "stop": list(self.stop),
-            "stop_token_ids": list(self.stop_token_ids),
-            "ignore_eos": self.ignore_eos,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "logprobs": self.logprobs,
-            "cache_salt": self.cache_salt,
-            "prior_output_tokens": self.prior_output_tokens,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SamplingParams:
-        return cls(**data)
-
 
 def _check_finite(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):

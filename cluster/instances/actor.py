@@ -15,12 +15,13 @@ from cluster.instances.loop import InstanceLoop, RolePolicy
 from cluster.instances.prefill_role import PrefillRole
 from cluster.instances.roles import DecodeRole, MixedRole
 from engine.config import Role
+from engine.protocol.identity import InstanceId
 from worker.engine_core import EngineCore
 
 CALL_TIMEOUT_S = 10.0  # a loop busy longer than this with one step is stalled
 
 
-def build_role(role: Role, name: str, config: PdserveConfig, host: str):
+def build_role(role: Role, name: InstanceId, config: PdserveConfig, host: str):
     """The engine and the policy of `role` (the engine first where the policy needs it)."""
     core: EngineCore
     policy: RolePolicy
@@ -38,7 +39,7 @@ def build_role(role: Role, name: str, config: PdserveConfig, host: str):
 class InstanceActor:
     role = Role.MIXED
 
-    def __init__(self, name: str, config: dict, role: Role | str | None = None) -> None:
+    def __init__(self, name: InstanceId, config: dict, role: Role | str | None = None) -> None:
         self.name = name
         self.config = PdserveConfig.model_validate(config)
         self.role = Role(role) if role is not None else self.role
@@ -64,7 +65,7 @@ class InstanceActor:
         loop = self._loop()
         loop.call(lambda: loop.policy.connect(messager_inbox, decodes), CALL_TIMEOUT_S)
 
-    def decode_down(self, decode_name: str) -> None:
+    def decode_down(self, decode_name: InstanceId) -> None:
         """Prefill: a decode instance died; its requests end now."""
         loop = self._loop()
         loop.call(lambda: loop.policy.decode_down(decode_name), CALL_TIMEOUT_S)
@@ -73,9 +74,10 @@ class InstanceActor:
         """False until setup() (and for prefill connect()) ran, also right after a restart."""
         return self.loop is not None and self.loop.alive and self.loop.policy.ready()
 
-    def heartbeat_age_s(self) -> float:
-        """Seconds since the loop last began an iteration (a stalled loop's grows)."""
-        return self._loop().heartbeat_age_s()
+    def heartbeat_age_s(self) -> float | None:
+        """Seconds since the loop last began an iteration (a stalled loop's grows); None before
+        setup(), e.g. right after Ray restarted this actor (the supervisor re-wires it)."""
+        return self.loop.heartbeat_age_s() if self.loop is not None else None
 
     def stats(self) -> dict:
         loop = self._loop()
@@ -83,7 +85,7 @@ class InstanceActor:
             return loop.call(loop.stats, CALL_TIMEOUT_S)
         except FutureTimeout:
             age = loop.heartbeat_age_s()
-            return {"name": self.name, "error": f"loop stalled (heartbeat {age:.0f} s old)"}
+            return {"name": str(self.name), "error": f"loop stalled (heartbeat {age:.0f} s old)"}
 
     def shutdown(self) -> None:
         if self.loop is not None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from engine.protocol.identity import InstanceId
+
 
 @dataclass
 class DecodePeer:
-    name: str
+    name: InstanceId
     inbox: str
     num_blocks: int
     free_blocks: int  # as last reported by the D itself
@@ -49,10 +51,10 @@ class DecodePicker:
             for p in peers
         }
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: InstanceId) -> None:
         self._peers.pop(name, None)
 
-    def choose(self, blocks_needed: int, exclude: set[str]) -> DecodePeer | None:
+    def choose(self, blocks_needed: int, exclude: set[InstanceId]) -> DecodePeer | None:
         """The best peer not in `exclude` (penalized peers only when nothing else is left)."""
         now = time.monotonic()
         candidates = [p for p in self._peers.values() if p.name not in exclude]
@@ -67,21 +69,21 @@ class DecodePicker:
         best.pending_since.append(now)
         return best
 
-    def abandon(self, name: str) -> DecodePeer | None:
+    def abandon(self, name: InstanceId) -> DecodePeer | None:
         """An ask that ended without an answer from the peer (e.g. aborted)."""
         peer = self._peers.get(name)
         if peer is not None and peer.pending_since:
             peer.pending_since.pop(0)
         return peer
 
-    def on_reply(self, name: str, free_blocks: int) -> None:
+    def on_reply(self, name: InstanceId, free_blocks: int) -> None:
         peer = self.abandon(name)
         if peer is not None:
             peer.free_blocks = free_blocks
             peer.penalty_until = 0.0
             peer.timeouts_in_a_row = 0
 
-    def on_timeout(self, name: str) -> None:
+    def on_timeout(self, name: InstanceId) -> None:
         peer = self.abandon(name)
         if peer is not None:
             backoff = self._penalty_s * 2 ** min(peer.timeouts_in_a_row, 5)
@@ -91,7 +93,7 @@ class DecodePicker:
     def snapshot(self) -> list[dict]:
         return [
             {
-                "name": p.name,
+                "name": str(p.name),
                 "inbox": p.inbox,
                 "free_blocks": p.free_blocks,
                 "pending": p.pending,

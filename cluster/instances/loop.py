@@ -14,6 +14,7 @@ holds as data, so a role could be swapped while serving.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -34,10 +35,10 @@ from engine.config import Role
 from engine.outputs import TokenDelta
 from engine.procinfo import rss_mb
 from engine.protocol.channels import ChannelError, Inbox, SenderPool
+from engine.protocol.identity import InstanceId
 from engine.protocol.requests import AbortRequest, GenerateRequest
-from engine.protocol.tokens import TokenBatch, TokenItem
+from engine.protocol.tokens import Timings, TokenBatch, TokenItem
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams, SamplingParamsError
 from worker.engine_core import EngineCore
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ class Client:
     """Where a request's tokens go (the router's inbox) and the stamps its items carry."""
 
     reply_to: str
-    decode: str = ""  # P: the decode instance that continues the request
-    timings: dict[str, float] = field(default_factory=dict)
+    decode: InstanceId | None = None  # P: the decode instance that continues the request
+    timings: Timings = field(default_factory=Timings)
 
 
 class RolePolicy:
@@ -104,9 +105,9 @@ class RolePolicy:
     def before_step(self, sched: SchedulerOutput) -> None:
         pass
 
-    def stamps(self, delta: TokenDelta, client: Client, now: float) -> dict[str, float]:
+    def stamps(self, delta: TokenDelta, client: Client, now: float) -> Timings | None:
         """The timing stamps the delta's item carries."""
-        return {}
+        return None
 
     def after_delta(self, delta: TokenDelta) -> None:
         pass
@@ -128,7 +129,7 @@ class RolePolicy:
         pass
 
 
-def token_item(delta: TokenDelta, decode: str, timings: dict[str, float]) -> TokenItem:
+def token_item(delta: TokenDelta, decode: InstanceId | None, timings: Timings | None) -> TokenItem:
     return TokenItem(
         request_id=delta.request_id,
         first_index=delta.first_index,
@@ -137,7 +138,7 @@ def token_item(delta: TokenDelta, decode: str, timings: dict[str, float]) -> Tok
         error=delta.error,
         num_prompt_tokens=delta.num_prompt_tokens,
         num_cached_tokens=delta.num_cached_tokens,
-        timings=dict(timings),
+        timings=dataclasses.replace(timings) if timings is not None else None,
         logprobs=delta.logprobs,
         decode_instance=decode,
     )
@@ -146,7 +147,7 @@ def token_item(delta: TokenDelta, decode: str, timings: dict[str, float]) -> Tok
 class InstanceLoop:
     def __init__(
         self,
-        name: str,
+        name: InstanceId,
         host: str,
         core: EngineCore,
         policy: RolePolicy,
@@ -156,7 +157,7 @@ class InstanceLoop:
         self.core = core
         self.policy = policy
         self.idle_wait_s = idle_wait_s
-        self.inbox = Inbox(host, accept=(AbortRequest, *policy.accepts), name=name)
+        self.inbox = Inbox(host, accept=(AbortRequest, *policy.accepts), name=str(name))
         self.senders = SenderPool()
         self.mailbox = Mailbox()
         self.clients: dict[str, Client] = {}
@@ -296,8 +297,9 @@ class InstanceLoop:
     def new_request(self, msg: GenerateRequest) -> Request | None:
         """The engine's Request for `msg`, or None after telling the client why not."""
         try:
-            params = SamplingParams.from_dict(msg.sampling)
-            request = Request(msg.request_id, msg.prompt_token_ids, params, self.core.eos_token_ids)
+            request = Request(
+                msg.request_id, msg.prompt_token_ids, msg.sampling, self.core.eos_token_ids
+            )
             if msg.request_id in self.clients:
                 raise ValueError(f"duplicate request id {msg.request_id}")
             if request.num_tokens >= self.core.max_model_len:
@@ -305,12 +307,12 @@ class InstanceLoop:
                     f"prompt has {request.num_tokens} tokens; "
                     f"the context is {self.core.max_model_len}"
                 )
-        except (SamplingParamsError, ValueError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:
             self.counters["failed_requests"] += 1
             self._send({msg.reply_to: [error_item(msg.request_id, 0, f"invalid request: {exc}")]})
             return None
         self.counters["requests"] += 1
-        self.clients[msg.request_id] = Client(msg.reply_to, timings={"arrival": msg.arrival_time})
+        self.clients[msg.request_id] = Client(msg.reply_to, Timings(arrival=msg.arrival_time))
         return request
 
     def abort(self, request_id: str) -> None:
@@ -366,7 +368,7 @@ class InstanceLoop:
     def stats(self) -> dict:
         scheduler, blocks = self.core.scheduler, self.core.block_manager
         return {
-            "name": self.name,
+            "name": str(self.name),
             "pid": os.getpid(),
             "rss_mb": rss_mb(),
             "inbox": self.inbox.address,

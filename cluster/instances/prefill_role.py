@@ -19,14 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cache_transfer.factory import make_shared_kv
-from cache_transfer.messages import (
-    CacheTask,
-    CancelCache,
-    LayerReady,
-    PrefillDone,
-    StepPlan,
-    TransferDone,
-)
 from cluster.config import PdserveConfig
 from cluster.instances.common import deployment_id
 from cluster.instances.decode_picker import DecodePeer, DecodePicker
@@ -37,9 +29,20 @@ from cluster.metrics import BucketHistogram
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
+from engine.protocol.cache import (
+    CacheTask,
+    CancelCache,
+    ChunkPlan,
+    LayerReady,
+    PrefillDone,
+    StepPlan,
+    TransferDone,
+)
 from engine.protocol.channels import ChannelError
+from engine.protocol.identity import InstanceId
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
+from engine.protocol.tokens import Timings
 from engine.request import Request, RequestStatus
 from worker.engine_core import EngineCore, kv_layout_for, resolve_device
 
@@ -63,7 +66,7 @@ class Preparation:
 class Transfer:
     """An admitted request's KV hand-off, until the messager's TransferDone."""
 
-    decode: str
+    decode: InstanceId
     started: float = 0.0  # monotonic, when the first token was sampled
     cancel_sent: bool = False
     on_purpose: bool = False  # cancelled on purpose (finished on P, client gone): no failure
@@ -79,7 +82,7 @@ class PrefillRole(RolePolicy):
     role = Role.PREFILL
     accepts = (GenerateRequest, TransferDone)
 
-    def __init__(self, name: str, config: PdserveConfig, host: str) -> None:
+    def __init__(self, name: InstanceId, config: PdserveConfig, host: str) -> None:
         layout, dtype = kv_layout_for(config.model, config.prefill.engine)
         self.device = resolve_device(config.model)
         self.kv = make_shared_kv(layout, dtype, self.device, f"pdserve-{deployment_id()}-{name}")
@@ -132,7 +135,7 @@ class PrefillRole(RolePolicy):
             self.loop.counters["requests_ended_by_failure"] += 1
         self.messager = messager_inbox
 
-    def decode_down(self, decode_name: str) -> None:
+    def decode_down(self, decode_name: InstanceId) -> None:
         """A decode instance died: choose it no more; end the requests bound for it."""
         self.picker.remove(decode_name)
         for rid, transfer in list(self.transfers.items()):
@@ -201,11 +204,10 @@ class PrefillRole(RolePolicy):
         task = DecodeTask(
             request_id=rid,
             prompt_token_ids=prep.request.prompt_token_ids,
-            sampling=prep.request.sampling_params.to_dict(),
+            sampling=prep.request.sampling_params,
             eos_token_ids=list(prep.request.eos_token_ids),
             reply_to=prep.worker.inbox.address,
             router_inbox=prep.msg.reply_to,
-            prefill_instance=self.loop.name,
         )
         prep.worker.submit(Ask(peer.name, peer.inbox, task, self.config.allocation_timeout_s))
 
@@ -252,7 +254,7 @@ class PrefillRole(RolePolicy):
         self.transfers[rid] = Transfer(prep.peer.name)
         client = self.loop.clients[rid]
         client.decode = prep.peer.name
-        client.timings["prepared"] = time.time()
+        client.timings.prepared = time.time()
         self.loop.core.scheduler.add_request(prep.request)
 
     def _on_transfer_done(self, done: TransferDone) -> None:
@@ -306,10 +308,10 @@ class PrefillRole(RolePolicy):
         now = time.time()
         for chunk in sched.chunks:
             client = self.loop.clients.get(chunk.request_id)
-            if client is not None:
-                client.timings.setdefault("prefill_start", now)
+            if client is not None and client.timings.prefill_start is None:
+                client.timings.prefill_start = now
         self._step_id = sched.step_id
-        chunks = [[c.request_id, c.end_pos, c.sample] for c in sched.chunks]
+        chunks = [ChunkPlan(c.request_id, c.end_pos, c.sample) for c in sched.chunks]
         self._to_messager(StepPlan(sched.step_id, chunks))
 
     def layer_done(self, layer: int) -> None:
@@ -317,8 +319,8 @@ class PrefillRole(RolePolicy):
         if self.messager is not None:
             self.link.layer_written((self.messager, LayerReady(self._step_id, layer)))
 
-    def stamps(self, delta: TokenDelta, client: Client, now: float) -> dict[str, float]:
-        client.timings["prefill_end"] = now
+    def stamps(self, delta: TokenDelta, client: Client, now: float) -> Timings | None:
+        client.timings.prefill_end = now
         return client.timings
 
     def after_delta(self, delta: TokenDelta) -> None:

@@ -13,17 +13,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from cache_transfer.factory import make_backend, regions_of_tensors
-from cache_transfer.messages import KvComplete
+from cache_transfer.factory import kv_agent_name, make_backend, regions_of_tensors
 from cluster.config import PdserveConfig
 from cluster.instances.loop import Client, RolePolicy
 from cluster.tp_ranks import ray_ranks_for
 from engine.config import Role
 from engine.outputs import TokenDelta
+from engine.protocol.cache import KvComplete
+from engine.protocol.identity import InstanceId
 from engine.protocol.requests import GenerateRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
+from engine.protocol.tokens import Timings
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
 from worker.engine_core import EngineCore, resolve_overlap
 
 
@@ -32,7 +33,7 @@ class MixedRole(RolePolicy):
     accepts = (GenerateRequest,)
 
     @staticmethod
-    def build_core(config: PdserveConfig, name: str) -> EngineCore:
+    def build_core(config: PdserveConfig, name: InstanceId) -> EngineCore:
         mixed = config.mixed
         return EngineCore(
             config.model,
@@ -47,8 +48,8 @@ class MixedRole(RolePolicy):
         if request is not None:
             self.loop.core.add_request(request)
 
-    def stamps(self, delta: TokenDelta, client: Client, now: float) -> dict[str, float]:
-        return {"step_end": now}
+    def stamps(self, delta: TokenDelta, client: Client, now: float) -> Timings | None:
+        return None  # the router's TTFT split has no phase for a mixed instance's step
 
 
 @dataclass
@@ -63,10 +64,12 @@ class DecodeRole(RolePolicy):
     role = Role.DECODE
     accepts = (DecodeTask, CancelDecode, KvComplete)
 
-    def __init__(self, name: str, config: PdserveConfig, core: EngineCore, host: str) -> None:
+    def __init__(
+        self, name: InstanceId, config: PdserveConfig, core: EngineCore, host: str
+    ) -> None:
         self.name = name
         self.lease_s = config.decode.kv_lease_timeout_s
-        self.backend = make_backend(config.transfer.backend, f"{name}-kv", host)
+        self.backend = make_backend(config.transfer.backend, kv_agent_name(name), host)
         self.backend.register(regions_of_tensors(core.runner.kv_cache.layers))
         self.leases: dict[str, Lease] = {}
 
@@ -89,7 +92,7 @@ class DecodeRole(RolePolicy):
         request = Request(
             task.request_id,
             task.prompt_token_ids,
-            SamplingParams.from_dict(task.sampling),
+            task.sampling,
             eos_token_ids=tuple(task.eos_token_ids),
         )
         reason = "no free blocks or sequence slots"
@@ -129,11 +132,11 @@ class DecodeRole(RolePolicy):
         loop.counters["kv_complete"] += 1
         client = loop.clients.get(msg.request_id)
         if client is not None:
-            client.timings = {
-                "kv_signalled": msg.signalled_time,
-                "writes_done": msg.writes_done_time,
-                "kv_complete": time.time(),
-            }
+            client.timings = Timings(
+                kv_signalled=msg.signalled_time,
+                writes_done=msg.writes_done_time,
+                kv_complete=time.time(),
+            )
         delta = loop.core.scheduler.start_remote(msg.request_id, msg.first_token_id)
         if delta is not None and delta.finished:
             loop.publish([delta])
@@ -151,10 +154,11 @@ class DecodeRole(RolePolicy):
         self.loop.clients.pop(request_id, None)
         return self.loop.core.abort_request(request_id, status)
 
-    def stamps(self, delta: TokenDelta, client: Client, now: float) -> dict[str, float]:
+    def stamps(self, delta: TokenDelta, client: Client, now: float) -> Timings | None:
         if delta.first_index != 1:  # only the first token D computed carries the transfer's
-            return {}
-        return {**client.timings, "first_decode_step": now}
+            return None
+        client.timings.first_decode_step = now
+        return client.timings
 
     def tick(self) -> None:
         now = time.monotonic()

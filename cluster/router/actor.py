@@ -19,6 +19,7 @@ from cluster.router.drain import DrainState
 from cluster.router.server import RouterServer
 from engine.procinfo import rss_mb
 from engine.protocol.channels import node_ip_address
+from engine.protocol.identity import InstanceId
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class RouterActor:
 
             server.call(reset)
 
-    def instance_down(self, name: str) -> dict:
+    def instance_down(self, name: InstanceId) -> dict:
         """An instance died (the supervisor says so): retry or fail what it held."""
         server = self._require_server()
 

@@ -14,6 +14,7 @@ Nothing about a request outlives its `release()`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -33,6 +34,7 @@ from cluster.router.timings import TimingSplit
 from engine.config import Role
 from engine.protocol.cache_events import PrefixCacheEvents
 from engine.protocol.channels import AsyncInbox, AsyncSender, ChannelError
+from engine.protocol.identity import InstanceId
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenBatch, TokenItem
 from engine.sampling_params import SamplingParams
@@ -50,13 +52,15 @@ _ABORT_SEND_TIMEOUT_S = 2.0
 class InstanceEndpoint:
     """Where an instance takes requests: its name (as in `TokenBatch.source`), role and inbox."""
 
-    name: str
+    name: InstanceId
     role: Role
     inbox: str
 
     @classmethod
     def from_dict(cls, data: dict) -> InstanceEndpoint:
-        return cls(name=str(data["name"]), role=Role(data["role"]), inbox=str(data["inbox"]))
+        name = data["name"]
+        assert isinstance(name, InstanceId), name
+        return cls(name=name, role=Role(data["role"]), inbox=str(data["inbox"]))
 
     @property
     def takes_requests(self) -> bool:
@@ -104,9 +108,9 @@ class Dispatcher:
         self.timing_split = TimingSplit()
         self.metrics = RouterMetrics()
         self.chooser = InstanceChooser(config, self.metrics)
-        self._down: set[str] = set()  # instances reported dead, until update_endpoints
+        self._down: set[InstanceId] = set()  # instances reported dead, until update_endpoints
         # What a retry needs to resend a request that a dead instance never started.
-        self._resend: dict[int, tuple[list[int], dict]] = {}
+        self._resend: dict[int, GenerateRequest] = {}
 
     # -------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -155,10 +159,10 @@ class Dispatcher:
         # Registered before sending: the first token may come back before send() returns.
         self._streams[request_id] = stream
         self._outstanding[endpoint.name] += stream.prefill_tokens
-        self._resend[id(stream)] = (list(prompt_token_ids), sampling.to_dict())
         msg = GenerateRequest(
-            request_id, list(prompt_token_ids), sampling.to_dict(), self.inbox_address, time.time()
+            request_id, list(prompt_token_ids), sampling, self.inbox_address, time.time()
         )
+        self._resend[id(stream)] = msg
         try:
             await self._senders[endpoint.name].send(msg)
         except ChannelError as exc:
@@ -167,7 +171,7 @@ class Dispatcher:
         return stream
 
     # -------------------------------------------------------------------------- failures
-    def instance_down(self, name: str) -> dict[str, int]:
+    def instance_down(self, name: InstanceId) -> dict[str, int]:
         """`name` died: retry on another instance the requests it never started, move the rest
         of its requests to other instances (migration, router.migrate_on_failure; else they
         fail), and choose it no more until `update_endpoints`."""
@@ -213,31 +217,37 @@ class Dispatcher:
         self.endpoints = list(endpoints)
 
     def _move(self, stream: RequestStream, why: str) -> bool:
-        """Send the request again under a new id, as its continuation after the tokens released
-        so far (migration.py: unchanged when there are none), to the least loaded instance. The
-        instances that held it may still hold state under the old id: it is aborted."""
+        """Send the request again as its next attempt (a request of its own on the wire, see
+        `RequestStream.move`), the continuation after the tokens released so far (migration.py:
+        unchanged when there are none), to the least loaded instance. The instances that held
+        the earlier attempt may still hold state under its id: it is aborted."""
         candidates = [e for e in self.endpoints if e.takes_requests and e.name not in self._down]
-        resend = self._resend.get(id(stream))
-        if not candidates or resend is None or stream.retries >= MAX_MOVES:
+        first = self._resend.get(id(stream))
+        if not candidates or first is None or stream.attempt >= MAX_MOVES:
             return False
-        rest = continuation(*resend, stream.output_ids)
+        rest = continuation(first.prompt_token_ids, first.sampling, stream.output_ids)
         if rest is None:  # every token it may have was released: it ended at max_tokens
             stream.add(TokenItem(stream.request_id, 0, [], finish_reason="length"))
             return True
         # Another instance than the one that failed it, when there is one (it may fail again).
         others = [e for e in candidates if e.name != stream.instance] or candidates
         endpoint = min(others, key=lambda e: self._outstanding[e.name])
-        old_id = stream.request_id
-        stream.move(f"{old_id.split('~')[0]}~{stream.retries + 1}", endpoint.name)
-        self._streams[stream.request_id] = self._streams.pop(old_id)
+        earlier = AbortRequest(stream.request_id, why)
+        stream.move(endpoint.name)
+        self._streams[stream.request_id] = self._streams.pop(earlier.request_id)
         stream.prefill_tokens = len(rest.prompt)
         self._outstanding[endpoint.name] += stream.prefill_tokens
-        msg = GenerateRequest(
-            stream.request_id, rest.prompt, rest.sampling, self.inbox_address, time.time()
+        msg = dataclasses.replace(
+            first,
+            request_id=stream.request_id,
+            prompt_token_ids=rest.prompt,
+            sampling=rest.sampling,
+            arrival_time=time.time(),
+            attempt=stream.attempt,
         )
         self._spawn(self._senders[endpoint.name].send(msg))
         # Broadcast: the dead instance may have chosen a D that the router never heard of.
-        self._spawn(self._abort(old_id, why, set(self._senders)))
+        self._spawn(self._abort(earlier, set(self._senders)))
         self._counters["moved_requests"] = self._counters.get("moved_requests", 0) + 1
         return True
 
@@ -278,7 +288,7 @@ class Dispatcher:
         )
         if stream.finish is None or stream.finish.reason not in _CLEAN_FINISHES:
             self._counters["timeouts"] += timed_out
-            self._spawn(self._abort(request_id, reason, stream.holders()))
+            self._spawn(self._abort(AbortRequest(request_id, reason), stream.holders()))
 
     async def wait_background(self) -> None:
         """Wait until every abort scheduled so far has been sent (or has failed)."""
@@ -305,9 +315,8 @@ class Dispatcher:
             stream.awaiting_first_token = False
             self._outstanding[stream.instance] -= stream.prefill_tokens
 
-    async def _abort(self, request_id: str, reason: str, instances: set[str]) -> None:
-        """Send AbortRequest to each of `instances` (names without a sender are skipped)."""
-        msg = AbortRequest(request_id, reason)
+    async def _abort(self, msg: AbortRequest, instances: set[InstanceId]) -> None:
+        """Send `msg` to each of `instances` (names without a sender are skipped)."""
         names = [name for name in self._senders if name in instances]
         results = await asyncio.gather(
             *(self._senders[n].send(msg, timeout_s=_ABORT_SEND_TIMEOUT_S) for n in names),
@@ -316,7 +325,7 @@ class Dispatcher:
         for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException):
                 self._counters["abort_send_failures"] += 1
-                log.warning("abort of %s not sent to %s: %s", request_id, name, result)
+                log.warning("abort of %s not sent to %s: %s", msg.request_id, name, result)
             else:
                 self._counters["aborts_sent"] += 1
 
@@ -338,9 +347,9 @@ class Dispatcher:
                     if stream is not None:
                         stream.fail("error", "router failed to handle this request's tokens")
 
-    def _route(self, item: TokenItem, source: str) -> None:
+    def _route(self, item: TokenItem, source: InstanceId) -> None:
         stream = self._streams.get(item.request_id)
-        if stream is None:  # late tokens of a request that ended or was aborted
+        if stream is None:  # late tokens of a request that ended, was aborted or was resent
             self._counters["unknown_items"] += 1
             return
         stream.sources.add(source)
@@ -358,7 +367,7 @@ class Dispatcher:
         return len(self._streams)
 
     def outstanding_prefill_tokens(self) -> dict[str, int]:
-        return dict(self._outstanding)
+        return {str(name): tokens for name, tokens in self._outstanding.items()}
 
     def stats(self) -> dict:
         return {

@@ -13,7 +13,10 @@ undisturbed run. A request that never produced a token is resent unchanged (a re
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
 
 MAX_MOVES = 3  # per request: retries and migrations together
 
@@ -21,18 +24,22 @@ MAX_MOVES = 3  # per request: retries and migrations together
 @dataclass(frozen=True)
 class Continuation:
     prompt: list[int]
-    sampling: dict  # SamplingParams.to_dict()
+    sampling: SamplingParams
 
 
-def continuation(prompt: list[int], sampling: dict, released: list[int]) -> Continuation | None:
+def continuation(
+    prompt: list[int], sampling: SamplingParams, released: list[int]
+) -> Continuation | None:
     """The request that continues after `released` output tokens; None when max_tokens was
     reached already (nothing is left to generate)."""
-    remaining = int(sampling["max_tokens"]) - len(released)
+    remaining = sampling.max_tokens - len(released)
     if remaining < 1:
         return None
     if not released:
-        return Continuation(list(prompt), dict(sampling))
-    moved = dict(sampling)
-    moved["max_tokens"] = remaining
-    moved["prior_output_tokens"] = int(sampling.get("prior_output_tokens") or 0) + len(released)
+        return Continuation(list(prompt), sampling)
+    moved = dataclasses.replace(
+        sampling,
+        max_tokens=remaining,
+        prior_output_tokens=sampling.prior_output_tokens + len(released),
+    )
     return Continuation([*prompt, *released], moved)

@@ -12,7 +12,8 @@ from cluster.config import RouterConfig
 from cluster.metrics import RequestRecord
 from cluster.router.ordering import Finish, TokenOrderer
 from engine.outputs import TokenLogprobs
-from engine.protocol.tokens import TokenItem
+from engine.protocol.identity import InstanceId
+from engine.protocol.tokens import Timings, TokenItem
 
 
 class TokenTimeout(Exception):
@@ -35,16 +36,17 @@ class RequestStream:
     def __init__(
         self,
         request_id: str,
-        instance: str,
+        instance: InstanceId,
         num_prompt_tokens: int,
         config: RouterConfig,
         logprobs: bool = False,
     ) -> None:
-        self.request_id = request_id
+        self.request_id = request_id  # of the current attempt
+        self.first_id = request_id
         self.instance = instance
-        self.decode_instance = ""  # known from P's first item in PD mode
-        self.sources: set[str] = set()  # instances that sent tokens for it
-        self.retries = 0  # times it was sent again (retried or migrated)
+        self.decode_instance: InstanceId | None = None  # known from P's first item in PD mode
+        self.sources: set[InstanceId] = set()  # instances that sent tokens for it
+        self.attempt = 0  # times it was sent again, retried or migrated (GenerateRequest.attempt)
         self.output_ids: list[int] = []  # every token released so far, what a move resends
         self._index_offset = 0  # output index of the current run's token 0
         self.arrival = time.monotonic()
@@ -56,7 +58,7 @@ class RequestStream:
         # cached there): what it adds to that instance's outstanding prefill tokens.
         self.prefill_tokens = num_prompt_tokens
         self.num_cached_tokens = 0
-        self.stamps: dict[str, float] = {}  # server-side timings from the instances
+        self.stamps = Timings()  # server-side timings from the instances
         self.awaiting_first_token = True  # its prompt counts as outstanding prefill work
         self._config = config
         self._orderer = TokenOrderer(keep_logprobs=logprobs)
@@ -65,7 +67,7 @@ class RequestStream:
         self._logprobs: list[TokenLogprobs | None] | None = [] if logprobs else None
         self._delivered_any = False
 
-    def holders(self) -> set[str]:
+    def holders(self) -> set[InstanceId]:
         """Instances that may hold state for this request: the one it was sent to, the decode
         instance P reported, and any that sent tokens."""
         return {n for n in (self.instance, self.decode_instance, *self.sources) if n}
@@ -81,7 +83,8 @@ class RequestStream:
         else:  # a migrated run's prompt holds output: its cache hits are not the prompt's
             self.num_cached_tokens = max(self.num_cached_tokens, item.num_cached_tokens)
         self.decode_instance = item.decode_instance or self.decode_instance
-        self.stamps.update(item.timings)
+        if item.timings is not None:
+            self.stamps.update(item.timings)
         duplicates_before = self._orderer.duplicates
         tokens = self._orderer.add(item)
         self._tokens.extend(tokens)
@@ -94,13 +97,15 @@ class RequestStream:
             self._ready.set()
         return self._orderer.duplicates - duplicates_before
 
-    def move(self, request_id: str, instance: str) -> None:
-        """Continue as `request_id` on `instance`, whose output token 0 is this stream's next
-        token (see migration.py); tokens held back behind a gap will come again."""
-        self.request_id, self.instance = request_id, instance
-        self.decode_instance = ""
+    def move(self, instance: InstanceId) -> None:
+        """Continue as the next attempt on `instance`, whose output token 0 is this stream's next
+        token (see migration.py); tokens held back behind a gap will come again. The attempt is
+        a request of its own on the wire, its id made from the first one (never parsed back)."""
+        self.attempt += 1
+        self.request_id = f"{self.first_id}~{self.attempt}"
+        self.instance = instance
+        self.decode_instance = None
         self.sources = set()
-        self.retries += 1
         self.awaiting_first_token = True
         self._orderer.forget_pending()
         self._index_offset = len(self.output_ids)
@@ -128,7 +133,7 @@ class RequestStream:
         )
 
     def fail(self, reason: str, error: str) -> None:
-        self.add(TokenItem(self.request_id, 0, [], finish_reason=reason, error=error))
+        self.add(TokenItem(self.request_id, 0, [], reason, error))
 
     async def next(self) -> StreamUpdate:
         """Tokens that arrived since the last call (waits for at least one, or the end)."""

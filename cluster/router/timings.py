@@ -11,6 +11,8 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
+from engine.protocol.tokens import Timings
+
 # (phase, from stamp, to stamp): consecutive intervals, so they add up to the first decode step.
 PHASES = (
     ("prepare", "arrival", "prepared"),  # P's blocks + D's allocation (the prepare pool)
@@ -29,13 +31,14 @@ TRANSFER_PARTS = (
 )
 
 
-def phase_durations(stamps: dict[str, float]) -> dict[str, float]:
+def phase_durations(stamps: Timings) -> dict[str, float]:
     """Durations in seconds of the phases whose two stamps are both present."""
-    return {
-        name: stamps[end] - stamps[start]
-        for name, start, end in PHASES + TRANSFER_PARTS
-        if start in stamps and end in stamps
-    }
+    out = {}
+    for name, start, end in PHASES + TRANSFER_PARTS:
+        begin, finish = getattr(stamps, start), getattr(stamps, end)
+        if begin is not None and finish is not None:
+            out[name] = finish - begin
+    return out
 
 
 class TimingSplit:
@@ -44,7 +47,7 @@ class TimingSplit:
     def __init__(self, keep: int = 2048) -> None:
         self._samples: deque[dict[str, float]] = deque(maxlen=keep)
 
-    def record(self, stamps: dict[str, float]) -> dict[str, float]:
+    def record(self, stamps: Timings) -> dict[str, float]:
         durations = phase_durations(stamps)
         if durations:
             self._samples.append(durations)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.protocol.codec import message
+from engine.protocol.identity import InstanceId
 
 
-@message(32)
 @dataclass(frozen=True)
 class PrefixCacheEvents:
     """Block keys cached and evicted since the instance's previous report, with its capacity.
@@ -22,7 +21,7 @@ class PrefixCacheEvents:
     `stored` and `removed` are disjoint (a key's last change wins), so their order does not
     matter; `cleared` means every earlier key is gone (applied before `stored`)."""
 
-    instance: str  # the instance's name, as in its TokenBatch.source
+    instance: InstanceId  # as in its TokenBatch.source
     incarnation: str  # new for every start of the instance
     seq: int  # 0, 1, 2, ... within an incarnation
     block_size: int

@@ -4,37 +4,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.protocol.codec import message
+from engine.protocol.identity import InstanceId
+from engine.sampling_params import SamplingParams
 
 
-@message(20)
 @dataclass
 class DecodeTask:
     """P asks D to reserve blocks for a request whose KV P will write."""
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling: dict
+    sampling: SamplingParams
     eos_token_ids: list[int]
     reply_to: str  # P's inbox for the DecodeAllocation
     router_inbox: str  # where D streams tokens
-    prefill_instance: str
 
 
-@message(21)
 @dataclass
 class DecodeAllocation:
     """D's answer. On acceptance the blocks are held under a lease until KV completes."""
 
     request_id: str
-    decode_instance: str
+    decode_instance: InstanceId
     accepted: bool
     block_ids: list[int]
     reason: str = ""
     free_blocks: int = 0  # D's load after this decision, for P's choice of D
 
 
-@message(22)
 @dataclass
 class CancelDecode:
     """P gives up a reservation (timed out, aborted, finished on P). D frees the blocks."""

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
-from engine.protocol.codec import message
+from engine.protocol.identity import InstanceId
 
 
-@message(30)
+@dataclass
+class Timings:
+    """Server-side wall-clock stamps (time.time()) of one request, for the router's TTFT split;
+    each is set by the component that saw the moment, None until then."""
+
+    arrival: float | None = None  # the router sent it (GenerateRequest.arrival_time)
+    prepared: float | None = None  # P: blocks reserved and D's allocation in hand
+    prefill_start: float | None = None  # P: its first chunk was scheduled
+    prefill_end: float | None = None  # P: the first token was sampled
+    kv_signalled: float | None = None  # messager: last layer's signal and the first token in
+    writes_done: float | None = None  # messager: every write polled DONE
+    kv_complete: float | None = None  # D: took KvComplete
+    first_decode_step: float | None = None  # D: its first decode step ended
+
+    def update(self, other: Timings) -> None:
+        """Take every stamp `other` has."""
+        for f in fields(self):
+            value = getattr(other, f.name)
+            if value is not None:
+                setattr(self, f.name, value)
+
+
 @dataclass
 class TokenItem:
     """New tokens of one request. `first_index` is the index of token_ids[0] in the output, so the
@@ -20,18 +41,16 @@ class TokenItem:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
-    # Server-side timings (wall clock seconds) that only the instance knows.
-    timings: dict = field(default_factory=dict)
+    timings: Timings | None = None  # stamps only the instance knows (None: nothing new)
     # When the request asked for logprobs: per token [logprob, [[token_id, logprob], ...]]
     # (engine.outputs.TokenLogprobs), aligned with token_ids; else None.
-    logprobs: list | None = None
+    logprobs: list[list | None] | None = None
     # Set by P on a request's first token: the decode instance that will continue it, so the
     # router can fail the request at once if that instance dies before its first token.
-    decode_instance: str = ""
+    decode_instance: InstanceId | None = None
 
 
-@message(31)
 @dataclass
 class TokenBatch:
-    source: str  # instance name
+    source: InstanceId
     items: list[TokenItem]

@@ -105,7 +105,7 @@ def placement_report(dep: Deployment) -> dict[str, Any]:
         "router": dep.router,
     }
     report = {name: _where(actor) for name, actor in actors.items()}
-    inboxes = {e["name"]: e["inbox"] for e in dep.endpoints}
+    inboxes = {str(e["name"]): e["inbox"] for e in dep.endpoints}
     for name, inbox in inboxes.items():
         report[name]["inbox"] = inbox
     report["router"]["url"] = dep.url

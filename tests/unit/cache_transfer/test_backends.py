@@ -1,7 +1,8 @@
 """Both transfer backends, for real: registered shared memory, two processes, real NIXL and TCP.
 
 The target (decode side) runs in a spawned child that attaches a cache this test process owns,
-so the test can check the target's memory byte for byte after the notification arrived.
+so the test can check the target's memory byte for byte once the writes polled DONE (DONE means
+the bytes are in the target's memory: the messager's KvComplete relies on it).
 """
 
 from __future__ import annotations
@@ -69,13 +70,12 @@ def _random_cache() -> SharedKVCache:
 
 
 def _run_target(kind: str, cache_handle: dict[str, Any], conn: Connection) -> None:
-    """Child: attach the cache, publish the endpoint (as msgpack), relay notifications."""
+    """Child: attach the cache, publish the endpoint (as msgpack), serve until told to stop."""
     cache = SharedKVCache.attach(cache_handle)
     backend = make_backend(kind, "decode-0")
     try:
         backend.register(cache.regions())
         conn.send_bytes(msgpack.packb(backend.endpoint_info()))
-        conn.send(backend.wait_notifications(deadline_in(30)))
         conn.poll(30)  # until the parent has checked memory
     finally:
         backend.close()
@@ -94,10 +94,6 @@ class Target:
     def endpoint(self) -> dict[str, Any]:
         assert self.conn.poll(30), "target did not publish its endpoint"
         return msgpack.unpackb(self.conn.recv_bytes())
-
-    def notifications(self) -> list[tuple[str, bytes]]:
-        assert self.conn.poll(30), "target did not report notifications"
-        return self.conn.recv()
 
     def stop(self) -> None:
         if self.process.is_alive():
@@ -126,7 +122,7 @@ def targets() -> Iterator[list[Target]]:
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_write_blocks_then_notify_across_processes(
+def test_written_blocks_are_in_the_target_once_done_across_processes(
     kind: str, caches: tuple[SharedKVCache, SharedKVCache], targets: list[Target]
 ) -> None:
     src, dst = caches
@@ -138,18 +134,16 @@ def test_write_blocks_then_notify_across_processes(
         assert peer == "decode-0"
         handles = [source.write(peer, *plan) for plan in PLAN]
         assert [h.num_descs for h in handles] == [4, 1, 2, 2]
-        assert source.wait_all(handles, deadline_in(20)) == TransferState.DONE
+        deadline = deadline_in(20)
+        assert [source.wait(h, deadline) for h in handles] == [TransferState.DONE] * len(PLAN)
+        expected = before
+        for src_layer, src_ids, dst_layer, dst_ids in PLAN:
+            expected[dst_layer][dst_ids] = src.layer_bytes(src_layer)[src_ids]
+        for layer in range(LAYOUT.num_layers):
+            np.testing.assert_array_equal(dst.layer_bytes(layer), expected[layer])
         for handle in handles:
             source.release(handle)
-        source.notify(peer, b"req-42")
-        assert target.notifications() == [("prefill-0", b"req-42")]
         assert source.stats()["failed"] == 0
-
-    expected = before
-    for src_layer, src_ids, dst_layer, dst_ids in PLAN:
-        expected[dst_layer][dst_ids] = src.layer_bytes(src_layer)[src_ids]
-    for layer in range(LAYOUT.num_layers):
-        np.testing.assert_array_equal(dst.layer_bytes(layer), expected[layer])
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -178,8 +172,6 @@ def test_peer_gone_fails_within_deadline(
             time.sleep(0.2)
         assert time.monotonic() - started < 20
         assert any(o == TransferState.FAILED or isinstance(o, TransferError) for o in outcomes)
-        with pytest.raises(TransferError):
-            source.notify(peer, b"req-1")
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -229,7 +221,6 @@ def test_misuse_is_typed_and_close_releases_everything(
         empty = source.write(peer, 0, [], 0, [])
         assert source.poll(empty) == TransferState.DONE
         pending = [source.write(peer, layer, [0, 1, 2], layer, [3, 4, 5]) for layer in range(4)]
-        assert target.wait_notifications(deadline_in(0.05)) == []
     finally:
         source.close()
         target.close()
@@ -373,20 +364,3 @@ def test_tcp_slow_connect_does_not_block_writes_to_other_peers(
         finally:
             mute.close(linger=0)
         assert len(errors) == 1 and isinstance(errors[0], TransferTimeout)
-
-
-def test_tcp_notification_follows_unfinished_writes(
-    caches: tuple[SharedKVCache, SharedKVCache],
-) -> None:
-    """TCP orders a notification after every earlier write on the connection, done or not."""
-    src, dst = caches
-    with make_backend("tcp", "prefill-0") as source, make_backend("tcp", "decode-0") as target:
-        source.register(src.regions())
-        target.register(dst.regions())
-        peer = source.connect(target.endpoint_info(), deadline_in(10))
-        handles = [source.write(peer, layer, [0, 1, 2], layer, [9, 10, 11]) for layer in range(4)]
-        source.notify(peer, b"req-7")
-        assert target.wait_notifications(deadline_in(10)) == [("prefill-0", b"req-7")]
-        for layer in range(LAYOUT.num_layers):
-            np.testing.assert_array_equal(dst.layer_bytes(layer)[9:12], src.layer_bytes(layer)[:3])
-        assert source.wait_all(handles, deadline_in(10)) == TransferState.DONE

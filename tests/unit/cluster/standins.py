@@ -8,17 +8,19 @@ import threading
 import time
 
 from cluster.instances.decode_picker import DecodePeer
+from engine.config import Role
 from engine.protocol.channels import Inbox, SenderPool
+from engine.protocol.identity import InstanceId
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
 
 
 class FakeDecode(threading.Thread):
     """Answers DecodeTasks: 'accept', 'refuse', 'silent' (never) or a delay in seconds."""
 
-    def __init__(self, name: str, policy: str | float = "accept", free: int = 100) -> None:
+    def __init__(self, index: int, policy: str | float = "accept", free: int = 100) -> None:
         super().__init__(daemon=True)
         self.inbox = Inbox("127.0.0.1", accept=(DecodeTask, CancelDecode))
-        self.name_ = name
+        self.name_ = InstanceId(Role.DECODE, index)
         self.policy = policy
         self.free = free
         self.tasks: list[str] = []

@@ -11,6 +11,7 @@ from cluster.instances.prepare_pool import Answer, Ask, PrepareWorker
 from engine.protocol.channels import SenderPool
 from engine.protocol.requests import AbortRequest
 from engine.protocol.splitwise import DecodeTask
+from engine.sampling_params import SamplingParams
 from tests.unit.cluster.standins import FakeDecode
 
 
@@ -20,7 +21,7 @@ def env():
 
     def build(policy) -> tuple[FakeDecode, PrepareWorker, queue.Queue[Answer]]:
         answers: queue.Queue[Answer] = queue.Queue()
-        decode = FakeDecode("d0", policy)
+        decode = FakeDecode(0, policy)
         worker = PrepareWorker("127.0.0.1", answers.put, "prepare-0")
         worker.start()
         made.append((decode, worker))
@@ -33,7 +34,7 @@ def env():
 
 
 def ask(worker: PrepareWorker, decode: FakeDecode, rid: str, timeout_s: float = 5.0) -> None:
-    task = DecodeTask(rid, [1, 2, 3], {}, [2], worker.inbox.address, "tcp://x:1", "p0")
+    task = DecodeTask(rid, [1, 2, 3], SamplingParams(), [2], worker.inbox.address, "tcp://x:1")
     worker.submit(Ask(decode.name_, decode.inbox.address, task, timeout_s))
 
 

@@ -15,6 +15,7 @@ from engine.block_manager import BlockManager
 from engine.config import Role
 from engine.prefix_keys import chain_key
 from engine.prefix_keys import prefix_keys as keys_of
+from engine.protocol import codec
 from engine.sampling_params import SamplingParams, SamplingParamsError
 from tests.unit.engine.helpers import assert_nothing_leaked, make_request, make_scheduler
 
@@ -147,7 +148,7 @@ def test_cache_salt_must_be_a_non_empty_string(salt) -> None:
 
 def test_cache_salt_travels_with_the_sampling_params() -> None:
     params = SamplingParams(temperature=0, cache_salt="tenant-7")
-    assert SamplingParams.from_dict(params.to_dict()).cache_salt == "tenant-7"
+    assert codec.decode(codec.encode(params)).cache_salt == "tenant-7"
 
 
 def test_decode_reuses_cached_remote_prefix_only_under_the_same_salt() -> None:

@@ -9,12 +9,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from cache_transfer.messager import CacheMessager
 from cluster.config import PdserveConfig
 from cluster.instances.actor import build_role
 from cluster.instances.loop import InstanceLoop
+from cluster.messager.actor import CacheMessager
 from engine.config import Role
 from engine.protocol.channels import Inbox, SenderPool
+from engine.protocol.identity import InstanceId, MessagerId
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenBatch, TokenItem
 from engine.sampling_params import SamplingParams
@@ -37,7 +38,8 @@ def make_config(model: Path, **sections) -> PdserveConfig:
     return PdserveConfig.model_validate(raw)
 
 
-def make_loop(role: Role, name: str, config: PdserveConfig) -> InstanceLoop:
+def make_loop(role: Role, index: int, config: PdserveConfig) -> InstanceLoop:
+    name = InstanceId(role, index)
     core, policy = build_role(role, name, config, HOST)
     return InstanceLoop(name, HOST, core, policy)
 
@@ -56,7 +58,7 @@ class Router:
                 self.items[item.request_id].append(item)
 
     def send(self, loop: InstanceLoop, rid: str, prompt: list[int], **params) -> None:
-        sampling = {**SamplingParams(temperature=0.0, max_tokens=6).to_dict(), **params}
+        sampling = SamplingParams(**{"temperature": 0.0, "max_tokens": 6, **params})
         msg = GenerateRequest(rid, prompt, sampling, self.inbox.address, time.time())
         self.senders.send(loop.inbox.address, msg)
 
@@ -106,11 +108,11 @@ class PD:
 
     def __init__(self, config: PdserveConfig, decodes: int = 1) -> None:
         self.config = config
-        self.decodes = [make_loop(Role.DECODE, f"d{i}", config) for i in range(decodes)]
-        self.prefill = make_loop(Role.PREFILL, "p0", config)
-        self.messager = self.start_messager("m0")
+        self.decodes = [make_loop(Role.DECODE, i, config) for i in range(decodes)]
+        self.prefill = make_loop(Role.PREFILL, 0, config)
+        self.messager = self.start_messager(MessagerId(0))
 
-    def start_messager(self, name: str) -> CacheMessager:
+    def start_messager(self, name: MessagerId) -> CacheMessager:
         messager = CacheMessager(name, "tcp", self.config.transfer.cache_task_timeout_s)
         kv = self.prefill.policy.info()["kv_cache"]
         info = messager.setup(HOST, kv, self.prefill.inbox.address)

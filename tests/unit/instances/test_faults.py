@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.protocol.identity import MessagerId
 from tests.unit.instances.harness import PD, Router, assert_all_free, make_config, pump
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
@@ -43,7 +44,7 @@ def test_stalled_d_is_passed_over_and_its_late_answer_cancelled(pd, offline) -> 
     router.send(p, "a", PROMPT)
     pump(p, healthy, router=router, until=lambda: router.finish("a") is not None)
     assert router.tokens("a") == offline(PROMPT)
-    assert router.items["a"][0].decode_instance == "d1"
+    assert str(router.items["a"][0].decode_instance) == "decode-1"
     serves_on(cluster, router, offline, [p, healthy])
     # The stalled D wakes: it allocates, then reads P's cancel (same socket, later) and frees.
     pump(p, stalled, until=lambda: p.counters["late_allocations"] >= 1)
@@ -75,7 +76,7 @@ def test_lost_messager_transfer_deadline_frees_p_lease_frees_d(pd, offline) -> N
     pump(p, d, until=lambda: not d.policy.leases)
     assert d.counters["leases_expired"] == 1
     all_free(p, d)
-    cluster.messager = cluster.start_messager("m1")
+    cluster.messager = cluster.start_messager(MessagerId(1))
     serves_on(cluster, router, offline)
 
 
@@ -85,7 +86,7 @@ def test_restarted_messager_ends_its_requests_at_once(pd, offline) -> None:
     cluster.messager.shutdown()
     router.send(p, "a", PROMPT)
     pump(p, d, until=lambda: "a" in p.policy.transfers and p.policy.transfers["a"].started)
-    cluster.messager = cluster.start_messager("m1")  # connect(): a new messager inbox
+    cluster.messager = cluster.start_messager(MessagerId(1))  # connect(): a new messager inbox
     pump(p, router=router, until=lambda: router.finish("a") is not None)
     assert router.finish("a").error == "the cache messager restarted"
     assert p.counters["requests_ended_by_failure"] == 1
@@ -124,7 +125,7 @@ def test_decode_down_ends_its_requests(pd, offline) -> None:
     pump(p, router=router, until=lambda: router.finish("a") and not p.policy.transfers)
     assert router.finish("a").finish_reason == "error"
     assert p.counters["requests_ended_by_failure"] == 1
-    survivor = d1 if p.policy.picker.snapshot()[0]["name"] == "d1" else d0
+    survivor = d1 if p.policy.picker.snapshot()[0]["name"] == "decode-1" else d0
     serves_on(cluster, router, offline, [p, survivor])
     all_free(p)
 

@@ -14,7 +14,7 @@ PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [40, 41, 42], "c": list(range(20, 
 
 @pytest.fixture
 def mixed(tiny_model):
-    loop = make_loop(Role.MIXED, "m0", make_config(tiny_model))
+    loop = make_loop(Role.MIXED, 0, make_config(tiny_model))
     router = Router()
     yield loop, router
     loop.close()

@@ -44,7 +44,7 @@ def all_free(cluster: PD) -> None:
 
 def test_pd_equals_colocated_equals_offline(pd, tiny_model, offline) -> None:
     cluster, router = pd()
-    mixed = make_loop(Role.MIXED, "m0", make_config(tiny_model))
+    mixed = make_loop(Role.MIXED, 0, make_config(tiny_model))
     try:
         for rid, prompt in {**PROMPTS, "long": LONG}.items():
             router.send(cluster.prefill, rid, prompt)
@@ -55,7 +55,7 @@ def test_pd_equals_colocated_equals_offline(pd, tiny_model, offline) -> None:
             prompt = LONG if rid == "long" else PROMPTS[rid]
             assert router.tokens(rid) == router.tokens(f"m-{rid}") == offline(prompt), rid
         first = router.items["a"][0]
-        assert first.decode_instance == "d0"
+        assert str(first.decode_instance) == "decode-0"
         assert {"arrival", "prepared", "prefill_start", "prefill_end"} <= first.timings.keys()
         second = next(i for i in router.items["a"] if i.first_index == 1)
         assert {"kv_signalled", "writes_done", "kv_complete", "first_decode_step"} <= set(

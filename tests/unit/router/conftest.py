@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,11 +28,16 @@ def script(byte_tokenizer: Tokenizer) -> list[int]:
 def pd_pair(script: list[int]):
     """Factory: a fake decode instance and a prefill instance that forwards to it."""
 
+    pairs = itertools.count()  # each pair's index: prefill-i and decode-i
+
     def make(
         prefix: str = "", prefill: dict | None = None, decode: dict | None = None
     ) -> list[FakeInstance]:
-        d = FakeInstance(f"{prefix}decode", Role.DECODE, script, **(decode or {}))
-        p = FakeInstance(f"{prefix}prefill", Role.PREFILL, script, decode_peer=d, **(prefill or {}))
+        i = next(pairs)
+        d = FakeInstance(f"{prefix}decode", Role.DECODE, script, index=i, **(decode or {}))
+        p = FakeInstance(
+            f"{prefix}prefill", Role.PREFILL, script, decode_peer=d, index=i, **(prefill or {})
+        )
         return [p, d]
 
     return make

@@ -22,6 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from cluster.router.dispatcher import InstanceEndpoint
 from engine.config import Role
 from engine.protocol.channels import Inbox, Sender
+from engine.protocol.identity import InstanceId
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import TokenBatch, TokenItem
 from engine.tokenizer import Tokenizer
@@ -99,8 +100,10 @@ class FakeInstance:
         fail_suffix: str | None = None,
         error_reason: str = "error",
         fail_at: int | None = None,
+        index: int = 0,
     ) -> None:
-        self.name = name
+        self.label = name  # the test's own name for it
+        self.name = InstanceId(role, index)
         self.role = role
         self._script = script
         self._peer = decode_peer
@@ -211,7 +214,7 @@ class FakeInstance:
         due = [m for t, m in self._parked if t <= now]
         self._parked = [(t, m) for t, m in self._parked if t > now]
         for msg in due:
-            max_tokens = msg.sampling["max_tokens"]
+            max_tokens = msg.sampling.max_tokens
             if max_tokens > 1 and self._peer is not None:
                 # Forward first: with a first-token delay, D's tokens overtake P's.
                 self._send(self._peer.inbox.address, msg)
@@ -225,7 +228,7 @@ class FakeInstance:
                 num_prompt_tokens=len(msg.prompt_token_ids),
                 logprobs=logprobs,
                 # As a real P reports its D with the first token (the router aborts it there).
-                decode_instance=self._peer.name if self._peer is not None and not finish else "",
+                decode_instance=self._peer.name if self._peer is not None and not finish else None,
             )
             self._send(msg.reply_to, [item])
 
@@ -233,9 +236,9 @@ class FakeInstance:
         """Output tokens start..end-1 of a request, and their logprobs if it asked."""
         # Output token i depends on its position only, as a seeded model's does; a migrated
         # request's prompt already holds `prior_output_tokens` of the output.
-        shift = (msg.sampling.get("seed") or 0) + (msg.sampling.get("prior_output_tokens") or 0)
+        shift = (msg.sampling.seed or 0) + msg.sampling.prior_output_tokens
         tokens = [self._script[(i + shift) % len(self._script)] for i in range(start, end)]
-        top = msg.sampling.get("logprobs")
+        top = msg.sampling.logprobs
         if top is None:
             return tokens, None
         logprobs = [
@@ -246,11 +249,11 @@ class FakeInstance:
     def _step(self) -> None:
         by_router: dict[str, list[TokenItem]] = {}
         for request_id, active in list(self._active.items()):
-            max_tokens = active.msg.sampling["max_tokens"]
+            max_tokens = active.msg.sampling.max_tokens
             end = min(active.next_index + self._tokens_per_step, max_tokens)
             tokens, logprobs = self._tokens(active.msg, active.next_index, end)
             finish = "length" if end >= max_tokens else None
-            first_run = not active.msg.sampling.get("prior_output_tokens")
+            first_run = not active.msg.sampling.prior_output_tokens
             failing = self._fail_at is not None and first_run and end > self._fail_at
             item = TokenItem(
                 request_id,

@@ -56,7 +56,7 @@ def test_actor_serves_and_reports(pd_pair, tmp_path) -> None:
         assert response["choices"][0]["text"] == expected_text(4)
         stats = actor.stats()
         assert stats["running"] and stats["inflight_requests"] == 0
-        assert stats["outstanding_prefill_tokens"] == {"prefill": 0}
+        assert stats["outstanding_prefill_tokens"] == {"prefill-0": 0}
         assert stats["bad_frames"] == 0
     finally:
         actor.stop()

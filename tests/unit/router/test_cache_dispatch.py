@@ -10,6 +10,7 @@ from cluster.router.prefix_index import request_block_keys
 from engine.config import Role
 from engine.protocol.cache_events import PrefixCacheEvents
 from engine.protocol.channels import Sender
+from engine.protocol.identity import InstanceId
 from tests.unit.router.fakes import FakeInstance
 
 BLOCK = 16
@@ -22,7 +23,7 @@ def _post(router, prompt: str) -> None:
     assert response.status_code == 200, response.text
 
 
-def _report(router, instance: str, keys: list, seq: int = 0) -> None:
+def _report(router, instance: InstanceId, keys: list, seq: int = 0) -> None:
     sender = Sender(router.dispatcher.inbox_address)
     sender.send(PrefixCacheEvents(instance, "inc", seq, BLOCK, 1000, 900, stored=keys))
     sender.close()
@@ -36,7 +37,7 @@ def _report(router, instance: str, keys: list, seq: int = 0) -> None:
 def test_reported_prefix_draws_its_requests(start_router, script, routing: str) -> None:
     decode = FakeInstance("d", Role.DECODE, script)
     p0 = FakeInstance("p0", Role.PREFILL, script, decode_peer=decode)
-    p1 = FakeInstance("p1", Role.PREFILL, script, decode_peer=decode)
+    p1 = FakeInstance("p1", Role.PREFILL, script, decode_peer=decode, index=1)
     router = start_router([p0, p1, decode], routing=routing)
     _post(router, PROMPT)
     prompt_ids = (p0.received or p1.received)[0].prompt_token_ids
@@ -58,11 +59,11 @@ def test_a_dead_instance_is_forgotten(start_router, script) -> None:
     decode = FakeInstance("d", Role.DECODE, script)
     p0 = FakeInstance("p0", Role.PREFILL, script, decode_peer=decode)
     router = start_router([p0, decode])
-    _report(router, "p0", [1, 2, 3])
-    assert router.stats()["routing"]["index"]["blocks"] == {"p0": 3}
+    _report(router, p0.name, [bytes([i]) * 32 for i in (1, 2, 3)])  # 32-byte keys
+    assert router.stats()["routing"]["index"]["blocks"] == {"prefill-0": 3}
 
     async def down() -> None:
-        router.dispatcher.instance_down("p0")
+        router.dispatcher.instance_down(p0.name)
 
     router.server.call(down)
     assert router.stats()["routing"]["index"]["blocks"] == {}

@@ -26,7 +26,7 @@ def test_n_choices_with_seeds(start_router, pd_pair) -> None:
     received = router.fakes[0].wait_received(3)
     request_id = result.id.removeprefix("cmpl-")
     assert sorted(r.request_id for r in received) == [f"{request_id}-{i}" for i in range(3)]
-    assert sorted(r.sampling["seed"] for r in received) == [5, 6, 7]
+    assert sorted(r.sampling.seed for r in received) == [5, 6, 7]
     again = client.completions.create(
         model="tiny", prompt="abc", max_tokens=10, n=3, seed=5, temperature=1.0
     )
@@ -40,7 +40,7 @@ def test_n_greedy_choices_are_identical(start_router, pd_pair) -> None:
         model="tiny", messages=USER, max_tokens=6, n=2, temperature=0
     )
     assert [c.message.content for c in result.choices] == [expected_text(6)] * 2
-    assert all(r.sampling["seed"] is None for r in router.fakes[0].wait_received(2))
+    assert all(r.sampling.seed is None for r in router.fakes[0].wait_received(2))
     router.assert_no_leaks()
 
 
@@ -121,8 +121,8 @@ def test_penalties_are_sent_to_the_instances(start_router, pd_pair) -> None:
         model="tiny", messages=USER, max_tokens=2, presence_penalty=0.5, frequency_penalty=-1.25
     )
     sampling = router.fakes[0].wait_received(1)[0].sampling
-    assert (sampling["presence_penalty"], sampling["frequency_penalty"]) == (0.5, -1.25)
-    assert sampling["logprobs"] is None
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -1.25)
+    assert sampling.logprobs is None
     router.assert_no_leaks()
 
 
@@ -152,7 +152,7 @@ def test_completion_logprobs(start_router, pd_pair, script) -> None:
     result = client.completions.create(model="tiny", prompt="x", max_tokens=12, logprobs=2)
     expected = _expected_completion_logprobs(script, 12, 2)
     assert result.choices[0].logprobs.model_dump() == expected
-    assert router.fakes[0].wait_received(1)[0].sampling["logprobs"] == 2
+    assert router.fakes[0].wait_received(1)[0].sampling.logprobs == 2
     streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for chunk in client.completions.create(
         model="tiny", prompt="x", max_tokens=12, logprobs=2, stream=True

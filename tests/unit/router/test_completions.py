@@ -62,7 +62,7 @@ def test_chat_non_streaming_uses_template(start_router, pd_pair, byte_tokenizer)
     prompt = "<s><|system|>Be brief.\n<|user|>Hi\n<|assistant|>"  # fakes.CHAT_TEMPLATE
     sent = router.fakes[0].received[0]
     assert byte_tokenizer.decode(sent.prompt_token_ids, skip_special_tokens=False) == prompt
-    assert sent.sampling["temperature"] == 0.0 and sent.sampling["max_tokens"] == 9
+    assert sent.sampling.temperature == 0.0 and sent.sampling.max_tokens == 9
     assert result.usage.prompt_tokens == len(sent.prompt_token_ids)
     router.assert_no_leaks()
 

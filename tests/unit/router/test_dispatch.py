@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from engine.config import Role
+from engine.protocol.tokens import TokenItem
 from tests.unit.router.fakes import FakeInstance, expected_text
 
 
@@ -27,7 +28,7 @@ def test_choice_by_outstanding_prefill_tokens(start_router, script) -> None:
     gates = {"p0": threading.Event(), "p1": threading.Event()}
     decode = FakeInstance("d", Role.DECODE, script)
     p0 = FakeInstance("p0", Role.PREFILL, script, decode_peer=decode, gate=gates["p0"])
-    p1 = FakeInstance("p1", Role.PREFILL, script, decode_peer=decode, gate=gates["p1"])
+    p1 = FakeInstance("p1", Role.PREFILL, script, decode_peer=decode, gate=gates["p1"], index=1)
     router = start_router([p0, p1, decode])
     prompts = ["a" * 49, "b" * 9, "c" * 9, "d" * 34, "e" * 4]  # 50, 10, 10, 35, 5 tokens
     with ThreadPoolExecutor(len(prompts)) as pool:
@@ -40,14 +41,20 @@ def test_choice_by_outstanding_prefill_tokens(start_router, script) -> None:
         # 50 on one; 10, 10, 35 go to the other (10 < 50, 20 < 50, 20 + 35 = 55 > 50 after).
         assert [len(r.prompt_token_ids) for r in big.received] == [50, 5]
         assert [len(r.prompt_token_ids) for r in small.received] == [10, 10, 35]
-        assert router.stats()["outstanding_prefill_tokens"] == {big.name: 55, small.name: 55}
-        gates[small.name].set()  # the fast one answers; the slow one still holds 55
+        assert router.stats()["outstanding_prefill_tokens"] == {
+            str(big.name): 55,
+            str(small.name): 55,
+        }
+        gates[small.label].set()  # the fast one answers; the slow one still holds 55
         for future in futures[1:4]:
             assert future.result(10)["choices"][0]["text"] == expected_text(2)
-        assert router.stats()["outstanding_prefill_tokens"] == {big.name: 55, small.name: 0}
+        assert router.stats()["outstanding_prefill_tokens"] == {
+            str(big.name): 55,
+            str(small.name): 0,
+        }
         _post(router, "f" * 99)  # 100 tokens: the fast instance still has fewer
         assert len(small.received) == 4
-        gates[big.name].set()
+        gates[big.label].set()
         assert futures[0].result(10)["usage"]["completion_tokens"] == 2
     router.assert_no_leaks()
 
@@ -193,3 +200,35 @@ def test_stop_on_the_first_token(start_router, pd_pair) -> None:
     }
     router.assert_no_leaks()
     assert router.stats()["bad_frames"] == 0
+
+
+def test_retry_after_an_instance_died_is_its_next_attempt(start_router, script) -> None:
+    # Both prefill instances hold their first tokens until their gate opens.
+    gates = [threading.Event(), threading.Event()]
+    decode = FakeInstance("d", Role.DECODE, script)
+    prefills = [
+        FakeInstance(f"p{i}", Role.PREFILL, script, decode_peer=decode, gate=gates[i], index=i)
+        for i in range(2)
+    ]
+    router = start_router([*prefills, decode])
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(_post, router, "hello", 3)
+        _wait_total(*prefills, 1)
+        dead, other = prefills if prefills[0].received else prefills[::-1]
+        first = dead.received[0]
+        assert first.attempt == 0
+
+        async def down() -> dict:
+            return router.dispatcher.instance_down(dead.name)
+
+        assert router.server.call(down) == {"retried": 1, "failed": 0}
+        resent = other.wait_received(1)[0]
+        # A request of its own, its id made from the first one; the first is aborted everywhere.
+        assert (resent.request_id, resent.attempt) == (f"{first.request_id}~1", 1)
+        assert other.wait_abort(first.request_id).reason == "retried on another instance"
+        # A late error of the first attempt (the dead one's side) must not end the request.
+        dead._send(first.reply_to, [TokenItem(first.request_id, 0, [], "error", "stale")])
+        gates[prefills.index(other)].set()
+        assert reply.result(10)["choices"][0]["text"] == expected_text(3)
+    assert router.stats()["unknown_items"] >= 1
+    router.assert_no_leaks()

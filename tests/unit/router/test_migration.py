@@ -41,13 +41,13 @@ def _errors(events) -> list:
 
 
 def test_continuation_resends_the_released_tokens_as_prompt() -> None:
-    sampling = SamplingParams(max_tokens=10, seed=3).to_dict()
+    sampling = SamplingParams(max_tokens=10, seed=3)
     rest = continuation([1, 2], sampling, [7, 8, 9])
     assert rest.prompt == [1, 2, 7, 8, 9]
-    assert rest.sampling["max_tokens"] == 7 and rest.sampling["prior_output_tokens"] == 3
-    assert rest.sampling["seed"] == 3
+    assert rest.sampling.max_tokens == 7 and rest.sampling.prior_output_tokens == 3
+    assert rest.sampling.seed == 3
     again = continuation(rest.prompt, rest.sampling, [4])  # moved twice: counts add up
-    assert again.prompt == [1, 2, 7, 8, 9, 4] and again.sampling["prior_output_tokens"] == 4
+    assert again.prompt == [1, 2, 7, 8, 9, 4] and again.sampling.prior_output_tokens == 4
     assert continuation([1], sampling, []).sampling == sampling  # no token yet: a plain retry
     assert continuation([1], sampling, list(range(10))) is None  # nothing left to generate
 
@@ -61,7 +61,7 @@ def test_a_decode_instance_dying_mid_stream_moves_the_stream(start_router, pd_pa
         assert started.wait(20)
 
         async def down() -> dict:
-            return router.dispatcher.instance_down("decode")
+            return router.dispatcher.instance_down(decode.name)
 
         assert router.server.call(down) == {"retried": 0, "failed": 0}
         events = streamed.result(60)
@@ -69,11 +69,11 @@ def test_a_decode_instance_dying_mid_stream_moves_the_stream(start_router, pd_pa
     assert events[-2]["choices"][0]["finish_reason"] == "length"
     assert _text(events) == expected_text(MAX_TOKENS)  # nothing lost, nothing repeated
     first, moved = prefill.wait_received(2)
-    released = moved.sampling["prior_output_tokens"]
+    released = moved.sampling.prior_output_tokens
     assert 10 <= released < MAX_TOKENS
     assert moved.prompt_token_ids[: len(first.prompt_token_ids)] == first.prompt_token_ids
     assert len(moved.prompt_token_ids) == len(first.prompt_token_ids) + released
-    assert moved.sampling["max_tokens"] == MAX_TOKENS - released
+    assert moved.sampling.max_tokens == MAX_TOKENS - released
     assert decode.wait_abort(first.request_id).reason == "decode died"
     assert router.stats()["moved_requests"] == 1
     router.assert_no_leaks()
@@ -86,7 +86,7 @@ def test_an_error_after_tokens_moves_the_stream(start_router, pd_pair) -> None:
     assert _errors(events) == []
     assert _text(events) == expected_text(MAX_TOKENS)
     moved = router.fakes[0].wait_received(2)[1]
-    assert moved.sampling["prior_output_tokens"] == 25
+    assert moved.sampling.prior_output_tokens == 25
     router.assert_no_leaks()
 
 

@@ -5,16 +5,23 @@ been written to D. A layer-ready signal for a step writes, for every request in 
 blocks that are now complete in that layer: full blocks below the chunk's end, and on the last
 chunk also the partly filled tail block. Signals for a request whose cache task has not arrived
 yet are kept (bounded in time) and replayed when it does; KV is never sent for an unknown task.
+
+Failures stay with their request: a write that cannot start, a poll that raises or a deadline
+that passes marks that task failed; it is reported (once its writes drained) like any other.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cache_transfer.backend import TransferBackend, TransferError, TransferHandle, TransferState
-from cache_transfer.messages import CacheTask
+from cache_transfer.backend import TransferBackend, TransferHandle, TransferState
+from engine.protocol.cache import CacheTask, ChunkPlan
+from engine.protocol.identity import InstanceId
+
+log = logging.getLogger(__name__)
 
 _KEEP_PLANS = 64
 
@@ -22,7 +29,6 @@ _KEEP_PLANS = 64
 @dataclass
 class TaskState:
     task: CacheTask
-    peer: str  # the backend's name for the task's decode instance
     sent_blocks: list[int]  # per layer, how many of the task's blocks were written
     created: float = field(default_factory=time.monotonic)
     handles: list[TransferHandle] = field(default_factory=list)
@@ -64,51 +70,54 @@ class MessagerState:
         backend: TransferBackend,
         num_layers: int,
         block_size: int,
-        resolve_peer: Callable[[str], str | None],
+        peer_of: Callable[[InstanceId], str],
         task_wait_s: float,
         drain_s: float = 30.0,
     ) -> None:
         self.backend = backend
         self.num_layers = num_layers
         self.block_size = block_size
-        self.resolve_peer = resolve_peer
+        self.peer_of = peer_of  # the backend's peer name of a decode instance
         self.task_wait_s = task_wait_s
         self.drain_s = drain_s
         self.tasks: dict[str, TaskState] = {}
-        self.plans: dict[int, list[list]] = {}
+        self.plans: dict[int, list[ChunkPlan]] = {}
         self.deferred: dict[str, _Deferred] = {}
         self.missed: dict[str, float] = {}  # request id -> when its signals were given up
-        self.counters = {"unknown_task_waits": 0, "missed_tasks": 0, "writes": 0}
+        self.counters = {"unknown_task_waits": 0, "missed_tasks": 0, "writes": 0, "bad_messages": 0}
 
     # ------------------------------------------------------------------ inputs
-    def add_task(self, task: CacheTask) -> Outcome | None:
-        peer = self.resolve_peer(task.decode_instance)
-        state = TaskState(task, peer or "", [0] * self.num_layers)
+    def add_task(self, task: CacheTask) -> None:
+        if task.request_id in self.tasks:
+            raise ValueError(f"a second cache task for {task.request_id}")
+        state = TaskState(task, [0] * self.num_layers)
         self.tasks[task.request_id] = state
-        if peer is None:
-            state.failure = f"no transfer connection to {task.decode_instance}"
+        if len(task.dst_block_ids) < len(task.src_block_ids):
+            state.failure = (
+                f"{len(task.src_block_ids)} source blocks for {len(task.dst_block_ids)} on D"
+            )
         elif self.missed.pop(task.request_id, None) is not None:
             state.failure = "cache task arrived after its layer signals were given up"
         deferred = self.deferred.pop(task.request_id, None)
         if deferred is not None:
             for layer, end_pos, last in deferred.signals:
                 self._issue(state, layer, end_pos, last)
-        return None
 
-    def add_plan(self, step_id: int, chunks: list[list]) -> None:
+    def add_plan(self, step_id: int, chunks: list[ChunkPlan]) -> None:
         self.plans[step_id] = chunks
         # A step that failed mid-forward never sends its last layer: forget old plans.
         for old in [s for s in self.plans if s < step_id - _KEEP_PLANS]:
             del self.plans[old]
 
     def layer_ready(self, step_id: int, layer: int) -> None:
-        chunks = self.plans.get(step_id, [])
-        for request_id, end_pos, last in chunks:
-            state = self.tasks.get(request_id)
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} of a {self.num_layers}-layer model")
+        for chunk in self.plans.get(step_id, []):
+            state = self.tasks.get(chunk.request_id)
             if state is not None:
-                self._issue(state, layer, end_pos, last)
-            elif request_id not in self.missed:
-                self._defer(request_id, layer, end_pos, last)
+                self._issue(state, layer, chunk.end_pos, chunk.last)
+            elif chunk.request_id not in self.missed:
+                self._defer(chunk.request_id, layer, chunk.end_pos, chunk.last)
         if layer == self.num_layers - 1:
             self.plans.pop(step_id, None)
 
@@ -137,8 +146,7 @@ class MessagerState:
         for state in list(self.tasks.values()):
             outcome = self._check(state, now)
             if outcome is not None:
-                for handle in state.handles:
-                    self.backend.release(handle)
+                self._release(state)
                 del self.tasks[state.request_id]
                 done.append(outcome)
         return done
@@ -151,10 +159,10 @@ class MessagerState:
     def _check(self, state: TaskState, now: float) -> Outcome | None:
         pending = False
         for handle in state.handles:
-            if self.backend.poll(handle) is TransferState.FAILED:
+            status = self._poll(state, handle)
+            if status is TransferState.FAILED:
                 state.failure = state.failure or (handle.error or "write failed")
-            elif handle.state is TransferState.PENDING:
-                pending = True
+            pending = pending or status is TransferState.PENDING
         seconds = now - state.created
         if not state.failure and time.time() > state.task.write_deadline:
             state.failure = "write deadline passed before the KV was complete"
@@ -169,6 +177,22 @@ class MessagerState:
             return Outcome(state, True, "", seconds)
         return None
 
+    def _poll(self, state: TaskState, handle: TransferHandle) -> TransferState:
+        if handle.state is not TransferState.PENDING:
+            return handle.state
+        try:
+            return self.backend.poll(handle)
+        except Exception as exc:  # unknown: counted as in flight until the drain deadline
+            state.failure = state.failure or f"polling a write failed: {exc}"
+            return TransferState.PENDING
+
+    def _release(self, state: TaskState) -> None:
+        for handle in state.handles:
+            try:
+                self.backend.release(handle)
+            except Exception:  # the backend frees it at close(); the other handles go on
+                log.exception("releasing a write of %s failed", state.request_id)
+
     def _issue(self, state: TaskState, layer: int, end_pos: int, last: bool) -> None:
         if state.failure:
             return
@@ -180,10 +204,9 @@ class MessagerState:
         start = state.sent_blocks[layer]
         if upto > start:
             try:
-                handle = self.backend.write(
-                    state.peer, layer, src[start:upto], layer, dst[start:upto]
-                )
-            except (TransferError, ValueError) as exc:
+                peer = self.peer_of(state.task.decode_instance)
+                handle = self.backend.write(peer, layer, src[start:upto], layer, dst[start:upto])
+            except Exception as exc:  # this request's write only; the step's others go on
                 state.failure = f"write of layer {layer} failed: {exc}"
                 return
             state.handles.append(handle)

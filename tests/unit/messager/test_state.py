@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import time
 
-from cache_transfer.backend import TransferHandle, TransferState
-from cache_transfer.messager_state import MessagerState
-from cache_transfer.messages import CacheTask
+from cache_transfer.backend import TransferError, TransferHandle, TransferState
+from cache_transfer.factory import kv_agent_name
+from cluster.messager.state import MessagerState
+from engine.config import Role
+from engine.protocol.cache import CacheTask, ChunkPlan
+from engine.protocol.identity import InstanceId
+
+D0 = InstanceId(Role.DECODE, 0)
 
 
 class RecordingBackend:
-    """Test double: records writes; completion is controlled by the test."""
+    """Test double: records writes to its one connected peer (decode-0); completion is
+    controlled by the test."""
 
     def __init__(self) -> None:
         self.writes: list[tuple[int, list[int], list[int]]] = []
@@ -19,7 +25,9 @@ class RecordingBackend:
         self.fail_next = False
 
     def write(self, peer, src_layer, src_ids, dst_layer, dst_ids) -> TransferHandle:
-        assert peer == "peer-d0" and src_layer == dst_layer
+        if peer != kv_agent_name(D0):
+            raise TransferError(f"unknown or lost peer {peer!r}")
+        assert src_layer == dst_layer
         self.writes.append((src_layer, list(src_ids), list(dst_ids)))
         handle = TransferHandle(peer=peer, nbytes=100 * len(src_ids), num_descs=1)
         if self.fail_next:
@@ -41,15 +49,14 @@ class RecordingBackend:
 
 
 def make_state(backend: RecordingBackend, layers: int = 2, wait_s: float = 5.0) -> MessagerState:
-    peers = {"d0": "peer-d0"}
-    return MessagerState(backend, layers, block_size=4, resolve_peer=peers.get, task_wait_s=wait_s)
+    return MessagerState(backend, layers, 4, kv_agent_name, task_wait_s=wait_s)
 
 
 def task(rid: str = "r", num_prompt: int = 10, deadline_s: float = 60.0) -> CacheTask:
     blocks = -(-num_prompt // 4)
     return CacheTask(
         rid,
-        "d0",
+        D0,
         "tcp://d0",
         list(range(blocks)),
         [10 + b for b in range(blocks)],
@@ -62,11 +69,13 @@ def test_layerwise_chunked_stream_sends_full_blocks_then_tail() -> None:
     backend = RecordingBackend()
     state = make_state(backend)
     state.add_task(task(num_prompt=10))  # blocks 0,1 full, block 2 is the tail
-    state.add_plan(0, [["r", 6, False]])  # first chunk: positions 0..5 -> only block 0 is full
+    state.add_plan(
+        0, [ChunkPlan("r", 6, False)]
+    )  # first chunk: positions 0..5 -> only block 0 is full
     state.layer_ready(0, 0)
     state.layer_ready(0, 1)
     assert backend.writes == [(0, [0], [10]), (1, [0], [10])]
-    state.add_plan(1, [["r", 10, True]])  # last chunk: block 1 and the tail block 2
+    state.add_plan(1, [ChunkPlan("r", 10, True)])  # last chunk: block 1 and the tail block 2
     state.layer_ready(1, 0)
     assert backend.writes[-1] == (0, [1, 2], [11, 12])
     state.layer_ready(1, 1)
@@ -84,7 +93,7 @@ def test_layerwise_chunked_stream_sends_full_blocks_then_tail() -> None:
 def test_signals_before_task_wait_and_replay() -> None:
     backend = RecordingBackend()
     state = make_state(backend, layers=1)
-    state.add_plan(0, [["r", 8, True]])
+    state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     assert backend.writes == []  # never send KV for an unknown task
     assert state.busy
@@ -95,7 +104,7 @@ def test_signals_before_task_wait_and_replay() -> None:
 def test_task_that_never_comes_is_given_up_and_fails_if_late() -> None:
     backend = RecordingBackend()
     state = make_state(backend, layers=1, wait_s=0.01)
-    state.add_plan(0, [["r", 8, True]])
+    state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     time.sleep(0.02)
     assert state.poll() == [] and not state.deferred
@@ -109,7 +118,7 @@ def test_cancel_waits_for_inflight_writes_then_fails() -> None:
     backend = RecordingBackend()
     state = make_state(backend, layers=1)
     state.add_task(task(num_prompt=8))
-    state.add_plan(0, [["r", 8, True]])
+    state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     assert state.cancel("r", "aborted")
     assert state.poll() == []  # the in-flight write must drain before D may free its blocks
@@ -124,7 +133,7 @@ def test_failed_write_fails_the_task_and_stops_writing() -> None:
     backend.fail_next = True
     state = make_state(backend, layers=2)
     state.add_task(task(num_prompt=8))
-    state.add_plan(0, [["r", 8, True]])
+    state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     (outcome,) = state.poll()
     assert not outcome.ok and outcome.error == "injected"
@@ -136,19 +145,19 @@ def test_unknown_decode_instance_fails_without_writing() -> None:
     backend = RecordingBackend()
     state = make_state(backend, layers=1)
     bad = task()
-    bad.decode_instance = "d9"
+    bad.decode_instance = InstanceId(Role.DECODE, 9)
     state.add_task(bad)
-    state.add_plan(0, [["r", 10, True]])
+    state.add_plan(0, [ChunkPlan("r", 10, True)])
     state.layer_ready(0, 0)
     (outcome,) = state.poll()
-    assert not outcome.ok and "d9" in outcome.error and backend.writes == []
+    assert not outcome.ok and "decode-9" in outcome.error and backend.writes == []
 
 
 def test_no_write_after_the_write_deadline() -> None:
     backend = RecordingBackend()
     state = make_state(backend, layers=2)
     state.add_task(task(num_prompt=8, deadline_s=-1.0))  # already past
-    state.add_plan(0, [["r", 8, True]])
+    state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     (outcome,) = state.poll()
     assert not outcome.ok and "deadline" in outcome.error

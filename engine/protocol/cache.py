@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.protocol.codec import message
+from engine.protocol.identity import InstanceId
 
 
-@message(40)
 @dataclass
 class CacheTask:
     request_id: str
-    decode_instance: str
+    decode_instance: InstanceId
     decode_inbox: str
     src_block_ids: list[int]  # P's blocks, in sequence order
     dst_block_ids: list[int]  # D's blocks for the same positions
@@ -28,31 +27,36 @@ class CacheTask:
     write_deadline: float
 
 
-@message(41)
+@dataclass
+class ChunkPlan:
+    """One request's chunk in a step: KV of positions < end_pos exists after the step; the last
+    chunk also completes the partly filled tail block."""
+
+    request_id: str
+    end_pos: int
+    last: bool
+
+
 @dataclass
 class StepPlan:
-    """Chunks of requests with a cache task computed in step `step_id`:
-    [request_id, end_pos, is_last_chunk] each (KV of positions < end_pos exists after the step)."""
+    """The chunks of requests with a cache task that step `step_id` computes."""
 
     step_id: int
-    chunks: list[list]
+    chunks: list[ChunkPlan]
 
 
-@message(42)
 @dataclass
 class LayerReady:
     step_id: int
     layer: int
 
 
-@message(43)
 @dataclass
 class PrefillDone:
     request_id: str
     first_token_id: int
 
 
-@message(44)
 @dataclass
 class CancelCache:
     """Stop sending this request; in-flight writes drain, then D and P hear of it."""
@@ -62,7 +66,6 @@ class CancelCache:
     client_informed: bool = False  # the client has its answer or is gone: D must not report
 
 
-@message(45)
 @dataclass
 class TransferDone:
     request_id: str
@@ -72,7 +75,6 @@ class TransferDone:
     seconds: float = 0.0
 
 
-@message(46)
 @dataclass
 class KvComplete:
     """Sent to D after the last write completed: D may start decoding (or free, if not ok)."""

@@ -1,0 +1,145 @@
+"""A running deployment: the handles of its actors, and how they are wired together.
+
+Both the launcher (first wiring) and the supervisor (re-wiring after a restart) use the wiring
+functions here, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import remove_placement_group
+
+from cluster.config import PdserveConfig
+from engine.config import Role
+from engine.protocol.identity import InstanceId, MessagerId, WorkerId
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Deployment:
+    """Handles of a running deployment; `stop()` tears everything down."""
+
+    config: PdserveConfig
+    url: str = ""
+    router: Any = None
+    prefills: list[Any] = field(default_factory=list)
+    messagers: list[Any] = field(default_factory=list)
+    decodes: list[Any] = field(default_factory=list)
+    mixed: list[Any] = field(default_factory=list)
+    placement_groups: list[Any] = field(default_factory=list)
+    endpoints: list[dict] = field(default_factory=list)
+    infos: dict[WorkerId, dict] = field(default_factory=dict)  # each actor's setup() answer
+    owns_ray: bool = False
+    supervisor: Any = None
+    controller: Any = None  # the elastic controller actor, when elastic.enabled
+
+    def _group(self, role: Role) -> list[Any]:
+        return {Role.PREFILL: self.prefills, Role.DECODE: self.decodes, Role.MIXED: self.mixed}[
+            role
+        ]
+
+    def ids(self, *roles: Role) -> list[InstanceId]:
+        return [InstanceId(role, i) for role in roles for i in range(len(self._group(role)))]
+
+    def messager_ids(self) -> list[MessagerId]:
+        return [MessagerId(i) for i in range(len(self.messagers))]
+
+    @property
+    def decode_infos(self) -> list[dict]:
+        return [self.infos[i] for i in self.ids(Role.DECODE)]
+
+    def actor(self, worker: WorkerId) -> Any:
+        if isinstance(worker, MessagerId):
+            return self.messagers[worker.index]
+        return self._group(worker.role)[worker.index]
+
+    def refresh_endpoints(self) -> None:
+        """Endpoints from the instances' latest setup() answers."""
+        self.endpoints = [self.infos[i] for i in self.ids(Role.PREFILL, Role.DECODE, Role.MIXED)]
+
+    def router_endpoints(self) -> list[dict]:
+        """What the router needs of each instance: name, role, inbox."""
+        return [{"name": e["name"], "role": e["role"], "inbox": e["inbox"]} for e in self.endpoints]
+
+    @property
+    def max_model_len(self) -> int:
+        return min(e["max_model_len"] for e in self.endpoints)
+
+    @property
+    def instances(self) -> list[Any]:
+        return [*self.prefills, *self.decodes, *self.mixed]
+
+    def workers(self) -> list[WorkerId]:
+        """Every instance and cache messager (the router aside)."""
+        return [*self.ids(Role.PREFILL, Role.DECODE, Role.MIXED), *self.messager_ids()]
+
+    def named_workers(self) -> dict[str, Any]:
+        """Every instance and cache messager by name (the router aside)."""
+        return {str(w): self.actor(w) for w in self.workers()}
+
+    def stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Every actor's stats by name; an actor that does not answer in time (stalled, dead)
+        appears as {"name", "error"}."""
+        actors = {"router": self.router} if self.router is not None else {}
+        actors.update(self.named_workers())
+        refs = {name: actor.stats.remote() for name, actor in actors.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        done = set(ready)
+        out: dict[str, Any] = {}
+        for name, ref in refs.items():
+            try:
+                out[name] = ray.get(ref) if ref in done else {"name": name, "error": "no answer"}
+            except Exception as exc:  # a dead actor
+                out[name] = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
+        return out
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        actors = [a for a in [*self.instances, *self.messagers, self.controller] if a is not None]
+        refs = [a.shutdown.remote() for a in actors]
+        if self.router is not None:
+            if self.url:  # a router that never started has no server to stop: only kill it
+                refs.append(self.router.stop.remote())
+            actors.append(self.router)
+        try:
+            ray.get(refs, timeout=timeout_s)
+        except Exception as exc:  # best effort: the kill below frees everything anyway
+            log.warning("shutdown incomplete: %s", exc)
+        for actor in actors:
+            ray.kill(actor)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def wire_prefill(dep: Deployment, index: int) -> None:
+    """(Re)connect prefill instance `index`, its messager and the decode instances."""
+    timeout = dep.config.cluster.startup_timeout_s
+    p_info = dep.infos[InstanceId(Role.PREFILL, index)]
+    messager = dep.messagers[index]
+    m_info = ray.get(
+        messager.setup.remote(p_info["node_ip"], p_info["kv_cache"], p_info["inbox"]),
+        timeout=timeout,
+    )
+    dep.infos[m_info["name"]] = m_info
+    decodes = dep.decode_infos
+    ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
+    ray.get(dep.prefills[index].connect.remote(m_info["inbox"], decodes), timeout=timeout)
+
+
+def reconnect_decodes(dep: Deployment) -> None:
+    """After a decode instance restarted: messagers connect to its new transfer endpoint and
+    prefill instances learn its new inbox."""
+    timeout = dep.config.cluster.startup_timeout_s
+    decodes = dep.decode_infos
+    for index, messager in enumerate(dep.messagers):
+        ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
+        inbox = dep.infos[MessagerId(index)]["inbox"]
+        ray.get(dep.prefills[index].connect.remote(inbox, decodes), timeout=timeout)

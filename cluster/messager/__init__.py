@@ -1,0 +1,1 @@
+"""The cache messager actor (one per prefill instance) and its bookkeeping."""

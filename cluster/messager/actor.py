@@ -1,0 +1,203 @@
+"""Cache messager actor: maps its prefill instance's KV cache and streams it to decode instances.
+
+It runs in its own process beside P (same node, same placement-group bundle). It maps P's KV
+cache -- POSIX shared memory on CPU, P's device memory over CUDA IPC on a GPU -- registers it
+with its own transfer agent (NIXL by default) and WRITEs blocks straight from it into D's
+registered cache, layer by layer while P computes later layers.
+
+Completion goes to D as a `KvComplete` message on D's inbox, sent only after every write of the
+request polled DONE (which, per the backend contract, means the bytes are in D's memory). A zmq
+message lets D block on its inbox instead of polling NIXL's notification list.
+
+One loop owns the bookkeeping (`MessagerState`). It blocks on its inbox; while writes are in
+flight it wakes every `_BUSY_POLL_S` to poll them, because NIXL offers no completion handle to
+block on. Each message and each outcome is handled under its own guard: a message that cannot
+be handled fails its request only (D hears `KvComplete(ok=False)`, P `TransferDone(ok=False)`),
+and the loop goes on. Ray's method threads touch only the backend (thread-safe by contract),
+never the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from cache_transfer.backend import deadline_in
+from cache_transfer.factory import attach_shared_kv, kv_agent_name, make_backend
+from cluster.messager.state import MessagerState, Outcome
+from engine.procinfo import rss_mb
+from engine.protocol.cache import (
+    CacheTask,
+    CancelCache,
+    KvComplete,
+    LayerReady,
+    PrefillDone,
+    StepPlan,
+    TransferDone,
+)
+from engine.protocol.channels import Inbox, SenderPool, node_ip_address
+from engine.protocol.identity import InstanceId, MessagerId
+
+log = logging.getLogger(__name__)
+
+_BUSY_POLL_S = 0.0005
+_IDLE_WAIT_S = 0.5
+_ACCEPTS = (CacheTask, StepPlan, LayerReady, PrefillDone, CancelCache)
+
+
+class CacheMessager:
+    def __init__(self, name: MessagerId, backend: str, task_wait_s: float) -> None:
+        self.name = name
+        self.backend_name = backend
+        self.task_wait_s = task_wait_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._heartbeat = time.monotonic()
+
+    def setup(self, host: str | None, kv_handle: dict, prefill_inbox: str) -> dict:
+        """Map P's KV cache (its shared KV store's `handle()`), register it, start the loop. Called
+        again after this actor or its prefill instance restarted."""
+        if self._thread is not None:
+            self.shutdown()  # re-attaching to a restarted prefill instance: start clean
+        self._stop = threading.Event()
+        host = host or node_ip_address()
+        self.kv = attach_shared_kv(kv_handle)
+        regions = self.kv.regions()
+        self.backend = make_backend(self.backend_name, kv_agent_name(self.name), host)
+        self.backend.register(regions)
+        layout = regions.layout
+        state = MessagerState(
+            self.backend, layout.num_layers, layout.block_size, kv_agent_name, self.task_wait_s
+        )
+        self.open(state, host, prefill_inbox)
+        self._thread = threading.Thread(target=self._run, name=str(self.name), daemon=True)
+        self._heartbeat = time.monotonic()
+        self._thread.start()
+        return {"name": self.name, "inbox": self.inbox.address}
+
+    def open(self, state: MessagerState, host: str, prefill_inbox: str) -> None:
+        """Bind the inbox and take `state`; the loop's rounds (`round()`) may start."""
+        self.state = state
+        self.prefill_inbox = prefill_inbox
+        self.senders = SenderPool()
+        self.inbox = Inbox(host, accept=_ACCEPTS, name=str(self.name))
+
+    def add_decode_peers(self, decodes: list[dict], timeout_s: float = 30.0) -> None:
+        """Connect to decode instances' transfer endpoints (again, if one restarted)."""
+        for decode in decodes:
+            self.backend.connect(decode["transfer"], deadline_in(timeout_s))
+
+    def decode_down(self, decode: InstanceId) -> None:
+        """A decode instance died: its pending writes fail, so its tasks end (P hears of each)."""
+        self.backend.disconnect(kv_agent_name(decode))
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.round()
+
+    def round(self) -> None:
+        """One turn of the loop: wait for messages (briefly while writes are in flight), apply
+        them, report the tasks that finished."""
+        self._heartbeat = time.monotonic()
+        timeout = _BUSY_POLL_S if self.state.busy else _IDLE_WAIT_S
+        msg = self.inbox.recv(timeout_s=timeout)
+        if msg is not None:
+            for each in [msg, *self.inbox.drain()]:
+                self._apply(each)
+        for outcome in self.state.poll():
+            self._report(outcome)
+
+    def _apply(self, msg: Any) -> None:
+        """Handle one message; if that fails, fail its request (if it names one), nothing else."""
+        try:
+            self._handle(msg)
+        except Exception as exc:
+            log.exception("cache messager %s: could not handle %s", self.name, type(msg).__name__)
+            self.state.counters["bad_messages"] += 1
+            self._fail(msg, f"cache messager could not handle {type(msg).__name__}: {exc}")
+
+    def _handle(self, msg: Any) -> None:
+        state = self.state
+        if isinstance(msg, LayerReady):
+            state.layer_ready(msg.step_id, msg.layer)
+        elif isinstance(msg, StepPlan):
+            state.add_plan(msg.step_id, msg.chunks)
+        elif isinstance(msg, CacheTask):
+            state.add_task(msg)
+        elif isinstance(msg, PrefillDone):
+            state.prefill_done(msg.request_id, msg.first_token_id, time.time())
+        elif isinstance(msg, CancelCache) and not state.cancel(
+            msg.request_id, msg.reason, msg.client_informed
+        ):
+            # Unknown here: P still waits for an answer before it frees its blocks.
+            self._send(self.prefill_inbox, TransferDone(msg.request_id, False, msg.reason))
+
+    def _fail(self, msg: Any, error: str) -> None:
+        request_id = getattr(msg, "request_id", None)
+        if request_id is None or self.state.cancel(request_id, error):
+            return  # a step's signal (its requests fail one by one), or reported once drained
+        if isinstance(msg, CacheTask):  # never became a task: nothing was written
+            failed = KvComplete(request_id, False, error=error)
+            self._send(msg.decode_inbox, failed)
+        self._send(self.prefill_inbox, TransferDone(request_id, False, error))
+
+    def _report(self, outcome: Outcome) -> None:
+        st = outcome.state
+        done = KvComplete(
+            st.request_id,
+            outcome.ok,
+            st.first_token_id if st.first_token_id is not None else -1,
+            outcome.error,
+            signalled_time=max(st.prefill_done_wall, st.all_issued_wall),
+            writes_done_time=st.writes_done_wall,
+            client_informed=st.client_informed,
+        )
+        self._send(st.task.decode_inbox, done)
+        transfer = TransferDone(
+            st.request_id, outcome.ok, outcome.error, st.nbytes, outcome.seconds
+        )
+        self._send(self.prefill_inbox, transfer)
+
+    def _send(self, address: str, msg: Any) -> None:
+        try:
+            self.senders.send(address, msg)
+        except Exception as exc:  # that peer's loss; every other request's reports go on
+            log.warning("cache messager %s: could not tell %s: %s", self.name, address, exc)
+
+    # ------------------------------------------------------------------ inspection
+    def is_ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def heartbeat_age_s(self) -> float | None:
+        """Seconds since the loop last went round (at least every 0.5 s); None before setup()."""
+        return None if self._thread is None else time.monotonic() - self._heartbeat
+
+    def stats(self) -> dict:
+        return {
+            "name": str(self.name),
+            "pid": os.getpid(),
+            "rss_mb": rss_mb(),
+            "inbox": self.inbox.address,
+            "tasks": len(self.state.tasks),
+            "deferred": len(self.state.deferred),
+            "plans": len(self.state.plans),
+            "counters": dict(self.state.counters),
+            "transfer": self.backend.stats(),
+            "bad_frames": self.inbox.bad_frames,
+            "heartbeat_age_s": self.heartbeat_age_s(),
+        }
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is None:
+            return  # never set up: nothing is open
+        self._thread.join(5)
+        self._thread = None
+        self.inbox.close()
+        self.senders.close()
+        self.backend.close()
+        self.kv.close()

@@ -1,0 +1,39 @@
+"""Who is who in a deployment: typed identities of instances and cache messagers.
+
+Their `str()` is the Ray actor name (`prefill-0`, `messager-0`) and the label in logs, stats and
+metrics; nothing parses names back: code that needs the role or the index reads the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.config import Role
+
+
+@dataclass(frozen=True, order=True)
+class InstanceId:
+    """A prefill, decode or mixed instance: its role and its index among that role's instances."""
+
+    role: Role
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.role.value}-{self.index}"
+
+
+@dataclass(frozen=True, order=True)
+class MessagerId:
+    """The cache messager of prefill instance `index` (one per prefill instance)."""
+
+    index: int
+
+    @property
+    def prefill(self) -> InstanceId:
+        return InstanceId(Role.PREFILL, self.index)
+
+    def __str__(self) -> str:
+        return f"messager-{self.index}"
+
+
+WorkerId = InstanceId | MessagerId  # every actor the supervisor watches
