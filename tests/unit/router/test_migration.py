@@ -74,7 +74,7 @@ def test_a_decode_instance_dying_mid_stream_moves_the_stream(start_router, pd_pa
     assert moved.prompt_token_ids[: len(first.prompt_token_ids)] == first.prompt_token_ids
     assert len(moved.prompt_token_ids) == len(first.prompt_token_ids) + released
     assert moved.sampling.max_tokens == MAX_TOKENS - released
-    assert decode.wait_abort(first.request_id).reason == "decode died"
+    assert decode.wait_abort(first.request_id).reason == f"{decode.name} died"
     assert router.stats()["moved_requests"] == 1
     router.assert_no_leaks()
 
@@ -94,7 +94,7 @@ def test_with_migration_off_the_client_gets_the_error(start_router, pd_pair) -> 
     router = start_router(pd_pair(decode={"step_s": 0.01, "fail_at": 25}), migrate_on_failure=False)
     events = _stream(router, threading.Event())
     assert [e["message"] for e in _errors(events)] == [
-        "instance prefill: request error: KV transfer failed"
+        "instance prefill-0: request error: KV transfer failed"
     ]
     assert _text(events) == expected_text(25)
     assert len(router.fakes[0].received) == 1
