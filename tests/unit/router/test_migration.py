@@ -107,7 +107,7 @@ def test_a_failed_request_moves_to_another_instance(start_router, script) -> Non
 
     decode = FakeInstance("d", Role.DECODE, script)
     broken = FakeInstance("p0", Role.PREFILL, script, decode_peer=decode, error="no messager")
-    working = FakeInstance("p1", Role.PREFILL, script, decode_peer=decode)
+    working = FakeInstance("p1", Role.PREFILL, script, decode_peer=decode, index=1)
     router = start_router([broken, working, decode])
     with router.http() as http:
         for _ in range(4):
