@@ -312,7 +312,8 @@ class InstanceLoop:
             self._send({msg.reply_to: [error_item(msg.request_id, 0, f"invalid request: {exc}")]})
             return None
         self.counters["requests"] += 1
-        self.clients[msg.request_id] = Client(msg.reply_to, Timings(arrival=msg.arrival_time))
+        timings = Timings(arrival=msg.arrival_time)
+        self.clients[msg.request_id] = Client(msg.reply_to, timings=timings)
         return request
 
     def abort(self, request_id: str) -> None:

@@ -59,7 +59,7 @@ def test_every_d_stalled_fails_as_overloaded_and_frees(pd) -> None:
     pump(p, router=router, until=lambda: router.finish("a") is not None)
     finish = router.finish("a")
     assert finish.finish_reason == "overloaded"
-    assert "no decode instance could take the request (d0: timeout)" in finish.error
+    assert "no decode instance could take the request (decode-0: timeout)" in finish.error
     assert p.counters["overloaded_requests"] == 1
     pump(*cluster.loops, until=lambda: not cluster.decodes[0].core.scheduler.requests)
     all_free(*cluster.loops)

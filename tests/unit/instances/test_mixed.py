@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import msgpack
 import pytest
 import zmq
 
 from cluster.instances.memory import MallocTrimmer
 from engine.config import Role
+from engine.protocol import codec, registry
+from engine.protocol.requests import GenerateRequest
+from engine.sampling_params import SamplingParams
 from tests.unit.instances.harness import Router, assert_all_free, make_config, make_loop, pump
 
 PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [40, 41, 42], "c": list(range(20, 45))}
@@ -33,7 +39,7 @@ def test_serves_the_offline_tokens(mixed, offline) -> None:
     for rid, prompt in PROMPTS.items():
         assert router.tokens(rid) == offline(prompt), rid
         assert router.finish(rid).finish_reason == "length"
-    assert all("step_end" in item.timings for item in router.items["a"])
+    assert all(item.timings is None for item in router.items["a"])  # no TTFT phase to stamp
     assert_all_free(loop)
 
 
@@ -43,12 +49,11 @@ def test_malformed_frames_are_dropped_and_the_loop_serves_on(mixed, offline) -> 
     raw.connect(loop.inbox.address)
     raw.send(b"\x93\x01\x02")  # msgpack, but no message of this protocol
     raw.send(b"not msgpack at all \xff")
+    raw.send(_request_with_bad_sampling(router.inbox.address))  # a typed record that is not
     raw.close(linger=1000)
-    router.send(loop, "bad-params", [5, 6], temperature="hot")
     router.send(loop, "too-long", list(range(600)))
     serve(loop, router, {"a": PROMPTS["a"]})
-    assert loop.inbox.bad_frames == 2
-    assert "invalid request" in router.finish("bad-params").error
+    assert loop.inbox.bad_frames == 3
     assert "context" in router.finish("too-long").error
     assert router.tokens("a") == offline(PROMPTS["a"])
     assert_all_free(loop)
@@ -127,3 +132,13 @@ def test_an_idle_loop_trims_malloc(mixed) -> None:
     loop.trimmer = MallocTrimmer(0.0, 60.0, trim=lambda pad: trims.append(pad) or 1)
     loop.iterate()
     assert trims == [0]
+
+
+def _request_with_bad_sampling(reply_to: str) -> bytes:
+    """A GenerateRequest whose nested SamplingParams says temperature "hot": the codec refuses
+    it at the inbox (a correct sender cannot even build it)."""
+    values = [getattr(SamplingParams(), f.name) for f in dataclasses.fields(SamplingParams)]
+    values[0] = "hot"
+    sampling = msgpack.packb([codec.PROTOCOL_VERSION, registry.TYPE_IDS[SamplingParams], *values])
+    fields = ["bad-params", [5, 6], msgpack.ExtType(1, sampling), reply_to, 0.0, 0]
+    return msgpack.packb([codec.PROTOCOL_VERSION, registry.TYPE_IDS[GenerateRequest], *fields])
