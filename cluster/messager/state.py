@@ -90,7 +90,8 @@ class MessagerState:
     def add_task(self, task: CacheTask) -> None:
         if task.request_id in self.tasks:
             raise ValueError(f"a second cache task for {task.request_id}")
-        state = TaskState(task, [0] * self.num_layers)
+        # Blocks D already holds (its prefix cache) are never written: start past them.
+        state = TaskState(task, [task.skip_blocks] * self.num_layers)
         self.tasks[task.request_id] = state
         if len(task.dst_block_ids) < len(task.src_block_ids):
             state.failure = (

@@ -64,7 +64,10 @@ class InstanceChooser:
         self, names: Sequence[Hashable], prompt: list[int], cache_salt: str | None = None
     ) -> Decision | None:
         """The decode instance to prefer for `prompt`, among those that have reported (P's own
-        picker decides when there is none, or when the preferred one cannot take it)."""
+        picker decides with load routing, when none has reported, or when the preferred one
+        cannot take the request). Call `request_ended` with it when the request ends."""
+        if not self.policy.cache_aware:
+            return None
         known = [(n, c) for n in names if (c := self.index.get(n)) is not None]
         if not known:
             return None
@@ -85,10 +88,13 @@ class InstanceChooser:
         self._decode_inflight[decision.name] += 1
         return decision
 
-    def decode_done(self, name: Hashable) -> None:
-        """A request this router preferred `name` for has ended."""
-        if self._decode_inflight[name] > 0:
-            self._decode_inflight[name] -= 1
+    def request_ended(self, decode_hint: Hashable | None, cached_tokens_by: dict) -> None:
+        """A request ended: the decode instance preferred for it (if any) has one less, and the
+        prefix-cache hits its instances reported count by their role."""
+        if decode_hint is not None and self._decode_inflight[decode_hint] > 0:
+            self._decode_inflight[decode_hint] -= 1
+        for instance, tokens in cached_tokens_by.items():
+            self.observe_prefix_hits(instance.role, tokens)
 
     def _prefill_hit(self, name: Hashable, prompt: list[int], chains: KeyChains) -> int:
         cache = self.index.get(name)

@@ -159,8 +159,16 @@ class Dispatcher:
         # Registered before sending: the first token may come back before send() returns.
         self._streams[request_id] = stream
         self._outstanding[endpoint.name] += stream.prefill_tokens
+        if endpoint.role is Role.PREFILL:
+            stream.decode_hint = self._choose_decode(prompt_token_ids)
         msg = GenerateRequest(
-            request_id, list(prompt_token_ids), sampling, self.inbox_address, time.time()
+            request_id,
+            list(prompt_token_ids),
+            sampling,
+            self.inbox_address,
+            time.time(),
+            decode_hint=stream.decode_hint,
+            reuse_decode_prefix=self.chooser.policy.cache_aware,
         )
         self._resend[id(stream)] = msg
         try:
@@ -273,7 +281,7 @@ class Dispatcher:
             return
         self._resend.pop(id(stream), None)
         self._first_token_seen(stream)
-        self.chooser.observe_prefix_hits(self._role_of(stream.instance), stream.num_cached_tokens)
+        self.chooser.request_ended(stream.decode_hint, stream.cached_tokens_by)
         phases = self.timing_split.record(stream.stamps)
         if outcome is None:
             outcome = stream.finish.reason if stream.finish is not None else "abort"
@@ -307,8 +315,12 @@ class Dispatcher:
         )
         return next(e for e in candidates if e.name == decision.name), decision.cached_tokens
 
-    def _role_of(self, name: str) -> Role:
-        return next((e.role for e in self.endpoints if e.name == name), Role.PREFILL)
+    def _choose_decode(self, prompt: list[int]) -> InstanceId | None:
+        """With cache-aware routing, the decode instance P should try first."""
+        down = self._down
+        names = [e.name for e in self.endpoints if e.role is Role.DECODE and e.name not in down]
+        decision = self.chooser.choose_decode(names, prompt) if names else None
+        return None if decision is None else decision.name
 
     def _first_token_seen(self, stream: RequestStream) -> None:
         if stream.awaiting_first_token:
@@ -353,6 +365,7 @@ class Dispatcher:
             self._counters["unknown_items"] += 1
             return
         stream.sources.add(source)
+        stream.cached_tokens_by[source] = item.num_cached_tokens
         self._first_token_seen(stream)
         # A failed transfer, a lost peer, an expired lease: the request goes on elsewhere (the
         # tokens of this last item come again from the continuation).

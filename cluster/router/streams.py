@@ -58,6 +58,8 @@ class RequestStream:
         # cached there): what it adds to that instance's outstanding prefill tokens.
         self.prefill_tokens = num_prompt_tokens
         self.num_cached_tokens = 0
+        self.cached_tokens_by: dict[InstanceId, int] = {}  # prefix-cache hits each source reported
+        self.decode_hint: InstanceId | None = None  # the decode instance the router preferred
         self.stamps = Timings()  # server-side timings from the instances
         self.awaiting_first_token = True  # its prompt counts as outstanding prefill work
         self._config = config

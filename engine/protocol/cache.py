@@ -25,6 +25,7 @@ class CacheTask:
     # destination blocks runs out later than this, so a late write can never land in blocks D
     # has already given to another request.
     write_deadline: float
+    skip_blocks: int = 0  # leading blocks D already holds (DecodeAllocation.cached_blocks)
 
 
 @dataclass

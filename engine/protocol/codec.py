@@ -23,7 +23,9 @@ import msgpack
 # 2: TokenItem.logprobs, .decode_instance; 3: KvComplete stamps; 4: prefix-cache keys are
 # 32-byte SHA-256 digests (PrefixCacheEvents), SamplingParams.cache_salt; 5: one id table, typed
 # records (SamplingParams, Timings, ChunkPlan, InstanceId), GenerateRequest.attempt.
-PROTOCOL_VERSION = 5
+# 6: cache-aware routing (GenerateRequest.decode_hint/.reuse_decode_prefix,
+# DecodeTask.reuse_prefix, DecodeAllocation.cached_blocks, CacheTask.skip_blocks).
+PROTOCOL_VERSION = 6
 _EXT_NESTED = 1
 
 _BY_ID: dict[int, type] = {}

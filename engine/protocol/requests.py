@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.protocol.identity import InstanceId
 from engine.sampling_params import SamplingParams
 
 
@@ -23,6 +24,11 @@ class GenerateRequest:
     reply_to: str  # the router's token inbox
     arrival_time: float  # wall clock (time.time()) at the router, for the TTFT split
     attempt: int = 0  # 0 for the first send, +1 for each resend (for logs and metrics)
+    # Cache-aware routing (router.routing): the decode instance P should try first, since it
+    # holds the most of this prompt's prefix (None: P's own choice), and whether the decode
+    # instance may reuse the prefix it holds instead of receiving that KV again.
+    decode_hint: InstanceId | None = None
+    reuse_decode_prefix: bool = False
 
 
 @dataclass

@@ -18,6 +18,7 @@ class DecodeTask:
     eos_token_ids: list[int]
     reply_to: str  # P's inbox for the DecodeAllocation
     router_inbox: str  # where D streams tokens
+    reuse_prefix: bool = False  # D may use cached blocks holding a prefix of the prompt
 
 
 @dataclass
@@ -30,6 +31,9 @@ class DecodeAllocation:
     block_ids: list[int]
     reason: str = ""
     free_blocks: int = 0  # D's load after this decision, for P's choice of D
+    # The leading `block_ids` that already hold this prompt's KV on D (reused from its prefix
+    # cache): P writes only the blocks after them.
+    cached_blocks: int = 0
 
 
 @dataclass

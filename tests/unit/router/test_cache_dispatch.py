@@ -24,11 +24,12 @@ def _post(router, prompt: str) -> None:
 
 
 def _report(router, instance: InstanceId, keys: list, seq: int = 0) -> None:
+    before = router.stats()["routing"]["index"]["reports"]
     sender = Sender(router.dispatcher.inbox_address)
     sender.send(PrefixCacheEvents(instance, "inc", seq, BLOCK, 1000, 900, stored=keys))
     sender.close()
     deadline = time.monotonic() + 10
-    while router.stats()["routing"]["index"]["reports"] <= seq:
+    while router.stats()["routing"]["index"]["reports"] == before:
         assert time.monotonic() < deadline, "the router did not take the report"
         time.sleep(0.01)
 
@@ -67,3 +68,27 @@ def test_a_dead_instance_is_forgotten(start_router, script) -> None:
 
     router.server.call(down)
     assert router.stats()["routing"]["index"]["blocks"] == {}
+
+
+@pytest.mark.parametrize("routing", ["cache_aware", "load"])
+def test_prefill_hears_which_decode_instance_holds_the_prefix(
+    start_router, script, routing: str
+) -> None:
+    d0 = FakeInstance("d0", Role.DECODE, script)
+    d1 = FakeInstance("d1", Role.DECODE, script, index=1)
+    p0 = FakeInstance("p0", Role.PREFILL, script, decode_peer=d0)
+    router = start_router([p0, d0, d1], routing=routing)
+    _post(router, PROMPT)
+    first = p0.received[0]
+    assert first.decode_hint is None  # no decode instance has reported yet
+    _report(router, d0.name, [])
+    _report(router, d1.name, request_block_keys(first.prompt_token_ids, BLOCK)[:2])
+    _post(router, PROMPT)
+    second = p0.received[1]
+    if routing == "cache_aware":
+        assert second.decode_hint == d1.name and second.reuse_decode_prefix
+        assert router.stats()["routing"]["decisions"]["decode/cache_hit"] == 1
+    else:
+        assert second.decode_hint is None and not second.reuse_decode_prefix
+    router.assert_no_leaks()
+    assert router.stats()["routing"]["decode_inflight"] == {}

@@ -60,7 +60,7 @@ def test_decode_preference_and_inflight_counts() -> None:
     decision = chooser.choose_decode(["d0", "d1"], prompt)
     assert (decision.name, decision.cached_tokens) == ("d1", 3 * BS)
     assert chooser.stats()["decode_inflight"] == {"d1": 1}
-    chooser.decode_done("d1")
+    chooser.request_ended("d1", {})
     assert chooser.stats()["decode_inflight"] == {}
 
 
