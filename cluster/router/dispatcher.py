@@ -160,7 +160,7 @@ class Dispatcher:
         self._streams[request_id] = stream
         self._outstanding[endpoint.name] += stream.prefill_tokens
         if endpoint.role is Role.PREFILL:
-            stream.decode_hint = self._choose_decode(prompt_token_ids)
+            stream.decode_hint = self._choose_decode(prompt_token_ids, sampling.cache_salt)
         msg = GenerateRequest(
             request_id,
             list(prompt_token_ids),
@@ -315,11 +315,11 @@ class Dispatcher:
         )
         return next(e for e in candidates if e.name == decision.name), decision.cached_tokens
 
-    def _choose_decode(self, prompt: list[int]) -> InstanceId | None:
+    def _choose_decode(self, prompt: list[int], cache_salt: str | None) -> InstanceId | None:
         """With cache-aware routing, the decode instance P should try first."""
         down = self._down
         names = [e.name for e in self.endpoints if e.role is Role.DECODE and e.name not in down]
-        decision = self.chooser.choose_decode(names, prompt) if names else None
+        decision = self.chooser.choose_decode(names, prompt, cache_salt) if names else None
         return None if decision is None else decision.name
 
     def _first_token_seen(self, stream: RequestStream) -> None:
