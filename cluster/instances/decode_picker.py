@@ -54,14 +54,21 @@ class DecodePicker:
     def remove(self, name: InstanceId) -> None:
         self._peers.pop(name, None)
 
-    def choose(self, blocks_needed: int, exclude: set[InstanceId]) -> DecodePeer | None:
-        """The best peer not in `exclude` (penalized peers only when nothing else is left)."""
+    def choose(
+        self, blocks_needed: int, exclude: set[InstanceId], prefer: InstanceId | None = None
+    ) -> DecodePeer | None:
+        """The best peer not in `exclude` (penalized peers only when nothing else is left).
+        `prefer` (the router's cache-aware choice: it holds a prefix of the prompt, so it may
+        need fewer blocks than `blocks_needed`) wins unless it is penalized or suspect."""
         now = time.monotonic()
         candidates = [p for p in self._peers.values() if p.name not in exclude]
         if not candidates:
             return None
         healthy = [p for p in candidates if p.penalty_until <= now] or candidates
         fits = [p for p in healthy if p.free_blocks >= blocks_needed] or healthy
+        preferred = self._peers.get(prefer) if prefer is not None else None
+        if preferred in healthy and not preferred.suspect(now, self._suspect_after_s):
+            fits = [preferred]
         best = min(
             fits,
             key=lambda p: (p.suspect(now, self._suspect_after_s), p.pending, -p.free_blocks),

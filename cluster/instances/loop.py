@@ -29,6 +29,7 @@ from typing import Any
 
 import zmq
 
+from cluster.instances.cache_reports import CacheReporter
 from cluster.instances.memory import MallocTrimmer
 from engine.batch import SchedulerOutput
 from engine.config import Role
@@ -173,6 +174,10 @@ class InstanceLoop:
         self._running = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        # Prefix-cache changes to the routers this instance serves (cache-aware routing).
+        self.reporter = CacheReporter(
+            name, core.block_manager, lambda to, msg: self.send(to, msg, "router_send_failures")
+        )
         policy.attach(self)
 
     # ------------------------------------------------------------------ other threads
@@ -243,6 +248,7 @@ class InstanceLoop:
         for msg in self.inbox.drain():
             self._apply(msg)
         self.policy.tick()
+        self.reporter.tick()
         sched = self.core.scheduler.schedule()
         idle = sched.is_empty and self.core.in_flight is None
         self.trimmer.maybe_trim(idle)
@@ -355,6 +361,7 @@ class InstanceLoop:
         self._send(by_router)
 
     def _send(self, items_by_router: dict[str, list[TokenItem]]) -> None:
+        self.reporter.add_routers(items_by_router)
         for address, items in items_by_router.items():
             self.send(address, TokenBatch(self.name, items), "router_send_failures")
 

@@ -86,6 +86,7 @@ class PrefillRole(RolePolicy):
         layout, dtype = kv_layout_for(config.model, config.prefill.engine)
         self.device = resolve_device(config.model)
         self.kv = make_shared_kv(layout, dtype, self.device, f"pdserve-{deployment_id()}-{name}")
+        self.block_bytes = layout.block_nbytes * layout.num_layers  # one block, every layer
         self.config = config.prefill
         self.lease_s = config.decode.kv_lease_timeout_s
         self.host = host
@@ -193,7 +194,8 @@ class PrefillRole(RolePolicy):
         needed = -(-(prep.request.num_prompt_tokens + 1) // block_size)
         peer = None
         if len(prep.tried) < self.config.max_decode_attempts:
-            peer = self.picker.choose(needed, exclude=set(prep.tried))
+            hint = prep.msg.decode_hint if not prep.tried else None  # the router's choice
+            peer = self.picker.choose(needed, exclude=set(prep.tried), prefer=hint)
         if peer is None:
             self._end_preparation(prep)
             reasons = "; ".join(prep.reasons)
@@ -208,6 +210,7 @@ class PrefillRole(RolePolicy):
             eos_token_ids=list(prep.request.eos_token_ids),
             reply_to=prep.worker.inbox.address,
             router_inbox=prep.msg.reply_to,
+            reuse_prefix=prep.msg.reuse_decode_prefix,
         )
         prep.worker.submit(Ask(peer.name, peer.inbox, task, self.config.allocation_timeout_s))
 
@@ -251,6 +254,7 @@ class PrefillRole(RolePolicy):
         assert prep.peer is not None
         # The messager learns of the task before the scheduler may run the request.
         self._to_messager(cache_task_for(prep.request, prep.peer, reply, self.lease_s))
+        self.loop.counters["transfer_bytes_skipped"] += reply.cached_blocks * self.block_bytes
         self.transfers[rid] = Transfer(prep.peer.name)
         client = self.loop.clients[rid]
         client.decode = prep.peer.name
@@ -407,4 +411,5 @@ def cache_task_for(
         dst_block_ids=list(reply.block_ids[: len(src)]),
         num_prompt_tokens=request.num_prompt_tokens,
         write_deadline=time.time() + lease_s - max(2.0, 0.2 * lease_s),
+        skip_blocks=reply.cached_blocks,  # D holds these already: never written
     )

@@ -98,7 +98,7 @@ class DecodeRole(RolePolicy):
         reason = "no free blocks or sequence slots"
         try:
             accepted = task.request_id not in loop.clients and (
-                loop.core.scheduler.reserve_remote(request)
+                loop.core.scheduler.reserve_remote(request, reuse_prefix=task.reuse_prefix)
             )
         except ValueError as exc:  # a prompt longer than this instance's context
             accepted, reason = False, str(exc)
@@ -112,6 +112,7 @@ class DecodeRole(RolePolicy):
             list(request.block_ids) if accepted else [],
             "" if accepted else reason,
             loop.core.block_manager.num_free_blocks,
+            cached_blocks=request.num_cached_tokens // loop.core.block_manager.block_size,
         )
         loop.counters["allocations_accepted" if accepted else "allocations_refused"] += 1
         if not loop.send(task.reply_to, reply, "allocation_send_failures") and accepted:
