@@ -42,23 +42,23 @@ from cluster.bench.runner import LoadSpec
 from cluster.config import parse_config
 from cluster.launcher import deploy
 
-SHAPE = SHAPES["llama3-8b"]
 BLOCK = 16
 TOPOLOGIES = ("1p1d", "mixed2")
 ROUTINGS = ("load", "cache_aware")
 
 
-def config(folder: Path, topology: str, routing: str, memory_mb: int) -> Any:
+def config(folder: Path, topology: str, routing: str, args: argparse.Namespace) -> Any:
     engine = {
         "scheduler": {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "block_size": BLOCK},
-        "cache": {"memory_mb": memory_mb},
+        "cache": {"memory_mb": args.memory_mb},
     }
-    gpu = {"num_cpus": 2, "num_gpus": 1}
+    on_gpu = args.device == "cuda"
+    gpu = {"num_cpus": 2 if on_gpu else 0.5, "num_gpus": 1 if on_gpu else 0}
     raw: dict[str, Any] = {
         "model": {
             "path": str(folder),
-            "device": "cuda",
-            "dtype": "bfloat16",
+            "device": args.device,
+            "dtype": "bfloat16" if on_gpu else "float32",
             "load_format": "random",
         },
         "router": {"port": 0, "routing": routing},
@@ -75,11 +75,11 @@ def config(folder: Path, topology: str, routing: str, memory_mb: int) -> Any:
     return parse_config(raw)
 
 
-def warm_up(url: str, model: str, count: int) -> None:
+def warm_up(url: str, model: str, count: int, vocab_size: int) -> None:
     """Compile kernels, capture graphs and connect NIXL on prompts no conversation shares."""
     rng = random.Random(12345)
     for length in [64, 512, 2048][:count] + [256] * max(count - 3, 0):
-        prompt = [rng.randrange(2, SHAPE["vocab_size"]) for _ in range(length)]
+        prompt = [rng.randrange(2, vocab_size) for _ in range(length)]
         body = {"model": model, "prompt": prompt, "max_tokens": 8, "ignore_eos": True}
         httpx.post(f"{url}/v1/completions", json=body, timeout=600).raise_for_status()
 
@@ -105,10 +105,10 @@ def kv_bytes(stats: dict) -> tuple[int, int]:
 
 
 def run_case(folder: Path, topology: str, routing: str, spec: MultiturnSpec, args) -> dict:
-    dep = deploy(config(folder, topology, routing, args.memory_mb))
+    dep = deploy(config(folder, topology, routing, args))
     try:
         model = httpx.get(f"{dep.url}/v1/models").json()["data"][0]["id"]
-        warm_up(dep.url, model, args.warmup)
+        warm_up(dep.url, model, args.warmup, SHAPES[args.shape]["vocab_size"])
         moved0, skipped0 = kv_bytes(dep.stats())
         ray.get(dep.router.reset_timings.remote())
         started = time.perf_counter()
@@ -143,7 +143,8 @@ def run_case(folder: Path, topology: str, routing: str, spec: MultiturnSpec, arg
 
 def print_table(rows: list[dict], spec: MultiturnSpec, args) -> None:
     print(
-        f"\nLlama-3-8B shape, bf16, random weights; {spec.users} users x {spec.turns} turns, "
+        f"\n{args.shape} shape on {args.device}, random weights; "
+        f"{spec.users} users x {spec.turns} turns, "
         f"system prompt {spec.system_prompt_len}, turns {spec.turn_len}, answers "
         f"{spec.output_len} tokens; SLO TTFT {args.slo_ttft_ms:g} ms, TPOT {args.slo_tpot_ms:g} ms"
     )
@@ -203,8 +204,14 @@ def main() -> None:
     parser.add_argument("--slo-tpot-ms", type=float, default=12.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default="llama3-8b", help="model shape (random weights)"
+    )
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke run of the plumbing"
+    )
     args = parser.parse_args()
-    vocabulary = tuple(f"w{i}" for i in range(2, SHAPE["vocab_size"]))
+    vocabulary = tuple(f"w{i}" for i in range(2, SHAPES[args.shape]["vocab_size"]))
     spec = MultiturnSpec(
         users=args.users,
         turns=args.turns,
@@ -217,7 +224,7 @@ def main() -> None:
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_model_folder(Path(tmp) / "llama3-8b-random", SHAPE)
+        folder = write_model_folder(Path(tmp) / f"{args.shape}-random", SHAPES[args.shape])
         for topology in args.topologies:
             for routing in args.routings:
                 rows.append(run_case(folder, topology, routing, spec, args))
