@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from cluster.config import PdserveConfig
@@ -18,9 +19,13 @@ def advertised_host(config: PdserveConfig) -> str:
 
 def deployment_id() -> str:
     """Same for this actor and its restarts, different for another deployment on the node (so
-    one never unlinks the other's shared memory): the Ray job that created the actor."""
+    one never unlinks the other's shared memory): the Ray job that created the actor, within
+    its Ray cluster. Every fresh local Ray numbers its first job 01000000, so two clusters on
+    one host (two `pdserve serve`, or test runs side by side) differ only by their GCS."""
     import ray
 
     if not ray.is_initialized():  # not under Ray (tests that build the instance directly)
         return f"p{os.getpid()}"
-    return ray.get_runtime_context().get_job_id()
+    context = ray.get_runtime_context()
+    cluster = hashlib.sha256(str(context.gcs_address).encode()).hexdigest()[:8]
+    return f"{context.get_job_id()}{cluster}"
