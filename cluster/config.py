@@ -97,6 +97,14 @@ class RouterConfig(StrictModel):
         "transfer failed), send it on to other instances as prompt + the tokens streamed so "
         "far, so its stream goes on where it stopped; off: the client gets an error.",
     )
+    capacity_wait_s: float = Field(
+        45.0,
+        ge=0,
+        description="How long a stream that has already released tokens (or was moved after a "
+        "failure) waits for KV capacity when every decode instance refuses it for lack of free "
+        "blocks, sent again with backoff, before the refusal reaches the client; meanwhile new "
+        "requests get 503. 0: no wait. The token deadlines still apply.",
+    )
     drain_timeout_s: float = Field(
         30.0,
         ge=0,

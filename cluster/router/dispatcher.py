@@ -28,6 +28,7 @@ from cluster.config import RouterConfig, SloConfig
 from cluster.elastic.slo_window import SloWindow
 from cluster.metrics import RouterMetrics
 from cluster.router.cache_routing import InstanceChooser
+from cluster.router.capacity_wait import CapacityWaits
 from cluster.router.migration import MAX_MOVES, continuation
 from cluster.router.streams import RequestStream
 from cluster.router.timings import TimingSplit
@@ -111,6 +112,8 @@ class Dispatcher:
         self._down: set[InstanceId] = set()  # instances reported dead, until update_endpoints
         # What a retry needs to resend a request that a dead instance never started.
         self._resend: dict[int, GenerateRequest] = {}
+        # Started streams refused for lack of capacity, sent again after a backoff.
+        self.capacity = CapacityWaits(config.capacity_wait_s, self._move)
 
     # -------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -124,6 +127,7 @@ class Dispatcher:
         """Abort whatever is still in flight, then close every socket."""
         for request_id in list(self._streams):
             self.release(request_id, "router shutting down")
+        self.capacity.close()
         await self.wait_background()
         if self._receiver is not None:
             self._receiver.cancel()
@@ -189,8 +193,8 @@ class Dispatcher:
             self._outstanding[name] = 0
         retried = failed = 0
         for stream in list(self._streams.values()):
-            if stream.finish is not None:
-                continue
+            if stream.finish is not None or self.capacity.is_waiting(stream):
+                continue  # a parked stream holds nothing on any instance
             never_started = stream.instance == name and stream.awaiting_first_token
             if never_started and self._move(stream, "retried on another instance"):
                 retried += 1
@@ -231,7 +235,8 @@ class Dispatcher:
         the earlier attempt may still hold state under its id: it is aborted."""
         candidates = [e for e in self.endpoints if e.takes_requests and e.name not in self._down]
         first = self._resend.get(id(stream))
-        if not candidates or first is None or stream.attempt >= MAX_MOVES:
+        failures = stream.attempt - stream.capacity_retries  # waits for capacity are no failure
+        if not candidates or first is None or failures >= MAX_MOVES:
             return False
         rest = continuation(first.prompt_token_ids, first.sampling, stream.output_ids)
         if rest is None:  # every token it may have was released: it ended at max_tokens
@@ -265,9 +270,13 @@ class Dispatcher:
         task.add_done_callback(self._background.discard)
 
     def check_capacity(self, count: int) -> None:
-        """Raise Overloaded unless `count` more requests fit under max_inflight_requests."""
+        """Raise Overloaded unless `count` more requests fit under max_inflight_requests and no
+        started stream waits for KV capacity (freed blocks go to those first)."""
         if len(self._streams) + count > self._config.max_inflight_requests:
             raise Overloaded(f"{len(self._streams)} requests in flight; try again shortly")
+        if self.capacity.waiting:
+            waiting = self.capacity.waiting
+            raise Overloaded(f"{waiting} started requests are waiting for KV capacity; try again")
 
     def release(
         self, request_id: str, reason: str, timed_out: bool = False, outcome: str | None = None
@@ -280,6 +289,7 @@ class Dispatcher:
         if stream is None:
             return
         self._resend.pop(id(stream), None)
+        self.capacity.forget(stream)
         self._first_token_seen(stream)
         self.chooser.request_ended(stream.decode_hint, stream.cached_tokens_by)
         phases = self.timing_split.record(stream.stamps)
@@ -367,6 +377,12 @@ class Dispatcher:
         stream.sources.add(source)
         stream.cached_tokens_by[source] = item.num_cached_tokens
         self._first_token_seen(stream)
+        if item.token_ids:
+            self.capacity.progressed(stream)
+        # No decode instance had room: a stream under way waits for some (capacity_wait.py).
+        refused = item.finish_reason == "overloaded"
+        if refused and self.capacity.park(stream, item.error or "no capacity"):
+            return
         # A failed transfer, a lost peer, an expired lease: the request goes on elsewhere (the
         # tokens of this last item come again from the continuation).
         failed = item.finish_reason == "error" and self._config.migrate_on_failure
@@ -391,5 +407,8 @@ class Dispatcher:
             "bad_frames": self._inbox.bad_frames if self._inbox is not None else 0,
             "ttft_split": self.timing_split.summary(),
             "routing": self.chooser.stats(),
+            "capacity_waits": self.capacity.parks,
+            "capacity_waits_expired": self.capacity.expired,
+            "waiting_for_capacity": self.capacity.waiting,
             **self._counters,
         }

@@ -47,6 +47,7 @@ class RequestStream:
         self.decode_instance: InstanceId | None = None  # known from P's first item in PD mode
         self.sources: set[InstanceId] = set()  # instances that sent tokens for it
         self.attempt = 0  # times it was sent again, retried or migrated (GenerateRequest.attempt)
+        self.capacity_retries = 0  # of those, resends after a capacity refusal (capacity_wait.py)
         self.output_ids: list[int] = []  # every token released so far, what a move resends
         self._index_offset = 0  # output index of the current run's token 0
         self.arrival = time.monotonic()

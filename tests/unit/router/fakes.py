@@ -5,7 +5,7 @@ its fake DECODE peer, which streams the rest, one `TokenBatch` per step. Output 
 `script[(i + seed) % len(script)]` (seed 0 when the request has none), so tests know the exact
 text. When the request asks for logprobs, every token carries `fake_logprobs(...)`. Options make
 a fake slow (a gate the test opens), late with the first token, shuffling (batches swapped and
-repeated), or failing.
+repeated), failing, or refusing moved requests for lack of capacity.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ class FakeInstance:
         fail_suffix: str | None = None,
         error_reason: str = "error",
         fail_at: int | None = None,
+        refuse_moved: int = 0,
         index: int = 0,
     ) -> None:
         self.label = name  # the test's own name for it
@@ -116,6 +117,7 @@ class FakeInstance:
         self._error_reason = error_reason  # "overloaded" for a capacity refusal
         self._fail_suffix = fail_suffix  # requests whose id ends with it fail with `error`
         self._fail_at = fail_at  # a request's first run fails once it reaches this output index
+        self._refuse_moved = refuse_moved  # moved attempts left to refuse for lack of capacity
         self.inbox = Inbox("127.0.0.1", accept=(GenerateRequest, AbortRequest), name=name)
         self.received: list[GenerateRequest] = []
         self.aborts: list[AbortRequest] = []
@@ -196,7 +198,11 @@ class FakeInstance:
 
     def _admit(self, msg: GenerateRequest) -> None:
         failing = self._fail_suffix is None or msg.request_id.endswith(self._fail_suffix)
-        if self._error is not None and failing:
+        if msg.attempt and self._refuse_moved > 0:  # as P does when no D has free blocks
+            self._refuse_moved -= 1
+            error = "no decode instance could take the request (decode-0: no free blocks)"
+            self._send(msg.reply_to, [TokenItem(msg.request_id, 0, [], "overloaded", error)])
+        elif self._error is not None and failing:
             item = TokenItem(
                 msg.request_id, 0, [], finish_reason=self._error_reason, error=self._error
             )
