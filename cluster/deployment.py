@@ -7,6 +7,7 @@ functions here, so neither imports the other.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,12 +135,15 @@ def wire_prefill(dep: Deployment, index: int) -> None:
     ray.get(dep.prefills[index].connect.remote(m_info["inbox"], decodes), timeout=timeout)
 
 
-def reconnect_decodes(dep: Deployment) -> None:
+def reconnect_decodes(dep: Deployment, skip: Collection[int] = ()) -> None:
     """After a decode instance restarted: messagers connect to its new transfer endpoint and
-    prefill instances learn its new inbox."""
+    prefill instances learn its new inbox; but the prefill instances (and their messagers)
+    numbered in `skip`, which are out of service (wire_prefill connects them when back)."""
     timeout = dep.config.cluster.startup_timeout_s
     decodes = dep.decode_infos
     for index, messager in enumerate(dep.messagers):
+        if index in skip:
+            continue
         ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
         inbox = dep.infos[MessagerId(index)]["inbox"]
         ray.get(dep.prefills[index].connect.remote(inbox, decodes), timeout=timeout)

@@ -12,6 +12,14 @@ step or a wait that never ends): the supervisor kills that one, so that Ray rest
    inbox and transfer endpoint; a restarted prefill instance gets its messager re-attached).
 An actor that does not answer the probe at all is left to the request deadlines: its method
 threads are busy, and killing it would race with work it may still finish.
+
+Re-wiring is bounded. A restart that cannot be wired in (its `setup()` fails
+`MAX_SETUP_FAILURES` times in a row) is restarted afresh once: for a cache messager that means
+its prefill instance too, whose shared-memory KV cache is what the messager maps, re-created by
+P's constructor (a segment gone is the usual cause). Should that fail as well, or an actor not
+be back from Ray's restart within `cluster.startup_timeout_s`, the supervisor gives it up: it
+stays out of service (the router sends it nothing; a messager's prefill instance is announced
+down) and is logged, instead of being retried every round for ever.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
@@ -28,6 +37,8 @@ from engine.config import Role
 from engine.protocol.identity import InstanceId, MessagerId, WorkerId
 
 log = logging.getLogger(__name__)
+
+MAX_SETUP_FAILURES = 3  # setups in a row that failed (not "still restarting") before acting
 
 
 class Health(enum.Enum):
@@ -72,6 +83,11 @@ class Supervisor:
         self.recoveries: list[str] = []  # names revived, in order (for tests and logs)
         self.stalls: list[str] = []  # names killed for a stalled loop, in order
         self._unrevived: set[WorkerId] = set()  # failed, not wired in yet: retried each round
+        self._failed_since: dict[WorkerId, float] = {}  # monotonic, first failure not wired in
+        self._setup_failures: dict[WorkerId, int] = {}  # in a row, for the current failure
+        self._restarted_afresh: set[WorkerId] = set()  # forced restarts (once per failure)
+        self._lost: set[WorkerId] = set()
+        self.lost: list[str] = []  # names given up on, in order
 
     def start(self) -> None:
         self._thread.start()
@@ -95,6 +111,10 @@ class Supervisor:
                 log.exception("supervisor: checking %s failed", worker)
 
     def _check(self, worker: WorkerId) -> None:
+        if worker in self._lost:
+            return
+        if isinstance(worker, MessagerId) and worker.prefill in self._unrevived | self._lost:
+            return  # reviving its prefill instance sets it up again (wire_prefill)
         if worker in self._unrevived:
             self._recover(worker)
             return
@@ -127,17 +147,86 @@ class Supervisor:
             log.warning("supervisor: %s failed; failing its requests, awaiting restart", worker)
             self._announce_down(worker)
             self._unrevived.add(worker)
+            self._failed_since[worker] = time.monotonic()
         try:
             self._revive(worker)
         except (ActorUnavailableError, RayActorError, GetTimeoutError) as exc:
             log.info("supervisor: %s not back yet: %s", worker, type(exc).__name__)
+            self._restart_overdue(worker)
             return  # still restarting: next round
-        except Exception as exc:  # setup itself failed: try again next round, keep serving
+        except Exception as exc:  # setup itself failed: again next round, within bounds
             log.error("supervisor: %s could not be revived: %s", worker, exc)
+            self._setup_failed(worker, exc)
             return
-        self._unrevived.discard(worker)
+        self._back(worker)
+
+    def _back(self, worker: WorkerId) -> None:
+        revived = [worker]
+        if isinstance(worker, InstanceId) and worker.role is Role.PREFILL:
+            revived.append(MessagerId(worker.index))  # wire_prefill set its messager up too
+        for name in revived:
+            self._unrevived.discard(name)
+            self._failed_since.pop(name, None)
+            self._setup_failures.pop(name, None)
+            self._restarted_afresh.discard(name)
         self.recoveries.append(str(worker))
         log.warning("supervisor: %s is back", worker)
+
+    def _restart_overdue(self, worker: WorkerId) -> None:
+        """Give up on an actor Ray does not bring back: restarts are off, or it has taken
+        longer than an actor may take to start."""
+        waited = time.monotonic() - self._failed_since.get(worker, time.monotonic())
+        if not self.dep.config.cluster.restart_crashed_actors:
+            self._give_up(worker, "cluster.restart_crashed_actors is off")
+        elif waited > self.dep.config.cluster.startup_timeout_s:
+            self._give_up(worker, f"not restarted within {waited:.0f} s")
+
+    def _setup_failed(self, worker: WorkerId, exc: Exception) -> None:
+        """Its restart is up but cannot be wired in: after `MAX_SETUP_FAILURES` in a row,
+        restart it afresh (a messager together with its prefill instance, which re-creates the
+        KV cache the messager maps); if that was done already, give it up."""
+        failures = self._setup_failures.get(worker, 0) + 1
+        self._setup_failures[worker] = failures
+        if failures < MAX_SETUP_FAILURES:
+            return
+        if worker in self._restarted_afresh:
+            self._give_up(worker, f"setup failed {failures} times after a fresh restart: {exc}")
+            return
+        self._restart_afresh(worker)
+
+    def _restart_afresh(self, worker: WorkerId) -> None:
+        self._setup_failures.pop(worker, None)
+        self._restarted_afresh.add(worker)
+        if isinstance(worker, MessagerId):
+            prefill = worker.prefill
+            log.error("supervisor: %s cannot be set up; restarting it and %s", worker, prefill)
+            self._unrevived.discard(worker)  # wired in again by its prefill instance's revival
+            self._restarted_afresh.add(prefill)
+            if prefill not in self._unrevived:
+                self._announce_down(prefill)  # its requests move to other instances
+                self._unrevived.add(prefill)
+                self._failed_since[prefill] = time.monotonic()
+            victims: list[WorkerId] = [prefill, worker]
+        else:
+            log.error("supervisor: %s cannot be set up; restarting it", worker)
+            victims = [worker]
+        for victim in victims:
+            try:
+                ray.kill(self.dep.actor(victim), no_restart=False)
+            except Exception as exc:  # already dead: Ray restarts it all the same
+                log.warning("supervisor: killing %s failed: %s", victim, exc)
+
+    def _give_up(self, worker: WorkerId, why: str) -> None:
+        """Out of service for good: the router sends it nothing (a messager's prefill instance
+        is announced down as well, as it cannot hand KV over without it)."""
+        log.error("supervisor: giving up on %s: %s", worker, why)
+        self._unrevived.discard(worker)
+        self._failed_since.pop(worker, None)
+        self._setup_failures.pop(worker, None)
+        self._lost.add(worker)
+        self.lost.append(str(worker))
+        if isinstance(worker, MessagerId) and worker.prefill not in self._unrevived:
+            self._announce_down(worker.prefill)
 
     def _announce_down(self, worker: WorkerId) -> None:
         dep = self.dep
@@ -156,12 +245,20 @@ class Supervisor:
             wire_prefill(dep, worker.index)  # setup() of the restarted messager + P's new link
             return
         dep.infos[worker] = ray.get(dep.actor(worker).setup.remote(), timeout=timeout)
+        out = self._out_of_service(worker)
         if worker.role is Role.DECODE:
-            reconnect_decodes(dep)
+            reconnect_decodes(dep, skip={i.index for i in out if i.role is Role.PREFILL})
         elif worker.role is Role.PREFILL:
             wire_prefill(dep, worker.index)
         dep.refresh_endpoints()
-        ray.get(dep.router.update_endpoints.remote(dep.router_endpoints()), timeout=timeout)
+        endpoints = [e for e in dep.router_endpoints() if e["name"] not in out]
+        ray.get(dep.router.update_endpoints.remote(endpoints), timeout=timeout)
+
+    def _out_of_service(self, reviving: WorkerId) -> set[InstanceId]:
+        """Instances the router must not be given back: those still down (but `reviving`) or
+        given up, and prefill instances whose messager was given up."""
+        down = (self._unrevived | self._lost) - {reviving}
+        return {w.prefill if isinstance(w, MessagerId) else w for w in down} - {reviving}
 
 
 def _best_effort(refs: list, timeout_s: float) -> None:
