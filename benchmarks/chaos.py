@@ -7,7 +7,8 @@ each action the script waits (bounded) until the supervisor has brought the prev
 back. Migration (router.migrate_on_failure) should keep every stream that had started going;
 a request that never got a token may still fail while no instance can take it. At the end it
 prints requests served, client-visible errors (before and after a stream's first token),
-requests moved by the router, and KV blocks still held once everything settled (leaked).
+requests moved by the router, the times a stream under way waited for KV capacity, and KV blocks
+still held once everything settled (leaked).
 Loopback only; bounded by --minutes and --max-requests.
 
     python benchmarks/chaos.py [--config configs/cpu-2p2d.yaml] [--minutes 5] [--kill-every 30]
@@ -159,6 +160,9 @@ def report(outcomes: Counter, actions: list[str], router: dict, leaks: dict[str,
         if outcome not in ("ok", "error after start", "error before start"):
             print(f"| {outcome} | {count} |")
     print(f"| moved by the router (retried or migrated) | {router.get('moved_requests', 0)} |")
+    waits, expired = router.get("capacity_waits", 0), router.get("capacity_waits_expired", 0)
+    print(f"| waits for KV capacity (streams under way) | {waits} |")
+    print(f"| of those, ran out (the client got the refusal) | {expired} |")
     print(f"| KV blocks leaked | {sum(leaks.values())} |")
     print(f"\nblocks held after settling: {leaks}")
     for message, count in ERRORS.most_common(10):
