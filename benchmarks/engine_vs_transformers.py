@@ -1,18 +1,29 @@
 """Single-instance engine vs transformers `generate`, same model, same machine, same run.
 
 (a) one request, 128 new tokens; (b) 16 requests with prompt lengths 16-512 and output lengths
-32-256: transformers as one padded static batch (it must run to the longest output, so only the
-tokens each request asked for are counted), the engine with continuous batching.
-Greedy, EOS ignored, fp32 on CPU by default. Prints one table of output tokens/s.
+32-256: transformers as one left-padded static batch (it must run to the longest output, so only
+the tokens each request asked for are counted), the engine with continuous batching. Greedy, EOS
+ignored, fp32 on CPU by default.
 
-    python benchmarks/engine_vs_transformers.py [--model PATH] [--device cpu|cuda]
+Each workload runs `--repeats` times; within a repetition both sides run back to back and the
+side that goes first alternates between repetitions, so drift and other processes' load hit both.
+The table gives each side's median output tokens/s with its range (min-max) and the median of the
+per-repetition speed-ups, next to the goal; the load average before and after is printed with it.
+The outputs are compared too (first repetition): greedy fp32 tokens should be identical; padding
+in transformers' batch can flip a near-tie late in a long output of (b), which the table shows.
+
+    python benchmarks/engine_vs_transformers.py [--repeats 3] [--model PATH] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,19 +32,36 @@ from engine.sampling_params import SamplingParams
 from worker.engine_core import resolve_model_path
 from worker.llm import LLM
 
+PAD_ID = 0
+Tokens = list[list[int]]
 
-def workload(seed: int = 0) -> tuple[list[list[int]], list[int]]:
-    rng = random.Random(seed)
+
+@dataclass
+class Workload:
+    name: str
+    prompts: Tokens
+    outputs: list[int]  # new tokens per request
+    goal: float  # speed-up the engine must reach (median)
+    seconds: dict[str, list[float]] = field(default_factory=dict)  # side -> one per repetition
+    tokens: dict[str, Tokens] = field(default_factory=dict)  # side -> first repetition's outputs
+
+
+def workloads() -> list[Workload]:
+    single = [[random.Random(1).randint(100, 20000) for _ in range(16)]]
+    rng = random.Random(0)
     prompt_lens = [rng.randint(16, 512) for _ in range(16)]
     output_lens = [rng.randint(32, 256) for _ in range(16)]
     prompts = [[rng.randint(100, 20000) for _ in range(n)] for n in prompt_lens]
-    return prompts, output_lens
+    return [
+        Workload("(a) 1 request x 128 tokens", single, [128], goal=1.2),
+        Workload("(b) 16 requests, prompts 16-512, outputs 32-256", prompts, output_lens, goal=2.0),
+    ]
 
 
-def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> float:
-    """Seconds for one left-padded static batch running `new_tokens` steps."""
+def hf_generate(model, prompts: Tokens, outputs: list[int]) -> tuple[float, Tokens]:
+    """One left-padded static batch running max(outputs) steps: seconds, each row's tokens."""
     longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    ids = torch.full((len(prompts), longest), PAD_ID, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, longest - len(prompt) :] = torch.tensor(prompt)
@@ -41,29 +69,93 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
     ids, mask = ids.to(model.device), mask.to(model.device)
     start = time.perf_counter()
     with torch.inference_mode():
-        model.generate(
+        out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            max_new_tokens=new_tokens,
+            max_new_tokens=max(outputs),
             do_sample=False,
-            pad_token_id=pad_id,
+            pad_token_id=PAD_ID,
         )
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    return elapsed, [out[row, longest : longest + n].tolist() for row, n in enumerate(outputs)]
 
 
-def engine_generate(llm: LLM, prompts: list[list[int]], outputs: list[int]) -> float:
+def engine_generate(llm: LLM, prompts: Tokens, outputs: list[int]) -> tuple[float, Tokens]:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in outputs]
     start = time.perf_counter()
     completions = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
-    assert [len(c.token_ids) for c in completions] == outputs
-    return elapsed
+    tokens = [c.token_ids for c in completions]
+    assert [len(t) for t in tokens] == outputs
+    return elapsed, tokens
+
+
+def run(sides: dict[str, Callable[[Tokens, list[int]], tuple[float, Tokens]]], repeats: int):
+    work = workloads()
+    for generate in sides.values():  # warm-up (allocator, threads, lazy init), both sides
+        generate(work[0].prompts, [4])
+    names = list(sides)
+    for rep in range(repeats):
+        order = names if rep % 2 == 0 else names[::-1]
+        for w in work:
+            for side in order:
+                seconds, tokens = sides[side](w.prompts, w.outputs)
+                w.seconds.setdefault(side, []).append(seconds)
+                w.tokens.setdefault(side, tokens)
+            print(
+                f"  repetition {rep + 1}/{repeats} {w.name[:3]}: "
+                + ", ".join(f"{s} {sum(w.outputs) / w.seconds[s][-1]:.1f} tok/s" for s in order),
+                flush=True,
+            )
+    return work
+
+
+def same_tokens(ours: Tokens, theirs: Tokens) -> str:
+    """'16/16 identical' or with the earliest divergence (output index) of those that differ."""
+    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    text = f"{same}/{len(ours)} identical"
+    firsts = [
+        next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+        for a, b in zip(ours, theirs, strict=True)
+        if a != b
+    ]
+    return text + (f" (first difference at output token {min(firsts)})" if firsts else "")
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def print_table(work: list[Workload]) -> None:
+    print(
+        "| workload | output tokens | transformers tok/s | pdserve tok/s "
+        "| speed-up | goal | met | outputs vs transformers |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    for w in work:
+        n = sum(w.outputs)
+        hf = [n / s for s in w.seconds["transformers"]]
+        ours = [n / s for s in w.seconds["pdserve"]]
+        ratios = [
+            a / b for a, b in zip(w.seconds["transformers"], w.seconds["pdserve"], strict=True)
+        ]
+        median = statistics.median(ratios)
+        print(
+            f"| {w.name} | {n} | {spread(hf)} | {spread(ours)} | {spread(ratios)}x "
+            f"| >= {w.goal:g}x | {'yes' if median >= w.goal else 'NO'} "
+            f"| {same_tokens(w.tokens['pdserve'], w.tokens['transformers'])} |"
+        )
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions (median, range)")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -78,28 +170,18 @@ def main() -> None:
         }
     )
     llm = LLM(model_cfg, engine_cfg)
-    single = [[random.Random(1).randint(100, 20000) for _ in range(16)]]
-    prompts, outputs = workload()
-    # Warm-up both sides (allocator, threads, lazy init) on a short run.
-    hf_generate(hf, single, 4, 0)
-    engine_generate(llm, single, [4])
-
-    rows = []
-    hf_s = hf_generate(hf, single, 128, 0)
-    eng_s = engine_generate(llm, single, [128])
-    rows.append(("(a) 1 request x 128 tokens", 128, hf_s, eng_s))
-    hf_s = hf_generate(hf, prompts, max(outputs), 0)
-    eng_s = engine_generate(llm, prompts, outputs)
-    rows.append(("(b) 16 requests, prompts 16-512, outputs 32-256", sum(outputs), hf_s, eng_s))
-
-    print(f"\nmodel {path.name}, {args.device}, fp32, torch threads {torch.get_num_threads()}")
-    print("| workload | output tokens | transformers tok/s | pdserve tok/s | speed-up |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, tokens, hf_s, eng_s in rows:
-        print(
-            f"| {name} | {tokens} | {tokens / hf_s:.1f} | {tokens / eng_s:.1f} "
-            f"| {hf_s / eng_s:.2f}x |"
-        )
+    sides = {
+        "transformers": lambda prompts, outputs: hf_generate(hf, prompts, outputs),
+        "pdserve": lambda prompts, outputs: engine_generate(llm, prompts, outputs),
+    }
+    before = load()
+    work = run(sides, args.repeats)
+    print(
+        f"\nmodel {path.name}, {args.device}, fp32, torch threads {torch.get_num_threads()}, "
+        f"{args.repeats} repetitions (median (min-max)), sides alternated; "
+        f"{before} before, {load()} after"
+    )
+    print_table(work)
 
 
 if __name__ == "__main__":
