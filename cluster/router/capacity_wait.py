@@ -8,8 +8,9 @@ happens while a killed decode instance restarts and the survivor is full. So the
 such a stream, holding nothing on any instance (the refusal freed P's blocks, D allocated none),
 and sends it again after a backoff (`BACKOFF_FIRST_S`, doubling up to `BACKOFF_MAX_S`) until
 capacity comes back or `capacity_wait_s` has passed since its last token; only then does the
-refusal reach the client. While any stream waits, new requests get 503 (see
-`Dispatcher.check_capacity`): blocks that free up go to streams already under way first.
+refusal reach the client. While any stream waits (parked, or sent again and without a token
+yet), new requests get 503 (see `Dispatcher.check_capacity`): blocks that free up go to streams
+already under way first.
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ class CapacityWaits:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Streams refused since their last token: parked, or sent again and not served yet
+        (new requests are held back until this is 0, so they cannot take the blocks a resent
+        stream is about to ask for)."""
+        return len(self._since)
 
-    def is_waiting(self, stream: RequestStream) -> bool:
+    def is_parked(self, stream: RequestStream) -> bool:
+        """Waiting for its timer: it holds nothing on any instance."""
         return stream in self._waiting
 
     def park(self, stream: RequestStream, error: str) -> bool:

@@ -193,7 +193,7 @@ class Dispatcher:
             self._outstanding[name] = 0
         retried = failed = 0
         for stream in list(self._streams.values()):
-            if stream.finish is not None or self.capacity.is_waiting(stream):
+            if stream.finish is not None or self.capacity.is_parked(stream):
                 continue  # a parked stream holds nothing on any instance
             never_started = stream.instance == name and stream.awaiting_first_token
             if never_started and self._move(stream, "retried on another instance"):

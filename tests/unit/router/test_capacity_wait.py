@@ -6,10 +6,17 @@ every stream is moved once after it started."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from cluster.config import RouterConfig
+from cluster.router.capacity_wait import CapacityWaits
+from cluster.router.streams import RequestStream
+from engine.config import Role
+from engine.protocol.identity import InstanceId
+from engine.protocol.tokens import TokenItem
 from tests.unit.router.fakes import expected_text
 from tests.unit.router.test_migration import MAX_TOKENS, _errors, _stream, _text
 
@@ -75,3 +82,29 @@ def test_new_requests_get_503_while_a_stream_waits(start_router, pd_pair) -> Non
         response = http.post("/v1/completions", json=body)
         assert response.status_code == 200, response.text
     router.assert_no_leaks()
+
+
+def test_a_resent_stream_holds_new_requests_back_until_it_is_served() -> None:
+    async def scenario() -> None:
+        resent = asyncio.Event()
+
+        def resend(stream: RequestStream, why: str) -> bool:
+            stream.move(InstanceId(Role.PREFILL, 1))
+            resent.set()
+            return True
+
+        waits = CapacityWaits(30.0, resend)
+        stream = RequestStream("r", InstanceId(Role.PREFILL, 0), 4, RouterConfig())
+        assert not waits.park(stream, "full")  # no token yet, never moved: a plain 503
+        stream.add(TokenItem("r", 0, [7]))
+        assert waits.park(stream, "full") and waits.is_parked(stream) and waits.waiting == 1
+        await asyncio.wait_for(resent.wait(), 10)
+        assert not waits.is_parked(stream) and stream.capacity_retries == 1
+        assert waits.waiting == 1  # sent again, not served yet: new requests still wait
+        waits.progressed(stream)
+        assert waits.waiting == 0
+        assert waits.park(stream, "full again") and waits.waiting == 1
+        waits.forget(stream)  # released (e.g. the client left): no resend, nothing waits
+        assert waits.waiting == 0 and not waits.is_parked(stream)
+
+    asyncio.run(scenario())
