@@ -121,10 +121,10 @@ class BlockManager:
 
     def _request_keys(self, request: Request, num_blocks: int) -> list[BlockKey]:
         """The keys of the request's first `num_blocks` full blocks, hashing only new ones."""
-        keys = request.block_keys
-        if len(keys) < num_blocks:
-            salt = request.sampling_params.cache_salt
-            extend_keys(keys, request.all_token_ids, self.block_size, num_blocks, salt)
+        keys, size = request.block_keys, self.block_size
+        if len(keys) < num_blocks:  # hash only the blocks not keyed yet, reading only their tokens
+            new_tokens = request.token_slice(len(keys) * size, num_blocks * size)
+            extend_keys(keys, new_tokens, size, request.sampling_params.cache_salt)
         return keys[:num_blocks]
 
     def can_allocate(self, request: Request, num_tokens: int) -> bool:

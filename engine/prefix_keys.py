@@ -48,17 +48,17 @@ def chain_key(parent: BlockKey, token_ids: Sequence[int]) -> BlockKey:
 
 def extend_keys(
     keys: list[BlockKey],
-    token_ids: Sequence[int],
+    new_token_ids: Sequence[int],
     block_size: int,
-    num_blocks: int,
     cache_salt: str | None = None,
 ) -> list[BlockKey]:
-    """Append to `keys` (the keys of the first len(keys) blocks of `token_ids`) those of the
-    following blocks up to `num_blocks`; returns `keys`. Each block is hashed once however
-    often a request's keys are asked for, by keeping `keys` with the request."""
+    """Append to `keys` (the keys of a sequence's first len(keys) blocks) those of the full
+    blocks of `new_token_ids`, the tokens that follow those blocks; returns `keys`. Each block
+    is hashed once however often a request's keys are asked for, by keeping `keys` with the
+    request, and only the new tokens are read, so the cost does not grow with the context."""
     parent = keys[-1] if keys else root_key(cache_salt)
-    for index in range(len(keys), num_blocks):
-        parent = chain_key(parent, token_ids[index * block_size : (index + 1) * block_size])
+    for start in range(0, len(new_token_ids) - block_size + 1, block_size):
+        parent = chain_key(parent, new_token_ids[start : start + block_size])
         keys.append(parent)
     return keys
 
@@ -67,4 +67,4 @@ def prefix_keys(
     token_ids: Sequence[int], block_size: int, cache_salt: str | None = None
 ) -> list[BlockKey]:
     """Keys of every full block of `token_ids`."""
-    return extend_keys([], token_ids, block_size, len(token_ids) // block_size, cache_salt)
+    return extend_keys([], token_ids, block_size, cache_salt)

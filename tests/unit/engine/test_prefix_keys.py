@@ -136,6 +136,30 @@ def test_each_block_is_hashed_once_per_request(monkeypatch) -> None:
         request.num_computed_tokens = request.num_tokens
         manager.commit_full_blocks(request)
     assert len(calls) == 4
+    assert request.block_keys == keys_of(request.all_token_ids, BS)
+    manager.free(request)
+
+
+def test_keying_a_filled_block_reads_only_its_tokens(monkeypatch) -> None:
+    """Decode publishes a block every block_size tokens: that costs the same at any context."""
+    manager = BlockManager(64, BS)
+    request = make_request("r", list(range(1, 41)))  # a long prompt: 10 full blocks
+    manager.allocate(request, 40)
+    request.num_computed_tokens = 40
+    manager.commit_full_blocks(request)
+    read = []
+    real_slice = type(request).token_slice
+    monkeypatch.setattr(
+        type(request), "token_slice", lambda r, a, b: read.append(b - a) or real_slice(r, a, b)
+    )
+    monkeypatch.setattr(type(request), "all_token_ids", property(lambda r: 1 / 0))
+    for token in (50, 51, 52, 53):  # decode fills the eleventh block
+        request.output_token_ids.append(token)
+        manager.allocate(request, request.num_tokens)
+        request.num_computed_tokens = request.num_tokens
+        manager.commit_full_blocks(request)
+    assert read == [BS]
+    assert request.block_keys == keys_of([*range(1, 41), 50, 51, 52, 53], BS)
     manager.free(request)
 
 
