@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from cluster.elastic.config import ElasticConfig, SloConfig
 from engine.config import EngineConfig, ModelConfig, StrictModel
 from engine.errors import ConfigError
 
@@ -213,100 +214,6 @@ class ClusterConfig(StrictModel):
         description="Print the actors' output (Ray's, NIXL's and the instances' log lines) on "
         "the terminal of `pdserve serve`; otherwise it stays in Ray's log files "
         "(`pdserve serve --verbose` sets this).",
-    )
-
-
-class SloConfig(StrictModel):
-    """The latency a request must meet to count as served well (goodput)."""
-
-    ttft_ms: float = Field(
-        1000.0, gt=0, description="Time to first token a request must meet, in milliseconds."
-    )
-    tpot_ms: float = Field(
-        100.0,
-        gt=0,
-        description="Mean time per output token after the first a request must meet, in ms.",
-    )
-    attainment_target: float = Field(
-        0.9,
-        gt=0,
-        le=1,
-        description="Fraction of requests that must meet both bounds; below it the elastic "
-        "controller counts the SLO as missed.",
-    )
-    window_s: float = Field(
-        30.0, gt=0, description="Requests finished within this many seconds make up attainment."
-    )
-
-
-class ElasticConfig(StrictModel):
-    """The controller that switches instances between prefill and decode (and adds or removes
-    instances) to keep the SLO; see cluster/elastic/."""
-
-    enabled: bool = Field(False, description="Run the elastic controller.")
-    min_prefill_instances: int = Field(
-        1, ge=1, description="The controller never leaves fewer prefill instances than this."
-    )
-    min_decode_instances: int = Field(
-        1, ge=1, description="The controller never leaves fewer decode instances than this."
-    )
-    decision_interval_s: float = Field(
-        2.0, gt=0, description="Seconds between two looks at the cluster's state."
-    )
-    hysteresis: int = Field(
-        2,
-        ge=1,
-        description="Consecutive decisions that must see the same imbalance before the "
-        "controller acts on it (one noisy sample never switches an instance).",
-    )
-    cooldown_s: float = Field(
-        10.0,
-        ge=0,
-        description="After a switch, no other switch for this long, so the effect of the last "
-        "one shows in the figures before the next is decided.",
-    )
-    max_switch_fraction: float = Field(
-        0.25,
-        gt=0,
-        le=1,
-        description="Most of one role's instances switched by one decision (at least one).",
-    )
-    prefill_backlog_high_tokens: int = Field(
-        4096,
-        ge=1,
-        description="Mean prompt tokens queued per prefill instance above which prefill counts "
-        "as short of capacity.",
-    )
-    prefill_busy_high: float = Field(
-        0.85,
-        gt=0,
-        le=1,
-        description="Mean busy fraction of prefill instances above which prefill counts as short.",
-    )
-    decode_load_high: float = Field(
-        0.85,
-        gt=0,
-        le=1,
-        description="Mean load of decode instances (the larger of KV use and batch slots in "
-        "use) above which decode counts as short, and which a switch away from decode must not "
-        "push them over.",
-    )
-    drain_timeout_s: float = Field(
-        30.0,
-        gt=0,
-        description="Longest wait for an instance's work in its old role to finish; decoding "
-        "requests still running then move to another decode instance.",
-    )
-    autoscale: bool = Field(
-        False,
-        description="Ask Ray's autoscaler for another instance when every instance is busy and "
-        "the SLO is missed; remove idle ones after scale_down_idle_s.",
-    )
-    max_instances: int = Field(
-        0, ge=0, description="Most instances with autoscale (0: what the cluster's resources fit)."
-    )
-    scale_down_idle_s: float = Field(
-        120.0, gt=0, description="An instance idle this long is removed (autoscale only)."
     )
 
 
