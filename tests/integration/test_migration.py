@@ -1,7 +1,9 @@
 """Migration on a live 1P2D deployment: a decode instance killed under 16 concurrent greedy
 streams costs the clients nothing. Its streams go on through the prefill instance (prompt + the
 tokens so far) on the other decode instance, each identical to an undisturbed run, and every
-block is free afterwards."""
+block is free afterwards. Each decode instance runs at most 8 sequences, so the 16 streams fill
+both and the survivor has no room for the moved ones at first: they wait for capacity
+(router.capacity_wait_s) instead of failing."""
 
 from __future__ import annotations
 
@@ -26,7 +28,11 @@ def dep():
     config = small_config(
         router={"first_token_timeout_s": 300, "next_token_timeout_s": 300},
         prefill={"placement": {"num_cpus": 0.25}},
-        decode={"instances": 2, "placement": {"num_cpus": 0.25}},
+        decode={
+            "instances": 2,
+            "placement": {"num_cpus": 0.25},
+            "engine": {"scheduler": {"max_num_seqs": STREAMS // 2}},
+        },
         cluster={"health_check_interval_s": 0.5},
     )
     deployment = start(config)
@@ -83,6 +89,8 @@ def test_killed_decode_under_sixteen_streams_gives_no_errors(dep) -> None:
         assert after["errors"] == [], after
         assert after["finish"] == "length"
         assert after["text"] == before["text"]
-    assert dep.stats()["router"].get("moved_requests", 0) > 0  # decode-0 held some of them
+    router = dep.stats()["router"]
+    assert router.get("moved_requests", 0) > 0  # decode-0 held some of them
+    assert router["capacity_waits"] > 0 and router["capacity_waits_expired"] == 0, router
     wait_until(lambda: "decode-0" in dep.supervisor.recoveries, timeout_s=180)
     assert_all_free(dep)
