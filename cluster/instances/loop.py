@@ -13,11 +13,9 @@ holds as data, so a role could be swapped while serving.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import queue
 import threading
 import time
 import traceback
@@ -30,51 +28,19 @@ from typing import Any
 import zmq
 
 from cluster.instances.cache_reports import CacheReporter
-from cluster.instances.memory import MallocTrimmer
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
 from engine.procinfo import rss_mb
-from engine.protocol.channels import ChannelError, Inbox, SenderPool
+from engine.protocol.channels import ChannelError, Inbox, Mailbox, SenderPool
 from engine.protocol.identity import InstanceId
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.tokens import Timings, TokenBatch, TokenItem
 from engine.request import Request, RequestStatus
 from worker.engine_core import EngineCore
+from worker.malloc_trim import MallocTrimmer
 
 log = logging.getLogger(__name__)
-
-
-class Mailbox:
-    """A queue any thread may put into, with a file descriptor a zmq poller can watch."""
-
-    def __init__(self) -> None:
-        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
-
-    def put(self, item: Any) -> None:
-        self._items.put(item)
-        with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the reader
-            os.write(self._write, b"\0")
-
-    def fileno(self) -> int:
-        return self._read
-
-    def take_all(self) -> list[Any]:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._read, 4096):
-                pass
-        items = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                items.append(self._items.get_nowait())
-        return items
-
-    def close(self) -> None:
-        os.close(self._read)
-        os.close(self._write)
 
 
 @dataclass

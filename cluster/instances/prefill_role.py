@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cache_transfer.factory import make_shared_kv
+from cache_transfer.layer_signals import MessagerLink
 from cluster.config import PdserveConfig
 from cluster.instances.common import deployment_id
 from cluster.instances.decode_picker import DecodePeer, DecodePicker
 from cluster.instances.loop import Client, InstanceLoop, RolePolicy
-from cluster.instances.messager_link import MessagerLink
 from cluster.instances.prepare_pool import Answer, Ask, PrepareWorker
 from cluster.metrics import BucketHistogram
 from engine.batch import SchedulerOutput

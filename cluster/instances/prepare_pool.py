@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from cluster.instances.loop import Mailbox
-from engine.protocol.channels import ChannelError, Inbox, SenderPool
+from engine.protocol.channels import ChannelError, Inbox, Mailbox, SenderPool
 from engine.protocol.requests import AbortRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
 

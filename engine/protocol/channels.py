@@ -5,11 +5,16 @@ sends with PUSH sockets connected to other components' inboxes. One-way channels
 patterns simple: a reply is a message sent to the inbox address named in the request.
 Sockets are not thread-safe, so each thread owns its senders (`SenderPool` is per thread).
 Bad frames (wrong version, type or shape) are counted and dropped, never raised into a loop.
+A `Mailbox` is the in-process side: other threads hand an actor's loop objects (answers,
+closures) that it waits for in the same poll as its inbox.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import queue
 import socket
 import threading
 import time
@@ -150,6 +155,39 @@ class SenderPool:
             for sender in self._all:
                 sender.close()
             self._all.clear()
+
+
+class Mailbox:
+    """An in-process channel beside an Inbox: a queue any thread may put into (Python objects,
+    never encoded), with a file descriptor the owner's zmq poller watches with its inbox."""
+
+    def __init__(self) -> None:
+        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def put(self, item: Any) -> None:
+        self._items.put(item)
+        with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the reader
+            os.write(self._write, b"\0")
+
+    def fileno(self) -> int:
+        return self._read
+
+    def take_all(self) -> list[Any]:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                pass
+        items = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self._items.get_nowait())
+        return items
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
 
 
 class AsyncInbox:

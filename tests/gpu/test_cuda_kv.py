@@ -11,8 +11,8 @@ import torch
 
 from cache_transfer.cuda_kv import CudaKVCache, CudaKVError
 from cache_transfer.factory import attach_shared_kv, make_shared_kv
+from cache_transfer.layer_signals import MessagerLink
 from cache_transfer.layout import KVLayout
-from cluster.instances.messager_link import MessagerLink
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,12 +8,12 @@ import msgpack
 import pytest
 import zmq
 
-from cluster.instances.memory import MallocTrimmer
 from engine.config import Role
 from engine.protocol import codec, registry
 from engine.protocol.requests import GenerateRequest
 from engine.sampling_params import SamplingParams
 from tests.unit.instances.harness import Router, assert_all_free, make_config, make_loop, pump
+from worker.malloc_trim import MallocTrimmer
 
 PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [40, 41, 42], "c": list(range(20, 45))}
 

@@ -1,8 +1,8 @@
 """`MallocTrimmer`: keeps an engine process's private memory flat under prompts of ever-new
 lengths. oneDNN's per-shape caches are bounded in worker/models/linear.py; the primitives they
 evict leave holes between long-lived allocations, so the heap keeps free pages resident until
-malloc_trim gives them back. The loop calls it when idle (it takes 20-40 ms). Measurements in
-docs/reliability.md."""
+malloc_trim gives them back. An instance's loop calls it when idle (it takes 20-40 ms).
+Measurements in docs/reliability.md."""
 
 from __future__ import annotations
 

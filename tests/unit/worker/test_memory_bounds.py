@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.instances import memory
-from cluster.instances.memory import MallocTrimmer
+from worker import malloc_trim
+from worker.malloc_trim import MallocTrimmer
 from worker.models.linear import _CAPACITY_VARIABLES, bound_onednn_caches
 
 _REPO = Path(__file__).resolve().parents[3]
@@ -47,14 +47,14 @@ def test_trims_a_busy_engine_only_after_the_busy_interval() -> None:
 
 
 def test_without_malloc_trim_nothing_happens(monkeypatch) -> None:
-    monkeypatch.setattr(memory, "_malloc_trim", lambda: None)
+    monkeypatch.setattr(malloc_trim, "_malloc_trim", lambda: None)
     trimmer = MallocTrimmer(0.0, 0.0)
     assert not trimmer.maybe_trim(idle=True) and trimmer.trims == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_glibc_malloc_trim_is_found_and_runs() -> None:
-    trim = memory._malloc_trim()
+    trim = malloc_trim._malloc_trim()
     assert trim is not None
     assert trim(0) in (0, 1)
 

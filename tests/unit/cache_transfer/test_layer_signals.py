@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cluster.instances.messager_link import MessagerLink
+from cache_transfer.layer_signals import MessagerLink
 
 
 def test_cpu_link_sends_at_once_in_order() -> None:
