@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import (
 from cluster.config import PdserveConfig, PlacementConfig, RouterPlacement
 from cluster.deployment import Deployment, wire_prefill
 from cluster.elastic.ray_actuator import start_controller
-from cluster.instances.actor import DecodeInstance, MixedInstance, PrefillInstance
+from cluster.instances.actor import InstanceActor
 from cluster.messager.actor import CacheMessager
 from cluster.router.actor import RouterActor
 from cluster.supervisor import Supervisor
@@ -129,7 +129,7 @@ def _start_instances(dep: Deployment) -> None:
     for i in range(cfg.decode.instances):
         iid = InstanceId(Role.DECODE, i)
         opts = _options(cfg.decode.placement, str(iid), cfg)
-        dep.decodes.append(ray.remote(DecodeInstance).options(**opts).remote(iid, raw))
+        dep.decodes.append(ray.remote(InstanceActor).options(**opts).remote(iid, raw))
     for i in range(cfg.mixed.instances):
         iid = InstanceId(Role.MIXED, i)
         opts = _options(cfg.mixed.placement, str(iid), cfg)
@@ -138,7 +138,7 @@ def _start_instances(dep: Deployment) -> None:
             dep.placement_groups.append(pg)
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
             opts.pop("label_selector", None)  # the bundles carry placement
-        dep.mixed.append(ray.remote(MixedInstance).options(**opts).remote(iid, raw))
+        dep.mixed.append(ray.remote(InstanceActor).options(**opts).remote(iid, raw))
     prefill_pgs = [_prefill_placement_group(cfg) for _ in range(cfg.prefill.instances)]
     dep.placement_groups.extend(prefill_pgs)
     for i, pg in enumerate(prefill_pgs):
@@ -146,7 +146,7 @@ def _start_instances(dep: Deployment) -> None:
         opts = _options(cfg.prefill.placement, str(iid), cfg)
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
         opts.pop("label_selector", None)  # the bundle carries placement
-        dep.prefills.append(ray.remote(PrefillInstance).options(**opts).remote(iid, raw))
+        dep.prefills.append(ray.remote(InstanceActor).options(**opts).remote(iid, raw))
         dep.messagers.append(_messager_actor(cfg, i, pg))
     # Model loading happens in setup(); every instance loads in parallel.
     instances = [*dep.decodes, *dep.prefills, *dep.mixed]

@@ -1,8 +1,9 @@
 """What entered and left a block manager's prefix cache since it was last asked.
 
 The block manager records every key it publishes (a full block becomes findable) and every key
-it forgets (the block is evicted for new content, or the cache is reset). The instance drains the
-log now and then and sends it to the routers (`engine.protocol.cache_events`). A key's last
+it forgets (the block is evicted for new content, or the cache is reset). An instance's
+`CacheReporter` drains the log now and then and sends it to the routers
+(`engine.protocol.cache_events`). A key's last
 change wins, so a drained batch holds each key once and its order does not matter.
 
 Memory is bounded even if nobody drains: past `limit` pending changes the log collapses to
@@ -11,8 +12,16 @@ Memory is bounded even if nobody drains: past `limit` pending changes the log co
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from engine.protocol.cache_events import PrefixCacheEvents
+
+if TYPE_CHECKING:  # the block manager imports this module
+    from engine.block_manager import BlockManager
 
 
 @dataclass
@@ -64,3 +73,72 @@ class PrefixEventLog:
         self._changes = {}
         self._cleared = self._overflowed = False
         return events
+
+
+REPORT_INTERVAL_S = 0.05  # prefix-cache changes reach the routers within this (plus a step)
+
+
+class CacheReporter:
+    """An instance's prefix-cache reports to the routers, for cache-aware routing; owned by the
+    instance's loop thread, like the block manager it reads.
+
+    `tick()` runs between steps: at most every `interval_s` it drains the block manager's log and
+    sends the changes to every router the instance has served (learnt from the addresses its
+    tokens go to). A router not reported to yet first gets the whole cache (`cleared` + every
+    cached key), so a router that joins late, or one the instance lost track of, starts from the
+    truth. Reports are numbered per router within this incarnation (a new one for every start),
+    so a router can tell a restart or a lost report and forget what it knew."""
+
+    def __init__(
+        self,
+        name: Hashable,
+        blocks: BlockManager,
+        send: Callable[[str, PrefixCacheEvents], bool],
+        interval_s: float = REPORT_INTERVAL_S,
+    ) -> None:
+        self.name = name
+        self.incarnation = uuid.uuid4().hex
+        self._blocks = blocks
+        self._send = send  # False when the message could not be sent
+        self._interval_s = interval_s
+        self._next_seq: dict[str, int] = {}  # router inbox -> its next report number
+        self._last = 0.0
+        self.reports = 0
+
+    def add_routers(self, addresses: Iterable[str]) -> None:
+        """Routers this instance sends tokens to; new ones get the whole cache next tick."""
+        for address in addresses:
+            self._next_seq.setdefault(address, 0)
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if now - self._last < self._interval_s:
+            return
+        self._last = now
+        events = self._blocks.events.drain()
+        for address, seq in list(self._next_seq.items()):
+            if seq == 0:  # first contact: everything cached now (the drained changes included)
+                report = self._report(seq, list(self._blocks.cached_keys()), [], cleared=True)
+            elif events:
+                report = self._report(seq, events.stored, events.removed, events.cleared)
+            else:
+                continue
+            if self._send(address, report):
+                self._next_seq[address] = seq + 1
+                self.reports += 1
+            else:  # gone or stalled: start over with the whole cache if it comes back
+                del self._next_seq[address]
+
+    def _report(self, seq: int, stored: list, removed: list, cleared: bool) -> PrefixCacheEvents:
+        blocks = self._blocks
+        return PrefixCacheEvents(
+            instance=self.name,
+            incarnation=self.incarnation,
+            seq=seq,
+            block_size=blocks.block_size,
+            num_blocks=blocks.num_blocks,
+            free_blocks=blocks.num_free_blocks,
+            stored=stored,
+            removed=removed,
+            cleared=cleared,
+        )

@@ -1,4 +1,4 @@
-"""The Ray actor of every instance: one class, its role picks the policy its loop holds.
+"""The Ray actor of every instance: one class; its name's role picks the policy its loop holds.
 
 Ray runs the methods below on its own threads (`max_concurrency`); none touches the loop's
 state. `connect`, `decode_down` and `stats` run on the loop (`InstanceLoop.call`, with a
@@ -21,39 +21,32 @@ from worker.engine_core import EngineCore
 CALL_TIMEOUT_S = 10.0  # a loop busy longer than this with one step is stalled
 
 
-def build_role(role: Role, name: InstanceId, config: PdserveConfig, host: str):
-    """The engine and the policy of `role` (the engine first where the policy needs it)."""
-    core: EngineCore
-    policy: RolePolicy
-    if role is Role.PREFILL:
-        policy = PrefillRole(name, config, host)
-        core = policy.build_core(config)
-    elif role is Role.DECODE:
+def build_role(name: InstanceId, config: PdserveConfig, host: str) -> tuple[EngineCore, RolePolicy]:
+    """The engine and the policy of `name.role` (the engine first where the policy needs it)."""
+    if name.role is Role.PREFILL:
+        prefill = PrefillRole(name, config, host)
+        return prefill.build_core(config), prefill
+    if name.role is Role.DECODE:
         core = DecodeRole.build_core(config)
-        policy = DecodeRole(name, config, core, host)
-    else:
-        core, policy = MixedRole.build_core(config, name), MixedRole()
-    return core, policy
+        return core, DecodeRole(name, config, core, host)
+    return MixedRole.build_core(config, name), MixedRole()
 
 
 class InstanceActor:
-    role = Role.MIXED
-
-    def __init__(self, name: InstanceId, config: dict, role: Role | str | None = None) -> None:
+    def __init__(self, name: InstanceId, config: dict) -> None:
         self.name = name
         self.config = PdserveConfig.model_validate(config)
-        self.role = Role(role) if role is not None else self.role
         self.loop: InstanceLoop | None = None
 
     def setup(self) -> dict:
         """Load the model, bind the inbox, start the loop; returns the endpoint."""
         host = advertised_host(self.config)
-        core, policy = build_role(self.role, self.name, self.config, host)
+        core, policy = build_role(self.name, self.config, host)
         self.loop = InstanceLoop(self.name, host, core, policy)
         self.loop.start()
         return {
             "name": self.name,
-            "role": self.role.value,
+            "role": self.name.role.value,
             "inbox": self.loop.inbox.address,
             "max_model_len": core.max_model_len,
             **policy.info(),
@@ -95,15 +88,3 @@ class InstanceActor:
         if self.loop is None:
             raise RuntimeError(f"{self.name}: setup() has not run")
         return self.loop
-
-
-class PrefillInstance(InstanceActor):
-    role = Role.PREFILL
-
-
-class DecodeInstance(InstanceActor):
-    role = Role.DECODE
-
-
-class MixedInstance(InstanceActor):
-    role = Role.MIXED

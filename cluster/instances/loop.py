@@ -27,10 +27,10 @@ from typing import Any
 
 import zmq
 
-from cluster.instances.cache_reports import CacheReporter
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
+from engine.prefix_events import CacheReporter
 from engine.procinfo import rss_mb
 from engine.protocol.channels import ChannelError, Inbox, Mailbox, SenderPool
 from engine.protocol.identity import InstanceId

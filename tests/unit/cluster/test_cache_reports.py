@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cluster.instances.cache_reports import CacheReporter
 from cluster.router.prefix_index import KeyChains, PrefixIndex
 from engine.block_manager import BlockManager
+from engine.prefix_events import CacheReporter
 from tests.unit.engine.helpers import make_request
 
 P0 = "prefill-0"

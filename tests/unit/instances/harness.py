@@ -40,7 +40,7 @@ def make_config(model: Path, **sections) -> PdserveConfig:
 
 def make_loop(role: Role, index: int, config: PdserveConfig) -> InstanceLoop:
     name = InstanceId(role, index)
-    core, policy = build_role(role, name, config, HOST)
+    core, policy = build_role(name, config, HOST)
     return InstanceLoop(name, HOST, core, policy)
 
 
