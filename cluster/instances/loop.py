@@ -1,14 +1,11 @@
 """The one loop of an instance: it alone touches the engine and the records of its requests.
 
-Each iteration drains the inbox and the mailbox (what other threads post) without blocking,
-lets the role check its deadlines, runs one engine step and publishes its tokens; with nothing
-to run it blocks on both instead (with a timeout, so deadlines still pass). Other threads never
-touch the state: Ray's method threads post a closure and wait for its result (`call`), the
-prepare pool posts its answers. A bad message or a bug while handling one ends that request
-only, with an error to its client; a failing step ends that step's requests only.
-
-What a role does differently lives in its policy (roles.py, prefill_role.py), which the loop
-holds as data, so a role could be swapped while serving.
+Each iteration drains the inbox and the mailbox without blocking, lets the role check its
+deadlines, runs one engine step and publishes its tokens; with nothing to run it blocks on both
+(with a timeout, so deadlines still pass). Other threads never touch the state: Ray's method
+threads post a closure and wait for its result (`call`), the prepare pool posts its answers. A
+bad message or a bug while handling one ends that request only; a failing step ends that step's
+requests only. What a role does differently lives in its policy (roles.py, prefill_role.py).
 """
 
 from __future__ import annotations
@@ -96,21 +93,6 @@ class RolePolicy:
         pass
 
 
-def token_item(delta: TokenDelta, decode: InstanceId | None, timings: Timings | None) -> TokenItem:
-    return TokenItem(
-        request_id=delta.request_id,
-        first_index=delta.first_index,
-        token_ids=list(delta.new_token_ids),
-        finish_reason=delta.status.finish_reason(),
-        error=delta.error,
-        num_prompt_tokens=delta.num_prompt_tokens,
-        num_cached_tokens=delta.num_cached_tokens,
-        timings=dataclasses.replace(timings) if timings is not None else None,
-        logprobs=delta.logprobs,
-        decode_instance=decode,
-    )
-
-
 class InstanceLoop:
     def __init__(
         self,
@@ -179,7 +161,7 @@ class InstanceLoop:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._thread is not None:
-            self.post(self._halt)
+            self.post(lambda: setattr(self, "_running", False))
             self._thread.join(timeout_s)
         self.close()
 
@@ -201,9 +183,6 @@ class InstanceLoop:
                 self.counters["loop_errors"] += 1
                 log.exception("%s: loop iteration failed", self.name)
                 self._poller.poll(100)
-
-    def _halt(self) -> None:
-        self._running = False
 
     def iterate(self, idle_wait_s: float = 0.0) -> None:
         """Apply what arrived, check deadlines, run one step; block up to `idle_wait_s` when
@@ -319,8 +298,20 @@ class InstanceLoop:
         for delta in deltas:
             client = self.clients.get(delta.request_id)
             if client is not None:
-                stamps = self.policy.stamps(delta, client, now)
-                by_router[client.reply_to].append(token_item(delta, client.decode, stamps))
+                stamps = self.policy.stamps(delta, client, now)  # copied: the client's change
+                item = TokenItem(
+                    request_id=delta.request_id,
+                    first_index=delta.first_index,
+                    token_ids=list(delta.new_token_ids),
+                    finish_reason=delta.status.finish_reason(),
+                    error=delta.error,
+                    num_prompt_tokens=delta.num_prompt_tokens,
+                    num_cached_tokens=delta.num_cached_tokens,
+                    timings=dataclasses.replace(stamps) if stamps is not None else None,
+                    logprobs=delta.logprobs,
+                    decode_instance=client.decode,
+                )
+                by_router[client.reply_to].append(item)
                 if delta.finished:
                     del self.clients[delta.request_id]
             self.policy.after_delta(delta)

@@ -64,18 +64,12 @@ class Preparation:
 
 @dataclass
 class Transfer:
-    """An admitted request's KV hand-off, until the messager's TransferDone."""
+    """An admitted request's KV hand-off, until the messager's TransferDone (its D is the
+    client's `decode`)."""
 
-    decode: InstanceId
     started: float = 0.0  # monotonic, when the first token was sampled
     cancel_sent: bool = False
     on_purpose: bool = False  # cancelled on purpose (finished on P, client gone): no failure
-
-    def counter(self, done: TransferDone) -> str:
-        """The counter its end moves, so that `transfers_failed` means a failure."""
-        if done.ok:
-            return "transfers_ok"
-        return "transfers_cancelled" if self.on_purpose else "transfers_failed"
 
 
 class PrefillRole(RolePolicy):
@@ -139,8 +133,8 @@ class PrefillRole(RolePolicy):
     def decode_down(self, decode_name: InstanceId) -> None:
         """A decode instance died: choose it no more; end the requests bound for it."""
         self.picker.remove(decode_name)
-        for rid, transfer in list(self.transfers.items()):
-            if transfer.decode == decode_name and rid in self.loop.clients:
+        for rid, client in list(self.loop.clients.items()):
+            if client.decode == decode_name:  # admitted, its transfer not over
                 self.loop.fail_request(rid, f"{decode_name} failed")
                 self.loop.counters["requests_ended_by_failure"] += 1
 
@@ -252,10 +246,22 @@ class PrefillRole(RolePolicy):
         rid = prep.request.request_id
         del self.preparing[rid]
         assert prep.peer is not None
-        # The messager learns of the task before the scheduler may run the request.
-        self._to_messager(cache_task_for(prep.request, prep.peer, reply, self.lease_s))
+        src = list(prep.request.block_ids)
+        # The messager learns of the task before the scheduler may run the request. Writes must
+        # start before D's lease on the blocks can run out (D started it before replying).
+        task = CacheTask(
+            request_id=rid,
+            decode_instance=prep.peer.name,
+            decode_inbox=prep.peer.inbox,
+            src_block_ids=src,
+            dst_block_ids=list(reply.block_ids[: len(src)]),
+            num_prompt_tokens=prep.request.num_prompt_tokens,
+            write_deadline=time.time() + self.lease_s - max(2.0, 0.2 * self.lease_s),
+            skip_blocks=reply.cached_blocks,  # D holds these already: never written
+        )
+        self._to_messager(task)
         self.loop.counters["transfer_bytes_skipped"] += reply.cached_blocks * self.block_bytes
-        self.transfers[rid] = Transfer(prep.peer.name)
+        self.transfers[rid] = Transfer()
         client = self.loop.clients[rid]
         client.decode = prep.peer.name
         client.timings.prepared = time.time()
@@ -273,7 +279,9 @@ class PrefillRole(RolePolicy):
             self.loop.fail_client(done.request_id, f"KV transfer: {done.error}")
         status = RequestStatus.FINISHED_STOPPED if done.ok else RequestStatus.FINISHED_ERROR
         self.loop.core.scheduler.release_sent(done.request_id, status)
-        self.loop.counters[transfer.counter(done)] += 1
+        # `transfers_failed` counts failures only, not transfers cancelled on purpose.
+        end = "ok" if done.ok else "cancelled" if transfer.on_purpose else "failed"
+        self.loop.counters[f"transfers_{end}"] += 1
         self.loop.counters["transfer_bytes"] += done.nbytes
 
     def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool:
@@ -395,21 +403,3 @@ class PrefillRole(RolePolicy):
             worker.stop()
         self.link.close()
         self.kv.close()  # the owner's close also unlinks a shared-memory segment
-
-
-def cache_task_for(
-    request: Request, peer: DecodePeer, reply: DecodeAllocation, lease_s: float
-) -> CacheTask:
-    """Which of P's blocks go to which of D's. Writes must start before D's lease on the blocks
-    can run out (D started it before its reply reached us)."""
-    src = list(request.block_ids)
-    return CacheTask(
-        request_id=request.request_id,
-        decode_instance=peer.name,
-        decode_inbox=peer.inbox,
-        src_block_ids=src,
-        dst_block_ids=list(reply.block_ids[: len(src)]),
-        num_prompt_tokens=request.num_prompt_tokens,
-        write_deadline=time.time() + lease_s - max(2.0, 0.2 * lease_s),
-        skip_blocks=reply.cached_blocks,  # D holds these already: never written
-    )

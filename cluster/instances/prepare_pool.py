@@ -1,15 +1,12 @@
 """The prefill instance's prepare pool: threads that do only the blocking part of a preparation.
 
-The loop reserves P's blocks, chooses a decode instance and hands an idle worker one `Ask`:
-send the splitwise task (`DecodeTask`) to that D and wait for its `DecodeAllocation`, up to
-`prefill.allocation_timeout_s`. D answers on the worker's own inbox, so the answer reaches the
-waiting thread at once however long P's current step runs, and a slow D holds only the worker
-that asked it. The worker posts an `Answer` to the loop, which admits the request, asks the next
-D (refusal, timeout) or gives up. Aborts are decided by the loop; it tells the worker holding
-the request (an `AbortRequest` on the worker's inbox) so that it stops waiting.
-
-On a timeout or an abort the worker cancels the ask on the same socket as the task, so D sees
-the cancel after the task. An answer that arrives after that is reported as late.
+The loop reserves P's blocks, chooses a D and hands an idle worker one `Ask`: send the
+`DecodeTask` and wait for D's `DecodeAllocation` up to `prefill.allocation_timeout_s`. D answers
+on the worker's own inbox, so the wait does not depend on P's current step, and a slow D holds
+only the worker that asked it. The worker posts an `Answer` to the loop, which decides what
+next; an abort reaches the worker as an `AbortRequest` on its inbox. On a timeout or an abort
+the worker cancels the ask on the task's socket (D sees the cancel after the task); an answer
+after that is reported as late.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ lease expires, never on an abort.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from cache_transfer.factory import kv_agent_name, make_backend, regions_of_tensors
@@ -48,16 +47,7 @@ class MixedRole(RolePolicy):
         if request is not None:
             self.loop.core.add_request(request)
 
-    def stamps(self, delta: TokenDelta, client: Client, now: float) -> Timings | None:
-        return None  # the router's TTFT split has no phase for a mixed instance's step
-
-
-@dataclass
-class Lease:
-    """D's hold on blocks whose KV P is writing."""
-
-    since: float  # monotonic
-    aborted: bool = False  # the client left while KV may still be in flight
+    # No `stamps`: the router's TTFT split has no phase for a mixed instance's step.
 
 
 class DecodeRole(RolePolicy):
@@ -71,7 +61,9 @@ class DecodeRole(RolePolicy):
         self.lease_s = config.decode.kv_lease_timeout_s
         self.backend = make_backend(config.transfer.backend, kv_agent_name(name), host)
         self.backend.register(regions_of_tensors(core.runner.kv_cache.layers))
-        self.leases: dict[str, Lease] = {}
+        # D's holds on blocks whose KV P is writing: request id -> since (monotonic). A lease
+        # whose client is gone (aborted) still waits for KvComplete or expiry to free them.
+        self.leases: dict[str, float] = {}
 
     @staticmethod
     def build_core(config: PdserveConfig) -> EngineCore:
@@ -103,7 +95,7 @@ class DecodeRole(RolePolicy):
         except ValueError as exc:  # a prompt longer than this instance's context
             accepted, reason = False, str(exc)
         if accepted:
-            self.leases[task.request_id] = Lease(time.monotonic())
+            self.leases[task.request_id] = time.monotonic()
             loop.clients[task.request_id] = Client(task.router_inbox)
         reply = DecodeAllocation(
             task.request_id,
@@ -120,11 +112,10 @@ class DecodeRole(RolePolicy):
 
     def _on_kv_complete(self, msg: KvComplete) -> None:
         loop = self.loop
-        lease = self.leases.pop(msg.request_id, None)
-        if lease is None:
+        if self.leases.pop(msg.request_id, None) is None:
             loop.counters["unknown_request_messages"] += 1
             return
-        if not msg.ok or lease.aborted:
+        if not msg.ok or msg.request_id not in loop.clients:  # failed, or the client left
             loop.core.abort_request(msg.request_id, RequestStatus.FINISHED_ERROR)
             if msg.client_informed:
                 loop.clients.pop(msg.request_id, None)
@@ -143,11 +134,9 @@ class DecodeRole(RolePolicy):
             loop.publish([delta])
 
     def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool:
-        lease = self.leases.get(request_id)
-        if lease is None:
-            return self.loop.core.abort_request(request_id, status)
-        lease.aborted = True  # KV may be in flight: free on KvComplete or lease expiry
-        return True
+        if request_id in self.leases:  # KV may be in flight: free on KvComplete or lease expiry
+            return True
+        return self.loop.core.abort_request(request_id, status)
 
     def _end(self, request_id: str, status: RequestStatus) -> bool:
         """Free a request's blocks now (P has stopped writing) and forget it silently."""
@@ -163,7 +152,7 @@ class DecodeRole(RolePolicy):
 
     def tick(self) -> None:
         now = time.monotonic()
-        expired = [rid for rid, lease in self.leases.items() if now - lease.since > self.lease_s]
+        expired = [rid for rid, since in self.leases.items() if now - since > self.lease_s]
         for rid in expired:
             self.loop.counters["leases_expired"] += 1
             del self.leases[rid]

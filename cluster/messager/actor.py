@@ -1,20 +1,16 @@
 """Cache messager actor: maps its prefill instance's KV cache and streams it to decode instances.
 
-It runs in its own process beside P (same node, same placement-group bundle). It maps P's KV
-cache -- POSIX shared memory on CPU, P's device memory over CUDA IPC on a GPU -- registers it
-with its own transfer agent (NIXL by default) and WRITEs blocks straight from it into D's
-registered cache, layer by layer while P computes later layers.
+It runs beside P (same node, same placement-group bundle), maps P's KV cache (POSIX shared memory
+on CPU, CUDA IPC on a GPU), registers it with its own transfer agent and WRITEs blocks straight
+into D's registered cache, layer by layer while P computes later layers. `KvComplete` goes to D's
+inbox only after every write of the request polled DONE (the bytes are in D's memory), so D
+blocks on its inbox instead of polling NIXL's notification list.
 
-Completion goes to D as a `KvComplete` message on D's inbox, sent only after every write of the
-request polled DONE (which, per the backend contract, means the bytes are in D's memory). A zmq
-message lets D block on its inbox instead of polling NIXL's notification list.
-
-One loop owns the bookkeeping (`MessagerState`). It blocks on its inbox; while writes are in
-flight it wakes every `_BUSY_POLL_S` to poll them, because NIXL offers no completion handle to
-block on. Each message and each outcome is handled under its own guard: a message that cannot
-be handled fails its request only (D hears `KvComplete(ok=False)`, P `TransferDone(ok=False)`),
-and the loop goes on. Ray's method threads touch only the backend (thread-safe by contract),
-never the state.
+One loop owns `MessagerState`; it blocks on its inbox, but wakes every `_BUSY_POLL_S` while
+writes are in flight (NIXL has no completion handle to block on). Each message and each outcome
+is handled under its own guard: a failure fails its request only (D hears `KvComplete(ok=False)`,
+P `TransferDone(ok=False)`). Ray's method threads touch only the backend (thread-safe by
+contract), never the state.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from typing import Any
 
 from cache_transfer.backend import deadline_in
 from cache_transfer.factory import attach_shared_kv, kv_agent_name, make_backend
-from cluster.messager.state import MessagerState, Outcome
+from cluster.messager.state import MessagerState, TaskState
 from engine.procinfo import rss_mb
 from engine.protocol.cache import (
     CacheTask,
@@ -108,8 +104,8 @@ class CacheMessager:
         if msg is not None:
             for each in [msg, *self.inbox.drain()]:
                 self._apply(each)
-        for outcome in self.state.poll():
-            self._report(outcome)
+        for finished in self.state.poll():
+            self._report(finished)
 
     def _apply(self, msg: Any) -> None:
         """Handle one message; if that fails, fail its request (if it names one), nothing else."""
@@ -145,22 +141,20 @@ class CacheMessager:
             self._send(msg.decode_inbox, failed)
         self._send(self.prefill_inbox, TransferDone(request_id, False, error))
 
-    def _report(self, outcome: Outcome) -> None:
-        st = outcome.state
+    def _report(self, st: TaskState) -> None:
+        rid, ok = st.request_id, not st.failure
         done = KvComplete(
-            st.request_id,
-            outcome.ok,
-            st.first_token_id if st.first_token_id is not None else -1,
-            outcome.error,
+            rid,
+            ok,
+            st.first_token_id,
+            st.failure,
             signalled_time=max(st.prefill_done_wall, st.all_issued_wall),
             writes_done_time=st.writes_done_wall,
             client_informed=st.client_informed,
         )
         self._send(st.task.decode_inbox, done)
-        transfer = TransferDone(
-            st.request_id, outcome.ok, outcome.error, st.nbytes, outcome.seconds
-        )
-        self._send(self.prefill_inbox, transfer)
+        seconds = time.monotonic() - st.created
+        self._send(self.prefill_inbox, TransferDone(rid, ok, st.failure, st.nbytes, seconds))
 
     def _send(self, address: str, msg: Any) -> None:
         try:

@@ -32,28 +32,17 @@ class TaskState:
     sent_blocks: list[int]  # per layer, how many of the task's blocks were written
     created: float = field(default_factory=time.monotonic)
     handles: list[TransferHandle] = field(default_factory=list)
-    first_token_id: int | None = None
+    first_token_id: int = -1  # -1 until PrefillDone
     prefill_done_wall: float = 0.0  # when the first token came (PrefillDone)
-    all_issued: bool = False
-    all_issued_wall: float = 0.0  # when the last layer's writes were issued
+    all_issued_wall: float = 0.0  # when the last layer's writes were issued (0: not yet)
     writes_done_wall: float = 0.0  # when every write was seen DONE
-    failure: str = ""
+    failure: str = ""  # why it failed; a finished task without one succeeded
     client_informed: bool = False
     nbytes: int = 0
 
     @property
     def request_id(self) -> str:
         return self.task.request_id
-
-
-@dataclass
-class Outcome:
-    """A finished task: what to tell D and P."""
-
-    state: TaskState
-    ok: bool
-    error: str
-    seconds: float
 
 
 @dataclass
@@ -139,17 +128,14 @@ class MessagerState:
         return True
 
     # ------------------------------------------------------------------ progress
-    def poll(self) -> list[Outcome]:
+    def poll(self) -> list[TaskState]:
         """Finished tasks (their handles released), and expire stale deferred signals."""
         now = time.monotonic()
         self._expire_deferred(now)
-        done = []
-        for state in list(self.tasks.values()):
-            outcome = self._check(state, now)
-            if outcome is not None:
-                self._release(state)
-                del self.tasks[state.request_id]
-                done.append(outcome)
+        done = [state for state in self.tasks.values() if self._finished(state, now)]
+        for state in done:
+            self._release(state)
+            del self.tasks[state.request_id]
         return done
 
     @property
@@ -157,26 +143,24 @@ class MessagerState:
         """Whether something needs polling soon (writes in flight or signals deferred)."""
         return bool(self.deferred) or any(s.handles for s in self.tasks.values())
 
-    def _check(self, state: TaskState, now: float) -> Outcome | None:
+    def _finished(self, state: TaskState, now: float) -> bool:
         pending = False
         for handle in state.handles:
             status = self._poll(state, handle)
             if status is TransferState.FAILED:
                 state.failure = state.failure or (handle.error or "write failed")
             pending = pending or status is TransferState.PENDING
-        seconds = now - state.created
         if not state.failure and time.time() > state.task.write_deadline:
             state.failure = "write deadline passed before the KV was complete"
         if pending:
-            if state.failure and seconds > self.drain_s:
-                return Outcome(state, False, state.failure + " (writes did not drain)", seconds)
-            return None
-        if state.failure:
-            return Outcome(state, False, state.failure, seconds)
-        if state.all_issued and state.first_token_id is not None:
+            if state.failure and now - state.created > self.drain_s:
+                state.failure += " (writes did not drain)"
+                return True
+            return False
+        if not state.failure and state.all_issued_wall and state.first_token_id >= 0:
             state.writes_done_wall = time.time()
-            return Outcome(state, True, "", seconds)
-        return None
+            return True
+        return bool(state.failure)
 
     def _poll(self, state: TaskState, handle: TransferHandle) -> TransferState:
         if handle.state is not TransferState.PENDING:
@@ -215,7 +199,6 @@ class MessagerState:
             state.sent_blocks[layer] = upto
             self.counters["writes"] += 1
         if last and layer == self.num_layers - 1:
-            state.all_issued = True
             state.all_issued_wall = time.time()
 
     def _defer(self, request_id: str, layer: int, end_pos: int, last: bool) -> None:

@@ -24,7 +24,7 @@ def test_only_the_blocks_d_lacks_are_written() -> None:
     backend.complete_all()
     state.prefill_done("r", 7, time.time())
     (outcome,) = state.poll()
-    assert outcome.ok and outcome.state.nbytes == 100 * 4
+    assert not outcome.failure and outcome.nbytes == 100 * 4
 
 
 def test_a_prompt_d_holds_whole_completes_without_writes() -> None:
@@ -35,4 +35,4 @@ def test_a_prompt_d_holds_whole_completes_without_writes() -> None:
     state.layer_ready(0, 0)
     state.prefill_done("r", 7, time.time())
     (outcome,) = state.poll()
-    assert outcome.ok and backend.writes == [] and outcome.state.nbytes == 0
+    assert not outcome.failure and backend.writes == [] and outcome.nbytes == 0

@@ -84,8 +84,8 @@ def test_layerwise_chunked_stream_sends_full_blocks_then_tail() -> None:
     assert state.poll() == []  # still no first token
     state.prefill_done("r", 42, time.time())
     (outcome,) = state.poll()
-    assert outcome.ok and outcome.state.first_token_id == 42
-    assert outcome.state.nbytes == 100 * 6
+    assert not outcome.failure and outcome.first_token_id == 42
+    assert outcome.nbytes == 100 * 6
     assert len(backend.released) == len(backend.handles) == 4
     assert not state.tasks and not state.plans
 
@@ -110,7 +110,7 @@ def test_task_that_never_comes_is_given_up_and_fails_if_late() -> None:
     assert state.poll() == [] and not state.deferred
     state.add_task(task(num_prompt=8))
     (outcome,) = state.poll()
-    assert not outcome.ok and "given up" in outcome.error
+    assert outcome.failure and "given up" in outcome.failure
     assert backend.writes == []
 
 
@@ -124,7 +124,7 @@ def test_cancel_waits_for_inflight_writes_then_fails() -> None:
     assert state.poll() == []  # the in-flight write must drain before D may free its blocks
     backend.complete_all()
     (outcome,) = state.poll()
-    assert not outcome.ok and outcome.error == "aborted"
+    assert outcome.failure and outcome.failure == "aborted"
     assert not state.cancel("unknown", "x")
 
 
@@ -136,7 +136,7 @@ def test_failed_write_fails_the_task_and_stops_writing() -> None:
     state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     (outcome,) = state.poll()
-    assert not outcome.ok and outcome.error == "injected"
+    assert outcome.failure and outcome.failure == "injected"
     state.layer_ready(0, 1)
     assert len(backend.writes) == 1
 
@@ -150,7 +150,7 @@ def test_unknown_decode_instance_fails_without_writing() -> None:
     state.add_plan(0, [ChunkPlan("r", 10, True)])
     state.layer_ready(0, 0)
     (outcome,) = state.poll()
-    assert not outcome.ok and "decode-9" in outcome.error and backend.writes == []
+    assert outcome.failure and "decode-9" in outcome.failure and backend.writes == []
 
 
 def test_no_write_after_the_write_deadline() -> None:
@@ -160,7 +160,7 @@ def test_no_write_after_the_write_deadline() -> None:
     state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
     (outcome,) = state.poll()
-    assert not outcome.ok and "deadline" in outcome.error
+    assert outcome.failure and "deadline" in outcome.failure
     assert backend.writes == []
 
 
@@ -170,4 +170,4 @@ def test_task_past_deadline_fails_without_signals() -> None:
     state.add_task(task(num_prompt=8, deadline_s=0.01))
     time.sleep(0.02)
     (outcome,) = state.poll()
-    assert not outcome.ok and "deadline" in outcome.error
+    assert outcome.failure and "deadline" in outcome.failure
