@@ -84,32 +84,32 @@ class PrepareWorker(threading.Thread):
                 if ask is None:
                     return
                 try:
-                    self._hand_back(self._ask(ask))
+                    reply, why = self._ask(ask)
                 except Exception as exc:  # a bug here must not end the thread or lose the ask
                     log.exception("preparing %s failed", ask.request_id)
-                    self._hand_back(Answer(ask.request_id, ask.peer, self, why=f"internal: {exc}"))
+                    reply, why = None, f"internal: {exc}"
+                self._hand_back(Answer(ask.request_id, ask.peer, self, reply, why))
             for msg in self.inbox.drain():
                 self._late(msg)
 
-    def _ask(self, ask: Ask) -> Answer:
+    def _ask(self, ask: Ask) -> tuple[DecodeAllocation | None, str]:
+        """D's reply, or None and why there is none."""
         try:
             self._senders.send(ask.peer_inbox, ask.task)
         except ChannelError:
-            return Answer(ask.request_id, ask.peer, self, why="unreachable")
+            return None, "unreachable"
         deadline = time.monotonic() + ask.timeout_s
         while (left := deadline - time.monotonic()) > 0:
             msg = self.inbox.recv(left)
             if isinstance(msg, AbortRequest) and msg.request_id == ask.request_id:
                 self._cancel(ask, "aborted while preparing")
-                return Answer(ask.request_id, ask.peer, self, why="aborted")
-            if isinstance(msg, DecodeAllocation) and (msg.request_id, msg.decode_instance) == (
-                ask.request_id,
-                ask.peer,
-            ):
-                return Answer(ask.request_id, ask.peer, self, reply=msg)
+                return None, "aborted"
+            is_reply = isinstance(msg, DecodeAllocation) and msg.decode_instance == ask.peer
+            if is_reply and msg.request_id == ask.request_id:
+                return msg, ""
             self._late(msg)
         self._cancel(ask, "allocation reply timed out")  # in case it answers later
-        return Answer(ask.request_id, ask.peer, self, why="timeout")
+        return None, "timeout"
 
     def _late(self, msg: DecodeAllocation | AbortRequest | None) -> None:
         """An answer to an ask already cancelled (an abort for a request handed back: moot)."""
