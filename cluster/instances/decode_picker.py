@@ -25,10 +25,6 @@ class DecodePeer:
     penalty_until: float = 0.0  # monotonic; timed-out peers are avoided until then
     timeouts_in_a_row: int = 0  # each doubles the penalty; an answer resets it
 
-    @property
-    def pending(self) -> int:
-        return len(self.pending_since)
-
     def suspect(self, now: float, after_s: float) -> bool:
         """An ask has gone unanswered for longer than a healthy D ever takes."""
         return bool(self.pending_since) and now - self.pending_since[0] > after_s
@@ -69,10 +65,11 @@ class DecodePicker:
         preferred = self._peers.get(prefer) if prefer is not None else None
         if preferred in healthy and not preferred.suspect(now, self._suspect_after_s):
             fits = [preferred]
-        best = min(
-            fits,
-            key=lambda p: (p.suspect(now, self._suspect_after_s), p.pending, -p.free_blocks),
-        )
+
+        def order(p: DecodePeer) -> tuple[bool, int, int]:
+            return p.suspect(now, self._suspect_after_s), len(p.pending_since), -p.free_blocks
+
+        best = min(fits, key=order)
         best.pending_since.append(now)
         return best
 
@@ -103,7 +100,7 @@ class DecodePicker:
                 "name": str(p.name),
                 "inbox": p.inbox,
                 "free_blocks": p.free_blocks,
-                "pending": p.pending,
+                "pending": len(p.pending_since),
                 "penalized": p.penalty_until > time.monotonic(),
             }
             for p in self._peers.values()

@@ -121,7 +121,7 @@ def test_decode_down_ends_its_requests(pd, offline) -> None:
     p, d0, d1 = cluster.prefill, *cluster.decodes
     router.send(p, "a", PROMPT, max_tokens=50)
     pump(p, d0, d1, until=lambda: "a" in p.policy.transfers)
-    p.policy.decode_down(p.policy.transfers["a"].decode)
+    p.policy.decode_down(p.clients["a"].decode)  # the D its transfer goes to
     pump(p, router=router, until=lambda: router.finish("a") and not p.policy.transfers)
     assert router.finish("a").finish_reason == "error"
     assert p.counters["requests_ended_by_failure"] == 1
