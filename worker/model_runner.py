@@ -25,7 +25,6 @@ import torch
 from engine.batch import PLACEHOLDER_TOKEN, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from worker.attention import make_attention_backend, prepare_inputs_for
 from worker.attention.block_tables import BlockTables
-from worker.attention.decode_mirror import DecodeMirror
 from worker.cuda_graphs import DecodeGraphs, default_batch_sizes
 from worker.distributed import TPGroup, local_config, shard_layout
 from worker.kv_cache import KVCache, make_kv_cache_spec, num_blocks_for_budget
@@ -94,9 +93,7 @@ class ModelRunner:
         )
         self.kv_cache = self._make_kv_cache(block_size, num_blocks, kv_cache_bytes, kv_tensors)
         max_len = max_model_len or cfg.max_position_embeddings
-        self.block_tables = BlockTables(
-            block_size, -(-max_len // block_size), self.device, mirror=self._make_mirror()
-        )
+        self.block_tables = BlockTables(block_size, -(-max_len // block_size), self.device)
         self.sampler = Sampler(self.device, seed)
         self.layer_done = layer_done
         self._host_buffers: list[torch.Tensor] = []
@@ -251,22 +248,6 @@ class ModelRunner:
         if kv_tensors is not None:
             return KVCache.from_tensors(spec, kv_tensors)
         return KVCache.allocate(spec, self.device)
-
-    def _make_mirror(self) -> DecodeMirror | None:
-        """On CPU the torch backend keeps decode K/V between steps (worker/attention/
-        decode_mirror.py), in at most as much memory again as the KV cache."""
-        if self.device.type != "cpu" or self.attention.name != "torch":
-            return None
-        cfg, cache = self.config, self.kv_cache
-        return DecodeMirror(
-            cache.block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.num_layers,
-            self.dtype,
-            self.device,
-            max_bytes=cache.num_blocks * cache.spec.block_bytes * cfg.num_layers,
-        )
 
     def _make_graphs(
         self, enable: bool | None, batch_sizes: list[int] | None, max_model_len: int | None

@@ -17,25 +17,15 @@ served correctly (at the old cost).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from engine.batch import ScheduledChunk
 from worker.attention.packing import IntPacker
 
-if TYPE_CHECKING:
-    from worker.attention.decode_mirror import DecodeMirror
-
 
 class BlockTables:
     def __init__(
-        self,
-        block_size: int,
-        max_blocks: int,
-        device: torch.device,
-        rows: int = 64,
-        mirror: DecodeMirror | None = None,
+        self, block_size: int, max_blocks: int, device: torch.device, rows: int = 64
     ) -> None:
         self.block_size = block_size
         self.max_blocks = max_blocks  # columns of every row: the longest sequence's blocks
@@ -46,10 +36,6 @@ class BlockTables:
         self._source: list[list[int] | None] = [None] * rows  # the table they were copied from
         self._free_rows = list(range(rows - 1, -1, -1))
         self._staged = False
-        # Bumped whenever a row starts over (another request, or its blocks replaced): what was
-        # copied from the row's old blocks (the decode mirror) is stale then.
-        self.generations: list[int] = [0] * rows
-        self.mirror = mirror  # decode K/V kept per row between steps (torch backend), or None
 
     @property
     def num_rows_used(self) -> int:
@@ -62,7 +48,6 @@ class BlockTables:
             if row is not None:
                 self._held[row] = 0
                 self._source[row] = None
-                self.generations[row] += 1
                 self._free_rows.append(row)
 
     def stage(self, packer: IntPacker, chunks: list[ScheduledChunk]) -> list[int]:
@@ -81,7 +66,6 @@ class BlockTables:
             if self._source[row] is not chunk.block_ids:
                 self._source[row] = chunk.block_ids
                 self._held[row] = 0
-                self.generations[row] += 1
             held = self._held[row]
             if need > held:
                 index.extend(range(row * width + held, row * width + need))
@@ -111,7 +95,6 @@ class BlockTables:
         self._row_of[request_id] = row
         self._held[row] = 0
         self._source[row] = None
-        self.generations[row] += 1
         return row
 
     def _grow(self) -> None:
@@ -122,7 +105,6 @@ class BlockTables:
         self.tables = bigger
         self._held += [0] * old
         self._source += [None] * old
-        self.generations += [0] * old
         self._free_rows = list(range(2 * old - 1, old - 1, -1))
 
 

@@ -17,7 +17,6 @@ import torch
 
 from engine.batch import ScheduledChunk
 from worker.attention.block_tables import BlockTables, tables_for
-from worker.attention.decode_mirror import MirrorPlan
 from worker.attention.packing import IntPacker, pack_tokens, table_width
 
 
@@ -31,11 +30,8 @@ class DecodeGroup:
     # [num_seqs * blocks_per_seq] block tables, flattened; entries past a length are masked out.
     block_ids: torch.Tensor
     blocks_per_seq: int
-    # [num_seqs, 1, 1, blocks_per_seq * block_size] bool, True where the key is attended;
-    # with a mirror [mirror.span, 1, 1, ...]: one row per mirror row attended.
+    # [num_seqs, 1, 1, blocks_per_seq * block_size] bool, True where the key is attended.
     mask: torch.Tensor
-    # K/V kept between steps (worker/attention/decode_mirror.py); None: gather `block_ids`.
-    mirror: MirrorPlan | None = None
 
 
 @dataclass
@@ -99,25 +95,16 @@ def prepare_step_inputs(
     packer.add("decode_table_rows", [rows[i] for i in decode_idx])
     packer.add("decode_lens", [c.end_pos for c in decode_seqs])
     packer.add("decode_rows", [starts[i] for i in decode_idx])
-    blocks_per_seq = table_width(decode_seqs, block_size)
-    staged = None
-    if tables.mirror is not None and decode_seqs:
-        decode_rows = [rows[i] for i in decode_idx]
-        staged = tables.mirror.plan(
-            packer, decode_seqs, decode_rows, tables.generations, blocks_per_seq
-        )
     t = packer.to_device(device)
     tables.apply(t)
-    mirror = None if staged is None else tables.mirror.bind(staged, t)  # type: ignore[union-attr]
 
+    blocks_per_seq = table_width(decode_seqs, block_size)
     attn = AttentionMetadata(
         num_tokens=starts[-1],
         block_size=block_size,
         k_rows=t["slots"],
         v_rows=t["slots"] + block_size,
-        decode=_decode_group(
-            t, tables, decode_idx, blocks_per_seq, block_size, sliding_window, mirror
-        ),
+        decode=_decode_group(t, tables, decode_idx, blocks_per_seq, block_size, sliding_window),
         prefills=[
             _prefill_seq(t, tables, rows[i], chunks, i, starts[i], sliding_window)
             for i in prefill_idx
@@ -141,40 +128,23 @@ def _decode_group(
     blocks_per_seq: int,
     block_size: int,
     sliding_window: int | None,
-    mirror: MirrorPlan | None,
 ) -> DecodeGroup | None:
     if not decode_idx:
         return None
     num_seqs = len(decode_idx)
-    lens = t["decode_lens"] if mirror is None else mirror.span_lens  # [D] or [span]
-    mask = _key_mask(lens, blocks_per_seq * block_size, sliding_window)  # [D or span, L]
-    if mirror is not None:
-        # Rows of the span that are not in this step attend one (stale) key: never a NaN row.
-        key_pos = torch.arange(mask.shape[1], device=lens.device)  # [L]
-        mask |= (lens == 0)[:, None] & (key_pos == 0)[None, :]
+    lens = t["decode_lens"]
+    key_pos = torch.arange(blocks_per_seq * block_size, device=lens.device)  # [L]
+    mask = key_pos[None, :] < lens[:, None]  # [D, L]
+    if sliding_window is not None:
+        mask &= key_pos[None, :] > lens[:, None] - 1 - sliding_window
     in_order = decode_idx == list(range(num_seqs))
     return DecodeGroup(
         num_seqs=num_seqs,
         token_index=None if in_order else t["decode_rows"],
-        block_ids=(
-            tables.gather(t["decode_table_rows"], blocks_per_seq).view(-1)
-            if mirror is None
-            else t["decode_table_rows"][:0]
-        ),
+        block_ids=tables.gather(t["decode_table_rows"], blocks_per_seq).view(-1),
         blocks_per_seq=blocks_per_seq,
-        mask=mask.view(mask.shape[0], 1, 1, -1),  # [D or span, 1, 1, L]
-        mirror=mirror,
+        mask=mask.view(num_seqs, 1, 1, -1),  # [D, 1, 1, L]
     )
-
-
-def _key_mask(lens: torch.Tensor, num_keys: int, sliding_window: int | None) -> torch.Tensor:
-    """[len(lens), num_keys] bool: key position p is attended by a sequence of length n when
-    p < n (and within the window)."""
-    key_pos = torch.arange(num_keys, device=lens.device)  # [L]
-    mask = key_pos[None, :] < lens[:, None]  # [D, L]
-    if sliding_window is not None:
-        mask &= key_pos[None, :] > lens[:, None] - 1 - sliding_window
-    return mask
 
 
 def _prefill_seq(

@@ -2,10 +2,8 @@
 
 Single-token chunks (decode) run as one batched computation: their block tables are gathered to
 padded K/V `[D, L, kvh, hd]` (whole blocks, so each copy is a contiguous run) and attended under a
-mask; with a decode mirror (worker/attention/decode_mirror.py, on CPU) those copies are kept
-between steps and only the blocks that changed are copied. Each chunk of several tokens
-(prefill) is attended on its own: from its fresh K/V when the chunk is the whole context,
-otherwise from its blocks in the cache.
+mask. Each chunk of several tokens (prefill) is attended on its own: from its fresh K/V when the
+chunk is the whole context, otherwise from its blocks in the cache.
 
 GQA without copies: the `g = heads / kv_heads` query heads that share a kv head are consecutive,
 so a decode query `[D, heads, hd]` is viewed as `[D, kvh, g, hd]`, i.e. g query rows per kv head.
@@ -67,35 +65,11 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         d, kvh, hd = group.num_seqs, self.num_kv_heads, self.head_dim
         q = q[:d].view(d, kvh, self.num_heads // kvh, hd)  # [D, kvh, g, hd]
-        if group.mirror is not None:
-            return self._attend_mirrored(q, kv_layer, group)
         k, v = self._gather(kv_layer, group.block_ids)  # [D * MB * bs, kvh, hd] each
         k = k.view(d, -1, kvh, hd).transpose(1, 2)  # [D, kvh, L, hd]
         v = v.view(d, -1, kvh, hd).transpose(1, 2)  # [D, kvh, L, hd]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask)  # [D, kvh, g, hd]
         return o.reshape(d, self.num_heads * hd)  # [D, heads * hd]
-
-    def _attend_mirrored(
-        self, q: torch.Tensor, kv_layer: torch.Tensor, group: DecodeGroup
-    ) -> torch.Tensor:
-        """Decode attention over the mirror's rows 0 .. span - 1 after copying in the blocks
-        that changed (worker/attention/decode_mirror.py); q `[D, kvh, g, hd]`."""
-        plan = group.mirror
-        assert plan is not None
-        k_mirror, v_mirror = plan.mirror.layer(kv_layer)  # [rows, cap, bs * kvh * hd] each
-        if plan.src.numel():
-            blocks = kv_layer.view(kv_layer.shape[0], 2, -1)  # [nb, 2, bs * kvh * hd]
-            for side, mirror in enumerate((k_mirror, v_mirror)):
-                fresh = blocks[:, side].index_select(0, plan.src)  # [C, bs * kvh * hd]
-                mirror.view(-1, mirror.shape[-1]).index_copy_(0, plan.dst, fresh)
-        span, kvh, hd = plan.span, self.num_kv_heads, self.head_dim
-        k = k_mirror[:span, : plan.width].view(span, -1, kvh, hd).transpose(1, 2)
-        v = v_mirror[:span, : plan.width].view(span, -1, kvh, hd).transpose(1, 2)
-        if plan.rows is not None:  # sequences to their mirror rows, the rest zero
-            q = q.new_zeros(span, *q.shape[1:]).index_copy_(0, plan.rows, q)  # [span, kvh, g, hd]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask)  # [span, kvh, g, hd]
-        o = o.reshape(span, self.num_heads * hd)  # [span, heads * hd]
-        return o if plan.rows is None else o.index_select(0, plan.rows)  # [D, heads * hd]
 
     def _attend_prefill(
         self,

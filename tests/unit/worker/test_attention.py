@@ -10,8 +10,6 @@ import torch
 from engine.batch import ScheduledChunk
 from engine.sampling_params import SamplingParams
 from worker.attention import TorchPagedAttention, prepare_step_inputs
-from worker.attention.block_tables import BlockTables
-from worker.attention.decode_mirror import DecodeMirror
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
 
@@ -66,62 +64,3 @@ def test_mixed_batch_matches_dense_attention(window) -> None:
         expected = _dense_reference(q[start : start + n], k, v, window)
         torch.testing.assert_close(out[start : start + n], expected, atol=1e-5, rtol=1e-5)
         start += n
-
-
-def _mirrored_tables(num_blocks: int) -> BlockTables:
-    mirror = DecodeMirror(
-        BLOCK, KV_HEADS, HEAD_DIM, 1, torch.float32, torch.device("cpu"), max_bytes=1 << 30
-    )
-    return BlockTables(BLOCK, num_blocks, torch.device("cpu"), rows=2, mirror=mirror)
-
-
-@pytest.mark.parametrize("window", [None, 5])
-def test_decode_mirror_across_steps_matches_dense_attention(window) -> None:
-    """Requests join, leave, skip a step, prefill beside decodes, and a new request takes a
-    finished one's table row and blocks: the mirror must never serve stale K/V."""
-    gen = torch.Generator().manual_seed(1)
-    cache = torch.zeros(24, 2, BLOCK, KV_HEADS, HEAD_DIM)
-    tables = _mirrored_tables(num_blocks=24)
-    backend = TorchPagedAttention(HEADS, KV_HEADS, HEAD_DIM)
-    free = list(range(23, -1, -1))
-    history: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[int]]] = {}
-    # Each step: (request, new tokens) in batch order; a request absent from later steps ended.
-    steps = [
-        [("a", 6), ("b", 3)],
-        [("a", 1), ("b", 1), ("c", 9)],
-        [("b", 1), ("a", 1), ("c", 1)],
-        [("c", 1), ("a", 1)],  # b skips a step
-        [("a", 1), ("b", 1), ("c", 1)],
-        [("b", 1), ("c", 1), ("d", 5)],  # a ended: d takes its row and its blocks
-        [("d", 1), ("b", 1), ("c", 1)],
-        [("d", 1), ("c", 1)],
-    ]
-    for index, step in enumerate(steps):
-        if index == 5:  # a's release, as the scheduler sends it; its blocks go back last-first
-            free.extend(history.pop("a")[2])
-            tables.release(["a"])
-        chunks, new_k, new_v = [], [], []
-        for name, n in step:
-            ks, vs, blocks = history.setdefault(name, ([], [], []))
-            start = len(ks)
-            while len(blocks) * BLOCK < start + n:
-                blocks.append(free.pop())
-            ks.extend(torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen).unbind(0))
-            vs.extend(torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen).unbind(0))
-            new_k += ks[start:]
-            new_v += vs[start:]
-            chunks.append(ScheduledChunk(name, [0] * n, start, blocks, True, SamplingParams()))
-        k, v = torch.stack(new_k), torch.stack(new_v)
-        q = torch.randn(k.shape[0], HEADS, HEAD_DIM, generator=gen)
-        meta = prepare_step_inputs(chunks, BLOCK, torch.device("cpu"), window, tables).attn
-        assert meta.decode is None or meta.decode.mirror is not None
-        backend.write_kv(cache, k, v, meta)
-        out = backend.attend(q, k, v, cache, meta)
-        row = 0
-        for c in chunks:
-            ks, vs, _ = history[c.request_id]
-            expected = _dense_reference(
-                q[row : row + c.num_tokens], torch.stack(ks), torch.stack(vs), window
-            )
-            torch.testing.assert_close(out[row : row + c.num_tokens], expected)
-            row += c.num_tokens
