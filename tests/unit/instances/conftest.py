@@ -42,3 +42,21 @@ def offline(tiny_model):
         return cache[key]
 
     return generate
+
+
+@pytest.fixture
+def pd(tiny_model):
+    """`pd(decodes=1, **sections)` -> a P with `decodes` D loops and a stand-in router, closed
+    after the test."""
+    from tests.unit.instances.harness import PD, Router, make_config
+
+    made: list = []
+
+    def build(decodes: int = 1, **sections):
+        made.append((PD(make_config(tiny_model, **sections), decodes), Router()))
+        return made[-1]
+
+    yield build
+    for cluster, router in made:
+        cluster.close()
+        router.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 import zmq
 
 from engine.request import RequestStatus
@@ -15,26 +14,11 @@ from tests.unit.instances.harness import (
     PD,
     Router,
     assert_all_free,
-    make_config,
     pump,
 )
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
 LONG = list(range(100, 200))  # two prefill chunks
-
-
-@pytest.fixture
-def pd(tiny_model):
-    made: list = []
-
-    def build(**sections) -> tuple[PD, Router]:
-        made.append((PD(make_config(tiny_model, **sections)), Router()))
-        return made[-1]
-
-    yield build
-    for cluster, router in made:
-        cluster.close()
-        router.close()
 
 
 class Gate:

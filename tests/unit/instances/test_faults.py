@@ -3,27 +3,11 @@ After each, every block on P and D is free and the loops serve on."""
 
 from __future__ import annotations
 
-import pytest
-
 from engine.protocol.identity import MessagerId
-from tests.unit.instances.harness import PD, Router, assert_all_free, make_config, pump
+from tests.unit.instances.harness import PD, Router, assert_all_free, pump
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
 OTHER = [40, 41, 42]
-
-
-@pytest.fixture
-def pd(tiny_model):
-    made: list = []
-
-    def build(decodes: int = 1, **sections) -> tuple[PD, Router]:
-        made.append((PD(make_config(tiny_model, **sections), decodes), Router()))
-        return made[-1]
-
-    yield build
-    for cluster, router in made:
-        cluster.close()
-        router.close()
 
 
 def serves_on(cluster: PD, router: Router, offline, loops=None) -> None:

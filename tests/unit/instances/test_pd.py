@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from engine.config import Role
 from tests.unit.instances.harness import (
     PD,
@@ -16,20 +14,6 @@ from tests.unit.instances.harness import (
 
 PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [40, 41, 42], "c": list(range(20, 45))}
 LONG = list(range(100, 200))  # two prefill chunks (64 tokens a step)
-
-
-@pytest.fixture
-def pd(tiny_model):
-    made: list = []
-
-    def build(decodes: int = 1, **sections) -> tuple[PD, Router]:
-        made.append((PD(make_config(tiny_model, **sections), decodes), Router()))
-        return made[-1]
-
-    yield build
-    for cluster, router in made:
-        cluster.close()
-        router.close()
 
 
 def finished(router: Router, *rids: str):
