@@ -243,26 +243,12 @@ def _router(endpoints: list[dict], tokenizer_folder: str, ready: mp.Queue, stop:
 
 
 def _byte_tokenizer_folder() -> str:
-    """A byte-level BPE tokenizer without merges (one token per byte), saved as a folder."""
-    import json
+    """A byte-level tokenizer (one token per byte), saved as a folder."""
     import tempfile
 
-    from tokenizers import Tokenizer as BackendTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
+    from benchmarks.model_folders import write_byte_tokenizer
 
-    vocab = {"<s>": 0, "</s>": 1}
-    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[char] = len(vocab)
-    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<s>", "</s>"])
-    folder = Path(tempfile.mkdtemp(prefix="bytetok"))
-    backend.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
-    return str(folder)
+    return str(write_byte_tokenizer(Path(tempfile.mkdtemp(prefix="bytetok"))))
 
 
 async def _clients(url: str, requests: int, max_tokens: int) -> tuple[int, float]:

@@ -63,3 +63,23 @@ def write_model_folder(folder: Path, config: dict[str, Any]) -> Path:
     (folder / "config.json").write_text(json.dumps(config))
     write_word_tokenizer(folder, int(config["vocab_size"]))
     return folder
+
+
+def write_byte_tokenizer(folder: Path, chat_template: str | None = None) -> Path:
+    """A byte-level BPE without merges (one token per byte) plus <s>=0 and </s>=1, saved as a
+    tokenizer folder (with `chat_template` when given)."""
+    vocab = {"<s>": 0, "</s>": 1}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<s>", "</s>"])
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    config: dict[str, Any] = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
+    return folder

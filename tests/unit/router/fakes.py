@@ -10,15 +10,12 @@ repeated), failing, or refusing moved requests for lack of capacity.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, models, pre_tokenizers
-
+from benchmarks.model_folders import write_byte_tokenizer
 from cluster.router.dispatcher import InstanceEndpoint
 from engine.config import Role
 from engine.protocol.channels import Inbox, Sender
@@ -37,24 +34,7 @@ CHAT_TEMPLATE = (
 def make_byte_tokenizer(folder: Path) -> Tokenizer:
     """One token per byte (a byte-level BPE without merges) plus <s>=0 and </s>=1; saved as a
     model folder and loaded the way the router loads a real one."""
-    vocab = {"<s>": 0, "</s>": 1}
-    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[char] = len(vocab)
-    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<s>", "</s>"])
-    folder.mkdir(parents=True, exist_ok=True)
-    backend.save(str(folder / "tokenizer.json"))
-    config = {
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "add_bos_token": True,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
-    return Tokenizer.from_folder(folder)
+    return Tokenizer.from_folder(write_byte_tokenizer(folder, CHAT_TEMPLATE))
 
 
 def expected_text(num_tokens: int, seed: int = 0) -> str:
