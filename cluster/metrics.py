@@ -9,7 +9,6 @@ fetched at scrape time and rendered by a custom collector, so instances need no 
 from __future__ import annotations
 
 import bisect
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -23,22 +22,20 @@ TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 
 class BucketHistogram:
-    """A cumulative-bucket histogram an instance keeps in plain data (sent through stats())."""
+    """A cumulative-bucket histogram an instance keeps in plain data (sent through stats()).
+    Observed and read by the instance's loop only (stats() runs on the loop), so no lock."""
 
     def __init__(self, buckets: tuple[float, ...] = TRANSFER_BUCKETS) -> None:
         self.buckets = buckets
         self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
         self.sum = 0.0
-        self._lock = threading.Lock()
 
     def observe(self, value: float) -> None:
-        with self._lock:
-            self.counts[bisect.bisect_left(self.buckets, value)] += 1
-            self.sum += value
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
 
     def to_dict(self) -> dict:
-        with self._lock:
-            return {"buckets": list(self.buckets), "counts": list(self.counts), "sum": self.sum}
+        return {"buckets": list(self.buckets), "counts": list(self.counts), "sum": self.sum}
 
 
 @dataclass
