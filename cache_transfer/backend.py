@@ -7,14 +7,17 @@ be source or target; in pdserve the cache messager of a prefill instance is the 
 decode instance is the target.
 
 Start-up. ``register(regions)`` is called once with the process's own view of its KV cache
-(the memory must stay mapped until ``close()``). The target then publishes ``endpoint_info()``:
-a plain msgpack-able dict ``{"version", "backend", "agent", "regions", ...}`` plus what the
-backend needs to reach it (NIXL: the agent metadata bytes; TCP: a zmq address and a session id).
-The source passes that dict to ``connect(peer_info, deadline)``, which returns the peer name used
-by every later call. Nothing is pickled.
+(the memory must stay mapped until ``close()``): one ``KVRegions``, or under tensor parallelism
+one ``RankKV`` per rank (its regions and the KV heads they hold). The target then publishes
+``endpoint_info()``: a plain msgpack-able dict ``{"version", "backend", "agent", "ranks", ...}``
+plus what the backend needs to reach it (NIXL: the agent metadata bytes; TCP: a zmq address and
+a session id). The source passes that dict to ``connect(peer_info, deadline)``, which pairs its
+ranks with the peer's (cache_transfer/tp_layout.py: each destination rank's heads come from one
+source rank) and returns the peer name used by every later call. Nothing is pickled.
 
 Writes. ``write(peer, src_layer, src_block_ids, dst_layer, dst_block_ids)`` starts copying the
-listed source blocks onto the listed destination blocks (element i onto element i) and returns
+listed source blocks onto the listed destination blocks (element i onto element i; under tensor
+parallelism each rank's head slice of a block into the rank that holds those heads) and returns
 a ``TransferHandle`` without waiting for completion (a backend may still do some copying inside
 the call: NIXL over UCX's CMA transport on a CPU host copies during the post). The source blocks
 must not change until the handle is finished. Invalid ids raise ``LayoutError`` before anything
@@ -50,9 +53,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar
 
-from cache_transfer.layout import Desc, KVRegions, LayoutError, paired_block_descs
+from cache_transfer.layout import Desc, KVRegions, LayoutError
+from cache_transfer.tp_layout import HeadRoute, RankKV, check_ranks, plan_routes, routed_descs
 
-ENDPOINT_VERSION = 1
+ENDPOINT_VERSION = 2  # 2: "ranks" (one RankKV each) replaced "regions"
 
 # Used only by backends that cannot block on a completion (NIXL offers no blocking wait):
 # the sleep starts tiny so a nearly finished transfer costs little latency, and is capped so an
@@ -111,8 +115,8 @@ def endpoint_field(info: dict[str, Any], key: str) -> Any:
         raise TransferError(f"endpoint info lacks {key!r}") from None
 
 
-def _parse_endpoint_info(info: Any, backend: str) -> tuple[str, KVRegions]:
-    """Peer name and regions from an endpoint dict of this backend and protocol version."""
+def _parse_endpoint_info(info: Any, backend: str) -> tuple[str, list[RankKV]]:
+    """Peer name and ranks from an endpoint dict of this backend and protocol version."""
     if not isinstance(info, dict):
         raise TransferError(f"endpoint info must be a dict, got {type(info).__name__}")
     if info.get("version") != ENDPOINT_VERSION:
@@ -121,11 +125,21 @@ def _parse_endpoint_info(info: Any, backend: str) -> tuple[str, KVRegions]:
         )
     if info.get("backend") != backend:
         raise TransferError(f"endpoint is for backend {info.get('backend')!r}, not {backend!r}")
+    wire = endpoint_field(info, "ranks")
     try:
-        regions = KVRegions.from_wire(endpoint_field(info, "regions"))
+        if not isinstance(wire, list):
+            raise LayoutError(f"ranks must be a list, got {type(wire).__name__}")
+        ranks = [RankKV.from_wire(rank) for rank in wire]
+        check_ranks(ranks)
     except LayoutError as exc:
-        raise TransferError(f"bad regions in endpoint info: {exc}") from exc
-    return str(endpoint_field(info, "agent")), regions
+        raise TransferError(f"bad ranks in endpoint info: {exc}") from exc
+    return str(endpoint_field(info, "agent")), ranks
+
+
+@dataclass
+class _Peer:
+    ranks: list[RankKV]
+    routes: list[HeadRoute]
 
 
 class TransferBackend(ABC):
@@ -145,14 +159,14 @@ class TransferBackend(ABC):
         # One lock for all public methods: NIXL agents without a listener thread are built
         # unsynchronized and zmq sockets must not be used from two threads at once.
         self._lock = threading.RLock()
-        self._regions: KVRegions | None = None
-        self._peers: dict[str, KVRegions] = {}
+        self._ranks: list[RankKV] | None = None
+        self._peers: dict[str, _Peer] = {}
         self._counters = {"writes": 0, "failed": 0}
 
     # -- hooks ----------------------------------------------------------------------------
 
     @abstractmethod
-    def _register(self, regions: KVRegions) -> None: ...
+    def _register(self, ranks: list[RankKV]) -> None: ...
 
     @abstractmethod
     def _endpoint_extra(self) -> dict[str, Any]:
@@ -186,30 +200,33 @@ class TransferBackend(ABC):
 
     # -- contract -------------------------------------------------------------------------
 
-    def register(self, regions: KVRegions) -> None:
+    def register(self, regions: KVRegions | Sequence[RankKV]) -> None:
+        ranks = [RankKV.whole(regions)] if isinstance(regions, KVRegions) else list(regions)
+        check_ranks(ranks)
         with self._lock:
-            if self._regions is not None:
+            if self._ranks is not None:
                 raise TransferError(f"{self.agent_name}: register() called twice")
-            self._register(regions)
-            self._regions = regions
+            self._register(ranks)
+            self._ranks = ranks
 
     def endpoint_info(self) -> dict[str, Any]:
         with self._lock:
-            regions = self._require_registered()
+            ranks = self._require_registered()
             return {
                 "version": ENDPOINT_VERSION,
                 "backend": self.backend_name,
                 "agent": self.agent_name,
-                "regions": regions.to_wire(),
+                "ranks": [rank.to_wire() for rank in ranks],
                 **self._endpoint_extra(),
             }
 
     def connect(self, peer_info: dict[str, Any], deadline: float) -> str:
-        peer, peer_regions = _parse_endpoint_info(peer_info, self.backend_name)
+        peer, peer_ranks = _parse_endpoint_info(peer_info, self.backend_name)
         with self._lock:
-            regions = self._require_registered()
-            if not regions.layout.block_compatible(peer_regions.layout):
-                raise TransferError(f"{peer}: block geometry {peer_regions.layout} incompatible")
+            try:
+                routes = plan_routes(self._require_registered(), peer_ranks)
+            except LayoutError as exc:
+                raise TransferError(f"{peer}: KV caches cannot be paired: {exc}") from exc
         dialed = self._dial(peer, peer_info, deadline)
         with self._lock:
             try:
@@ -220,7 +237,7 @@ class TransferBackend(ABC):
             except BaseException:
                 self._abandon_dial(dialed)
                 raise
-            self._peers[peer] = peer_regions
+            self._peers[peer] = _Peer(peer_ranks, routes)
         return peer
 
     def write(
@@ -232,12 +249,18 @@ class TransferBackend(ABC):
         dst_block_ids: Sequence[int],
     ) -> TransferHandle:
         with self._lock:
-            regions = self._require_registered()
-            peer_regions = self._peers.get(peer)
-            if peer_regions is None:
+            ranks = self._require_registered()
+            target = self._peers.get(peer)
+            if target is None:
                 raise TransferError(f"{self.agent_name}: unknown or lost peer {peer!r}")
-            src_descs, dst_descs = paired_block_descs(
-                regions, src_layer, src_block_ids, peer_regions, dst_layer, dst_block_ids
+            src_descs, dst_descs = routed_descs(
+                ranks,
+                target.ranks,
+                target.routes,
+                src_layer,
+                src_block_ids,
+                dst_layer,
+                dst_block_ids,
             )
             nbytes = sum(desc[1] for desc in src_descs)
             handle = TransferHandle(peer=peer, nbytes=nbytes, num_descs=len(src_descs))
@@ -265,28 +288,28 @@ class TransferBackend(ABC):
 
     def close(self) -> None:
         with self._lock:
-            if self._regions is None:
+            if self._ranks is None:
                 return
             for peer in list(self._peers):
                 self._drop_peer(peer, "backend closed")
             try:
                 self._close()
             finally:
-                self._regions = None
+                self._ranks = None
 
     def _drop_peer(self, peer: str, reason: str) -> None:
         del self._peers[peer]
         self._close_peer(peer, reason)
 
-    def _require_registered(self) -> KVRegions:
-        if self._regions is None:
+    def _require_registered(self) -> list[RankKV]:
+        if self._ranks is None:
             raise TransferError(f"{self.agent_name}: not registered (or closed)")
-        return self._regions
+        return self._ranks
 
-    def _require_peer(self, peer: str) -> KVRegions:
+    def _require_peer(self, peer: str) -> list[RankKV]:
         self._require_registered()
         try:
-            return self._peers[peer]
+            return self._peers[peer].ranks
         except KeyError:
             raise TransferError(f"{self.agent_name}: unknown or lost peer {peer!r}") from None
 

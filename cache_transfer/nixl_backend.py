@@ -40,7 +40,8 @@ from cache_transfer.backend import (
     TransferState,
     endpoint_field,
 )
-from cache_transfer.layout import Desc, KVRegions
+from cache_transfer.layout import Desc
+from cache_transfer.tp_layout import RankKV
 
 _NIXL_STATES = {"DONE": TransferState.DONE, "PROC": TransferState.PENDING}
 
@@ -115,7 +116,7 @@ class NixlBackend(TransferBackend):
 
     # -- hooks ----------------------------------------------------------------------------
 
-    def _register(self, regions: KVRegions) -> None:
+    def _register(self, ranks: list[RankKV]) -> None:
         # Imported here: `import nixl` takes seconds and TCP-only deployments do not need it.
         from nixl._api import nixl_agent_config
 
@@ -123,13 +124,16 @@ class NixlBackend(TransferBackend):
         config = nixl_agent_config(
             enable_prog_thread=True, backends=["UCX"], num_threads=self._num_ucx_threads
         )
-        layers = range(regions.layout.num_layers)
-        descs = [(*regions.layer_desc(layer), "") for layer in layers]
+        descs = [
+            (*rank.regions.layer_desc(layer), "")
+            for rank in ranks
+            for layer in range(rank.regions.layout.num_layers)
+        ]
         try:
             agent = _new_agent(self.agent_name, config, self._progress_timeout_us)
             if "UCX" not in agent.backends:
                 raise TransferError("NIXL has no UCX plugin on this host")
-            self._reg_descs = agent.register_memory(descs, regions.mem_type)
+            self._reg_descs = agent.register_memory(descs, ranks[0].regions.mem_type)
         except (RuntimeError, *self._errors) as exc:  # RuntimeError: no NIXL plugins at all
             raise TransferError(f"NIXL registration failed: {exc!r}") from exc
         self._agent = agent
@@ -151,8 +155,8 @@ class NixlBackend(TransferBackend):
     def _start_write(
         self, handle: TransferHandle, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
     ) -> None:
-        src_mem = self._require_registered().mem_type
-        dst_mem = self._require_peer(handle.peer).mem_type
+        src_mem = self._require_registered()[0].regions.mem_type
+        dst_mem = self._require_peer(handle.peer)[0].regions.mem_type
         xfer = None
         try:
             local = self._agent.get_xfer_descs(src_descs, src_mem)

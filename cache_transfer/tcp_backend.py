@@ -39,8 +39,9 @@ from cache_transfer.backend import (
     endpoint_field,
     remaining,
 )
-from cache_transfer.layout import Desc, KVRegions
+from cache_transfer.layout import Desc
 from cache_transfer.tcp_receiver import Receiver, bytes_at, pack
+from cache_transfer.tp_layout import RankKV
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ class TcpBackend(TransferBackend):
 
     # -- hooks ----------------------------------------------------------------------------
 
-    def _register(self, regions: KVRegions) -> None:
-        if regions.device != "cpu":
+    def _register(self, ranks: list[RankKV]) -> None:
+        regions = [rank.regions for rank in ranks]
+        if any(each.device != "cpu" for each in regions):
             raise TransferError("the TCP backend moves host memory only")
         self._ctx = zmq.Context()
         self._session = secrets.token_hex(8)

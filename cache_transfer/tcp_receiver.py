@@ -58,7 +58,7 @@ class Receiver(threading.Thread):
         ctx: zmq.Context,
         host: str,
         session: str,
-        regions: KVRegions,
+        regions: list[KVRegions],
     ) -> None:
         super().__init__(name=f"tcp-kv-receiver-{session[:6]}", daemon=True)
         self._session = session
@@ -143,7 +143,8 @@ class Receiver(threading.Thread):
             ):
                 raise _Rejected(f"bad descriptor {desc!r}")
             addr, nbytes = desc
-            if nbytes != len(frame) or not self._regions.contains(layer, addr, nbytes):
+            inside = any(each.contains(layer, addr, nbytes) for each in self._regions)
+            if nbytes != len(frame) or not inside:
                 raise _Rejected(f"descriptor {desc} is not {len(frame)} bytes in layer {layer}")
             targets.append((addr, nbytes))
         # Everything was checked first, so a rejected write leaves the cache untouched.

@@ -7,6 +7,8 @@ ranks: every D rank needs, for each of its heads, the slice of each block held b
 
 - `route_heads` pairs P ranks with D ranks: for each D rank and each run of its heads, the one P
   rank that sends them (the first that holds them; replicated heads are sent once per D rank).
+- `RankKV` is one rank's cache as a backend registers it (its regions and the heads they hold);
+  an instance registers one per rank, rank order.
 - `head_slice_descs` turns one pair's blocks into matched descriptor lists. When the pair holds
   the same heads (equal TP sizes, or a replicated head on both sides) a block is one region, and
   consecutive blocks merge as for a single rank. Otherwise the heads of one (K or V, token) are
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cache_transfer.layout import Desc, KVRegions, LayoutError, paired_block_descs
 
@@ -47,6 +50,74 @@ class HeadRoute:
     src_rank: int
     dst_rank: int
     heads: HeadRange
+
+
+@dataclass(frozen=True)
+class RankKV:
+    """One tensor-parallel rank's KV cache as a transfer backend sees it."""
+
+    regions: KVRegions
+    heads: HeadRange
+
+    @classmethod
+    def whole(cls, regions: KVRegions) -> RankKV:
+        """A cache holding all of its model's KV heads (tensor-parallel size 1)."""
+        return cls(regions, HeadRange(0, regions.layout.kv_heads))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"regions": self.regions.to_wire(), "heads": [self.heads.start, self.heads.count]}
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> RankKV:
+        try:
+            start, count = wire["heads"]
+            return cls(KVRegions.from_wire(wire["regions"]), HeadRange(int(start), int(count)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LayoutError(f"bad rank KV wire form: {exc!r}") from None
+
+
+def check_ranks(ranks: Sequence[RankKV]) -> None:
+    """One instance's ranks: at least one, one memory kind, heads as their layouts say."""
+    if not ranks:
+        raise LayoutError("no KV ranks")
+    if len({rank.regions.mem_type for rank in ranks}) != 1:
+        raise LayoutError("an instance's ranks hold KV in different memory kinds")
+    for rank in ranks:
+        if rank.heads.count != rank.regions.layout.kv_heads or rank.heads.start < 0:
+            raise LayoutError(f"heads {rank.heads} do not match layout {rank.regions.layout}")
+
+
+def plan_routes(src: Sequence[RankKV], dst: Sequence[RankKV]) -> list[HeadRoute]:
+    """Which source rank sends which heads to which destination rank; LayoutError when the two
+    instances' caches cannot be paired (different models or block geometry)."""
+    check_ranks(src)
+    check_ranks(dst)
+    s, d = src[0].regions.layout, dst[0].regions.layout
+    if (s.block_size, s.head_dim, s.itemsize) != (d.block_size, d.head_dim, d.itemsize):
+        raise LayoutError(f"block geometry differs beyond heads: {s} vs {d}")
+    return route_heads([rank.heads for rank in src], [rank.heads for rank in dst])
+
+
+def routed_descs(
+    src: Sequence[RankKV],
+    dst: Sequence[RankKV],
+    routes: Sequence[HeadRoute],
+    layer: int,
+    src_ids: Sequence[int],
+    dst_layer: int,
+    dst_ids: Sequence[int],
+) -> tuple[list[Desc], list[Desc]]:
+    """Every route's descriptors for one layer's blocks, concatenated (one write carries all)."""
+    src_descs: list[Desc] = []
+    dst_descs: list[Desc] = []
+    for route in routes:
+        s, d = src[route.src_rank], dst[route.dst_rank]
+        pair = head_slice_descs(
+            s.regions, s.heads, layer, src_ids, d.regions, d.heads, dst_layer, dst_ids, route.heads
+        )
+        src_descs += pair[0]
+        dst_descs += pair[1]
+    return src_descs, dst_descs
 
 
 def route_heads(src: Sequence[HeadRange], dst: Sequence[HeadRange]) -> list[HeadRoute]:

@@ -185,7 +185,8 @@ def test_destination_outside_registered_memory_fails(
         target.register(dst.regions())
         info = target.endpoint_info()
         # A peer that lies about its addresses: every destination is past its registered cache.
-        info["regions"]["layer_addrs"] = [a + (1 << 30) for a in info["regions"]["layer_addrs"]]
+        regions = info["ranks"][0]["regions"]
+        regions["layer_addrs"] = [a + (1 << 30) for a in regions["layer_addrs"]]
         peer = source.connect(info, deadline_in(10))
         try:
             handle = source.write(peer, 0, [0, 1], 0, [0, 1])
@@ -239,7 +240,7 @@ def test_tcp_receiver_rejects_bad_frames_and_keeps_serving(
         source.register(src.regions())
         target.register(dst.regions())
         info = target.endpoint_info()
-        base = info["regions"]["layer_addrs"][1]
+        base = info["ranks"][0]["regions"]["layer_addrs"][1]
         good = {
             "v": 1,
             "op": "write",

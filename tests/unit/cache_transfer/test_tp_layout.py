@@ -8,8 +8,17 @@ import ctypes
 import pytest
 import torch
 
+from cache_transfer.backend import TransferState, deadline_in
 from cache_transfer.layout import KVLayout, KVRegions, LayoutError
-from cache_transfer.tp_layout import HeadRange, HeadRoute, head_slice_descs, route_heads
+from cache_transfer.tp_layout import (
+    HeadRange,
+    HeadRoute,
+    RankKV,
+    check_ranks,
+    head_slice_descs,
+    plan_routes,
+    route_heads,
+)
 from worker.distributed import shard_layout
 from worker.model_config import parse_model_config
 
@@ -105,3 +114,49 @@ def test_equal_heads_merge_blocks_into_runs():
 def test_a_head_no_prefill_rank_holds_is_an_error():
     with pytest.raises(LayoutError, match="KV head 2"):
         route_heads([HeadRange(0, 2)], [HeadRange(0, 2), HeadRange(2, 2)])
+
+
+def _backend(kind: str, name: str):
+    if kind == "tcp":
+        from cache_transfer.tcp_backend import TcpBackend
+
+        return TcpBackend(name, host="127.0.0.1")
+    from cache_transfer.nixl_backend import NixlBackend
+
+    return NixlBackend(name)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["tcp", "nixl"])
+@pytest.mark.parametrize(("p_size", "d_size"), [(2, 1), (1, 2)])
+def test_backends_move_each_ranks_heads(kind, p_size, d_size):
+    """A real NIXL (or TCP) write between instances of different sizes: one write per layer
+    carries every route, and each D rank ends up with exactly its heads."""
+    whole = torch.randn(LAYERS, BLOCKS, 2, BLOCK_SIZE, 4, HEAD_DIM)
+    p_heads, d_heads = _ranks(4, p_size), _ranks(4, d_size)
+    p_caches, d_caches = _caches(p_heads, whole), _caches(d_heads, None)
+    src_ids, dst_ids = [0, 1, 2, 4], [5, 1, 2, 3]
+    p_ranks = [RankKV(_regions(c), h) for c, h in zip(p_caches, p_heads, strict=True)]
+    d_ranks = [RankKV(_regions(c), h) for c, h in zip(d_caches, d_heads, strict=True)]
+    with _backend(kind, "p-tp") as source, _backend(kind, "d-tp") as target:
+        source.register(p_ranks)
+        target.register(d_ranks)
+        peer = source.connect(target.endpoint_info(), deadline_in(10))
+        for layer in range(LAYERS):
+            handle = source.write(peer, layer, src_ids, layer, dst_ids)
+            assert source.wait(handle, deadline_in(10)) is TransferState.DONE
+            source.release(handle)
+    for rank, h in enumerate(d_heads):
+        for layer in range(LAYERS):
+            want = whole[layer][src_ids][:, :, :, h.start : h.end]
+            torch.testing.assert_close(d_caches[rank][layer][dst_ids], want, rtol=0, atol=0)
+
+
+def test_caches_of_different_models_do_not_pair():
+    a = torch.zeros(BLOCKS, 2, BLOCK_SIZE, 2, HEAD_DIM)
+    src = [RankKV(_regions([a] * LAYERS), HeadRange(0, 2))]
+    dst = [RankKV(_regions([a] * LAYERS), HeadRange(2, 2))]
+    with pytest.raises(LayoutError, match="KV head 2"):
+        plan_routes(src, dst)
+    with pytest.raises(LayoutError, match="do not match"):
+        check_ranks([RankKV(_regions([a] * LAYERS), HeadRange(0, 3))])
