@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from cache_transfer.backend import TransferBackend
 from cache_transfer.cuda_kv import CudaKVCache
 from cache_transfer.layout import KVLayout, KVRegions
 from cache_transfer.shared_kv import SharedKVCache
+from cache_transfer.tp_layout import HeadRange, RankKV
 from engine.protocol.identity import InstanceId, MessagerId
 
 
@@ -72,3 +75,34 @@ def regions_of_tensors(layer_tensors: list[torch.Tensor]) -> KVRegions:
         device=device,
         device_id=first.device.index or 0,
     )
+
+
+KVStore = SharedKVCache | CudaKVCache
+
+
+def rank_kv_wire(handles: Sequence[dict | None], heads: Sequence[tuple[int, int]]) -> list[dict]:
+    """An instance's KV stores, rank by rank, as the cache messager attaches them: each rank's
+    store handle and the KV heads it holds (msgpack-able)."""
+    if any(handle is None for handle in handles):
+        raise ValueError("a rank has no shared KV store (rank_kv_store was not given)")
+    return [
+        {"handle": handle, "heads": list(held)} for handle, held in zip(handles, heads, strict=True)
+    ]
+
+
+def attach_ranks(wire: Sequence[dict]) -> tuple[list[KVStore], list[RankKV]]:
+    """Map every rank's store of `rank_kv_wire`; the stores (close them when done) and their
+    RankKV for a transfer backend. Nothing stays mapped when one cannot be."""
+    stores: list[KVStore] = []
+    try:
+        for rank in wire:
+            stores.append(attach_shared_kv(rank["handle"]))
+        ranks = [
+            RankKV(store.regions(), HeadRange(*rank["heads"]))
+            for store, rank in zip(stores, wire, strict=True)
+        ]
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    return stores, ranks

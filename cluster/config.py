@@ -259,17 +259,15 @@ class PdserveConfig(StrictModel):
         return self
 
     def _check_tensor_parallel(self) -> None:
-        # The ranks of a P or D instance each hold a slice of the heads; moving KV between
-        # them (cache_transfer/tp_layout.py) is not wired into the messager and D yet.
-        for role in ("prefill", "decode"):
-            section = getattr(self, role)
-            size = section.engine.tensor_parallel_size
-            if section.instances and size > 1:
-                raise ValueError(
-                    f"{role}.engine.tensor_parallel_size {size}: tensor-parallel prefill and "
-                    "decode instances are not served yet (their KV transfer is unfinished); "
-                    "tensor parallelism runs in mixed instances"
-                )
+        # D's own process registers every rank's cache with its transfer agent; on a GPU it
+        # sees only its own device (Ray's CUDA_VISIBLE_DEVICES), so it cannot map rank 1's.
+        size = self.decode.engine.tensor_parallel_size
+        if self.decode.instances and size > 1 and self.model.device.startswith("cuda"):
+            raise ValueError(
+                f"decode.engine.tensor_parallel_size {size} with model.device cuda: a "
+                "tensor-parallel decode instance is served on CPU only for now (its process "
+                "cannot map its other ranks' GPU caches); use prefill TP > decode TP, or mixed"
+            )
 
     def _check_elastic(self) -> None:
         elastic = self.elastic

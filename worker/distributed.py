@@ -108,6 +108,16 @@ def shard_layout(config: ModelArchConfig, rank: int, size: int) -> ShardLayout:
     )
 
 
+def kv_head_ranges(config: ModelArchConfig, size: int) -> list[tuple[int, int]]:
+    """(first global KV head, count) of what each rank of `size` holds: how the cache messager
+    pairs ranks of instances of different sizes (cache_transfer/tp_layout.py)."""
+    if size == 1:
+        return [(0, config.num_kv_heads)]
+    return [
+        (s.kv_head_start, s.kv_heads) for s in (shard_layout(config, r, size) for r in range(size))
+    ]
+
+
 def check_divisible(config: ModelArchConfig, size: int) -> None:
     kv = config.num_kv_heads
     problems = []

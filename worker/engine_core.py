@@ -8,7 +8,9 @@ Both give the same tokens; overlap is on by default for decode instances on GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +23,7 @@ from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
 from worker.cuda_graphs import default_batch_sizes
 from worker.default_model import ensure_default_model
+from worker.distributed import kv_head_ranges
 from worker.kv_cache import num_blocks_for_budget
 from worker.model_config import load_model_config
 from worker.model_runner import StepState
@@ -88,11 +91,15 @@ class EngineCore:
         overlap: bool = False,
         cuda_graphs: bool | None = None,
         tp_ranks: RankLauncher | None = None,
+        rank_kv_store: tuple[Callable[..., Any], str] | None = None,
     ) -> None:
         """`overlap`: run steps under the overlap schedule (see the module docstring).
         `cuda_graphs`: None lets the runner decide (on with Triton on CUDA).
         `tp_ranks`: how ranks 1.. start at engine.tensor_parallel_size > 1 (default: local
-        processes; deployments pass Ray actors, cluster/tp_ranks.py)."""
+        processes; deployments pass Ray actors, cluster/tp_ranks.py).
+        `rank_kv_store`: (store factory, name prefix) with which ranks 1.. keep their KV caches
+        where this process can map them (cache_transfer's make_shared_kv), so that their KV can
+        be moved to or from another instance; `rank_kv_handles` then holds their handles."""
         self.model_path = resolve_model_path(model)
         self.arch = load_model_config(self.model_path)
         device = resolve_device(model)
@@ -122,15 +129,28 @@ class EngineCore:
             max_model_len=self.max_model_len,
             load_format=model.load_format,
         )
-        self.runner = make_runner(
-            runner_args, device, engine, tp_ranks, kv_tensors=kv_tensors, layer_done=layer_done
-        )
+        self.tp_size = engine.tensor_parallel_size
+        local: dict[str, Any] = {"kv_tensors": kv_tensors, "layer_done": layer_done}
+        if rank_kv_store is not None and self.tp_size > 1:
+            local["kv_store"], local["kv_store_prefix"] = rank_kv_store
+        self.runner = make_runner(runner_args, device, engine, tp_ranks, **local)
         self.overlap = overlap
         self._in_flight: tuple[SchedulerOutput, StepState] | None = None
         self.block_manager = BlockManager(
             num_blocks, sched_cfg.block_size, sched_cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(sched_cfg, self.block_manager, self.max_model_len, role)
+
+    @property
+    def kv_head_ranges(self) -> list[tuple[int, int]]:
+        """(first global KV head, count) that each rank's cache holds."""
+        return kv_head_ranges(self.arch, self.tp_size)
+
+    @property
+    def rank_kv_handles(self) -> list[dict | None]:
+        """Per rank, the handle of its KV store when `rank_kv_store` made one (rank 0: None,
+        the caller's own `kv_tensors`)."""
+        return getattr(self.runner, "rank_kv_handles", [None])
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ def build_role(name: InstanceId, config: PdserveConfig, host: str) -> tuple[Engi
         prefill = PrefillRole(name, config, host)
         return prefill.build_core(config), prefill
     if name.role is Role.DECODE:
-        core = DecodeRole.build_core(config)
+        core = DecodeRole.build_core(config, name)
         return core, DecodeRole(name, config, core, host)
     return MixedRole.build_core(config, name), MixedRole()
 

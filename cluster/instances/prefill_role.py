@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from cache_transfer.factory import make_shared_kv
+from cache_transfer.factory import make_shared_kv, rank_kv_wire
 from cache_transfer.layer_signals import MessagerLink
 from cluster.config import PdserveConfig
 from cluster.instances.common import deployment_id
@@ -26,6 +26,7 @@ from cluster.instances.decode_picker import DecodePeer, DecodePicker
 from cluster.instances.loop import Client, InstanceLoop, RolePolicy
 from cluster.instances.prepare_pool import Answer, Ask, PrepareWorker
 from cluster.metrics import BucketHistogram
+from cluster.tp_ranks import ray_ranks_for
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
@@ -79,7 +80,9 @@ class PrefillRole(RolePolicy):
     def __init__(self, name: InstanceId, config: PdserveConfig, host: str) -> None:
         layout, dtype = kv_layout_for(config.model, config.prefill.engine)
         self.device = resolve_device(config.model)
-        self.kv = make_shared_kv(layout, dtype, self.device, f"pdserve-{deployment_id()}-{name}")
+        self.name = name
+        self.kv_prefix = f"pdserve-{deployment_id()}-{name}"  # ranks 1.. add "-rank<r>"
+        self.kv = make_shared_kv(layout, dtype, self.device, self.kv_prefix)  # rank 0's
         self.block_bytes = layout.block_nbytes * layout.num_layers  # one block, every layer
         self.config = config.prefill
         self.lease_s = config.decode.kv_lease_timeout_s
@@ -103,6 +106,8 @@ class PrefillRole(RolePolicy):
             Role.PREFILL,
             kv_tensors=self.kv.layer_tensors(),
             layer_done=self.layer_done,
+            tp_ranks=ray_ranks_for(config.prefill.placement, config.prefill.engine, str(self.name)),
+            rank_kv_store=(make_shared_kv, self.kv_prefix),
         )
 
     def attach(self, loop: InstanceLoop) -> None:
@@ -384,7 +389,9 @@ class PrefillRole(RolePolicy):
         return self.messager is not None
 
     def info(self) -> dict:
-        return {"kv_cache": self.kv.handle(), "node_ip": self.host}  # the messager binds beside P
+        core = self.loop.core  # every rank's KV store, for the messager (it binds beside P)
+        handles = [self.kv.handle(), *core.rank_kv_handles[1:]]
+        return {"kv_cache": rank_kv_wire(handles, core.kv_head_ranges), "node_ip": self.host}
 
     def stats(self) -> dict:
         scheduler = self.loop.core.scheduler

@@ -12,8 +12,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from cache_transfer.factory import kv_agent_name, make_backend, regions_of_tensors
+from cache_transfer.factory import (
+    attach_ranks,
+    kv_agent_name,
+    make_backend,
+    make_shared_kv,
+    rank_kv_wire,
+    regions_of_tensors,
+)
+from cache_transfer.tp_layout import HeadRange, RankKV
 from cluster.config import PdserveConfig
+from cluster.instances.common import deployment_id
 from cluster.instances.loop import Client, RolePolicy
 from cluster.tp_ranks import ray_ranks_for
 from engine.config import Role
@@ -60,15 +69,31 @@ class DecodeRole(RolePolicy):
         self.name = name
         self.lease_s = config.decode.kv_lease_timeout_s
         self.backend = make_backend(config.transfer.backend, kv_agent_name(name), host)
-        self.backend.register(regions_of_tensors(core.runner.kv_cache.layers))
+        # Every rank's cache, so P's messager writes each head slice where its rank reads it.
+        heads = core.kv_head_ranges
+        if len(heads) > 1 and core.runner.device.type == "cuda":
+            raise RuntimeError(
+                "decode.engine.tensor_parallel_size > 1 on a GPU: this process cannot map its "
+                "other ranks' GPU caches (served on CPU only for now)"
+            )
+        own = RankKV(regions_of_tensors(core.runner.kv_cache.layers), HeadRange(*heads[0]))
+        self.rank_kvs, others = attach_ranks(rank_kv_wire(core.rank_kv_handles[1:], heads[1:]))
+        self.backend.register([own, *others])
         # D's holds on blocks whose KV P is writing: request id -> since (monotonic). A lease
         # whose client is gone (aborted) still waits for KvComplete or expiry to free them.
         self.leases: dict[str, float] = {}
 
     @staticmethod
-    def build_core(config: PdserveConfig) -> EngineCore:
-        overlap = resolve_overlap(config.decode.overlap_schedule, config.model)
-        return EngineCore(config.model, config.decode.engine, Role.DECODE, overlap=overlap)
+    def build_core(config: PdserveConfig, name: InstanceId) -> EngineCore:
+        decode = config.decode
+        return EngineCore(
+            config.model,
+            decode.engine,
+            Role.DECODE,
+            overlap=resolve_overlap(decode.overlap_schedule, config.model),
+            tp_ranks=ray_ranks_for(decode.placement, decode.engine, name),
+            rank_kv_store=(make_shared_kv, f"pdserve-{deployment_id()}-{name}"),
+        )
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, DecodeTask):
@@ -171,3 +196,5 @@ class DecodeRole(RolePolicy):
 
     def close(self) -> None:
         self.backend.close()
+        for kv in self.rank_kvs:
+            kv.close()

@@ -1,10 +1,13 @@
 """Cache messager actor: maps its prefill instance's KV cache and streams it to decode instances.
 
-It runs beside P (same node, same placement-group bundle), maps P's KV cache (POSIX shared memory
-on CPU, CUDA IPC on a GPU), registers it with its own transfer agent and WRITEs blocks straight
-into D's registered cache, layer by layer while P computes later layers. `KvComplete` goes to D's
-inbox only after every write of the request polled DONE (the bytes are in D's memory), so D
-blocks on its inbox instead of polling NIXL's notification list.
+It runs beside P (same node, same placement-group bundle), maps P's KV cache -- every
+tensor-parallel rank's (POSIX shared memory on CPU, CUDA IPC on a GPU) -- registers it with its
+own transfer agent and WRITEs blocks straight into D's registered cache, layer by layer while P
+computes later layers. Between instances of different tensor-parallel sizes each write carries
+each P rank's head slice of the blocks to the D rank holding those heads
+(cache_transfer/tp_layout.py); at equal sizes rank r's blocks go whole to D's rank r.
+`KvComplete` goes to D's inbox only after every write of the request polled DONE (the bytes are
+in D's memory), so D blocks on its inbox instead of polling NIXL's notification list.
 
 One loop owns `MessagerState`; it blocks on its inbox, but wakes every `_BUSY_POLL_S` while
 writes are in flight (NIXL has no completion handle to block on). Each message and each outcome
@@ -22,7 +25,7 @@ import time
 from typing import Any
 
 from cache_transfer.backend import deadline_in
-from cache_transfer.factory import attach_shared_kv, kv_agent_name, make_backend
+from cache_transfer.factory import attach_ranks, kv_agent_name, make_backend
 from cluster.messager.state import MessagerState, TaskState
 from engine.procinfo import rss_mb
 from engine.protocol.cache import (
@@ -53,18 +56,17 @@ class CacheMessager:
         self._thread: threading.Thread | None = None
         self._heartbeat = time.monotonic()
 
-    def setup(self, host: str | None, kv_handle: dict, prefill_inbox: str) -> dict:
-        """Map P's KV cache (its shared KV store's `handle()`), register it, start the loop. Called
-        again after this actor or its prefill instance restarted."""
+    def setup(self, host: str | None, kv_ranks: list[dict], prefill_inbox: str) -> dict:
+        """Map P's KV cache (every rank's store, `rank_kv_wire`), register it, start the loop.
+        Called again after this actor or its prefill instance restarted."""
         if self._thread is not None:
             self.shutdown()  # re-attaching to a restarted prefill instance: start clean
         self._stop = threading.Event()
         host = host or node_ip_address()
-        self.kv = attach_shared_kv(kv_handle)
-        regions = self.kv.regions()
+        self.kvs, ranks = attach_ranks(kv_ranks)
         self.backend = make_backend(self.backend_name, kv_agent_name(self.name), host)
-        self.backend.register(regions)
-        layout = regions.layout
+        self.backend.register(ranks)
+        layout = ranks[0].regions.layout
         state = MessagerState(
             self.backend, layout.num_layers, layout.block_size, kv_agent_name, self.task_wait_s
         )
@@ -194,4 +196,5 @@ class CacheMessager:
         self.inbox.close()
         self.senders.close()
         self.backend.close()
-        self.kv.close()
+        for kv in self.kvs:
+            kv.close()

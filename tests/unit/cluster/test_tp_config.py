@@ -20,12 +20,27 @@ def test_a_mixed_instance_may_be_tensor_parallel():
     assert config.prefill.engine.tensor_parallel_size == 1
 
 
-@pytest.mark.parametrize("role", ["prefill", "decode"])
-def test_tensor_parallel_prefill_or_decode_is_refused_by_name(role):
+@pytest.mark.parametrize(("p_size", "d_size"), [(2, 1), (1, 2), (2, 2)])
+def test_prefill_and_decode_may_differ_in_size(p_size, d_size):
     raw = _raw(prefill={"instances": 1}, decode={"instances": 1})
-    raw[role]["engine"] = {"tensor_parallel_size": 2}
-    with pytest.raises(ConfigError, match=rf"{role}\.engine\.tensor_parallel_size 2"):
+    raw["prefill"]["engine"] = {"tensor_parallel_size": p_size}
+    raw["decode"]["engine"] = {"tensor_parallel_size": d_size}
+    config = parse_config(raw)
+    assert config.prefill.engine.tensor_parallel_size == p_size
+    assert config.decode.engine.tensor_parallel_size == d_size
+
+
+def test_a_tensor_parallel_decode_on_gpus_is_refused_by_name():
+    raw = _raw(prefill={"instances": 1}, decode={"instances": 1, "engine": {}})
+    raw["model"]["device"] = "cuda"
+    for role in ("prefill", "decode"):
+        raw[role]["placement"] = {"num_gpus": 1}
+    raw["decode"]["engine"] = {"tensor_parallel_size": 2}
+    with pytest.raises(ConfigError, match=r"decode\.engine\.tensor_parallel_size 2"):
         parse_config(raw)
+    raw["decode"]["engine"] = {"tensor_parallel_size": 1}
+    raw["prefill"]["engine"] = {"tensor_parallel_size": 2}
+    assert parse_config(raw).prefill.engine.tensor_parallel_size == 2
 
 
 def test_a_size_below_one_names_the_key():

@@ -14,6 +14,7 @@ from cluster.instances.actor import build_role
 from cluster.instances.loop import InstanceLoop
 from cluster.messager.actor import CacheMessager
 from engine.config import Role
+from engine.protocol.cache_events import PrefixCacheEvents
 from engine.protocol.channels import Inbox, SenderPool
 from engine.protocol.identity import InstanceId, MessagerId
 from engine.protocol.requests import AbortRequest, GenerateRequest
@@ -48,13 +49,14 @@ class Router:
     """The router's token inbox in miniature: collects items by request."""
 
     def __init__(self) -> None:
-        self.inbox = Inbox(HOST, accept=(TokenBatch,))
+        # Instances also report their prefix cache to the routers they serve: not used here.
+        self.inbox = Inbox(HOST, accept=(TokenBatch, PrefixCacheEvents))
         self.senders = SenderPool()
         self.items: dict[str, list[TokenItem]] = defaultdict(list)
 
     def collect(self) -> None:
         for batch in self.inbox.drain():
-            for item in batch.items:
+            for item in batch.items if isinstance(batch, TokenBatch) else []:
                 self.items[item.request_id].append(item)
 
     def send(self, loop: InstanceLoop, rid: str, prompt: list[int], **params) -> None:
