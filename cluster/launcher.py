@@ -74,10 +74,10 @@ def init_ray(config: PdserveConfig, address: str | None = None) -> bool:
 
 def _cpus_needed(config: PdserveConfig) -> int:
     total = config.router.num_cpus
-    total += config.prefill.instances * (config.prefill.placement.num_cpus + _MESSAGER_CPUS)
-    total += config.decode.instances * config.decode.placement.num_cpus
-    mixed_ranks = config.mixed.engine.tensor_parallel_size
-    total += config.mixed.instances * config.mixed.placement.num_cpus * mixed_ranks
+    total += config.prefill.instances * _MESSAGER_CPUS
+    for section in (config.prefill, config.decode, config.mixed):
+        ranks = section.engine.tensor_parallel_size
+        total += section.instances * section.placement.num_cpus * ranks
     return int(total) + 1
 
 
@@ -126,20 +126,21 @@ def deploy(config: PdserveConfig, address: str | None = None) -> Deployment:
 def _start_instances(dep: Deployment) -> None:
     cfg = dep.config
     raw = cfg.model_dump(mode="json")
-    for i in range(cfg.decode.instances):
-        iid = InstanceId(Role.DECODE, i)
-        opts = _options(cfg.decode.placement, str(iid), cfg)
-        dep.decodes.append(ray.remote(InstanceActor).options(**opts).remote(iid, raw))
-    for i in range(cfg.mixed.instances):
-        iid = InstanceId(Role.MIXED, i)
-        opts = _options(cfg.mixed.placement, str(iid), cfg)
-        if cfg.mixed.engine.tensor_parallel_size > 1:
-            pg = tensor_parallel_placement_group(cfg.mixed.placement, cfg.mixed.engine)
-            dep.placement_groups.append(pg)
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
-            opts.pop("label_selector", None)  # the bundles carry placement
-        dep.mixed.append(ray.remote(InstanceActor).options(**opts).remote(iid, raw))
-    prefill_pgs = [_prefill_placement_group(cfg) for _ in range(cfg.prefill.instances)]
+    for role, actors in ((Role.DECODE, dep.decodes), (Role.MIXED, dep.mixed)):
+        section = cfg.decode if role is Role.DECODE else cfg.mixed
+        for i in range(section.instances):
+            iid = InstanceId(role, i)
+            opts = _options(section.placement, str(iid), cfg)
+            if section.engine.tensor_parallel_size > 1:
+                pg = instance_placement_group(section.placement, section.engine)
+                dep.placement_groups.append(pg)
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
+                opts.pop("label_selector", None)  # the bundles carry placement
+            actors.append(ray.remote(InstanceActor).options(**opts).remote(iid, raw))
+    prefill_pgs = [
+        instance_placement_group(cfg.prefill.placement, cfg.prefill.engine, _MESSAGER_CPUS)
+        for _ in range(cfg.prefill.instances)
+    ]
     dep.placement_groups.extend(prefill_pgs)
     for i, pg in enumerate(prefill_pgs):
         iid = InstanceId(Role.PREFILL, i)
@@ -157,30 +158,24 @@ def _start_instances(dep: Deployment) -> None:
     dep.refresh_endpoints()
 
 
-def tensor_parallel_placement_group(placement: PlacementConfig, engine: EngineConfig):
+def instance_placement_group(
+    placement: PlacementConfig, engine: EngineConfig, beside_rank0_cpus: float = 0.0
+):
     """One bundle per rank on one node (NCCL and the driver's loopback sockets reach every
-    rank): the instance actor (rank 0) takes bundle 0, rank r bundle r (cluster/tp_ranks.py)."""
+    rank): the instance actor (rank 0) takes bundle 0, rank r bundle r (cluster/tp_ranks.py).
+    Bundle 0 also holds `beside_rank0_cpus` for what runs beside the instance (a prefill
+    instance's cache messager, which maps its caches through shared memory or CUDA IPC)."""
     bundle: dict[str, float] = {"CPU": placement.num_cpus}
     if placement.num_gpus:
         bundle["GPU"] = placement.num_gpus
     bundle.update(placement.resources)
     size = engine.tensor_parallel_size
+    bundles = [dict(bundle) for _ in range(size)]
+    bundles[0]["CPU"] += beside_rank0_cpus
     kwargs = {}
     if placement.label_selector:
         kwargs["bundle_label_selector"] = [dict(placement.label_selector)] * size
-    return placement_group([dict(bundle) for _ in range(size)], strategy="STRICT_PACK", **kwargs)
-
-
-def _prefill_placement_group(cfg: PdserveConfig):
-    placement = cfg.prefill.placement
-    bundle: dict[str, float] = {"CPU": placement.num_cpus + _MESSAGER_CPUS}
-    if placement.num_gpus:
-        bundle["GPU"] = placement.num_gpus
-    bundle.update(placement.resources)
-    kwargs = {}
-    if placement.label_selector:
-        kwargs["bundle_label_selector"] = [dict(placement.label_selector)]
-    return placement_group([bundle], strategy="STRICT_PACK", **kwargs)
+    return placement_group(bundles, strategy="STRICT_PACK", **kwargs)
 
 
 def _messager_actor(cfg: PdserveConfig, index: int, pg):

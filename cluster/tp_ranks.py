@@ -88,8 +88,6 @@ class RayRanks:
 def ray_ranks_for(placement, engine, name: str) -> RayRanks | None:
     """The rank launcher of an instance with this placement and engine config: None (the
     engine's default, local processes) at TP 1 or outside Ray, e.g. loops driven by tests."""
-    import ray
-
     if engine.tensor_parallel_size == 1 or not ray.is_initialized():
         return None
     return RayRanks(placement.num_gpus, placement.num_cpus, name)

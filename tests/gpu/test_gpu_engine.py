@@ -19,7 +19,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from tests.unit.engine.helpers import assert_nothing_leaked
-from tests.unit.worker.conftest import _COMMON, _randomize, build_checkpoint, make_prompts
+from tests.unit.worker.conftest import _COMMON, build_checkpoint, make_prompts, randomize
 from worker.engine_core import EngineCore
 
 pytestmark = [
@@ -46,7 +46,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, to
     out["mistral"] = (root / "mistral", build_checkpoint("mistral", root / "mistral"))
     torch.manual_seed(0)
     mid = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MID)).eval()
-    _randomize(mid)
+    randomize(mid)
     mid.save_pretrained(root / "mid", safe_serialization=True)
     mid.generation_config.eos_token_id = None
     mid.generation_config.pad_token_id = 0

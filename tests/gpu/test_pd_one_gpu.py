@@ -22,7 +22,7 @@ from cluster.config import parse_config
 from cluster.launcher import Deployment, deploy
 from tests.gpu.test_gpu_engine import MID  # hidden 1024, 4 layers, 16/4 heads, vocab 4096
 from tests.integration.harness import assert_all_free, run_load
-from tests.unit.worker.conftest import _randomize
+from tests.unit.worker.conftest import randomize
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,7 +43,7 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("pd_gpu") / "mid"
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MID)).eval()
-    _randomize(model)
+    randomize(model)
     model.save_pretrained(folder, safe_serialization=True)
     write_word_tokenizer(folder, VOCAB)
     return folder

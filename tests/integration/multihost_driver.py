@@ -31,9 +31,9 @@ from cluster.config import PdserveConfig
 from cluster.launcher import (
     Deployment,
     _options,
-    _prefill_placement_group,
     deploy,
     init_ray,
+    instance_placement_group,
 )
 from tests.integration.harness import assert_all_free, run_load, small_config
 
@@ -69,9 +69,7 @@ def probe_label_selectors(config: PdserveConfig) -> dict[str, dict[str, str]]:
             update={"num_cpus": 0.1, "resources": {}, "label_selector": {LABEL_KEY: role}}
         )
         actor = ray.remote(_Probe).options(**_options(placement, f"probe-{role}", config))
-        pd_cfg = config.model_copy(deep=True)
-        pd_cfg.prefill.placement = placement
-        pg = _prefill_placement_group(pd_cfg)
+        pg = instance_placement_group(placement, config.prefill.engine, 0.25)
         ray.get(pg.ready(), timeout=60)
         strategy = PlacementGroupSchedulingStrategy(pg, 0)
         in_pg = ray.remote(_Probe).options(num_cpus=0.1, scheduling_strategy=strategy)

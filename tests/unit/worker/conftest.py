@@ -60,7 +60,7 @@ CHECKPOINTS: dict[str, tuple[type, dict]] = {
 }
 
 
-def _randomize(model: torch.nn.Module) -> None:
+def randomize(model: torch.nn.Module) -> None:
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -83,7 +83,7 @@ def build_checkpoint(name: str, folder: Path) -> transformers.PreTrainedModel:
         transformers.Qwen3Config: transformers.Qwen3ForCausalLM,
     }[config_cls]
     model = model_cls(config).eval()
-    _randomize(model)
+    randomize(model)
     model.save_pretrained(folder, safe_serialization=True)
     model.generation_config.eos_token_id = None  # references run the full length
     model.generation_config.pad_token_id = 0

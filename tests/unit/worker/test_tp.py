@@ -86,7 +86,7 @@ def test_odd_vocabulary_shards_with_padding(tmp_path):
     """Vocabulary 255 over 2 ranks: the second shard ends in a padding row no token reaches."""
     import transformers
 
-    from tests.unit.worker.conftest import _randomize
+    from tests.unit.worker.conftest import randomize
 
     config = transformers.LlamaConfig(
         vocab_size=VOCAB - 1,
@@ -99,7 +99,7 @@ def test_odd_vocabulary_shards_with_padding(tmp_path):
         eos_token_id=2,
     )
     model = transformers.LlamaForCausalLM(config).eval()
-    _randomize(model)
+    randomize(model)
     model.save_pretrained(tmp_path, safe_serialization=True)
     prompts = [[t % (VOCAB - 1) for t in p] + [VOCAB - 2] for p in make_prompts(4, seed=5)]
     expected = _generate(ModelRunner(tmp_path, dtype="float32", num_blocks=NUM_BLOCKS), prompts)
