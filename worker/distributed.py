@@ -216,7 +216,12 @@ def init_tp_group(
     return TPGroup(rank, size, None, store)
 
 
-def destroy_tp_group(tp: TPGroup) -> None:
-    """Leave the group (NCCL: the default group; gloo groups close when collected)."""
+def leave_tp_group(tp: TPGroup) -> None:
+    """Leave the group without waiting for anyone (gloo groups close when collected).
+
+    NCCL's default group is aborted, never destroyed: a graceful destroy finalizes the
+    communicator with its peers and waits forever for a rank that has already exited (the
+    driver stops its ranks before it leaves) or died. The abort is local, also unblocks a
+    collective stuck on a dead peer, and clears the group so a new one can form in-process."""
     if tp.group is None and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.distributed_c10d._abort_process_group()

@@ -32,8 +32,8 @@ from engine.batch import ModelRunnerOutput, SchedulerOutput
 from engine.config import EngineConfig
 from worker.distributed import (
     TPGroup,
-    destroy_tp_group,
     init_tp_group,
+    leave_tp_group,
     local_config,
     shard_layout,
 )
@@ -132,7 +132,7 @@ class TPRunner:
         try:
             self.ranks.extend(start_ranks(specs))
             self.tp = self._join(store, device)
-            self._watchdog.abort = lambda: abort_tp_group(self.tp)
+            self._watchdog.abort = lambda: leave_tp_group(self.tp)
             self.local: ModelRunner = self._guard(args.build, device, self.tp, **local)
             handles = self._watchdog.wait_ready(size - 1, startup_timeout_s)
             # Ranks 1.. made their KV stores with `kv_store`; rank 0's caller passes its own.
@@ -231,7 +231,7 @@ class TPRunner:
         for socket in self._plans:
             socket.close(linger=0)
         if self.tp is not None:
-            destroy_tp_group(self.tp)
+            leave_tp_group(self.tp)
         if watchdog_done:  # term() would wait for the watchdog's socket
             self._ctx.term()
 
@@ -322,12 +322,6 @@ def make_runner(
 def rank_config(config: ModelArchConfig, size: int) -> ModelArchConfig:
     """What one rank of `size` holds of `config` (all ranks hold the same amount)."""
     return local_config(config, shard_layout(config, 0, size)) if size > 1 else config
-
-
-def abort_tp_group(tp: TPGroup) -> None:
-    """Make collectives blocked on a dead peer return (NCCL); gloo needs nothing."""
-    if tp.group is None and dist.is_initialized():
-        dist.distributed_c10d._abort_process_group()
 
 
 def _bind_local(socket: zmq.Socket) -> str:

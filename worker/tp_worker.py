@@ -24,7 +24,13 @@ import msgpack
 import torch
 import zmq
 
-from worker.distributed import TPGroup, init_tp_group, local_config, shard_layout
+from worker.distributed import (
+    TPGroup,
+    init_tp_group,
+    leave_tp_group,
+    local_config,
+    shard_layout,
+)
 from worker.loader import resolve_dtype
 from worker.model_config import load_model_config
 from worker.model_runner import ModelRunner
@@ -118,7 +124,7 @@ def run_rank(spec: RankSpec) -> None:
     plans = ctx.socket(zmq.PULL)
     plans.setsockopt(zmq.LINGER, 0)
     plans.connect(spec.plan_address)
-    kv_store = None
+    kv_store = tp = None
     try:
         device = _set_up_process(spec)
         tp = init_tp_group(
@@ -137,6 +143,8 @@ def run_rank(spec: RankSpec) -> None:
         status.send(encode_status(STATUS_ERROR, spec.rank, f"{type(e).__name__}: {e}"))
         raise
     finally:
+        if tp is not None:
+            leave_tp_group(tp)
         if kv_store is not None:
             kv_store.close()  # the owner's close also unlinks shared memory
         plans.close()
