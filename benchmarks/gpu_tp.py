@@ -165,7 +165,7 @@ def decode_rows(core: EngineCore, name: str, tp: int, batches, results: Results)
         if tp > 1 and a.hidden_size == AR_HIDDEN and batch in results.all_reduce_us:
             reduce_ms = (2 * a.num_layers + 1) * results.all_reduce_us[batch] / 1e3
         results.rows.append(
-            Row(
+            row := Row(
                 model=name,
                 tp=tp,
                 batch=batch,
@@ -175,6 +175,10 @@ def decode_rows(core: EngineCore, name: str, tp: int, batches, results: Results)
                 gap_us=base.gap_us,
                 all_reduce_ms=reduce_ms,
             )
+        )
+        print(
+            f"  {name} TP {tp} batch {batch}: {row.tpot_ms:.2f} ms (floor {row.floor_ms:.2f})",
+            flush=True,
         )
 
 
@@ -205,6 +209,7 @@ def bench(shape: dict, name: str, tp: int, batches, results: Results, prefill: b
         t0 = time.perf_counter()
         core = make_core(shape, Path(folder), tp, batches)
         results.notes.append(f"{name} TP {tp}: start-up {time.perf_counter() - t0:.0f} s")
+        print(results.notes[-1], flush=True)
         try:
             decode_rows(core, name, tp, batches, results)
             if prefill:
