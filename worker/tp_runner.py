@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -48,6 +49,7 @@ from worker.tp_worker import (
 )
 
 log = logging.getLogger(__name__)
+_LEAVE_TIMEOUT_S = 10.0
 
 # How long a failed collective waits for the watchdog's reason before raising without it.
 _REASON_GRACE_S = 2.0
@@ -231,9 +233,18 @@ class TPRunner:
         for socket in self._plans:
             socket.close(linger=0)
         if self.tp is not None:
-            leave_tp_group(self.tp)
+            self._leave_group(min(timeout_s, _LEAVE_TIMEOUT_S))
         if watchdog_done:  # term() would wait for the watchdog's socket
             self._ctx.term()
+
+    def _leave_group(self, timeout_s: float) -> None:
+        """Leave the group, but never hang a shutdown on it: on two H200s, aborting the second
+        NCCL group one process had made (only tests make two) was seen to block for good."""
+        leave = threading.Thread(target=leave_tp_group, args=(self.tp,), daemon=True)
+        leave.start()
+        leave.join(timeout_s)
+        if leave.is_alive():
+            log.warning("leaving the tensor-parallel group took over %.0f s; going on", timeout_s)
 
     def _guard(self, call, *args, **kwargs):
         """Run a step phase; any failure fails the whole group (the ranks may be mid-collective,
