@@ -14,11 +14,46 @@ from cluster.instances.common import advertised_host
 from cluster.instances.loop import InstanceLoop, RolePolicy
 from cluster.instances.prefill_role import PrefillRole
 from cluster.instances.roles import DecodeRole, MixedRole
+from cluster.instances.switch import RoleSetup
 from engine.config import Role
 from engine.protocol.identity import InstanceId
-from worker.engine_core import EngineCore
+from worker.engine_core import EngineCore, resolve_overlap
 
 CALL_TIMEOUT_S = 10.0  # a loop busy longer than this with one step is stalled
+
+
+def build_switchable(
+    name: InstanceId, config: PdserveConfig, host: str
+) -> tuple[EngineCore, dict[Role, RoleSetup]]:
+    """Elastic: one engine around a KV cache its messager can map, with every role's policy
+    ready on it (prefill, decode, mixed), so a switch builds nothing. The engine starts in
+    `name.role`; the config guarantees that prefill and decode size the KV cache alike."""
+    prefill = PrefillRole(name, config, host)
+    core = prefill.build_core(config)
+    decode = DecodeRole(name, config, core, host)
+    roles = {
+        Role.PREFILL: RoleSetup(prefill, config.prefill.engine.scheduler, False),
+        Role.DECODE: RoleSetup(
+            decode,
+            config.decode.engine.scheduler,
+            resolve_overlap(config.decode.overlap_schedule, config.model),
+        ),
+        Role.MIXED: RoleSetup(
+            MixedRole(),
+            config.mixed.engine.scheduler,
+            resolve_overlap(config.mixed.overlap_schedule, config.model),
+        ),
+    }
+    if config.mixed.engine.scheduler.block_size != core.block_manager.block_size:
+        del roles[Role.MIXED]  # another block size would need another KV cache
+    birth = roles[name.role]
+    core.scheduler.switch_role(name.role, birth.scheduler)
+    core.overlap = birth.overlap
+    return core, roles
+
+
+def switchable(name: InstanceId, config: PdserveConfig) -> bool:
+    return config.elastic.enabled and name.role in (Role.PREFILL, Role.DECODE)
 
 
 def build_role(name: InstanceId, config: PdserveConfig, host: str) -> tuple[EngineCore, RolePolicy]:
@@ -41,27 +76,76 @@ class InstanceActor:
     def setup(self) -> dict:
         """Load the model, bind the inbox, start the loop; returns the endpoint."""
         host = advertised_host(self.config)
-        core, policy = build_role(self.name, self.config, host)
-        self.loop = InstanceLoop(self.name, host, core, policy)
+        if switchable(self.name, self.config):
+            core, roles = build_switchable(self.name, self.config, host)
+            self.loop = InstanceLoop(
+                self.name, host, core, roles[self.name.role].policy, roles=roles
+            )
+        else:
+            core, policy = build_role(self.name, self.config, host)
+            self.loop = InstanceLoop(self.name, host, core, policy)
         self.loop.start()
+        return self._endpoint()
+
+    def endpoint(self) -> dict:
+        """setup()'s answer as it is now: the role it serves, and every role's endpoints."""
+        loop = self._loop()
+        return loop.call(self._endpoint, CALL_TIMEOUT_S)
+
+    def _endpoint(self) -> dict:
+        loop = self._loop()
+        info: dict = {}
+        for policy in [*loop.role_policies(), loop.policy]:  # the current role's last
+            info.update(policy.info())
         return {
             "name": self.name,
-            "role": self.name.role.value,
-            "inbox": self.loop.inbox.address,
-            "max_model_len": core.max_model_len,
-            **policy.info(),
+            "role": loop.policy.role.value,
+            "inbox": loop.inbox.address,
+            "max_model_len": loop.core.max_model_len,
+            "node_id": _node_id(),
+            **info,
         }
+
+    def switch_role(self, role: str, drain_timeout_s: float, move_on_deadline: bool = True) -> dict:
+        """Serve as `role` once the current role's work has drained (cluster/instances/
+        switch.py); returns the outcome with the endpoint as it is now. Whoever calls it has
+        told the router and the prefill instances to send this one no more old-role work."""
+        loop = self._loop()
+        give_up_s = drain_timeout_s + self._own_deadlines_s()
+        begin = lambda: loop.begin_switch(Role(role), drain_timeout_s, give_up_s, move_on_deadline)  # noqa: E731
+        future = loop.call(begin, CALL_TIMEOUT_S)
+        outcome = future.result(give_up_s + CALL_TIMEOUT_S)
+        return {**outcome, "endpoint": self.endpoint()}
+
+    def _own_deadlines_s(self) -> float:
+        """The longest that work in flight can take past a drain deadline before its own
+        deadline ends it (KV under D's lease, P's transfer)."""
+        cfg = self.config
+        return cfg.decode.kv_lease_timeout_s + 2 * cfg.prefill.transfer_timeout_s
+
+    def set_decodes(self, decodes: list[dict]) -> None:
+        """Prefill (or able to become one): the decode instances to choose from now."""
+        loop = self._loop()
+        loop.call(lambda: _prefill_role(loop).set_decodes(decodes), CALL_TIMEOUT_S)
 
     def connect(self, messager_inbox: str, decodes: list[dict]) -> None:
         """Prefill: wire to its cache messager and the decode instances (again after a
-        restart of either)."""
+        restart of either, or on a switch to prefill)."""
         loop = self._loop()
-        loop.call(lambda: loop.policy.connect(messager_inbox, decodes), CALL_TIMEOUT_S)
+        loop.call(lambda: _prefill_role(loop).connect(messager_inbox, decodes), CALL_TIMEOUT_S)
 
     def decode_down(self, decode_name: InstanceId) -> None:
-        """Prefill: a decode instance died; its requests end now."""
+        """Prefill: a decode instance died; its requests end now (an instance serving another
+        role now only forgets its peers: a switch to prefill announces them again)."""
         loop = self._loop()
-        loop.call(lambda: loop.policy.decode_down(decode_name), CALL_TIMEOUT_S)
+
+        def down() -> None:
+            if loop.policy.role is Role.PREFILL:
+                loop.policy.decode_down(decode_name)
+            elif Role.PREFILL in loop.roles:
+                loop.roles[Role.PREFILL].policy.set_decodes([])
+
+        loop.call(down, CALL_TIMEOUT_S)
 
     def is_ready(self) -> bool:
         """False until setup() (and for prefill connect()) ran, also right after a restart."""
@@ -88,3 +172,18 @@ class InstanceActor:
         if self.loop is None:
             raise RuntimeError(f"{self.name}: setup() has not run")
         return self.loop
+
+
+def _node_id() -> str | None:
+    """The Ray node this actor runs on (a messager made for it must run there too)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _prefill_role(loop: InstanceLoop) -> PrefillRole:
+    """The loop's prefill policy, whether it serves as prefill now or may switch to it."""
+    policy = loop.roles[Role.PREFILL].policy if Role.PREFILL in loop.roles else loop.policy
+    if not isinstance(policy, PrefillRole):
+        raise ValueError(f"{loop.name} cannot serve as prefill")
+    return policy

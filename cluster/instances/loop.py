@@ -24,6 +24,13 @@ from typing import Any
 
 import zmq
 
+from cluster.instances.switch import (
+    RoleSetup,
+    RoleSwitch,
+    advance_switch,
+    refuse_misrouted,
+    start_switch,
+)
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
@@ -89,6 +96,22 @@ class RolePolicy:
     def stats(self) -> dict:
         return {}
 
+    def in_flight(self) -> int:
+        """Requests this role holds outside the scheduler (leases, preparations, transfers);
+        a role switch waits until there are none."""
+        return 0
+
+    def hand_back(self, reason: str) -> int:
+        """A role switch's drain deadline passed: end with an error those requests that can
+        leave now, so that the router moves them to other instances (migration); how many."""
+        request_ids = list(self.loop.core.scheduler.requests)
+        for request_id in request_ids:
+            self.loop.fail_request(request_id, reason)
+        return len(request_ids)
+
+    def deactivate(self) -> None:
+        """The loop serves another role from now on: let go of what only this role uses."""
+
     def close(self) -> None:
         pass
 
@@ -101,12 +124,18 @@ class InstanceLoop:
         core: EngineCore,
         policy: RolePolicy,
         idle_wait_s: float = 0.2,
+        roles: dict[Role, RoleSetup] | None = None,
     ) -> None:
+        """`roles`: every role the loop may switch to while serving (`policy` among them);
+        none for an instance that keeps its role."""
         self.name = name
         self.core = core
         self.policy = policy
         self.idle_wait_s = idle_wait_s
-        self.inbox = Inbox(host, accept=(AbortRequest, *policy.accepts), name=str(name))
+        self.roles = roles or {}
+        self.switching: RoleSwitch | None = None
+        accepts = {t for r in self.roles.values() for t in r.policy.accepts} | set(policy.accepts)
+        self.inbox = Inbox(host, accept=(AbortRequest, *accepts), name=str(name))
         self.senders = SenderPool()
         self.mailbox = Mailbox()
         self.clients: dict[str, Client] = {}
@@ -126,6 +155,9 @@ class InstanceLoop:
         self.reporter = CacheReporter(
             name, core.block_manager, lambda to, msg: self.send(to, msg, "router_send_failures")
         )
+        for each in {id(r.policy): r.policy for r in self.roles.values()}.values():
+            if each is not policy:
+                each.attach(self)  # ready to serve at once when switched to
         policy.attach(self)
 
     # ------------------------------------------------------------------ other threads
@@ -169,7 +201,8 @@ class InstanceLoop:
         if self._closed:
             return
         self._closed = True
-        self.policy.close()
+        for policy in {id(p): p for p in [self.policy, *self.role_policies()]}.values():
+            policy.close()
         self.inbox.close()
         self.senders.close()
         self.mailbox.close()
@@ -191,8 +224,11 @@ class InstanceLoop:
         for item in self.mailbox.take_all():
             self._apply(item)
         for msg in self.inbox.drain():
-            self._apply(msg)
+            if not refuse_misrouted(self, msg):
+                self._apply(msg)
         self.policy.tick()
+        if self.switching is not None:
+            advance_switch(self)
         self.reporter.tick()
         sched = self.core.scheduler.schedule()
         idle = sched.is_empty and self.core.in_flight is None
@@ -243,6 +279,17 @@ class InstanceLoop:
                     self.core.block_manager.step_done(failed.step_id)
                     for chunk in failed.chunks:
                         self.fail_request(chunk.request_id, error.strip().splitlines()[-1])
+
+    # ------------------------------------------------------------------ role switches
+    def role_policies(self) -> list[RolePolicy]:
+        return [r.policy for r in self.roles.values()]
+
+    def begin_switch(
+        self, role: Role, drain_timeout_s: float, give_up_s: float, move_on_deadline: bool
+    ) -> Future:
+        """On the loop: start serving as `role` once the current role's work has drained (see
+        switch.py); the future resolves to the outcome (`SwitchOutcome.to_dict()`)."""
+        return start_switch(self, role, drain_timeout_s, give_up_s, move_on_deadline)
 
     # ------------------------------------------------------------------ used by the roles
     def new_request(self, msg: GenerateRequest) -> Request | None:
@@ -351,6 +398,8 @@ class InstanceLoop:
             "failed_steps": self.failed_steps,
             "busy_s": self.busy_s,
             "max_num_seqs": scheduler.config.max_num_seqs,
+            "switching_to": self.switching.target.value if self.switching is not None else None,
+            "roles": sorted(r.value for r in self.roles),
             **self.policy.stats(),
         }
 

@@ -125,15 +125,20 @@ class PrefillRole(RolePolicy):
         """Wire to the cache messager and the decode instances (again after a restart). A new
         messager knows none of the old one's tasks: those requests end, their blocks free."""
         replaced = self.messager is not None and messager_inbox != self.messager
-        self.picker.set_peers(
-            [DecodePeer(d["name"], d["inbox"], d["num_blocks"], d["num_blocks"]) for d in decodes]
-        )
+        self.set_decodes(decodes)
         for rid in list(self.transfers) if replaced else []:
             self.loop.fail_client(rid, "the cache messager restarted")
             self.loop.core.abort_request(rid, RequestStatus.FINISHED_ERROR)
             del self.transfers[rid]
             self.loop.counters["requests_ended_by_failure"] += 1
         self.messager = messager_inbox
+
+    def set_decodes(self, decodes: list[dict]) -> None:
+        """The decode instances to choose from (one switched roles, or restarted). Requests
+        already bound for one no longer listed go on: its messager keeps its connection."""
+        self.picker.set_peers(
+            [DecodePeer(d["name"], d["inbox"], d["num_blocks"], d["num_blocks"]) for d in decodes]
+        )
 
     def decode_down(self, decode_name: InstanceId) -> None:
         """A decode instance died: choose it no more; end the requests bound for it."""
@@ -387,6 +392,22 @@ class PrefillRole(RolePolicy):
 
     def ready(self) -> bool:
         return self.messager is not None
+
+    def in_flight(self) -> int:
+        return len(self.queued) + len(self.preparing) + len(self.transfers)
+
+    def hand_back(self, reason: str) -> int:
+        """Prompts still queued go to another prefill instance (the router retries them);
+        preparations and transfers finish within their own deadlines."""
+        queued = [prep.request.request_id for prep in self.queued]
+        for rid in queued:
+            self.loop.fail_request(rid, reason)
+        return len(queued)
+
+    def deactivate(self) -> None:
+        """Serving another role: no layer signals to the messager from the steps of that role
+        (`connect` gives it back on a switch to prefill)."""
+        self.messager = None
 
     def info(self) -> dict:
         core = self.loop.core  # every rank's KV store, for the messager (it binds beside P)

@@ -184,6 +184,17 @@ class DecodeRole(RolePolicy):
             self.loop.core.abort_request(rid, RequestStatus.FINISHED_ERROR)
             self.loop.fail_client(rid, f"KV did not arrive within {self.lease_s:.0f} s")
 
+    def in_flight(self) -> int:
+        return len(self.leases)
+
+    def hand_back(self, reason: str) -> int:
+        """Decoding requests move on (the router migrates them); those whose KV may still be
+        arriving wait for KvComplete or their lease (and move then)."""
+        decoding = [rid for rid in self.loop.core.scheduler.requests if rid not in self.leases]
+        for rid in decoding:
+            self.loop.fail_request(rid, reason)
+        return len(decoding)
+
     def info(self) -> dict:
         return {
             "transfer": self.backend.endpoint_info(),

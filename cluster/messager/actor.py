@@ -66,6 +66,7 @@ class CacheMessager:
         self.kvs, ranks = attach_ranks(kv_ranks)
         self.backend = make_backend(self.backend_name, kv_agent_name(self.name), host)
         self.backend.register(ranks)
+        self._connected: dict[str, dict] = {}  # decode name -> transfer endpoint connected
         layout = ranks[0].regions.layout
         state = MessagerState(
             self.backend, layout.num_layers, layout.block_size, kv_agent_name, self.task_wait_s
@@ -83,10 +84,18 @@ class CacheMessager:
         self.senders = SenderPool()
         self.inbox = Inbox(host, accept=_ACCEPTS, name=str(self.name))
 
-    def add_decode_peers(self, decodes: list[dict], timeout_s: float = 30.0) -> None:
-        """Connect to decode instances' transfer endpoints (again, if one restarted)."""
+    def add_decode_peers(
+        self, decodes: list[dict], timeout_s: float = 30.0, only_new: bool = False
+    ) -> None:
+        """Connect to decode instances' transfer endpoints (again, if one restarted).
+        `only_new`: skip those connected already with the same endpoint (a role switch
+        re-announces every decode instance; reconnecting would drop writes in flight)."""
         for decode in decodes:
-            self.backend.connect(decode["transfer"], deadline_in(timeout_s))
+            info = decode["transfer"]
+            if only_new and self._connected.get(str(decode["name"])) == info:
+                continue
+            self.backend.connect(info, deadline_in(timeout_s))
+            self._connected[str(decode["name"])] = info
 
     def decode_down(self, decode: InstanceId) -> None:
         """A decode instance died: its pending writes fail, so its tasks end (P hears of each)."""
