@@ -75,6 +75,8 @@ def init_ray(config: PdserveConfig, address: str | None = None) -> bool:
 def _cpus_needed(config: PdserveConfig) -> int:
     total = config.router.num_cpus
     total += config.prefill.instances * _MESSAGER_CPUS
+    if config.elastic.enabled:  # a decode instance gets a messager on a switch to prefill
+        total += config.decode.instances * _MESSAGER_CPUS
     for section in (config.prefill, config.decode, config.mixed):
         ranks = section.engine.tensor_parallel_size
         total += section.instances * section.placement.num_cpus * ranks

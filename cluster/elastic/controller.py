@@ -120,17 +120,24 @@ class ElasticController:
     def stats(self) -> dict:
         return self.call(self._stats)
 
-    def force_switch(self, name: str, role: Role | str) -> None:
-        """An operator's switch, carried out like the policy's (its reason says so)."""
+    def force_switch(self, name: str, role: Role | str, wait_s: float = 0.0) -> dict:
+        """An operator's switch, carried out like the policy's (its reason says so). Returns
+        its record once carried out, or as it is after `wait_s` (outcome "pending")."""
         role = Role(role)
 
-        def order() -> None:
+        def order() -> DecisionRecord:
             decision = Decision(
                 DecisionKind.SWITCH, role, "forced by an operator", self.clock(), name, None
             )
-            self._carry_out(decision)
+            return self._carry_out(decision)
 
-        self.call(order)
+        record = self.call(order)
+        deadline = time.monotonic() + wait_s
+        while True:
+            seen = self.call(lambda: asdict(record))
+            if seen["outcome"] != "pending" or time.monotonic() >= deadline:
+                return seen
+            time.sleep(0.2)
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -176,7 +183,7 @@ class ElasticController:
             self._carry_out(decision)
         return decisions
 
-    def _carry_out(self, decision: Decision) -> None:
+    def _carry_out(self, decision: Decision) -> DecisionRecord:
         record = DecisionRecord(
             at=time.time(),
             kind=decision.kind.value,
@@ -191,11 +198,12 @@ class ElasticController:
         if not self.actuator.can_switch():
             record.outcome = "advice: not carried out (instances cannot switch roles yet)"
             self.counters["advice_only"] += 1
-            return
+            return record
         if decision.instance is not None:
             self.busy.add(decision.instance)
         started = self.clock()
         self._pool.submit(self._act, decision, record, started)
+        return record
 
     def _act(self, decision: Decision, record: DecisionRecord, started: float) -> None:
         """On a worker thread: call the actuator, post the outcome to the loop."""

@@ -2,11 +2,11 @@
 
 `start_controller(dep)` runs it (named `elastic-controller`) when `elastic.enabled`: the router's
 /metrics then counts its decisions (its stats join the instances'), `pdserve status` lists them.
-It reads the router's and the instances' stats by name each decision interval.
-
-Instances cannot switch roles while serving yet (docs/architecture.md, "Switching a serving
-instance"): until their actors offer `switch_role`, the controller runs as an adviser. It
-decides, logs and counts as it will when acting, and records each decision as advice.
+It reads the router's and the instances' stats by name each decision interval, and carries a
+switch out through `RoleSwitcher` (cluster/elastic/switching.py): the instances of an elastic
+deployment are built for every role. `pdserve switch NAME ROLE` forces one
+(`ElasticControllerActor.force_switch`). Adding and removing instances is not wired yet: such
+decisions are recorded as advice.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import ray
 
 from cluster.config import PdserveConfig
 from cluster.elastic.controller import ElasticController
+from cluster.elastic.switching import RoleSwitcher
 from engine.config import Role
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,10 @@ _ROLES = {r.value for r in Role}
 
 
 class RayActuator:
-    def __init__(self, namespace: str) -> None:
-        self.namespace = namespace
+    def __init__(self, config: PdserveConfig) -> None:
+        self.config = config
+        self.namespace = config.cluster.namespace
+        self.switcher = RoleSwitcher(config, self._named)
 
     def _named(self) -> dict[str, Any]:
         names = [
@@ -54,11 +57,12 @@ class RayActuator:
         return router, instances
 
     def can_switch(self) -> bool:
-        instances = [a for n, a in self._named().items() if not n.startswith(("router", "mess"))]
-        return bool(instances) and all(hasattr(a, "switch_role") for a in instances)
+        """An elastic deployment's prefill and decode instances are built for every role."""
+        return self.config.elastic.enabled
 
     def switch(self, name: str, role: Role) -> None:
-        raise NotImplementedError("instances cannot switch roles while serving yet")
+        outcome = self.switcher.switch(name, role)
+        log.warning("elastic: %s serves as %s (%s)", name, role.value, outcome)
 
     def add(self, role: Role) -> str:
         raise NotImplementedError("adding instances to a running deployment is not wired yet")
@@ -75,7 +79,7 @@ class ElasticControllerActor:
 
     def __init__(self, config: dict) -> None:
         self.config = PdserveConfig.model_validate(config)
-        actuator = RayActuator(self.config.cluster.namespace)
+        actuator = RayActuator(self.config)
         self.controller = ElasticController(self.config, actuator)
 
     def start(self) -> None:
@@ -87,8 +91,10 @@ class ElasticControllerActor:
     def stats(self) -> dict:
         return self.controller.stats()
 
-    def force_switch(self, name: str, role: str) -> None:
-        self.controller.force_switch(name, role)
+    def force_switch(self, name: str, role: str, wait_s: float = 0.0) -> dict:
+        """Switch `name` to `role` now (`pdserve switch`); its decision record, once carried
+        out or after `wait_s`."""
+        return self.controller.force_switch(name, role, wait_s)
 
     def shutdown(self) -> None:
         self.controller.stop()

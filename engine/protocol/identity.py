@@ -24,16 +24,22 @@ class InstanceId:
 
 @dataclass(frozen=True, order=True)
 class MessagerId:
-    """The cache messager of prefill instance `index` (one per prefill instance)."""
+    """The cache messager of instance `role`-`index`: every prefill instance has one from
+    start-up (`messager-0`); an elastic instance born in another role gets one on its first
+    switch to prefill (`messager-decode-1`)."""
 
     index: int
+    role: Role = Role.PREFILL  # the role its instance was born in (its name's)
 
     @property
     def prefill(self) -> InstanceId:
-        return InstanceId(Role.PREFILL, self.index)
+        """The instance whose KV it moves."""
+        return InstanceId(self.role, self.index)
 
     def __str__(self) -> str:
-        return f"messager-{self.index}"
+        if self.role is Role.PREFILL:
+            return f"messager-{self.index}"
+        return f"messager-{self.role.value}-{self.index}"
 
 
 WorkerId = InstanceId | MessagerId  # every actor the supervisor watches

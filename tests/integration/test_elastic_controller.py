@@ -1,6 +1,6 @@
 """The elastic controller on a live deployment: it reads the router's SLO attainment and the
-instances' stats, decides, logs and counts (in its stats, /metrics and `pdserve status`). The
-instances cannot switch roles yet, so each decision is recorded as advice."""
+instances' stats, decides, logs and counts (in its stats, /metrics and `pdserve status`), and
+carries the switch out (tests/integration/test_role_switch.py tests switches under load)."""
 
 from __future__ import annotations
 
@@ -30,10 +30,11 @@ def test_the_controller_decides_from_live_figures(deployment) -> None:
     run_load(deployment.url, prompts(4), 8)
     controller = deployment.controller
 
-    def advised() -> bool:
-        return bool(ray.get(controller.stats.remote(), timeout=10)["decisions"])
+    def carried_out() -> bool:
+        decisions = ray.get(controller.stats.remote(), timeout=10)["decisions"]
+        return bool(decisions) and decisions[0]["outcome"] != "pending"
 
-    wait_until(advised, timeout_s=60)
+    wait_until(carried_out, timeout_s=120)
     stats = ray.get(controller.stats.remote(), timeout=10)
     record = stats["decisions"][0]
     assert (record["kind"], record["from_role"], record["to_role"]) == (
@@ -42,8 +43,11 @@ def test_the_controller_decides_from_live_figures(deployment) -> None:
         "decode",
     )
     assert "decode is short" in record["reason"] and "TPOT attainment" in record["reason"]
-    assert record["outcome"].startswith("advice: not carried out")
+    assert record["outcome"] == "done", record
     assert stats["counters"]["decided_switch_prefill_to_decode"] >= 1
+    assert stats["counters"]["switch_done"] >= 1
+    switched = ray.get(ray.get_actor(record["instance"]).stats.remote(), timeout=10)
+    assert switched["role"] == "decode"
 
     metrics = httpx.get(f"{deployment.url}/metrics", timeout=30).text
     assert 'instance="elastic-controller"' in metrics

@@ -1,0 +1,174 @@
+"""Carrying out one role switch on a running Ray deployment (the elastic actuator's `switch`).
+
+The instance drains and swaps on its own loop (cluster/instances/switch.py); around that, this
+module tells everyone else, in an order that refuses and loses no request:
+0. a switch to prefill first makes sure the instance has a cache messager mapping its KV (its
+   own from start-up for a prefill-born instance, else one made now beside it on its node), so
+   that a messager that cannot start fails the switch before anything changed;
+1. the router's endpoints leave the instance out (no new requests for an old prefill, no
+   decode hint naming an old decode), and every prefill instance's decode list leaves it out;
+2. `switch_role` on the instance: drain (with the deadline `elastic.drain_timeout_s`; decoding
+   requests still there move on through the router's migration), swap;
+3. re-announce from fresh endpoints: every prefill instance's messager connects to every decode
+   instance it does not know yet (never reconnecting one: that would drop writes in flight),
+   every prefill instance learns the decode list, a new prefill instance is wired to its
+   messager, and the router takes the endpoints with the new role.
+A switch the instance calls off (its work did not drain in time) is re-announced in the old
+role and reported as failed; nothing was lost. Switches run one at a time, as each one's
+announcements are computed from every instance's endpoint as it is then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cluster.config import PdserveConfig
+from cluster.messager.actor import CacheMessager
+from engine.config import Role
+from engine.protocol.identity import InstanceId, MessagerId
+
+log = logging.getLogger(__name__)
+
+_CALL_TIMEOUT_S = 15.0
+_MESSAGER_CPUS = 0.25  # as the launcher gives a prefill instance's messager
+_NOSET_CUDA = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+class RoleSwitcher:
+    """`named()` gives every named actor of the deployment (the controller aside) by name."""
+
+    def __init__(self, config: PdserveConfig, named: Callable[[], dict[str, Any]]) -> None:
+        self.config = config
+        self.named = named
+        self._one_at_a_time = threading.Lock()  # announcements read every instance's endpoint
+        # Messagers started here, by name: Ray ends an actor once its owner holds no handle.
+        self.messagers: dict[str, Any] = {}
+
+    def switch(self, name: str, role: Role) -> dict:
+        """Return the instance's switch outcome once it serves as `role` and everyone knows;
+        raise if it could not switch (it then serves in its old role, announced as such)."""
+        with self._one_at_a_time:
+            return self._switch(name, role)
+
+    def _switch(self, name: str, role: Role) -> dict:
+        actors = self.named()
+        infos = self._endpoints(actors)
+        if name not in infos:
+            raise ValueError(f"no live instance named {name!r} (have: {sorted(infos)})")
+        if Role(infos[name]["role"]) is role:
+            return {"switched": True, "role": role.value, "seconds": 0.0, "moved": 0}
+        messager = self._messager_for(infos[name], actors) if role is Role.PREFILL else None
+        self._announce(infos, actors, leaving=name)
+        elastic = self.config.elastic
+        try:
+            outcome = ray.get(
+                actors[name].switch_role.remote(
+                    role.value, elastic.drain_timeout_s, self.config.router.migrate_on_failure
+                ),
+                timeout=elastic.drain_timeout_s + self._own_deadlines_s() + 2 * _CALL_TIMEOUT_S,
+            )
+        except Exception:
+            self._announce(self._endpoints(actors), actors)  # as it is: old role, or dead
+            raise
+        infos[name] = outcome.pop("endpoint")
+        if not outcome["switched"]:
+            self._announce(infos, actors)
+            raise RuntimeError(f"{name} stays {outcome['role']}: {outcome['reason']}")
+        if messager is not None:
+            self._connect_prefill(actors[name], messager, _decodes(infos))
+        self._announce(infos, actors)
+        return outcome
+
+    def _own_deadlines_s(self) -> float:
+        cfg = self.config
+        return cfg.decode.kv_lease_timeout_s + 2 * cfg.prefill.transfer_timeout_s
+
+    # ------------------------------------------------------------------ announcements
+    def _endpoints(self, actors: dict[str, Any]) -> dict[str, dict]:
+        """Every live instance's endpoint as it is now (a dead or stalled one is left out)."""
+        instances = {n: a for n, a in actors.items() if _is_instance(n)}
+        refs = {n: a.endpoint.remote() for n, a in instances.items()}
+        out = {}
+        for name, ref in refs.items():
+            try:
+                out[name] = ray.get(ref, timeout=_CALL_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("elastic: %s has no endpoint now: %s", name, exc)
+        return out
+
+    def _announce(
+        self, infos: dict[str, dict], actors: dict[str, Any], leaving: str | None = None
+    ) -> None:
+        """Messagers, prefill instances and the router as `infos` say (`leaving` left out)."""
+        kept = {n: i for n, i in infos.items() if n != leaving}
+        decodes = _decodes(kept)
+        prefills = [n for n, i in kept.items() if i["role"] == Role.PREFILL.value]
+        for name in prefills:
+            messager = actors.get(str(messager_id(infos[name]["name"])))
+            if messager is not None:
+                call = messager.add_decode_peers.remote(decodes, only_new=True)
+                ray.get(call, timeout=self.config.cluster.startup_timeout_s)
+        ray.get([actors[n].set_decodes.remote(decodes) for n in prefills], timeout=_CALL_TIMEOUT_S)
+        endpoints = [
+            {"name": i["name"], "role": i["role"], "inbox": i["inbox"]} for i in kept.values()
+        ]
+        ray.get(actors["router"].update_endpoints.remote(endpoints), timeout=_CALL_TIMEOUT_S)
+
+    # ------------------------------------------------------------------ a new prefill
+    def _messager_for(self, info: dict, actors: dict[str, Any]) -> tuple[Any, str]:
+        """The instance's cache messager, set up on its KV cache: (handle, inbox)."""
+        mid = messager_id(info["name"])
+        timeout = self.config.cluster.startup_timeout_s
+        messager = actors.get(str(mid)) or self._start_messager(mid, info)
+        if ray.get(messager.is_ready.remote(), timeout=_CALL_TIMEOUT_S):
+            inbox = ray.get(messager.stats.remote(), timeout=_CALL_TIMEOUT_S)["inbox"]
+            return messager, inbox
+        setup = messager.setup.remote(info["node_ip"], info["kv_cache"], info["inbox"])
+        return messager, ray.get(setup, timeout=timeout)["inbox"]
+
+    def _start_messager(self, mid: MessagerId, info: dict) -> Any:
+        cfg = self.config
+        options: dict[str, Any] = {
+            "name": str(mid),
+            "namespace": cfg.cluster.namespace,
+            "num_cpus": _MESSAGER_CPUS,
+            "max_concurrency": 8,
+            "get_if_exists": True,
+        }
+        if info.get("node_id"):  # beside its instance: it maps the instance's memory
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(info["node_id"], False)
+        if cfg.decode.placement.num_gpus or cfg.prefill.placement.num_gpus:
+            options["runtime_env"] = {"env_vars": {_NOSET_CUDA: "1"}}  # finds P's GPU by UUID
+        backend = cfg.transfer.backend.value
+        handle = (
+            ray.remote(CacheMessager)
+            .options(**options)
+            .remote(mid, backend, cfg.transfer.cache_task_timeout_s)
+        )
+        self.messagers[str(mid)] = handle
+        return handle
+
+    def _connect_prefill(self, actor: Any, messager: tuple[Any, str], decodes: list[dict]):
+        handle, inbox = messager
+        timeout = self.config.cluster.startup_timeout_s
+        ray.get(handle.add_decode_peers.remote(decodes, only_new=True), timeout=timeout)
+        ray.get(actor.connect.remote(inbox, decodes), timeout=_CALL_TIMEOUT_S)
+
+
+def messager_id(instance: InstanceId) -> MessagerId:
+    """The cache messager of an instance (by the role it was born in)."""
+    return MessagerId(instance.index, instance.role)
+
+
+def _decodes(infos: dict[str, dict]) -> list[dict]:
+    return [i for i in infos.values() if i["role"] == Role.DECODE.value]
+
+
+def _is_instance(name: str) -> bool:
+    return name != "router" and not name.startswith("messager-")
