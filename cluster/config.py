@@ -284,6 +284,14 @@ class PdserveConfig(StrictModel):
                 "elastic.enabled needs prefill.engine.cache equal to decode.engine.cache: an "
                 "instance keeps its KV cache when it switches roles"
             )
+        p_tp = self.prefill.engine.tensor_parallel_size
+        d_tp = self.decode.engine.tensor_parallel_size
+        if p_tp != d_tp:
+            raise ValueError(
+                f"elastic.enabled needs prefill.engine.tensor_parallel_size ({p_tp}) equal to "
+                f"decode.engine.tensor_parallel_size ({d_tp}): an instance keeps its ranks when "
+                "it switches roles"
+            )
 
     def _check_gpus_reserved(self) -> None:
         # Ray hides every GPU from an actor that reserves none, so it would fail at start-up.

@@ -29,6 +29,10 @@ def test_defaults_leave_the_controller_off() -> None:
             {"elastic": {"enabled": True}, "prefill": {"engine": {"cache": {"memory_mb": 64}}}},
             "prefill.engine.cache",
         ),
+        (
+            {"elastic": {"enabled": True}, "decode": {"engine": {"tensor_parallel_size": 2}}},
+            "prefill.engine.tensor_parallel_size",
+        ),
     ],
 )
 def test_bad_values_name_their_key(raw: dict, named: str) -> None:
