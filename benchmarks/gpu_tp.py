@@ -139,7 +139,7 @@ def make_core(shape: dict, folder: Path, tp: int, batches: tuple[int, ...]) -> E
                 "max_num_seqs": max(batches),
                 "max_num_batched_tokens": PREFILL,
                 "block_size": 16,
-                "max_model_len": 2048,
+                "max_model_len": 2 * PREFILL,
             },
             "cache": {"num_blocks": max(blocks_per_seq * max(batches), PREFILL // 16) + 8},
             "tensor_parallel_size": tp,
