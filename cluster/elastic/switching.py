@@ -64,25 +64,27 @@ class RoleSwitcher:
         if Role(infos[name]["role"]) is role:
             return {"switched": True, "role": role.value, "seconds": 0.0, "moved": 0}
         messager = self._messager_for(infos[name], actors) if role is Role.PREFILL else None
-        self._announce(infos, actors, leaving=name)
         elastic = self.config.elastic
         try:
+            self._announce(infos, actors, leaving=name)
             outcome = ray.get(
                 actors[name].switch_role.remote(
                     role.value, elastic.drain_timeout_s, self.config.router.migrate_on_failure
                 ),
                 timeout=elastic.drain_timeout_s + self._own_deadlines_s() + 2 * _CALL_TIMEOUT_S,
             )
+            infos[name] = outcome.pop("endpoint")
+            if outcome["switched"] and messager is not None:
+                self._connect_prefill(actors[name], messager, _decodes(infos))
+                infos[name] = ray.get(actors[name].endpoint.remote(), timeout=_CALL_TIMEOUT_S)
         except Exception:
-            self._announce(self._endpoints(actors), actors)  # as it is: old role, or dead
+            # Whatever happened, everyone hears of each instance as it is now (its old role if
+            # it never switched; left out if it died: the supervisor's then).
+            self._announce(self._endpoints(actors), actors)
             raise
-        infos[name] = outcome.pop("endpoint")
-        if not outcome["switched"]:
-            self._announce(infos, actors)
-            raise RuntimeError(f"{name} stays {outcome['role']}: {outcome['reason']}")
-        if messager is not None:
-            self._connect_prefill(actors[name], messager, _decodes(infos))
         self._announce(infos, actors)
+        if not outcome["switched"]:
+            raise RuntimeError(f"{name} stays {outcome['role']}: {outcome['reason']}")
         return outcome
 
     def _own_deadlines_s(self) -> float:
@@ -105,8 +107,9 @@ class RoleSwitcher:
     def _announce(
         self, infos: dict[str, dict], actors: dict[str, Any], leaving: str | None = None
     ) -> None:
-        """Messagers, prefill instances and the router as `infos` say (`leaving` left out)."""
-        kept = {n: i for n, i in infos.items() if n != leaving}
+        """Messagers, prefill instances and the router as `infos` say (`leaving` left out, and
+        so is a prefill instance without a messager: it could not hand KV over)."""
+        kept = {n: i for n, i in infos.items() if n != leaving and i.get("ready", True)}
         decodes = _decodes(kept)
         prefills = [n for n, i in kept.items() if i["role"] == Role.PREFILL.value]
         for name in prefills:

@@ -103,6 +103,7 @@ class InstanceActor:
             "inbox": loop.inbox.address,
             "max_model_len": loop.core.max_model_len,
             "node_id": _node_id(),
+            "ready": loop.policy.ready(),  # a prefill instance: its messager is connected
             **info,
         }
 

@@ -112,14 +112,14 @@ def check(dep, results, reference_outputs) -> dict:
 
 def test_switches_under_a_steady_load(dep, reference_outputs) -> None:
     with SteadyLoad(dep.url) as load:
-        load.wait_for(3)
+        load.wait_for(2)
         record = ray.get(force(dep, "decode-1", "prefill"), timeout=SWITCH_WAIT_S + 30)
         assert record["outcome"] == "done", record
         served = len(load.results)
-        load.wait_for(served + 6)  # the new prefill instance takes its share
+        load.wait_for(served + 4)  # the new prefill instance takes its share
         record = ray.get(force(dep, "prefill-0", "decode"), timeout=SWITCH_WAIT_S + 30)
         assert record["outcome"] == "done", record
-        load.wait_for(len(load.results) + 6)
+        load.wait_for(len(load.results) + 3)
     assert roles(dep) == {
         "prefill-0": "decode",
         "prefill-1": "prefill",
@@ -134,7 +134,7 @@ def test_switches_under_a_steady_load(dep, reference_outputs) -> None:
 
 
 def test_switch_forced_mid_prefill_and_mid_decode_completes_them(dep, reference_outputs):
-    prompt_list = prompts()
+    prompt_list = prompts(8)
     results: list[str] = []
     load = threading.Thread(
         target=lambda: results.extend(run_load(dep.url, prompt_list, MAX_TOKENS)), daemon=True

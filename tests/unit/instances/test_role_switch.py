@@ -13,7 +13,10 @@ from cluster.instances.actor import build_switchable
 from cluster.instances.loop import InstanceLoop
 from cluster.messager.actor import CacheMessager
 from engine.config import Role
+from engine.protocol.channels import Inbox
 from engine.protocol.identity import InstanceId, MessagerId
+from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
+from engine.sampling_params import SamplingParams
 from tests.unit.instances.harness import HOST, Router, assert_all_free, make_config, make_loop, pump
 
 PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [40, 41, 42], "c": list(range(20, 45))}
@@ -192,3 +195,27 @@ def test_a_switch_it_cannot_make_is_refused(elastic, tiny_model) -> None:
             fixed.begin_switch(Role.PREFILL, 1.0, 2.0, True)
     finally:
         fixed.close()
+
+
+def test_a_switch_that_cannot_drain_is_called_off_and_frees_nothing_early(elastic) -> None:
+    cluster, router = elastic
+    d1 = cluster.decodes[1]
+    answers = Inbox(HOST, accept=(DecodeAllocation,))
+    try:
+        # A lease whose KV never comes (no P writes it): the drain cannot finish.
+        task = DecodeTask("held", PROMPTS["a"], SamplingParams(), [], answers.address, "")
+        router.senders.send(d1.inbox.address, task)
+        pump(d1, until=lambda: bool(d1.policy.leases))
+        done = d1.begin_switch(Role.PREFILL, 0.0, 0.0, True)
+        pump(d1, until=done.done)
+        outcome = done.result()
+        assert not outcome["switched"] and outcome["role"] == "decode"
+        assert "did not drain" in outcome["reason"]
+        assert d1.policy.role is Role.DECODE and d1.switching is None
+        assert d1.counters["switches_called_off"] == 1
+        assert "held" in d1.policy.leases  # its blocks wait for KvComplete or the lease
+        router.senders.send(d1.inbox.address, CancelDecode("held", "test over"))
+        pump(d1, until=lambda: not d1.policy.leases)
+        assert_all_free(d1)
+    finally:
+        answers.close()
