@@ -219,3 +219,17 @@ def test_a_switch_that_cannot_drain_is_called_off_and_frees_nothing_early(elasti
         assert_all_free(d1)
     finally:
         answers.close()
+
+
+def test_decode_to_mixed_and_back(elastic, offline) -> None:
+    cluster, router = elastic
+    d1 = cluster.decodes[1]
+    pump(d1, until=cluster.switch(d1, Role.MIXED).done)
+    assert d1.policy.role is Role.MIXED
+    router.send(d1, "colocated", PROMPTS["c"], max_tokens=8)
+    pump(d1, router=router, until=finished(router, "colocated"))
+    assert router.tokens("colocated") == offline(PROMPTS["c"], 8)
+    done = cluster.switch(d1, Role.DECODE)
+    pump(d1, until=done.done)
+    assert done.result()["switched"] and d1.policy.role is Role.DECODE
+    assert_all_free(d1)
