@@ -38,6 +38,8 @@ class Deployment:
     owns_ray: bool = False
     supervisor: Any = None
     controller: Any = None  # the elastic controller actor, when elastic.enabled
+    # Elastic: each decode instance's cache messager, idle until a switch to prefill.
+    spare_messagers: list[Any] = field(default_factory=list)
 
     def _group(self, role: Role) -> list[Any]:
         return {Role.PREFILL: self.prefills, Role.DECODE: self.decodes, Role.MIXED: self.mixed}[
@@ -102,7 +104,8 @@ class Deployment:
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.supervisor is not None:
             self.supervisor.stop()
-        actors = [a for a in [*self.instances, *self.messagers, self.controller] if a is not None]
+        every = [*self.instances, *self.messagers, *self.spare_messagers, self.controller]
+        actors = [a for a in every if a is not None]
         refs = [a.shutdown.remote() for a in actors]
         if self.router is not None:
             if self.url:  # a router that never started has no server to stop: only kill it

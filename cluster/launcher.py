@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import (
 from cluster.config import PdserveConfig, PlacementConfig, RouterPlacement
 from cluster.deployment import Deployment, wire_prefill
 from cluster.elastic.ray_actuator import start_controller
+from cluster.elastic.switching import start_spare_messagers
 from cluster.instances.actor import InstanceActor
 from cluster.messager.actor import CacheMessager
 from cluster.router.actor import RouterActor
@@ -157,6 +158,8 @@ def _start_instances(dep: Deployment) -> None:
     dep.infos = {info["name"]: info for info in infos}
     for index in range(len(dep.prefills)):
         wire_prefill(dep, index)
+    if cfg.elastic.enabled:
+        dep.spare_messagers = start_spare_messagers(cfg, dep.decode_infos)
     dep.refresh_endpoints()
 
 

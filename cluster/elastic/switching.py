@@ -2,9 +2,10 @@
 
 The instance drains and swaps on its own loop (cluster/instances/switch.py); around that, this
 module tells everyone else, in an order that refuses and loses no request:
-0. a switch to prefill first makes sure the instance has a cache messager mapping its KV (its
-   own from start-up for a prefill-born instance, else one made now beside it on its node), so
-   that a messager that cannot start fails the switch before anything changed;
+0. a switch to prefill first makes sure the instance has a cache messager mapping its KV: every
+   instance has one from start-up (a prefill instance in its bundle; a decode instance one the
+   launcher set up beside it, `start_spare_messagers`, idle while it decodes); one that is gone
+   is made again here, and one that cannot start fails the switch before anything changed;
 1. the router's endpoints leave the instance out (no new requests for an old prefill, no
    decode hint naming an old decode), and every prefill instance's decode list leaves it out;
 2. `switch_role` on the instance: drain (with the deadline `elastic.drain_timeout_s`; decoding
@@ -136,24 +137,7 @@ class RoleSwitcher:
         return messager, ray.get(setup, timeout=timeout)["inbox"]
 
     def _start_messager(self, mid: MessagerId, info: dict) -> Any:
-        cfg = self.config
-        options: dict[str, Any] = {
-            "name": str(mid),
-            "namespace": cfg.cluster.namespace,
-            "num_cpus": _MESSAGER_CPUS,
-            "max_concurrency": 8,
-            "get_if_exists": True,
-        }
-        if info.get("node_id"):  # beside its instance: it maps the instance's memory
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(info["node_id"], False)
-        if cfg.decode.placement.num_gpus or cfg.prefill.placement.num_gpus:
-            options["runtime_env"] = {"env_vars": {_NOSET_CUDA: "1"}}  # finds P's GPU by UUID
-        backend = cfg.transfer.backend.value
-        handle = (
-            ray.remote(CacheMessager)
-            .options(**options)
-            .remote(mid, backend, cfg.transfer.cache_task_timeout_s)
-        )
+        handle = start_messager(self.config, mid, info)
         self.messagers[str(mid)] = handle
         return handle
 
@@ -162,6 +146,40 @@ class RoleSwitcher:
         timeout = self.config.cluster.startup_timeout_s
         ray.get(handle.add_decode_peers.remote(decodes, only_new=True), timeout=timeout)
         ray.get(actor.connect.remote(inbox, decodes), timeout=_CALL_TIMEOUT_S)
+
+
+def start_messager(config: PdserveConfig, mid: MessagerId, info: dict) -> Any:
+    """A cache messager actor for the instance `info` describes, on its node (not set up). The
+    caller keeps the handle: Ray ends an actor whose owner holds none."""
+    options: dict[str, Any] = {
+        "name": str(mid),
+        "namespace": config.cluster.namespace,
+        "num_cpus": _MESSAGER_CPUS,
+        "max_concurrency": 8,
+        "get_if_exists": True,
+    }
+    if info.get("node_id"):  # beside its instance: it maps the instance's memory
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(info["node_id"], False)
+    if config.decode.placement.num_gpus or config.prefill.placement.num_gpus:
+        options["runtime_env"] = {"env_vars": {_NOSET_CUDA: "1"}}  # finds P's GPU by UUID
+    backend = config.transfer.backend.value
+    return (
+        ray.remote(CacheMessager)
+        .options(**options)
+        .remote(mid, backend, config.transfer.cache_task_timeout_s)
+    )
+
+
+def start_spare_messagers(config: PdserveConfig, decode_infos: list[dict]) -> list[Any]:
+    """Elastic: a messager set up on every decode instance's KV from start-up (idle while it
+    decodes), so that a switch to prefill starts no process. Returns the handles."""
+    handles = [start_messager(config, messager_id(i["name"]), i) for i in decode_infos]
+    refs = [
+        h.setup.remote(i["node_ip"], i["kv_cache"], i["inbox"])
+        for h, i in zip(handles, decode_infos, strict=True)
+    ]
+    ray.get(refs, timeout=config.cluster.startup_timeout_s)
+    return handles
 
 
 def messager_id(instance: InstanceId) -> MessagerId:
