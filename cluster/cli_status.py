@@ -49,20 +49,23 @@ def render(router: dict | None, instances: list[dict]) -> str:
         lines.append(
             f"router  {router.get('url', '?')}  in flight {router.get('inflight_requests', 0)}"
         )
-    header = f"{'instance':<12} {'role':<8} {'address':<24} {'run':>4} {'wait':>5} {'KV used':>14}"
+    # Names as long as the longest (`messager-decode-1`: an elastic decode instance's messager).
+    rows = [s for s in instances if s.get("role") != "controller"]
+    width = max([12, *(len(s.get("name", "")) for s in rows)])
+    header = (
+        f"{'instance':<{width}} {'role':<8} {'address':<24} {'run':>4} {'wait':>5} {'KV used':>14}"
+    )
     lines += [header, "-" * len(header)]
-    for s in instances:
-        if s.get("role") != "controller":
-            lines.append(_row(s))
+    lines += [_row(s, width) for s in rows]
     for s in instances:
         if s.get("role") == "controller":
             lines += render_controller(s)
     return "\n".join(lines)
 
 
-def _row(s: dict[str, Any]) -> str:
+def _row(s: dict[str, Any], width: int = 12) -> str:
     if "error" in s:
-        return f"{s['name']:<12} {'?':<8} {s['error']}"
+        return f"{s['name']:<{width}} {'?':<8} {s['error']}"
     role = s.get("role", "messager")
     address = s.get("inbox", "").removeprefix("tcp://")
     waiting = s.get("waiting", s.get("waiting_for_kv", s.get("deferred", 0)))
@@ -71,7 +74,7 @@ def _row(s: dict[str, Any]) -> str:
     if "num_blocks" in s:
         used = s["num_blocks"] - s["free_blocks"]
         kv = f"{used}/{s['num_blocks']} ({100 * used / s['num_blocks']:.0f}%)"
-    return f"{s['name']:<12} {role:<8} {address:<24} {running:>4} {waiting:>5} {kv:>14}"
+    return f"{s['name']:<{width}} {role:<8} {address:<24} {running:>4} {waiting:>5} {kv:>14}"
 
 
 def join(address: str, namespace: str, timeout_s: float) -> None:
