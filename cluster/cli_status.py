@@ -20,10 +20,12 @@ def collect(namespace: str, timeout_s: float) -> tuple[dict | None, list[dict]]:
     """(router stats, instance stats) from the named actors of `namespace`."""
     import ray
 
+    from cluster.tp_ranks import is_rank_actor
+
     names = sorted(
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a.get("namespace") == namespace
+        if a.get("namespace") == namespace and not is_rank_actor(a["name"])
     )
     router = None
     instances = []

@@ -77,12 +77,24 @@ class RayRanks:
 
     def _options(self, rank: int) -> dict[str, Any]:
         return {
-            "name": f"{self.name_prefix}-rank-{rank}",
+            "name": rank_actor_name(self.name_prefix, rank),
             "num_cpus": self.num_cpus,
             "num_gpus": self.num_gpus,
             "max_restarts": 0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, rank),
         }
+
+
+def rank_actor_name(instance: str, rank: int) -> str:
+    return f"{instance}{_RANK_INFIX}{rank}"
+
+
+def is_rank_actor(name: str) -> bool:
+    """A tensor-parallel rank's actor (it has no stats: its instance speaks for it)."""
+    return _RANK_INFIX in name
+
+
+_RANK_INFIX = "-rank-"
 
 
 def ray_ranks_for(placement, engine, name: str) -> RayRanks | None:
