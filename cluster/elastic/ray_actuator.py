@@ -19,6 +19,7 @@ import ray
 from cluster.config import PdserveConfig
 from cluster.elastic.controller import ElasticController
 from cluster.elastic.switching import RoleSwitcher
+from cluster.tp_ranks import is_rank_actor
 from engine.config import Role
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,9 @@ class RayActuator:
         names = [
             a["name"]
             for a in ray.util.list_named_actors(all_namespaces=True)
-            if a.get("namespace") == self.namespace and a["name"] != CONTROLLER_NAME
+            if a.get("namespace") == self.namespace
+            and a["name"] != CONTROLLER_NAME
+            and not is_rank_actor(a["name"])  # its instance speaks for it
         ]
         return {name: ray.get_actor(name, namespace=self.namespace) for name in names}
 
