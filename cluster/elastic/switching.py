@@ -130,7 +130,11 @@ class RoleSwitcher:
         mid = messager_id(info["name"])
         timeout = self.config.cluster.startup_timeout_s
         messager = actors.get(str(mid)) or self._start_messager(mid, info)
-        if ray.get(messager.is_ready.remote(), timeout=_CALL_TIMEOUT_S):
+        # A prefill-born instance's messager is the supervisor's to re-attach after a restart;
+        # any other is set up again here (idle: nothing to lose), in case its instance
+        # restarted with a new KV cache since.
+        born_prefill = info["name"].role is Role.PREFILL
+        if born_prefill and ray.get(messager.is_ready.remote(), timeout=_CALL_TIMEOUT_S):
             inbox = ray.get(messager.stats.remote(), timeout=_CALL_TIMEOUT_S)["inbox"]
             return messager, inbox
         setup = messager.setup.remote(info["node_ip"], info["kv_cache"], info["inbox"])

@@ -337,8 +337,9 @@ class PrefillRole(RolePolicy):
         self._to_messager(StepPlan(sched.step_id, chunks))
 
     def layer_done(self, layer: int) -> None:
-        """The model wrote a layer's KV (on a GPU: queued its kernels; the link waits)."""
-        if self.messager is not None:
+        """The model wrote a layer's KV (on a GPU: queued its kernels; the link waits). Not while
+        the loop serves another role (elastic): those steps' KV is not the messager's."""
+        if self.messager is not None and self.loop.policy is self:
             self.link.layer_written((self.messager, LayerReady(self._step_id, layer)))
 
     def stamps(self, delta: TokenDelta, client: Client, now: float) -> Timings | None:
