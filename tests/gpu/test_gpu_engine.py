@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from engine.config import EngineConfig, ModelConfig
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from tests.unit.engine.helpers import assert_nothing_leaked
-from tests.unit.worker.conftest import _COMMON, build_checkpoint, make_prompts, randomize
+from tests.unit.worker.conftest import _COMMON, build_checkpoint, make_prompts, save_llama
 from worker.engine_core import EngineCore
 
 pytestmark = [
@@ -44,10 +43,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, to
     root = tmp_path_factory.mktemp("gpu_ckpts")
     out = {name: (root / name, build_checkpoint(name, root / name)) for name in ("llama", "qwen3")}
     out["mistral"] = (root / "mistral", build_checkpoint("mistral", root / "mistral"))
-    torch.manual_seed(0)
-    mid = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MID)).eval()
-    randomize(mid)
-    mid.save_pretrained(root / "mid", safe_serialization=True)
+    mid = save_llama(root / "mid", **MID)
     mid.generation_config.eos_token_id = None
     mid.generation_config.pad_token_id = 0
     out["mid"] = (root / "mid", mid)

@@ -15,14 +15,13 @@ from typing import Any
 import httpx
 import pytest
 import torch
-import transformers
 
 from benchmarks.model_folders import write_word_tokenizer
 from cluster.config import parse_config
 from cluster.launcher import Deployment, deploy
 from tests.gpu.test_gpu_engine import MID  # hidden 1024, 4 layers, 16/4 heads, vocab 4096
 from tests.integration.harness import assert_all_free, run_load
-from tests.unit.worker.conftest import randomize
+from tests.unit.worker.conftest import save_llama
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,10 +40,7 @@ ENGINE = {
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("pd_gpu") / "mid"
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MID)).eval()
-    randomize(model)
-    model.save_pretrained(folder, safe_serialization=True)
+    save_llama(folder, **MID)
     write_word_tokenizer(folder, VOCAB)
     return folder
 

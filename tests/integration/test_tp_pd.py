@@ -11,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
 
 from benchmarks.model_folders import write_byte_tokenizer
 from engine.config import EngineConfig, ModelConfig
@@ -25,7 +23,7 @@ from tests.integration.harness import (
     small_config,
     start,
 )
-from tests.unit.worker.conftest import randomize
+from tests.unit.worker.conftest import save_llama
 
 pytestmark = pytest.mark.timeout(600)
 MAX_TOKENS = 12
@@ -34,21 +32,8 @@ MAX_TOKENS = 12
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tp_pd") / "llama"
-    config = transformers.LlamaConfig(
-        vocab_size=320,  # the byte tokenizer's 258 ids, and room
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(config).eval()
-    randomize(llama)
-    llama.save_pretrained(folder, safe_serialization=True)
+    # 4 query / 2 KV heads; room for the byte tokenizer's 258 ids
+    save_llama(folder, vocab_size=320, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1)
     return write_byte_tokenizer(folder)
 
 

@@ -72,6 +72,16 @@ def randomize(model: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5 * 1.5)
 
 
+def save_llama(folder: Path, **overrides) -> transformers.PreTrainedModel:
+    """A random Llama of the common tiny shape with `overrides`, saved to `folder`."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**_COMMON, **overrides})
+    model = transformers.LlamaForCausalLM(config).eval()
+    randomize(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
 def build_checkpoint(name: str, folder: Path) -> transformers.PreTrainedModel:
     config_cls, overrides = CHECKPOINTS[name]
     config = config_cls(**{**_COMMON, **overrides})

@@ -84,23 +84,9 @@ def test_tp2_seeded_sampling_and_logprobs_match_tp1(checkpoints):
 
 def test_odd_vocabulary_shards_with_padding(tmp_path):
     """Vocabulary 255 over 2 ranks: the second shard ends in a padding row no token reaches."""
-    import transformers
+    from tests.unit.worker.conftest import save_llama
 
-    from tests.unit.worker.conftest import randomize
-
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB - 1,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=2,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path, safe_serialization=True)
+    save_llama(tmp_path, vocab_size=VOCAB - 1)
     prompts = [[t % (VOCAB - 1) for t in p] + [VOCAB - 2] for p in make_prompts(4, seed=5)]
     expected = _generate(ModelRunner(tmp_path, dtype="float32", num_blocks=NUM_BLOCKS), prompts)
     tp = _tp_runner(tmp_path)
