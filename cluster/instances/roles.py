@@ -36,20 +36,27 @@ from engine.request import Request, RequestStatus
 from worker.engine_core import EngineCore, resolve_overlap
 
 
+def section_core(config: PdserveConfig, role: Role, name: InstanceId, **extra) -> EngineCore:
+    """The engine a mixed or decode instance builds from its config section (at TP > 1 its
+    ranks are Ray actors inside a deployment, local processes outside one)."""
+    section = config.mixed if role is Role.MIXED else config.decode
+    return EngineCore(
+        config.model,
+        section.engine,
+        role,
+        overlap=resolve_overlap(section.overlap_schedule, config.model),
+        tp_ranks=ray_ranks_for(section.placement, section.engine, name),
+        **extra,
+    )
+
+
 class MixedRole(RolePolicy):
     role = Role.MIXED
     accepts = (GenerateRequest,)
 
     @staticmethod
     def build_core(config: PdserveConfig, name: InstanceId) -> EngineCore:
-        mixed = config.mixed
-        return EngineCore(
-            config.model,
-            mixed.engine,
-            Role.MIXED,
-            overlap=resolve_overlap(mixed.overlap_schedule, config.model),
-            tp_ranks=ray_ranks_for(mixed.placement, mixed.engine, name),
-        )
+        return section_core(config, Role.MIXED, name)
 
     def handle(self, msg: GenerateRequest) -> None:
         request = self.loop.new_request(msg)
@@ -85,15 +92,9 @@ class DecodeRole(RolePolicy):
 
     @staticmethod
     def build_core(config: PdserveConfig, name: InstanceId) -> EngineCore:
-        decode = config.decode
-        return EngineCore(
-            config.model,
-            decode.engine,
-            Role.DECODE,
-            overlap=resolve_overlap(decode.overlap_schedule, config.model),
-            tp_ranks=ray_ranks_for(decode.placement, decode.engine, name),
-            rank_kv_store=(make_shared_kv, f"pdserve-{deployment_id()}-{name}"),
-        )
+        # ranks 1.. keep their caches where this process can map and register them
+        rank_kv_store = (make_shared_kv, f"pdserve-{deployment_id()}-{name}")
+        return section_core(config, Role.DECODE, name, rank_kv_store=rank_kv_store)
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, DecodeTask):
