@@ -1,0 +1,162 @@
+"""KV transfer between instances of different tensor-parallel sizes, over NIXL between two
+processes: what routing each prefill rank's heads to the decode rank holding them costs.
+
+A 2048-token prompt's KV in a Llama cache shape with 4 KV heads (30 layers, head_dim 64, fp32,
+block_size 16: about 126 MB in all) moves from P's ranks (a source process holding P at TP a,
+each rank's cache in its own shared-memory segment, as the cache messager maps them) into D's
+ranks (a target process, D at TP b), one write per layer carrying every route, as the messager
+issues it. The same bytes at TP 1 -> TP 1 (whole blocks merged into one run per layer) is the
+baseline of the same run; an in-process memcpy of the bytes is the ceiling.
+
+    python benchmarks/tp_transfer.py [--iters 5] [--sizes 1x1 2x1 1x2 2x2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache_transfer.backend import TransferState, deadline_in
+from cache_transfer.layout import KVLayout
+from cache_transfer.nixl_backend import NixlBackend
+from cache_transfer.shared_kv import SharedKVCache
+from cache_transfer.tp_layout import HeadRange, RankKV
+
+KV_HEADS, LAYERS, BLOCK, HEAD_DIM, PROMPT = 4, 30, 16, 64, 2048
+BLOCKS = PROMPT // BLOCK
+SRC_IDS = list(range(BLOCKS))
+DST_IDS = list(range(40, 40 + BLOCKS))  # contiguous on both sides: the layout is the variable
+PREFIX = f"pdkv_tpx{os.getpid()}"
+
+
+def rank_caches(size: int, tag: str) -> list[SharedKVCache]:
+    heads = KV_HEADS // size
+    layout = KVLayout(LAYERS, BLOCKS + 80, BLOCK, heads, HEAD_DIM, 4)
+    return [SharedKVCache.create(f"{PREFIX}{tag}{r}", layout, "float32") for r in range(size)]
+
+
+def ranks_of(caches: list[SharedKVCache]) -> list[RankKV]:
+    count = caches[0].regions().layout.kv_heads
+    return [RankKV(c.regions(), HeadRange(r * count, count)) for r, c in enumerate(caches)]
+
+
+def run_target(handles: list[dict], conn: Connection) -> None:
+    caches = [SharedKVCache.attach(h) for h in handles]
+    backend = NixlBackend("tpx-target")
+    try:
+        backend.register(ranks_of(caches))
+        conn.send_bytes(msgpack.packb(backend.endpoint_info()))
+        conn.recv()
+    finally:
+        backend.close()
+        for cache in caches:
+            cache.close()
+
+
+def time_once(backend: NixlBackend, peer: str) -> tuple[float, int]:
+    started = time.perf_counter()
+    handles = [backend.write(peer, layer, SRC_IDS, layer, DST_IDS) for layer in range(LAYERS)]
+    deadline = deadline_in(120)
+    states = [backend.wait(h, deadline) for h in handles]
+    seconds = time.perf_counter() - started
+    descs = handles[0].num_descs
+    for h in handles:
+        backend.release(h)
+    if any(s is not TransferState.DONE for s in states):
+        raise RuntimeError("a write failed")
+    return seconds, descs
+
+
+def whole(caches: list[SharedKVCache], layer: int, ids: list[int]) -> np.ndarray:
+    """`[blocks, 2, BLOCK, KV_HEADS, HEAD_DIM]` of one layer, every rank's heads side by side
+    (as raw 32-bit words: random bytes make NaNs, which never compare equal as floats)."""
+    shape = caches[0].layout.layer_shape
+    parts = [c.layer_bytes(layer).view(np.uint32).reshape(shape)[ids] for c in caches]
+    return np.concatenate(parts, axis=3)
+
+
+def bench(p_size: int, d_size: int, iters: int) -> tuple[float, int]:
+    src, dst = rank_caches(p_size, "p"), rank_caches(d_size, "d")
+    rng = np.random.default_rng(p_size * 10 + d_size)
+    for cache in src:
+        for layer in range(LAYERS):
+            view = cache.layer_bytes(layer)
+            view[:] = rng.integers(0, 256, view.shape, dtype=np.uint8)
+    ctx = mp.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    child = ctx.Process(target=run_target, args=([c.handle() for c in dst], child_conn))
+    child.start()
+    try:
+        if not conn.poll(60):
+            raise RuntimeError("target did not start")
+        info = msgpack.unpackb(conn.recv_bytes())
+        with NixlBackend("tpx-source") as source:
+            source.register(ranks_of(src))
+            peer = source.connect(info, deadline_in(30))
+            time_once(source, peer)  # warm-up: connection, page faults
+            for layer in (0, LAYERS - 1):
+                if not np.array_equal(whole(src, layer, SRC_IDS), whole(dst, layer, DST_IDS)):
+                    raise RuntimeError(f"{p_size}x{d_size}: layer {layer} arrived wrong")
+            runs = [time_once(source, peer) for _ in range(iters)]
+        return statistics.median(s for s, _ in runs), runs[0][1]
+    finally:
+        conn.send("stop")
+        child.join(10)
+        for cache in src + dst:
+            cache.close()
+
+
+def memcpy_seconds(iters: int) -> float:
+    (src,), (dst,) = rank_caches(1, "m"), rank_caches(1, "n")
+    try:
+        times = []
+        for _ in range(iters + 1):
+            started = time.perf_counter()
+            for layer in range(LAYERS):
+                np.copyto(dst.layer_bytes(layer)[40 : 40 + BLOCKS], src.layer_bytes(layer)[:BLOCKS])
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[1:])
+    finally:
+        src.close()
+        dst.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--sizes", nargs="+", default=["1x1", "2x1", "1x2", "2x2", "4x1"])
+    args = parser.parse_args()
+    moved = LAYERS * BLOCKS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 4
+    rows = [("memcpy (1 process)", 1, memcpy_seconds(args.iters))]
+    for sizes in args.sizes:
+        p_size, d_size = (int(x) for x in sizes.split("x"))
+        seconds, descs = bench(p_size, d_size, args.iters)
+        rows.append((f"P TP {p_size} -> D TP {d_size}", descs, seconds))
+    base = next((s for name, _, s in rows if name == "P TP 1 -> D TP 1"), None)
+    load = os.getloadavg()[0]
+    print(
+        f"KV of a {PROMPT}-token prompt, {LAYERS} layers x {KV_HEADS} KV heads x {HEAD_DIM}, fp32,"
+    )
+    print(
+        f"{moved / 1e6:.1f} MB, NIXL between two processes, one write per layer (load {load:.1f})"
+    )
+    print("| sizes | descriptors/layer | median ms | GB/s | vs TP 1 -> 1 |")
+    print("|---|---|---|---|---|")
+    for name, descs, seconds in rows:
+        ratio = f"{seconds / base:.2f}x" if base else "-"
+        print(f"| {name} | {descs} | {seconds * 1e3:.1f} | {moved / seconds / 1e9:.2f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
