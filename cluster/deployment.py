@@ -54,7 +54,22 @@ class Deployment:
 
     @property
     def decode_infos(self) -> list[dict]:
-        return [self.infos[i] for i in self.ids(Role.DECODE)]
+        """The instances serving as decode now (with elastic.enabled not only `decode-N`)."""
+        ids = self.ids(Role.DECODE, Role.PREFILL)
+        return [
+            self.infos[i] for i in ids if i in self.infos and _serves(self.infos[i], Role.DECODE)
+        ]
+
+    def may_decode(self, name: InstanceId) -> bool:
+        """`name` is, or may have become, a decode instance (elastic instances switch)."""
+        switchable = self.config.elastic.enabled and name.role is Role.PREFILL
+        return name.role is Role.DECODE or switchable
+
+    def may_prefill(self) -> list[InstanceId]:
+        """The instances that are, or may have become, prefill instances."""
+        if self.config.elastic.enabled:
+            return self.ids(Role.PREFILL, Role.DECODE)
+        return self.ids(Role.PREFILL)
 
     def actor(self, worker: WorkerId) -> Any:
         if isinstance(worker, MessagerId):
@@ -138,15 +153,40 @@ def wire_prefill(dep: Deployment, index: int) -> None:
     ray.get(dep.prefills[index].connect.remote(m_info["inbox"], decodes), timeout=timeout)
 
 
-def reconnect_decodes(dep: Deployment, skip: Collection[int] = ()) -> None:
+def reconnect_decodes(dep: Deployment, skip: Collection[InstanceId] = ()) -> None:
     """After a decode instance restarted: messagers connect to its new transfer endpoint and
-    prefill instances learn its new inbox; but the prefill instances (and their messagers)
-    numbered in `skip`, which are out of service (wire_prefill connects them when back)."""
+    prefill instances learn its new inbox; but the instances in `skip`, which are out of
+    service (wire_prefill connects a prefill instance and its messager when back). Elastic: a
+    decode-born instance serving as prefill learns them too (its messager is a spare one)."""
     timeout = dep.config.cluster.startup_timeout_s
     decodes = dep.decode_infos
     for index, messager in enumerate(dep.messagers):
-        if index in skip:
+        if InstanceId(Role.PREFILL, index) in skip:
             continue
         ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
         inbox = dep.infos[MessagerId(index)]["inbox"]
         ray.get(dep.prefills[index].connect.remote(inbox, decodes), timeout=timeout)
+    for index, messager in enumerate(dep.spare_messagers):
+        name = InstanceId(Role.DECODE, index)
+        if name in skip or not _serves(dep.infos.get(name, {}), Role.PREFILL):
+            continue
+        ray.get(messager.add_decode_peers.remote(decodes, only_new=True), timeout=timeout)
+        ray.get(dep.decodes[index].set_decodes.remote(decodes), timeout=timeout)
+
+
+def refresh_roles(dep: Deployment, skip: Collection[InstanceId], timeout_s: float) -> None:
+    """Elastic: each live instance's endpoint as it is now (the role it serves); one that does
+    not answer keeps what was known."""
+    if not dep.config.elastic.enabled:
+        return
+    for name in dep.ids(Role.PREFILL, Role.DECODE):
+        if name in skip:
+            continue
+        try:
+            dep.infos[name] = ray.get(dep.actor(name).endpoint.remote(), timeout=timeout_s)
+        except Exception as exc:  # dead or stalled: the supervisor's next round sees to it
+            log.warning("could not read %s's endpoint: %s", name, exc)
+
+
+def _serves(info: dict, role: Role) -> bool:
+    return info.get("role") == role.value

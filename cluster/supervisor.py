@@ -32,7 +32,7 @@ import time
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from cluster.deployment import Deployment, reconnect_decodes, wire_prefill
+from cluster.deployment import Deployment, reconnect_decodes, refresh_roles, wire_prefill
 from engine.config import Role
 from engine.protocol.identity import InstanceId, MessagerId, WorkerId
 
@@ -231,9 +231,10 @@ class Supervisor:
     def _announce_down(self, worker: WorkerId) -> None:
         dep = self.dep
         calls = []
-        if isinstance(worker, InstanceId) and worker.role is Role.DECODE:
-            calls += [p.decode_down.remote(worker) for p in dep.prefills]
-            calls += [m.decode_down.remote(worker) for m in dep.messagers]
+        if isinstance(worker, InstanceId) and dep.may_decode(worker):
+            takers = [dep.actor(i) for i in dep.may_prefill() if i != worker]
+            calls += [p.decode_down.remote(worker) for p in takers]
+            calls += [m.decode_down.remote(worker) for m in [*dep.messagers, *dep.spare_messagers]]
         if isinstance(worker, InstanceId):
             calls.append(dep.router.instance_down.remote(worker))
         _best_effort(calls, self.probe_timeout_s)
@@ -246,9 +247,12 @@ class Supervisor:
             return
         dep.infos[worker] = ray.get(dep.actor(worker).setup.remote(), timeout=timeout)
         out = self._out_of_service(worker)
-        if worker.role is Role.DECODE:
-            reconnect_decodes(dep, skip={i.index for i in out if i.role is Role.PREFILL})
-        elif worker.role is Role.PREFILL:
+        # Elastic: the others may serve other roles than their names' (a restarted instance is
+        # back in its name's role); the decode list and the router's endpoints follow that.
+        refresh_roles(dep, skip=out | {worker}, timeout_s=self.probe_timeout_s)
+        if dep.may_decode(worker):
+            reconnect_decodes(dep, skip=out | {worker})
+        if worker.role is Role.PREFILL:
             wire_prefill(dep, worker.index)
         dep.refresh_endpoints()
         endpoints = [e for e in dep.router_endpoints() if e["name"] not in out]
