@@ -35,7 +35,9 @@ EXPECTED = {"allocations_refused"}
 @pytest.fixture(scope="module")
 def dep():
     config = small_config(
-        prefill={"instances": 2, "placement": {"num_cpus": 0.25}},
+        # A generous allocation deadline: while one decode instance drains, the other is the
+        # only one, and on a loaded CI machine its answer may take seconds.
+        prefill={"instances": 2, "placement": {"num_cpus": 0.25}, "allocation_timeout_s": 10.0},
         decode={"instances": 2, "placement": {"num_cpus": 0.25}},
         # Only forced switches: the policy's first look needs `hysteresis` looks to act.
         elastic={"enabled": True, "decision_interval_s": 3600, "drain_timeout_s": 2.0},
