@@ -37,7 +37,7 @@ def dep():
             "migrate_on_failure": False,
         },
         prefill={"transfer_timeout_s": 2.0},
-        decode={"instances": 2, "kv_lease_timeout_s": 30.0, "placement": {"num_cpus": 0.3}},
+        decode={"instances": 2, "kv_lease_timeout_s": 15.0, "placement": {"num_cpus": 0.3}},
     )
     deployment = start(config)
     yield deployment
