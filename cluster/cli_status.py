@@ -120,18 +120,20 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_status(subparsers) -> None:
-    p = subparsers.add_parser("status", help="show a running deployment's instances")
+def add_deployment_args(p: argparse.ArgumentParser, timeout_help: str) -> None:
+    """--address, --namespace and --timeout of the commands that talk to a running deployment."""
     p.add_argument(
         "--address", default="auto", help="Ray cluster address ('auto': the local cluster)"
     )
     p.add_argument(
         "--namespace", default="pdserve", help="Ray namespace of the deployment (cluster.namespace)"
     )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=10.0,
-        help="seconds to wait for the Ray cluster to answer, then for the actors' stats",
+    p.add_argument("--timeout", type=float, default=10.0, help=timeout_help)
+
+
+def add_status(subparsers) -> None:
+    p = subparsers.add_parser("status", help="show a running deployment's instances")
+    add_deployment_args(
+        p, "seconds to wait for the Ray cluster to answer, then for the actors' stats"
     )
     p.set_defaults(func=status)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from cluster import console
-from cluster.cli_status import join
+from cluster.cli_status import add_deployment_args, join
 from cluster.elastic.ray_actuator import CONTROLLER_NAME
 from engine.config import Role
 from engine.errors import DeployError
@@ -38,19 +38,11 @@ def add_switch(subparsers) -> None:
     )
     p.add_argument("name", help="the instance, as `pdserve status` lists it (e.g. decode-1)")
     p.add_argument("role", choices=[r.value for r in Role], help="the role it serves next")
-    p.add_argument(
-        "--address", default="auto", help="Ray cluster address ('auto': the local cluster)"
-    )
-    p.add_argument(
-        "--namespace", default="pdserve", help="Ray namespace of the deployment (cluster.namespace)"
-    )
+    add_deployment_args(p, "seconds to wait for the Ray cluster to answer")
     p.add_argument(
         "--wait",
         type=float,
         default=120.0,
         help="seconds to wait for the switch (drain included) before reporting it pending",
-    )
-    p.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to wait for the Ray cluster to answer"
     )
     p.set_defaults(func=switch)

@@ -24,7 +24,7 @@ from cluster.deployment import Deployment, wire_prefill
 from cluster.elastic.ray_actuator import start_controller
 from cluster.elastic.switching import start_spare_messagers
 from cluster.instances.actor import InstanceActor
-from cluster.messager.actor import CacheMessager
+from cluster.messager.launch import MESSAGER_CPUS, messager_actor
 from cluster.router.actor import RouterActor
 from cluster.supervisor import Supervisor
 from engine.config import EngineConfig, Role
@@ -34,8 +34,6 @@ from worker.engine_core import resolve_model_path
 
 log = logging.getLogger(__name__)
 
-_MESSAGER_CPUS = 0.25
-_RAY_NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 # Actor methods (stats, is_ready, abort plumbing) run on a few Ray threads beside the actor's own.
 _ACTOR_CONCURRENCY = 8
 
@@ -75,9 +73,9 @@ def init_ray(config: PdserveConfig, address: str | None = None) -> bool:
 
 def _cpus_needed(config: PdserveConfig) -> int:
     total = config.router.num_cpus
-    total += config.prefill.instances * _MESSAGER_CPUS
+    total += config.prefill.instances * MESSAGER_CPUS
     if config.elastic.enabled:  # a decode instance gets a messager on a switch to prefill
-        total += config.decode.instances * _MESSAGER_CPUS
+        total += config.decode.instances * MESSAGER_CPUS
     for section in (config.prefill, config.decode, config.mixed):
         ranks = section.engine.tensor_parallel_size
         total += section.instances * section.placement.num_cpus * ranks
@@ -141,7 +139,7 @@ def _start_instances(dep: Deployment) -> None:
                 opts.pop("label_selector", None)  # the bundles carry placement
             actors.append(ray.remote(InstanceActor).options(**opts).remote(iid, raw))
     prefill_pgs = [
-        instance_placement_group(cfg.prefill.placement, cfg.prefill.engine, _MESSAGER_CPUS)
+        instance_placement_group(cfg.prefill.placement, cfg.prefill.engine, MESSAGER_CPUS)
         for _ in range(cfg.prefill.instances)
     ]
     dep.placement_groups.extend(prefill_pgs)
@@ -184,23 +182,10 @@ def instance_placement_group(
 
 
 def _messager_actor(cfg: PdserveConfig, index: int, pg):
-    name = MessagerId(index)
-    options: dict[str, Any] = {
-        "name": str(name),
-        "namespace": cfg.cluster.namespace,
-        "num_cpus": _MESSAGER_CPUS,
-        "max_concurrency": _ACTOR_CONCURRENCY,
-        "max_restarts": _max_restarts(cfg),
-        "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, 0),
-    }
-    if cfg.prefill.placement.num_gpus:
-        # It maps P's GPU memory over CUDA IPC and finds that GPU by UUID, so it must see the
-        # node's GPUs; Ray would hide them all from an actor that reserves none.
-        options["runtime_env"] = {"env_vars": {_RAY_NOSET_CUDA_VISIBLE_DEVICES: "1"}}
-    return (
-        ray.remote(CacheMessager)
-        .options(**options)
-        .remote(name, cfg.transfer.backend.value, cfg.transfer.cache_task_timeout_s)
+    strategy = PlacementGroupSchedulingStrategy(pg, 0)  # in its prefill instance's bundle
+    see_gpus = bool(cfg.prefill.placement.num_gpus)
+    return messager_actor(
+        cfg, MessagerId(index), strategy, see_gpus, max_restarts=_max_restarts(cfg)
     )
 
 

@@ -22,23 +22,21 @@ announcements are computed from every instance's endpoint as it is then.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.config import PdserveConfig
-from cluster.messager.actor import CacheMessager
+from cluster.messager.launch import messager_actor
 from engine.config import Role
 from engine.protocol.identity import InstanceId, MessagerId
 
 log = logging.getLogger(__name__)
 
 _CALL_TIMEOUT_S = 15.0
-_MESSAGER_CPUS = 0.25  # as the launcher gives a prefill instance's messager
-_NOSET_CUDA = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
 
 class RoleSwitcher:
@@ -47,15 +45,17 @@ class RoleSwitcher:
     def __init__(self, config: PdserveConfig, named: Callable[[], dict[str, Any]]) -> None:
         self.config = config
         self.named = named
-        self._one_at_a_time = threading.Lock()  # announcements read every instance's endpoint
+        # One thread carries every switch out, in turn (the controller's worker threads and a
+        # forced `pdserve switch` queue here): each one's announcements read every instance's
+        # endpoint as it is then.
+        self._switches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="role-switch")
         # Messagers started here, by name: Ray ends an actor once its owner holds no handle.
         self.messagers: dict[str, Any] = {}
 
     def switch(self, name: str, role: Role) -> dict:
         """Return the instance's switch outcome once it serves as `role` and everyone knows;
         raise if it could not switch (it then serves in its old role, announced as such)."""
-        with self._one_at_a_time:
-            return self._switch(name, role)
+        return self._switches.submit(self._switch, name, role).result()
 
     def _switch(self, name: str, role: Role) -> dict:
         actors = self.named()
@@ -155,23 +155,10 @@ class RoleSwitcher:
 def start_messager(config: PdserveConfig, mid: MessagerId, info: dict) -> Any:
     """A cache messager actor for the instance `info` describes, on its node (not set up). The
     caller keeps the handle: Ray ends an actor whose owner holds none."""
-    options: dict[str, Any] = {
-        "name": str(mid),
-        "namespace": config.cluster.namespace,
-        "num_cpus": _MESSAGER_CPUS,
-        "max_concurrency": 8,
-        "get_if_exists": True,
-    }
-    if info.get("node_id"):  # beside its instance: it maps the instance's memory
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(info["node_id"], False)
-    if config.decode.placement.num_gpus or config.prefill.placement.num_gpus:
-        options["runtime_env"] = {"env_vars": {_NOSET_CUDA: "1"}}  # finds P's GPU by UUID
-    backend = config.transfer.backend.value
-    return (
-        ray.remote(CacheMessager)
-        .options(**options)
-        .remote(mid, backend, config.transfer.cache_task_timeout_s)
-    )
+    node = info.get("node_id")  # beside its instance: it maps the instance's memory
+    strategy = NodeAffinitySchedulingStrategy(node, False) if node else "DEFAULT"
+    placement = config.decode.placement.num_gpus or config.prefill.placement.num_gpus
+    return messager_actor(config, mid, strategy, bool(placement), get_if_exists=True)
 
 
 def start_spare_messagers(config: PdserveConfig, decode_infos: list[dict]) -> list[Any]:
