@@ -96,3 +96,11 @@ class EngineConfig(StrictModel):
         description="Under tensor parallelism: longest a step (with its collectives) may take "
         "before the instance fails instead of hanging; a rank that dies fails it at once.",
     )
+    warmup: bool = Field(
+        True,
+        description="On a GPU, run scratch requests through every kernel variant the engine "
+        "can reach (prefill with and without a cached prefix, decode with one and several "
+        "splits, steps mixing both, every sampling option) before the instance reports ready, "
+        "so that nothing compiles while it serves. Off: a faster start, slow first requests. "
+        "No effect on CPU, where nothing is compiled.",
+    )

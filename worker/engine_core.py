@@ -29,6 +29,7 @@ from worker.model_config import load_model_config
 from worker.model_runner import StepState
 from worker.tp_runner import RankLauncher, make_runner, rank_config
 from worker.tp_worker import RunnerArgs
+from worker.warmup import warm_up
 
 
 def resolve_model_path(model: ModelConfig) -> Path:
@@ -140,6 +141,7 @@ class EngineCore:
             num_blocks, sched_cfg.block_size, sched_cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(sched_cfg, self.block_manager, self.max_model_len, role)
+        self.warmup_s = warm_up(self) if engine.warmup and device.type == "cuda" else 0.0
 
     @property
     def kv_head_ranges(self) -> list[tuple[int, int]]:

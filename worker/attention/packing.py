@@ -3,7 +3,9 @@
 Both attention backends build their per-step metadata this way: every integer the step needs
 (token ids, positions, cache slots, block tables, ...) is appended to one Python list, turned
 into one int64 tensor (pinned on CUDA, so the copy is asynchronous) and copied once; each piece
-is then a view of that tensor.
+is then a view of that tensor. Each piece starts 16 bytes into the buffer's alignment (an even
+index): Triton compiles a kernel variant per pointer alignment class, so unaligned views would
+make new variants appear mid-serving as batch shapes shift the offsets.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from engine.batch import ScheduledChunk
+
+_ALIGN = 2  # int64 elements: 16 bytes
 
 
 class IntPacker:
@@ -21,6 +25,8 @@ class IntPacker:
         self.spans: dict[str, tuple[int, int]] = {}
 
     def add(self, name: str, values: list[int]) -> None:
+        if len(self.values) % _ALIGN:
+            self.values.extend([0] * (_ALIGN - len(self.values) % _ALIGN))
         self.spans[name] = (len(self.values), len(self.values) + len(values))
         self.values.extend(values)
 

@@ -16,6 +16,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Integer arguments that change from step to step (block-table width, decode split size and
+# count). Triton would otherwise compile a variant per value class (== 1, divisible by 16,
+# neither) -- while serving, the first time a batch hits each one. Pointer arguments need no
+# such list: the metadata packer keeps every piece 16-byte aligned (packing.py).
+_PER_STEP_INTS = ["stride_table", "partition", "num_splits"]
+
 
 @triton.jit
 def store_kv_kernel(
@@ -40,7 +46,7 @@ def store_kv_kernel(
         tl.store(kv_ptr + (slot + BS) * ROW + offs, v, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_INTS)
 def decode_split_kernel(
     q_ptr,  # [T, heads, hd]
     kv_ptr,  # one cache layer
@@ -120,7 +126,7 @@ def decode_split_kernel(
         tl.store(part_lse_ptr + part, lse, mask=g < G)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_INTS)
 def decode_reduce_kernel(
     out_ptr,  # [T, heads * hd]
     part_out_ptr,  # [D, heads, splits, HD] fp32
@@ -151,7 +157,7 @@ def decode_reduce_kernel(
     tl.store(out, res.to(out_ptr.dtype.element_ty), mask=d < HD)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP_INTS)
 def prefill_kernel(
     q_ptr,  # [T, heads, hd]
     kv_ptr,  # one cache layer (the chunk's own K/V are already written)
