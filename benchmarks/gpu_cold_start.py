@@ -40,7 +40,7 @@ def child(warmup: bool, folder: Path) -> dict:
     from benchmarks.model_folders import SHAPES, write_model_folder
     from engine.config import EngineConfig, ModelConfig, Role
     from worker.engine_core import EngineCore
-    from worker.warmup import compiled_kernel_variants
+    from worker.warmup import kernel_variants
 
     write_model_folder(folder, SHAPES["llama3-8b"])
     engine = EngineConfig.model_validate(
@@ -59,7 +59,7 @@ def child(warmup: bool, folder: Path) -> dict:
     started = time.monotonic()
     core = EngineCore(model, engine, Role.MIXED, overlap=True)
     ready_s = time.monotonic() - started
-    at_ready = compiled_kernel_variants()
+    at_ready = kernel_variants()
     rng = random.Random(0)
     vocab = core.arch.vocab_size
     lengths = [rng.randint(MEAN_PROMPT // 2, 3 * MEAN_PROMPT // 2) for _ in range(FIRST)]
@@ -76,8 +76,8 @@ def child(warmup: bool, folder: Path) -> dict:
         "warmup": warmup,
         "ready_s": ready_s,
         "warmup_s": core.warmup_s,
-        "variants_at_ready": at_ready,
-        "compiled_after_ready": compiled_kernel_variants() - at_ready,
+        "variants_at_ready": len(at_ready),
+        "compiled_after_ready": sorted(kernel_variants() - at_ready),
         "first_ttft_ms": [1e3 * t for t in first],
         "steady_ttft_ms": [1e3 * t for t in steady],
         "worst_first_ratio": max(ratios),
@@ -154,7 +154,7 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         print(
             f"| {'on' if r['warmup'] else 'off'} | {r['ready_s']:.1f} | {r['warmup_s']:.1f} |"
-            f" {r['variants_at_ready']} | {r['compiled_after_ready']} |"
+            f" {r['variants_at_ready']} | {len(r['compiled_after_ready'])} |"
             f" {r['worst_first_ratio']:.2f}x | {r['first_over_1_5x']} / {FIRST} |"
             f" {r['loaded_rate']:.1f} | {r['loaded_p50_ms']:.1f} | {r['loaded_p99_ms']:.1f} |"
             f" {r['loaded_p99_over_p50']:.2f} |"

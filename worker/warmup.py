@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from engine.block_manager import BlockManager
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 _MAX_STEPS = 1000  # a few dozen are needed; more means the scheduler cannot finish them
 _SPLIT_KEYS = 64  # a decode of more keys than this takes several splits (triton_paged.py)
-_NEW_TOKENS = 4
+_NEW_TOKENS = 8
 
 
 def warm_up(core: EngineCore) -> float:
@@ -45,15 +46,17 @@ def warm_up(core: EngineCore) -> float:
     core.block_manager = blocks
     core.scheduler = Scheduler(sched_cfg, blocks, core.max_model_len, Role.MIXED)
     try:
-        later = _add_requests(core)
-        for _ in range(_MAX_STEPS):
-            if not core.has_work():
-                break
-            core.step()
-            if later and core.scheduler.running:  # joins decoding ones: a mixed step
-                core.add_request(later.pop())
-        else:
-            raise RuntimeError(f"warm-up did not finish within {_MAX_STEPS} steps")
+        short, long, mixed_short, mixed_long = _requests(core)
+        steps = [0]
+        # Decode rows of short sequences only (one split) beside a prefill chunk, then a long
+        # sequence's (several splits) beside one: each a step that runs eagerly.
+        core.add_request(short)
+        _step_until(core, steps, lambda: _decoding(short))
+        core.add_request(mixed_short)
+        core.add_request(long)
+        _step_until(core, steps, lambda: _decoding(long))
+        core.add_request(mixed_long)
+        _step_until(core, steps, lambda: not core.has_work())
         core.step()  # the finished requests' release reaches the runner
     finally:
         core.scheduler, core.block_manager = real
@@ -62,8 +65,20 @@ def warm_up(core: EngineCore) -> float:
     return seconds
 
 
-def _add_requests(core: EngineCore) -> list[Request]:
-    """Queue the first scratch requests; returns the one to add once others decode."""
+def _step_until(core: EngineCore, steps: list[int], done: Callable[[], bool]) -> None:
+    while not done():
+        if steps[0] >= _MAX_STEPS or not core.has_work():
+            raise RuntimeError(f"warm-up stuck after {steps[0]} steps")
+        core.step()
+        steps[0] += 1
+
+
+def _decoding(request: Request) -> bool:
+    """Its prompt is computed: its next chunks are decode rows (or it has finished)."""
+    return request.num_computed_tokens >= request.num_prompt_tokens
+
+
+def _requests(core: EngineCore) -> list[Request]:
     cfg = core.scheduler.config
     capacity = core.block_manager.num_blocks * cfg.block_size // 2
     limit = min(core.max_model_len, capacity) - _NEW_TOKENS - 1
@@ -83,26 +98,29 @@ def _add_requests(core: EngineCore) -> list[Request]:
         max_tokens=_NEW_TOKENS,
         ignore_eos=True,
     )
-    short = min(8, limit)
-    core.add_request(Request("warmup-short", _tokens(short), greedy))
-    core.add_request(Request("warmup-long", _tokens(long_len), sampled))
-    return [Request("warmup-mixed", _tokens(min(24, limit)), sampled)]
+    return [
+        Request("warmup-short", _tokens(min(8, limit)), greedy),
+        Request("warmup-long", _tokens(long_len), sampled),
+        Request("warmup-mixed-short", _tokens(min(24, limit)), sampled),
+        Request("warmup-mixed-long", _tokens(min(24, limit)), greedy),
+    ]
 
 
 def _tokens(n: int) -> list[int]:
     return [1 + i % 97 for i in range(n)]
 
 
-def compiled_kernel_variants() -> int:
-    """How many variants of the engine's Triton kernels this process has compiled or loaded
-    (for tests and benchmarks: it must not grow once an instance is ready)."""
+def kernel_variants() -> set[str]:
+    """The variants of the engine's Triton kernels this process has compiled or loaded, as
+    "kernel: specialization" (for tests and benchmarks: the set must not grow once an instance
+    is ready)."""
     from worker.attention import triton_kernels
     from worker.models import triton_ops
 
-    kernels = [
-        getattr(module, name)
-        for module in (triton_kernels, triton_ops)
-        for name in dir(module)
-        if hasattr(getattr(module, name), "device_caches")
-    ]
-    return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+    found = set()
+    for module in (triton_kernels, triton_ops):
+        for name in dir(module):
+            caches = getattr(getattr(module, name), "device_caches", None)
+            for cache in caches.values() if caches is not None else ():
+                found |= {f"{name}: {key}" for key in cache[0]}
+    return found

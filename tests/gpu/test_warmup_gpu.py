@@ -13,7 +13,7 @@ from engine.request import Request
 from engine.sampling_params import SamplingParams
 from tests.gpu.test_gpu_engine import make_core, models  # noqa: F401 (a fixture)
 from tests.unit.engine.helpers import assert_nothing_leaked
-from worker.warmup import compiled_kernel_variants
+from worker.warmup import kernel_variants
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,8 +48,8 @@ def varied_requests(vocab: int, seed: int) -> list[Request]:
 def test_serving_after_warm_up_compiles_nothing(models, name, dtype) -> None:  # noqa: F811
     path, hf_model = models[name]
     core = make_core(path, dtype, overlap=True, num_blocks=512)
-    ready = compiled_kernel_variants()
-    assert core.warmup_s > 0 and ready > 0
+    ready = kernel_variants()
+    assert core.warmup_s > 0 and ready
     pending = varied_requests(hf_model.config.vocab_size, seed=1)
     steps = 0
     while pending or core.has_work():
@@ -60,5 +60,6 @@ def test_serving_after_warm_up_compiles_nothing(models, name, dtype) -> None:  #
         steps += 1
         assert steps < 5000
     assert_nothing_leaked(core.scheduler)
-    print(f"{name} {dtype}: {ready} kernel variants at ready, warm-up {core.warmup_s:.1f} s")
-    assert compiled_kernel_variants() == ready
+    print(f"{name} {dtype}: {len(ready)} kernel variants at ready, warm-up {core.warmup_s:.1f} s")
+    new = sorted(kernel_variants() - ready)
+    assert not new, "compiled after ready:\n" + "\n".join(new)
