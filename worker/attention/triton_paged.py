@@ -41,6 +41,10 @@ from worker.attention.triton_metadata import (
 _LOG2E = 1.4426950408889634
 # Aim for this many decode programs per SM before splitting contexts further.
 _PROGRAMS_PER_SM = 2
+# At most this many splits per decode row, and the reduce kernel's split axis is always this
+# wide: a width that followed the split count would be a constexpr, so a new kernel variant
+# (a compile, mid-serving) for every power of two a batch's split count reaches.
+_MAX_SPLITS = 64
 
 
 @dataclass
@@ -125,7 +129,7 @@ class TritonPagedAttention:
         programs = max(1, num_seqs * self.num_kv_heads)
         block_n = self.decode_config.block_n
         want = max(1, -(-_PROGRAMS_PER_SM * self._num_sms // programs))
-        splits = max(1, min(want, -(-max_len // block_n)))
+        splits = max(1, min(want, _MAX_SPLITS, -(-max_len // block_n)))
         partition = -(-max_len // splits)
         partition = -(-partition // block_n) * block_n
         return -(-max_len // partition), partition
@@ -161,8 +165,8 @@ class TritonPagedAttention:
         if not direct:
             decode_reduce_kernel[(dec.num_seqs, heads)](
                 out, part_out, part_lse, dec.rows, out.stride(0), splits,
-                NUM_HEADS=heads, BLOCK_S=max(2, next_pow2(splits)),
-                HD=hd, BLOCK_D=next_pow2(hd), num_warps=2,
+                NUM_HEADS=heads, BLOCK_S=_MAX_SPLITS,
+                HD=hd, BLOCK_D=next_pow2(hd), num_warps=4,
             )  # fmt: skip
 
     def _prefill(
