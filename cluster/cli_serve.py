@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 _STOP_S = 30.0  # instances' own shutdown, after the drain
 _STOP_AT_ONCE_S = 5.0  # the same after a second signal
@@ -25,6 +26,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.address:
         config.cluster.address = args.address
     config.cluster.log_to_driver |= args.verbose
+    started = time.monotonic()
     print(f"pdserve: starting {_describe(config)} ...", file=sys.stderr, flush=True)
     if not config.cluster.log_to_driver:
         driver_log = console.route_ray_logs()
@@ -40,7 +42,9 @@ def serve(args: argparse.Namespace) -> int:
         deployment = deploy(config, address=args.address)
         signals.serving()
         children.snapshot()
-        print(f"pdserve: serving {deployment.url}/v1 (Ctrl-C to stop)", flush=True)
+        took = time.monotonic() - started  # Ray, weights, KV caches, graphs, warm-up
+        ready = f"ready in {took:.1f} s (Ctrl-C to stop)"
+        print(f"pdserve: serving {deployment.url}/v1, {ready}", flush=True)
         at_once = not _drain_on_signal(deployment, config.router.drain_timeout_s, signals)
     finally:
         print("pdserve: shutting down ...", file=sys.stderr, flush=True)
