@@ -104,3 +104,13 @@ class EngineConfig(StrictModel):
         "so that nothing compiles while it serves. Off: a faster start, slow first requests. "
         "No effect on CPU, where nothing is compiled.",
     )
+    prefill_attention: str = Field(
+        "auto",
+        pattern="^(auto|paged)$",
+        description="Attention of prefill chunks on CUDA (the Triton backend). auto: a chunk of "
+        "at least 512 tokens with nothing cached before it (a fresh prompt, or the first chunk "
+        "of a long one) goes to FlashAttention (torch's scaled_dot_product_attention) over its "
+        "own K/V, when the dtype is bfloat16 or float16; every other chunk, and every decode, "
+        "takes the paged Triton kernel. paged: every chunk takes the paged kernel. The KV cache "
+        "is written the same way either way; on CPU the setting changes nothing.",
+    )

@@ -129,6 +129,7 @@ class EngineCore:
             graph_batch_sizes=default_batch_sizes(sched_cfg.max_num_seqs),
             max_model_len=self.max_model_len,
             load_format=model.load_format,
+            prefill_attention=engine.prefill_attention,
         )
         self.tp_size = engine.tensor_parallel_size
         local: dict[str, Any] = {"kv_tensors": kv_tensors, "layer_done": layer_done}

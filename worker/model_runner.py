@@ -63,6 +63,7 @@ class ModelRunner:
         kv_tensors: list[torch.Tensor] | None = None,
         layer_done: Callable[[int], None] | None = None,
         attention_backend: str = "auto",
+        prefill_attention: str = "auto",
         seed: int = 0,
         cuda_graphs: bool | None = None,
         graph_batch_sizes: list[int] | None = None,
@@ -73,6 +74,7 @@ class ModelRunner:
         """Give the KV size as `num_blocks`, as a byte budget `kv_cache_bytes`, or implicitly by
         passing pre-made `kv_tensors` (one `[num_blocks, 2, block_size, kvh, hd]` per layer).
 
+        `prefill_attention` (auto, paged): see engine.config.EngineConfig.prefill_attention.
         `cuda_graphs` (None: on when the Triton backend runs on CUDA and no `layer_done` hook is
         set) captures decode graphs for `graph_batch_sizes` (default 1..64) with contexts up to
         `max_model_len` (default: the model's). Under tensor parallelism (`tp`) the runner holds
@@ -85,7 +87,13 @@ class ModelRunner:
         self.dtype = resolve_dtype(dtype, self.config)
         cfg = self.config
         self.attention = make_attention_backend(
-            attention_backend, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.device
+            attention_backend,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.device,
+            prefill_attention,
+            self.dtype,
         )
         self._prepare_inputs = prepare_inputs_for(self.attention)
         self.model = load_model(

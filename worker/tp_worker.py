@@ -54,6 +54,7 @@ class RunnerArgs:
     num_blocks: int | None = None
     kv_cache_bytes: int | None = None
     attention_backend: str = "auto"
+    prefill_attention: str = "auto"
     seed: int = 0
     cuda_graphs: bool | None = None
     graph_batch_sizes: list[int] | None = None
@@ -70,6 +71,7 @@ class RunnerArgs:
             num_blocks=self.num_blocks,
             kv_cache_bytes=self.kv_cache_bytes,
             attention_backend=self.attention_backend,
+            prefill_attention=self.prefill_attention,
             seed=self.seed,
             cuda_graphs=self.cuda_graphs,
             graph_batch_sizes=self.graph_batch_sizes,

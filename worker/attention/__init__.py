@@ -2,8 +2,9 @@
 
 Contract: per layer the model calls `write_kv` (store the step's new K/V in the paged cache),
 then `attend` (attention of the step's queries over positions 0 .. end of each chunk, reading
-keys and values through the block tables in `AttentionMetadata`). Backends keep no state between
-steps, so a Triton backend can replace the torch one without touching the model.
+keys and values through the block tables in `AttentionMetadata`, or, for a chunk that starts at
+position 0, from its fresh k/v). Backends keep no state between steps, so a Triton backend can
+replace the torch one without touching the model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import torch
 
 from worker.attention.metadata import AttentionMetadata, StepInputs, prepare_step_inputs
 from worker.attention.torch_paged import TorchPagedAttention
+
+PREFILL_ATTENTION = ("auto", "paged")
+# The dtypes FlashAttention runs; in others SDPA would fall back to slower kernels.
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class AttentionBackend(Protocol):
@@ -45,8 +50,17 @@ def make_attention_backend(
     num_kv_heads: int,
     head_dim: int,
     device: torch.device | None = None,
+    prefill_attention: str = "auto",
+    dtype: torch.dtype | None = None,
 ) -> AttentionBackend:
-    """`torch`, `triton` (CUDA only), or `auto`: Triton on CUDA when installed, else torch."""
+    """`torch`, `triton` (CUDA only), or `auto`: Triton on CUDA when installed, else torch.
+
+    `prefill_attention` (engine config): `auto` lets the Triton backend hand long chunks without
+    a cached prefix to FlashAttention when `dtype` is one FlashAttention runs (bf16, fp16);
+    `paged` keeps every chunk on the paged kernel. The torch backend already attends such
+    chunks from their own K/V with SDPA."""
+    if prefill_attention not in PREFILL_ATTENTION:
+        raise ValueError(f"unknown prefill_attention {prefill_attention!r} (auto, paged)")
     if name == "auto":
         on_cuda = device is not None and device.type == "cuda"
         name = "triton" if on_cuda and importlib.util.find_spec("triton") else "torch"
@@ -56,7 +70,8 @@ def make_attention_backend(
         # Imported here: Triton is absent from CPU-only installs.
         from worker.attention.triton_paged import TritonPagedAttention
 
-        return TritonPagedAttention(num_heads, num_kv_heads, head_dim)
+        flash = prefill_attention == "auto" and dtype in FLASH_DTYPES
+        return TritonPagedAttention(num_heads, num_kv_heads, head_dim, flash_prefill=flash)
     raise ValueError(f"unknown attention backend {name!r} (available: auto, torch, triton)")
 
 

@@ -4,13 +4,14 @@ Like worker/attention/metadata.py, every integer is packed into one host tensor 
 one transfer (worker/attention/packing.py); the pieces are views. The differences: decode
 queries and prefill chunks each get their kernel's index arrays (rows, padded block tables,
 lengths, query tiles) instead of masks, and a cache slot of -1 means "write nothing" (padding
-rows of a CUDA-graph batch).
+rows of a CUDA-graph batch). Prefill chunks with nothing cached before them may be set apart for
+FlashAttention (`flash_prefill_chunks`); the paged kernel's tiles then cover only the others.
 This module imports no Triton, so the metadata is built and tested on any machine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +21,11 @@ from worker.attention.packing import IntPacker, pack_tokens, table_width
 
 # Query rows per prefill program; the host cuts chunks into tiles of this many queries.
 PREFILL_BLOCK_M = 64
+# Shortest chunk given to FlashAttention. It runs one launch per chunk (a loop over chunks, each
+# a few tens of microseconds of host work per layer), while the paged kernel takes every chunk of
+# the step in one launch; below ~512 tokens attention is a few percent of a prefill step, so the
+# paged kernel's lower rate there costs less than the extra launches would.
+FLASH_MIN_TOKENS = 512
 
 
 @dataclass
@@ -47,14 +53,24 @@ class TritonPrefill:
     tables: torch.Tensor  # [P, MB]
 
 
+@dataclass(frozen=True)
+class FlashPrefill:
+    """A chunk that is its sequence's whole context so far (starts at position 0), attended by
+    FlashAttention over its own fresh K/V with plain causal masking."""
+
+    token_start: int  # first row of the chunk in the flat batch
+    num_tokens: int
+
+
 @dataclass
 class TritonAttentionMetadata:
     num_tokens: int
     block_size: int
     slots: torch.Tensor  # [T] cache row of each new token's K (V is block_size rows on); -1 skip
     decode: TritonDecode | None
-    prefill: TritonPrefill | None
+    prefill: TritonPrefill | None  # the chunks of several tokens the paged kernel attends
     sliding_window: int | None
+    flash: list[FlashPrefill] = field(default_factory=list)  # the others (see FlashPrefill)
 
 
 @dataclass
@@ -74,16 +90,20 @@ def prepare_triton_inputs(
     device: torch.device,
     sliding_window: int | None,
     block_tables: BlockTables | None = None,
+    flash_min_tokens: int | None = None,
 ) -> TritonStepInputs:
     """Model inputs and Triton attention metadata for one step's chunks (any mix).
-    `block_tables`: the runner's tables kept on the device; None builds them for this step."""
+    `block_tables`: the runner's tables kept on the device; None builds them for this step.
+    `flash_min_tokens`: see `flash_prefill_chunks` (None: every chunk takes the paged kernel)."""
     assert chunks, "empty step"
     tables = tables_for(block_tables, chunks, block_size, device)
     packer = IntPacker()
     starts = pack_tokens(packer, chunks, block_size)
     rows = tables.stage(packer, chunks)
     decode_idx = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
-    prefill_idx = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
+    flash_idx = flash_prefill_chunks(chunks, flash_min_tokens, sliding_window)
+    flash_set = set(flash_idx)
+    prefill_idx = [i for i, c in enumerate(chunks) if c.num_tokens > 1 and i not in flash_set]
     decode_seqs = [chunks[i] for i in decode_idx]
     prefill_seqs = [chunks[i] for i in prefill_idx]
     _pack_seqs(packer, "dec", decode_seqs, [rows[i] for i in decode_idx])
@@ -118,8 +138,9 @@ def prepare_triton_inputs(
             ctx=t["pre_ctx"],
             tables=tables.gather(t["pre_table_rows"], prefill_mb),
         )
+    flash = [FlashPrefill(starts[i], chunks[i].num_tokens) for i in flash_idx]
     attn = TritonAttentionMetadata(
-        starts[-1], block_size, t["slots"], decode, prefill, sliding_window
+        starts[-1], block_size, t["slots"], decode, prefill, sliding_window, flash
     )
     sample_chunks = [i for i, c in enumerate(chunks) if c.sample]
     every_row_samples = len(sample_chunks) == len(chunks) == starts[-1]
@@ -130,6 +151,25 @@ def prepare_triton_inputs(
         sample_chunks=sample_chunks,
         attn=attn,
     )
+
+
+def flash_prefill_chunks(
+    chunks: list[ScheduledChunk], min_tokens: int | None, sliding_window: int | None
+) -> list[int]:
+    """Indices of the chunks FlashAttention attends: at least `min_tokens` (and 2) tokens,
+    starting at position 0 (no cached prefix, no earlier chunk: the chunk's own K/V are its
+    whole context) and, under a sliding window, no longer than the window (so that plain causal
+    masking is exact). None for `min_tokens`: no chunk."""
+    if min_tokens is None:
+        return []
+    least = max(min_tokens, 2)  # single-token chunks are decodes
+    return [
+        i
+        for i, c in enumerate(chunks)
+        if c.start_pos == 0
+        and c.num_tokens >= least
+        and (sliding_window is None or c.num_tokens <= sliding_window)
+    ]
 
 
 def _pack_seqs(

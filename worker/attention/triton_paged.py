@@ -8,6 +8,10 @@
   a second kernel merges the splits by their log-sum-exp. One split writes the output directly.
 - prefill (chunks of several tokens, possibly after a cached prefix): one program per (tile of
   64 queries, head), causal (and sliding-window) masking, keys read from the cache.
+- prefill of a long chunk with nothing cached before it (`flash_prefill`, on by default for
+  bf16/fp16): FlashAttention through torch's scaled_dot_product_attention over the chunk's own
+  q/k/v, one call per chunk (about twice the paged kernel's rate on a contiguous chunk). Its K/V
+  are written to the cache as every chunk's are.
 
 The number of splits depends only on (sequences, longest context), so a CUDA graph captured for
 a batch size with the longest context it allows keeps a fixed grid.
@@ -19,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from engine.batch import ScheduledChunk
 from worker.attention.block_tables import BlockTables
@@ -30,7 +35,9 @@ from worker.attention.triton_kernels import (
     store_kv_kernel,
 )
 from worker.attention.triton_metadata import (
+    FLASH_MIN_TOKENS,
     PREFILL_BLOCK_M,
+    FlashPrefill,
     TritonAttentionMetadata,
     TritonDecode,
     TritonPrefill,
@@ -61,7 +68,11 @@ class TritonPagedAttention:
 
     name = "triton"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, flash_prefill: bool = False
+    ) -> None:
+        """`flash_prefill`: attend long chunks without a cached prefix with FlashAttention (an
+        attribute read at every step: a benchmark may switch it between runs)."""
         assert num_heads % num_kv_heads == 0
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -75,6 +86,8 @@ class TritonPagedAttention:
         # 4 warps, 109 with 64 keys and 8 warps.
         self.decode_config = LaunchConfig(block_n=64, num_warps=4, num_stages=2)
         self.prefill_config = LaunchConfig(block_n=32, num_warps=4, num_stages=2)
+        self.flash_prefill = flash_prefill
+        self.flash_min_tokens = FLASH_MIN_TOKENS  # tests lower it to cover short chunks
 
     def prepare_inputs(
         self,
@@ -84,7 +97,10 @@ class TritonPagedAttention:
         sliding_window: int | None,
         block_tables: BlockTables | None = None,
     ) -> TritonStepInputs:
-        return prepare_triton_inputs(chunks, block_size, device, sliding_window, block_tables)
+        flash_min = self.flash_min_tokens if self.flash_prefill else None
+        return prepare_triton_inputs(
+            chunks, block_size, device, sliding_window, block_tables, flash_min
+        )
 
     def write_kv(
         self,
@@ -110,13 +126,19 @@ class TritonPagedAttention:
         kv_layer: torch.Tensor,
         meta: TritonAttentionMetadata,
     ) -> torch.Tensor:
-        """q `[T, heads, hd]` (rows may be strided) -> `[T, heads * hd]`; K/V read from cache."""
+        """q `[T, heads, hd]` (rows may be strided) -> `[T, heads * hd]`; K/V read from cache
+        (fresh k/v `[T, kvh, hd]` are read only by the FlashAttention chunks)."""
         assert q.stride(2) == 1
+        if meta.decode is None and meta.prefill is None and len(meta.flash) == 1:
+            return self._flash(q, k, v)  # one fresh prompt: its output is the whole step's
         out = q.new_empty(meta.num_tokens, self.num_heads * self.head_dim)  # [T, heads * hd]
         if meta.decode is not None:
             self._decode(q, kv_layer, meta, meta.decode, out)
         if meta.prefill is not None:
             self._prefill(q, kv_layer, meta, meta.prefill, out)
+        for chunk in meta.flash:
+            rows = _rows(chunk)
+            out[rows] = self._flash(q[rows], k[rows], v[rows])
         return out
 
     def decode_splits(self, num_seqs: int, max_len: int) -> tuple[int, int]:
@@ -187,6 +209,24 @@ class TritonPagedAttention:
             BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=cfg.block_n, USE_WINDOW=window > 0,
             PRECISION=_precision(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
+
+    def _flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of one chunk over itself: q `[n, heads, hd]`, k/v `[n, kvh, hd]`
+        (strided rows, contiguous heads) -> `[n, heads * hd]`. For bf16/fp16 SDPA picks
+        FlashAttention, which reads the kv heads as they are (no expansion to `heads`); the
+        GPU tests check that it accepts these views (tests/gpu/test_flash_prefill.py)."""
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
+            k.transpose(0, 1).unsqueeze(0),  # [1, kvh, n, hd]
+            v.transpose(0, 1).unsqueeze(0),  # [1, kvh, n, hd]
+            is_causal=True,
+            enable_gqa=self.group > 1,
+        )  # [1, heads, n, hd]
+        return o[0].transpose(0, 1).reshape(q.shape[0], -1)  # [n, heads * hd]
+
+
+def _rows(chunk: FlashPrefill) -> slice:
+    return slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
 
 
 def _precision(q: torch.Tensor) -> str:

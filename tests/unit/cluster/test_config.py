@@ -24,6 +24,10 @@ def test_shipped_configs_load(path: Path) -> None:
         ({"model": {"load_format": "pickle"}}, "model.load_format"),
         ({"decode": {"engine": {"scheduler": {"block_size": 0}}}}, "decode.engine.scheduler"),
         ({"router": {"port": 70000}}, "router.port"),
+        (
+            {"prefill": {"engine": {"prefill_attention": "flash"}}},
+            "prefill.engine.prefill_attention",
+        ),
         ({"router": {"placement": "head"}}, "router.placement"),
         ({"prefill": {"instances": 1}, "decode": {"instances": 0}}, "decode.instances"),
         (

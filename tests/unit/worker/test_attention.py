@@ -9,7 +9,7 @@ import torch
 
 from engine.batch import ScheduledChunk
 from engine.sampling_params import SamplingParams
-from worker.attention import TorchPagedAttention, prepare_step_inputs
+from worker.attention import TorchPagedAttention, make_attention_backend, prepare_step_inputs
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
 
@@ -64,3 +64,11 @@ def test_mixed_batch_matches_dense_attention(window) -> None:
         expected = _dense_reference(q[start : start + n], k, v, window)
         torch.testing.assert_close(out[start : start + n], expected, atol=1e-5, rtol=1e-5)
         start += n
+
+
+def test_backend_choice_and_prefill_attention_setting() -> None:
+    cpu = torch.device("cpu")
+    backend = make_attention_backend("auto", HEADS, KV_HEADS, HEAD_DIM, cpu, "paged", torch.float32)
+    assert backend.name == "torch"  # the torch backend attends fresh chunks with SDPA anyway
+    with pytest.raises(ValueError, match="prefill_attention 'flash'"):
+        make_attention_backend("auto", HEADS, KV_HEADS, HEAD_DIM, cpu, "flash")

@@ -7,7 +7,11 @@ import torch
 from engine.batch import ScheduledChunk
 from engine.sampling_params import SamplingParams
 from worker.attention.metadata import prepare_step_inputs
-from worker.attention.triton_metadata import PREFILL_BLOCK_M, prepare_triton_inputs
+from worker.attention.triton_metadata import (
+    PREFILL_BLOCK_M,
+    flash_prefill_chunks,
+    prepare_triton_inputs,
+)
 
 BLOCK = 4
 CPU = torch.device("cpu")
@@ -71,3 +75,39 @@ def test_decode_only_step_samples_every_row() -> None:
     inputs = prepare_triton_inputs([chunk("a", 1, 3, [1]), chunk("b", 1, 0, [2])], BLOCK, CPU, None)
     assert inputs.logits_index is None  # every row samples: no gather needed
     assert inputs.attn.prefill is None and inputs.attn.decode.num_seqs == 2
+
+
+def test_flash_takes_long_chunks_without_a_cached_prefix() -> None:
+    """Chunks from position 0 of at least the minimum length go to FlashAttention; a chunk after
+    a cached prefix (or an earlier chunk), a short one and a decode stay with the paged kernel."""
+    chunks = [
+        chunk("fresh-long", 9, 0, [1, 2, 3]),
+        chunk("after-prefix", 9, 4, [4, 5, 6, 7]),
+        chunk("dec", 1, 0, [8]),  # a one-token prompt is a decode, whatever the minimum
+        chunk("fresh-short", 3, 0, [9]),
+        chunk("fresh-exact", 8, 0, [10, 11]),
+    ]
+    assert flash_prefill_chunks(chunks, 8, None) == [0, 4]
+    assert flash_prefill_chunks(chunks, 1, None) == [0, 3, 4]
+    assert flash_prefill_chunks(chunks, None, None) == []  # prefill_attention: paged
+    # Under a sliding window plain causal masking is exact only within the window.
+    assert flash_prefill_chunks(chunks, 2, 8) == [3, 4]
+
+
+def test_flash_chunks_leave_the_paged_metadata() -> None:
+    chunks = [*mixed_step(), chunk("pre-e", 9, 0, [30, 31, 32])]
+    attn = prepare_triton_inputs(chunks, BLOCK, CPU, None, flash_min_tokens=5).attn
+    # pre-d (5 tokens from 0, rows 72..76) and pre-e (9 from 0, rows 77..85) take FlashAttention.
+    assert [(f.token_start, f.num_tokens) for f in attn.flash] == [(72, 5), (77, 9)]
+    prefill = attn.prefill
+    assert prefill is not None and prefill.num_seqs == 1  # pre-b only: it has a prefix
+    assert prefill.q_starts.tolist() == [1] and prefill.ctx.tolist() == [6]
+    assert prefill.num_tiles == 2 and prefill.tables.shape == (1, 19)
+    assert attn.decode is not None and attn.decode.rows.tolist() == [0, 71]
+    # Every chunk's K/V is still written: the slots cover all rows.
+    assert attn.slots.shape[0] == attn.num_tokens == 86
+    # A step of fresh prompts only has no paged prefill at all.
+    alone = prepare_triton_inputs([chunk("p", 6, 0, [1, 2])], BLOCK, CPU, None, None, 2).attn
+    assert alone.prefill is None and alone.decode is None and len(alone.flash) == 1
+    # The default keeps every chunk on the paged kernel.
+    assert prepare_triton_inputs(chunks, BLOCK, CPU, None).attn.flash == []
