@@ -4,11 +4,15 @@ processes: what routing each prefill rank's heads to the decode rank holding the
 A 2048-token prompt's KV in a Llama cache shape with 4 KV heads (30 layers, head_dim 64, fp32,
 block_size 16: about 126 MB in all) moves from P's ranks (a source process holding P at TP a,
 each rank's cache in its own shared-memory segment, as the cache messager maps them) into D's
-ranks (a target process, D at TP b), one write per layer carrying every route, as the messager
-issues it. The same bytes at TP 1 -> TP 1 (whole blocks merged into one run per layer) is the
-baseline of the same run; an in-process memcpy of the bytes is the ceiling.
+ranks (a target process, D at TP b), one write per layer, as the messager issues it: through
+its `StagedWriter` (cache_transfer/staging.py: between different sizes each D rank's heads are
+gathered into a staging ring and written as whole blocks), and between different sizes also the
+old way, one descriptor per (K or V, token) and route straight from P's cache ("per-token"). The
+same bytes at TP 1 -> TP 1 (whole blocks merged into one run per layer) is the baseline of the
+same run; an in-process memcpy of the bytes is the ceiling.
 
-    python benchmarks/tp_transfer.py [--iters 5] [--sizes 1x1 2x1 1x2 2x2]
+    python benchmarks/tp_transfer.py [--iters 5] [--sizes 1x1 2x1 1x2 2x2] [--staging-mb 64 4]
+        [--no-per-token]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,6 +36,7 @@ from cache_transfer.backend import TransferState, deadline_in
 from cache_transfer.layout import KVLayout
 from cache_transfer.nixl_backend import NixlBackend
 from cache_transfer.shared_kv import SharedKVCache
+from cache_transfer.staging import StagedWriter
 from cache_transfer.tp_layout import HeadRange, RankKV
 
 KV_HEADS, LAYERS, BLOCK, HEAD_DIM, PROMPT = 4, 30, 16, 64, 2048
@@ -64,7 +70,7 @@ def run_target(handles: list[dict], conn: Connection) -> None:
             cache.close()
 
 
-def time_once(backend: NixlBackend, peer: str) -> tuple[float, int]:
+def time_once(backend: NixlBackend | StagedWriter, peer: str) -> tuple[float, int]:
     started = time.perf_counter()
     handles = [backend.write(peer, layer, SRC_IDS, layer, DST_IDS) for layer in range(LAYERS)]
     deadline = deadline_in(120)
@@ -86,7 +92,8 @@ def whole(caches: list[SharedKVCache], layer: int, ids: list[int]) -> np.ndarray
     return np.concatenate(parts, axis=3)
 
 
-def bench(p_size: int, d_size: int, iters: int) -> tuple[float, int]:
+def bench(p_size: int, d_size: int, iters: int, staging_mb: list[int], per_token: bool) -> list:
+    """Rows (path, descriptors per layer, median seconds) for P at TP `p_size` -> D at `d_size`."""
     src, dst = rank_caches(p_size, "p"), rank_caches(d_size, "d")
     rng = np.random.default_rng(p_size * 10 + d_size)
     for cache in src:
@@ -97,6 +104,7 @@ def bench(p_size: int, d_size: int, iters: int) -> tuple[float, int]:
     conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=run_target, args=([c.handle() for c in dst], child_conn))
     child.start()
+    rows = []
     try:
         if not conn.poll(60):
             raise RuntimeError("target did not start")
@@ -104,12 +112,27 @@ def bench(p_size: int, d_size: int, iters: int) -> tuple[float, int]:
         with NixlBackend("tpx-source") as source:
             source.register(ranks_of(src))
             peer = source.connect(info, deadline_in(30))
-            time_once(source, peer)  # warm-up: connection, page faults
-            for layer in (0, LAYERS - 1):
-                if not np.array_equal(whole(src, layer, SRC_IDS), whole(dst, layer, DST_IDS)):
-                    raise RuntimeError(f"{p_size}x{d_size}: layer {layer} arrived wrong")
-            runs = [time_once(source, peer) for _ in range(iters)]
-        return statistics.median(s for s, _ in runs), runs[0][1]
+            tensors = [c.layer_tensors() for c in src]
+            paths: list[tuple[str, NixlBackend | StagedWriter]] = [
+                (
+                    f"staged, {mb} MiB ring" if p_size != d_size else "whole blocks",
+                    StagedWriter(source, tensors, mb << 20),
+                )
+                for mb in (staging_mb if p_size != d_size else staging_mb[:1])
+            ]
+            if per_token and p_size != d_size:
+                paths.append(("per-token", source))
+            for path, writer in paths:
+                for cache in dst:
+                    for layer in range(LAYERS):
+                        cache.layer_bytes(layer)[:] = 0
+                time_once(writer, peer)  # warm-up: connection, page faults, staging buffer
+                for layer in (0, LAYERS - 1):
+                    if not np.array_equal(whole(src, layer, SRC_IDS), whole(dst, layer, DST_IDS)):
+                        raise RuntimeError(f"{p_size}x{d_size} {path}: layer {layer} arrived wrong")
+                runs = [time_once(writer, peer) for _ in range(iters)]
+                rows.append((path, runs[0][1], statistics.median(s for s, _ in runs)))
+        return rows
     finally:
         conn.send("stop")
         child.join(10)
@@ -133,17 +156,22 @@ def memcpy_seconds(iters: int) -> float:
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # as in the messager actor (Ray gives it OMP_NUM_THREADS=1)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--sizes", nargs="+", default=["1x1", "2x1", "1x2", "2x2", "4x1"])
+    parser.add_argument("--staging-mb", nargs="+", type=int, default=[64])
+    parser.add_argument("--no-per-token", action="store_true", help="skip the old path's rows")
     args = parser.parse_args()
     moved = LAYERS * BLOCKS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 4
-    rows = [("memcpy (1 process)", 1, memcpy_seconds(args.iters))]
+    rows = [("memcpy (1 process)", "", 1, memcpy_seconds(args.iters))]
     for sizes in args.sizes:
         p_size, d_size = (int(x) for x in sizes.split("x"))
-        seconds, descs = bench(p_size, d_size, args.iters)
-        rows.append((f"P TP {p_size} -> D TP {d_size}", descs, seconds))
-    base = next((s for name, _, s in rows if name == "P TP 1 -> D TP 1"), None)
+        for path, descs, seconds in bench(
+            p_size, d_size, args.iters, args.staging_mb, not args.no_per_token
+        ):
+            rows.append((f"P TP {p_size} -> D TP {d_size}", path, descs, seconds))
+    base = next((s for name, _, _, s in rows if name == "P TP 1 -> D TP 1"), None)
     load = os.getloadavg()[0]
     print(
         f"KV of a {PROMPT}-token prompt, {LAYERS} layers x {KV_HEADS} KV heads x {HEAD_DIM}, fp32,"
@@ -151,11 +179,12 @@ def main() -> None:
     print(
         f"{moved / 1e6:.1f} MB, NIXL between two processes, one write per layer (load {load:.1f})"
     )
-    print("| sizes | descriptors/layer | median ms | GB/s | vs TP 1 -> 1 |")
-    print("|---|---|---|---|---|")
-    for name, descs, seconds in rows:
+    print("| sizes | path | descriptors/layer | median ms | GB/s | vs TP 1 -> 1 |")
+    print("|---|---|---|---|---|---|")
+    for name, path, descs, seconds in rows:
         ratio = f"{seconds / base:.2f}x" if base else "-"
-        print(f"| {name} | {descs} | {seconds * 1e3:.1f} | {moved / seconds / 1e9:.2f} | {ratio} |")
+        gbs = moved / seconds / 1e9
+        print(f"| {name} | {path} | {descs} | {seconds * 1e3:.1f} | {gbs:.2f} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,12 @@ means they may be partly written: the target must not hand those blocks to anyon
 its own lease on them expires. ``release(handle)`` frees backend resources; call it once per
 handle on every path (``close()`` releases whatever is left).
 
+``write_descs(peer, src_descs, dst_descs, dst_layer)`` is the same write from explicit matched
+descriptors: each source one inside this side's registered memory (its ranks' layers, or a
+region added with ``add_local_region``, such as a staging buffer), each destination inside one
+of the peer's ranks' layer ``dst_layer``; anything else raises ``LayoutError``
+(cache_transfer/staging.py gathers head slices into a staging buffer and writes it this way).
+
 Completion is not signalled through the backend: because DONE means the bytes are in the
 target's memory, the source tells the target "KV complete" with a control message of its own
 (pdserve's ``KvComplete``) sent after the last DONE.
@@ -115,6 +121,10 @@ def endpoint_field(info: dict[str, Any], key: str) -> Any:
         raise TransferError(f"endpoint info lacks {key!r}") from None
 
 
+def _inside(addr: int, nbytes: int, region: Desc) -> bool:
+    return region[0] <= addr and addr + nbytes <= region[0] + region[1]
+
+
 def _parse_endpoint_info(info: Any, backend: str) -> tuple[str, list[RankKV]]:
     """Peer name and ranks from an endpoint dict of this backend and protocol version."""
     if not isinstance(info, dict):
@@ -160,6 +170,7 @@ class TransferBackend(ABC):
         # unsynchronized and zmq sockets must not be used from two threads at once.
         self._lock = threading.RLock()
         self._ranks: list[RankKV] | None = None
+        self._local_regions: list[Desc] = []  # added with add_local_region (staging buffers)
         self._peers: dict[str, _Peer] = {}
         self._counters = {"writes": 0, "failed": 0}
 
@@ -183,6 +194,10 @@ class TransferBackend(ABC):
 
     @abstractmethod
     def _open_peer(self, peer: str, peer_info: dict[str, Any], dialed: Any) -> None: ...
+
+    @abstractmethod
+    def _register_local(self, region: Desc, mem_type: str) -> None:
+        """Make ``region`` of this process's memory usable as a write source until ``close()``."""
 
     @abstractmethod
     def _start_write(
@@ -262,18 +277,65 @@ class TransferBackend(ABC):
                 dst_layer,
                 dst_block_ids,
             )
-            nbytes = sum(desc[1] for desc in src_descs)
-            handle = TransferHandle(peer=peer, nbytes=nbytes, num_descs=len(src_descs))
-            self._counters["writes"] += 1
-            if not src_descs:
-                handle.state = TransferState.DONE
-                return handle
-            try:
-                self._start_write(handle, src_descs, dst_descs, dst_layer)
-            except TransferError:
-                self._counters["failed"] += 1
-                raise
+            return self._post(peer, src_descs, dst_descs, dst_layer)
+
+    def write_descs(
+        self, peer: str, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
+    ) -> TransferHandle:
+        with self._lock:
+            ranks = self._require_registered()
+            peer_ranks = self._require_peer(peer)
+            if len(src_descs) != len(dst_descs):
+                raise LayoutError(f"{len(src_descs)} source but {len(dst_descs)} destination descs")
+            local = [
+                r.regions.layer_desc(i) for r in ranks for i in range(r.regions.layout.num_layers)
+            ]
+            for (addr, nbytes, _), (dst_addr, dst_nbytes, _) in zip(
+                src_descs, dst_descs, strict=True
+            ):
+                if nbytes != dst_nbytes:
+                    raise LayoutError(f"a {nbytes}-byte source paired with {dst_nbytes} bytes")
+                if not any(_inside(addr, nbytes, r) for r in local + self._local_regions):
+                    raise LayoutError(f"source {addr:#x}+{nbytes} is not registered memory")
+                if not any(r.regions.contains(dst_layer, dst_addr, nbytes) for r in peer_ranks):
+                    raise LayoutError(
+                        f"destination {dst_addr:#x}+{nbytes} is not in layer {dst_layer}"
+                    )
+            return self._post(peer, src_descs, dst_descs, dst_layer)
+
+    def _post(
+        self, peer: str, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
+    ) -> TransferHandle:
+        nbytes = sum(desc[1] for desc in src_descs)
+        handle = TransferHandle(peer=peer, nbytes=nbytes, num_descs=len(src_descs))
+        self._counters["writes"] += 1
+        if not src_descs:
+            handle.state = TransferState.DONE
             return handle
+        try:
+            self._start_write(handle, src_descs, dst_descs, dst_layer)
+        except TransferError:
+            self._counters["failed"] += 1
+            raise
+        return handle
+
+    def add_local_region(self, region: Desc) -> None:
+        """Register one more region of this process's memory (of the ranks' memory kind) as a
+        write source for ``write_descs``, until ``close()``: a staging buffer, registered once."""
+        with self._lock:
+            ranks = self._require_registered()
+            self._register_local(region, ranks[0].regions.mem_type)
+            self._local_regions.append(region)
+
+    def registered_ranks(self) -> list[RankKV]:
+        with self._lock:
+            return list(self._require_registered())
+
+    def peer_plan(self, peer: str) -> tuple[list[RankKV], list[HeadRoute]]:
+        """A connected peer's ranks and the routes from this side's ranks to them."""
+        with self._lock:
+            self._require_peer(peer)
+            return self._peers[peer].ranks, self._peers[peer].routes
 
     @abstractmethod
     def poll(self, handle: TransferHandle) -> TransferState: ...
@@ -296,6 +358,7 @@ class TransferBackend(ABC):
                 self._close()
             finally:
                 self._ranks = None
+                self._local_regions = []
 
     def _drop_peer(self, peer: str, reason: str) -> None:
         del self._peers[peer]

@@ -111,6 +111,7 @@ class NixlBackend(TransferBackend):
         self._agent: Any = None
         self._errors: tuple[type[BaseException], ...] = ()
         self._reg_descs: Any = None
+        self._local_regs: list[Any] = []  # add_local_region's registrations
         self._live: dict[int, TransferHandle] = {}
         self._unreleasable: list[Any] = []
 
@@ -137,6 +138,12 @@ class NixlBackend(TransferBackend):
         except (RuntimeError, *self._errors) as exc:  # RuntimeError: no NIXL plugins at all
             raise TransferError(f"NIXL registration failed: {exc!r}") from exc
         self._agent = agent
+
+    def _register_local(self, region: Desc, mem_type: str) -> None:
+        try:
+            self._local_regs.append(self._agent.register_memory([(*region, "")], mem_type))
+        except self._errors as exc:
+            raise TransferError(f"NIXL registration of a local region failed: {exc!r}") from exc
 
     def _endpoint_extra(self) -> dict[str, Any]:
         return {"metadata": self._agent.get_agent_metadata()}
@@ -190,10 +197,12 @@ class NixlBackend(TransferBackend):
             with contextlib.suppress(*self._errors):
                 xfer.release()
         try:
-            self._agent.deregister_memory(self._reg_descs)
+            for reg in [self._reg_descs, *self._local_regs]:
+                self._agent.deregister_memory(reg)
         finally:
             self._agent = None
             self._reg_descs = None
+            self._local_regs = []
 
     # -- transfers ------------------------------------------------------------------------
 

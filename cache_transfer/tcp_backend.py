@@ -94,6 +94,11 @@ class TcpBackend(TransferBackend):
         self._receiver = Receiver(self._ctx, self._host, self._session, regions)
         self._receiver.start()
 
+    def _register_local(self, region: Desc, mem_type: str) -> None:
+        # Sends read local memory straight from its address: nothing to register.
+        if mem_type != "DRAM":
+            raise TransferError("the TCP backend moves host memory only")
+
     def _endpoint_extra(self) -> dict[str, Any]:
         assert self._receiver is not None
         return {"address": self._receiver.address, "session": self._session}

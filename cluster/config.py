@@ -183,6 +183,13 @@ class TransferConfig(StrictModel):
     cache_task_timeout_s: float = Field(
         10.0, gt=0, description="How long the messager waits for a cache task it has not seen."
     )
+    staging_buffer_mb: int = Field(
+        64,
+        ge=1,
+        description="The cache messager's staging ring between prefill and decode instances of "
+        "different tensor-parallel sizes (MiB, allocated on the first such write, on the prefill "
+        "cache's device): each decode rank's heads are gathered there and written as whole blocks.",
+    )
 
 
 class ClusterConfig(StrictModel):

@@ -3,9 +3,9 @@
 It runs beside P (same node, same placement-group bundle), maps P's KV cache -- every
 tensor-parallel rank's (POSIX shared memory on CPU, CUDA IPC on a GPU) -- registers it with its
 own transfer agent and WRITEs blocks straight into D's registered cache, layer by layer while P
-computes later layers. Between instances of different tensor-parallel sizes each write carries
-each P rank's head slice of the blocks to the D rank holding those heads
-(cache_transfer/tp_layout.py); at equal sizes rank r's blocks go whole to D's rank r.
+computes later layers. Between instances of different tensor-parallel sizes each D rank's heads
+are gathered from the P ranks holding them into a staging ring laid out as D's blocks and
+written whole (cache_transfer/staging.py); at equal sizes rank r's blocks go whole to D's rank r.
 `KvComplete` goes to D's inbox only after every write of the request polled DONE (the bytes are
 in D's memory), so D blocks on its inbox instead of polling NIXL's notification list.
 
@@ -26,6 +26,7 @@ from typing import Any
 
 from cache_transfer.backend import deadline_in
 from cache_transfer.factory import attach_ranks, kv_agent_name, make_backend
+from cache_transfer.staging import StagedWriter
 from cluster.messager.state import MessagerState, TaskState
 from engine.procinfo import rss_mb
 from engine.protocol.cache import (
@@ -48,10 +49,13 @@ _ACCEPTS = (CacheTask, StepPlan, LayerReady, PrefillDone, CancelCache)
 
 
 class CacheMessager:
-    def __init__(self, name: MessagerId, backend: str, task_wait_s: float) -> None:
+    def __init__(
+        self, name: MessagerId, backend: str, task_wait_s: float, staging_mb: int = 64
+    ) -> None:
         self.name = name
         self.backend_name = backend
         self.task_wait_s = task_wait_s
+        self.staging_bytes = staging_mb << 20
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._heartbeat = time.monotonic()
@@ -64,8 +68,10 @@ class CacheMessager:
         self._stop = threading.Event()
         host = host or node_ip_address()
         self.kvs, ranks = attach_ranks(kv_ranks)
-        self.backend = make_backend(self.backend_name, kv_agent_name(self.name), host)
-        self.backend.register(ranks)
+        backend = make_backend(self.backend_name, kv_agent_name(self.name), host)
+        backend.register(ranks)
+        tensors = [kv.layer_tensors() for kv in self.kvs]  # gathers between different TP sizes
+        self.backend = StagedWriter(backend, tensors, self.staging_bytes)
         self._connected: dict[str, dict] = {}  # decode name -> transfer endpoint connected
         layout = ranks[0].regions.layout
         state = MessagerState(

@@ -38,5 +38,7 @@ def messager_actor(
     return (
         ray.remote(CacheMessager)
         .options(**opts)
-        .remote(mid, transfer.backend.value, transfer.cache_task_timeout_s)
+        .remote(
+            mid, transfer.backend.value, transfer.cache_task_timeout_s, transfer.staging_buffer_mb
+        )
     )

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cache_transfer.backend import TransferBackend, TransferHandle, TransferState
+from cache_transfer.staging import StagedWriter
 from engine.protocol.cache import CacheTask, ChunkPlan
 from engine.protocol.identity import InstanceId
 
@@ -56,7 +57,7 @@ class MessagerState:
 
     def __init__(
         self,
-        backend: TransferBackend,
+        backend: TransferBackend | StagedWriter,
         num_layers: int,
         block_size: int,
         peer_of: Callable[[InstanceId], str],

@@ -1,7 +1,7 @@
 """Prefill and decode at different tensor-parallel sizes, without Ray: P at TP 2 with D at TP 1,
 and P at TP 1 with D at TP 2 (ranks 1.. as local processes joined by gloo, their KV caches in
-shared memory that the messager or D maps). The messager writes each P rank's head slice of
-every block into the D rank holding those heads; 16 concurrent requests come out token for
+shared memory that the messager or D maps). The messager gathers each D rank's heads of every
+block from the P ranks holding them into its staging ring and writes them whole; 16 concurrent requests come out token for
 token as one TP-1 engine gives them, and every block on both sides is free after."""
 
 from __future__ import annotations
@@ -50,4 +50,6 @@ def test_sixteen_requests_match_tp1_and_free_every_block(pd, offline, p_size, d_
     for loop in cluster.loops:
         assert_all_free(loop)
     assert decode.counters["kv_complete"] == len(prompts)
-    assert cluster.messager.stats()["counters"]["writes"] > 0
+    stats = cluster.messager.stats()
+    assert stats["counters"]["writes"] > 0
+    assert stats["transfer"]["staged_writes"] == stats["counters"]["writes"]  # no per-token path
