@@ -130,8 +130,11 @@ def bench(p_size: int, d_size: int, iters: int, staging_mb: list[int], per_token
                 for layer in (0, LAYERS - 1):
                     if not np.array_equal(whole(src, layer, SRC_IDS), whole(dst, layer, DST_IDS)):
                         raise RuntimeError(f"{p_size}x{d_size} {path}: layer {layer} arrived wrong")
-                runs = [time_once(writer, peer) for _ in range(iters)]
-                rows.append((path, runs[0][1], statistics.median(s for s, _ in runs)))
+            # Paths take turns, so a burst of load on a shared machine hits them alike.
+            runs = [[time_once(writer, peer) for _, writer in paths] for _ in range(iters)]
+            for i, (path, _) in enumerate(paths):
+                seconds = statistics.median(turn[i][0] for turn in runs)
+                rows.append((path, runs[0][i][1], seconds))
         return rows
     finally:
         conn.send("stop")

@@ -324,14 +324,14 @@ class StagedWriter:
     # -- moving ------------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Free the slots of finished pieces; gather and post queued pieces while slots fit."""
-        for posted, slot in self._inflight:
-            slot.done = self.backend.poll(posted) >= TransferState.DONE
-        self._inflight = [(h, s) for h, s in self._inflight if not s.done]
+        """Gather and post queued pieces while slots fit, freeing those of finished pieces."""
+        self._reclaim()
         while self._queue:
             write = self._queue[0]
             slot = self._ring.alloc(write.pieces[0].nbytes)
             if slot is None:
+                if self._reclaim():  # a piece posted just now may be done already (CPU CMA)
+                    continue
                 self._counters["staging_waits"] += 1
                 return
             piece = write.pieces.popleft()
@@ -346,6 +346,14 @@ class StagedWriter:
             write.posted.append((posted, slot))
             self._inflight.append((posted, slot))
             self._counters["staged_pieces"] += 1
+
+    def _reclaim(self) -> bool:
+        """Mark the slots of finished pieces free; whether any was."""
+        for posted, slot in self._inflight:
+            slot.done = self.backend.poll(posted) >= TransferState.DONE
+        count = len(self._inflight)
+        self._inflight = [(h, s) for h, s in self._inflight if not s.done]
+        return len(self._inflight) < count
 
     def _post(self, write: _Write, piece: _Piece, slot: Slot) -> TransferHandle:
         buffer = self._staging()
