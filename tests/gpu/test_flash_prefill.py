@@ -144,7 +144,9 @@ def test_model_hidden_states_match_between_settings(small_model: Path) -> None:
         hidden[flash] = _hidden(runner, step)
     gap = relative_error(hidden[True], hidden[False].double().cpu())
     print(f"final hidden states, flash vs paged: rel diff {gap:.2e}")
-    assert gap < 3e-2
+    # bf16 rounding differs between the two kernels and grows through the layers; a wrong row,
+    # head or mask would differ by O(1).
+    assert gap < 5e-2
 
 
 def _hidden(runner, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -167,6 +169,7 @@ def test_engine_config_reaches_the_backend(small_model: Path, setting, dtype, fl
     engine = EngineConfig.model_validate(
         {
             "prefill_attention": setting,
+            "warmup": False,  # only the setting's way to the backend is under test
             "cache": {"num_blocks": 64},
             "scheduler": {"max_num_seqs": 2},
         }
