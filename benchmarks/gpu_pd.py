@@ -7,10 +7,12 @@ bandwidth, and how much of the transfer layer-wise streaming hides behind the pr
    written once), measured in this run.
 2. Transfer: the KV of one prompt (32 layers, bf16) moved by the production pieces in three
    processes -- P's cache (CudaKVCache, this process), the messager's view of it over CUDA IPC
-   registered with NIXL (a child), D's cache registered with NIXL (another child) -- one WRITE
-   per layer as the messager issues them, into contiguous and scattered destination blocks;
-   the bytes are checked on D. Median of --iters.
-3. End to end: 1P1D sharing the GPU (num_gpus 0.5 each, random bf16 weights of the 8B shape,
+   registered with the transfer backend (a child), D's cache (another child) -- one WRITE per
+   layer as the messager issues them, into contiguous and scattered destination blocks; the
+   bytes are checked on D. Median of --iters. Each of --backends in the same run: nixl (UCX
+   over CUDA IPC) and local (the messager maps D's cache too and runs one copy kernel).
+3. End to end (transfer.backend: --e2e-backend): 1P1D sharing the GPU (num_gpus 0.5 each,
+   random bf16 weights of the 8B shape,
    `model.load_format: random`), prompts sent one at a time: the router's TTFT split, and the
    transfer phase (first token sampled on P -> KV complete on D) as a share of the prefill,
    and its three parts. Goal: <= 10% at 4k tokens.
@@ -39,11 +41,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.model_folders
 
 from benchmarks.model_folders import SHAPES, write_model_folder
-from cache_transfer.backend import TransferState, deadline_in
+from cache_transfer.backend import TransferBackend, TransferState, deadline_in
 from cache_transfer.cuda_kv import CudaKVCache
-from cache_transfer.factory import attach_shared_kv
+from cache_transfer.factory import attach_shared_kv, make_backend, rank_kv_wire
 from cache_transfer.layout import KVLayout
-from cache_transfer.nixl_backend import NixlBackend
 from cluster.config import parse_config
 from cluster.launcher import deploy
 
@@ -89,11 +90,14 @@ def copy_bandwidth() -> float:
 
 
 # ---------------------------------------------------------------------------- 2. transfer
-def decode_side(layout_wire: dict, conn: Connection) -> None:
-    """D: its own cache on the GPU, registered with NIXL; answers checksum requests."""
+def decode_side(kind: str, layout_wire: dict, conn: Connection) -> None:
+    """D: its own cache on the GPU, registered with the backend (local: shared over CUDA IPC
+    for the messager to map); answers checksum requests."""
     cache = CudaKVCache.create(KVLayout.from_wire(layout_wire), torch.bfloat16, torch.device(0))
-    backend = NixlBackend("bench-decode")
+    backend = make_backend(kind, "bench-decode", "127.0.0.1")
     backend.register(cache.regions())
+    if kind == "local":
+        backend.share(rank_kv_wire([cache.handle()], [(0, cache.layout.kv_heads)]))
     conn.send_bytes(msgpack.packb(backend.endpoint_info()))
     while (request := conn.recv()) != "stop":
         conn.send(checksums(cache, request))
@@ -101,10 +105,13 @@ def decode_side(layout_wire: dict, conn: Connection) -> None:
     cache.close()
 
 
-def messager_side(handle: dict, endpoint: bytes, prompt_blocks: int, iters: int, conn) -> None:
-    """The messager: P's cache over CUDA IPC, registered with NIXL, one WRITE per layer."""
+def messager_side(
+    kind: str, handle: dict, endpoint: bytes, prompt_blocks: int, iters: int, conn
+) -> None:
+    """The messager: P's cache over CUDA IPC, registered with the backend, one WRITE per
+    layer."""
     cache = attach_shared_kv(handle)
-    backend = NixlBackend("bench-messager")
+    backend = make_backend(kind, "bench-messager", "127.0.0.1")
     backend.register(cache.regions())
     peer = backend.connect(msgpack.unpackb(endpoint), deadline_in(30))
     src_ids = list(range(prompt_blocks))
@@ -129,7 +136,7 @@ def messager_side(handle: dict, endpoint: bytes, prompt_blocks: int, iters: int,
     cache.close()
 
 
-def busy_wait(backend: NixlBackend, handles: list, deadline: float) -> TransferState:
+def busy_wait(backend: TransferBackend, handles: list, deadline: float) -> TransferState:
     """Poll every write without sleeping (the backend's own wait sleeps up to 1 ms between
     polls, too coarse to time a few milliseconds)."""
     while True:
@@ -148,7 +155,7 @@ def checksums(cache: CudaKVCache, block_ids: list[int]) -> list[int]:
     ]
 
 
-def measure_transfer(prompt_tokens: int, iters: int) -> dict[str, float]:
+def measure_transfer(prompt_tokens: int, iters: int, kind: str) -> dict[str, float]:
     layout = kv_layout(prompt_tokens)
     prompt_blocks = prompt_tokens // BLOCK
     owner = CudaKVCache.create(layout, torch.bfloat16, torch.device("cuda"))
@@ -158,13 +165,13 @@ def measure_transfer(prompt_tokens: int, iters: int) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     d_conn, d_child = ctx.Pipe()
     m_conn, m_child = ctx.Pipe()
-    decode = ctx.Process(target=decode_side, args=(layout.to_wire(), d_child))
+    decode = ctx.Process(target=decode_side, args=(kind, layout.to_wire(), d_child))
     decode.start()
     messager = None
     try:
         assert d_conn.poll(120), "decode side did not start"
         endpoint = d_conn.recv_bytes()
-        args = (owner.handle(), endpoint, prompt_blocks, iters, m_child)
+        args = (kind, owner.handle(), endpoint, prompt_blocks, iters, m_child)
         messager = ctx.Process(target=messager_side, args=args)
         messager.start()
         expected = checksums(owner, list(range(prompt_blocks)))
@@ -187,7 +194,7 @@ def measure_transfer(prompt_tokens: int, iters: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- 3. end to end
-def pd_config(folder: Path, max_tokens_in_prompt: int) -> Any:
+def pd_config(folder: Path, max_tokens_in_prompt: int, backend: str) -> Any:
     def engine(batched: int, memory_mb: int) -> dict:
         sched = {"max_num_seqs": 8, "max_num_batched_tokens": batched, "block_size": BLOCK}
         return {"scheduler": sched, "cache": {"memory_mb": memory_mb}}
@@ -207,7 +214,7 @@ def pd_config(folder: Path, max_tokens_in_prompt: int) -> Any:
             "placement": half,
         },
         "decode": {"instances": 1, "engine": engine(512, 8192), "placement": half},
-        "transfer": {"backend": "nixl"},
+        "transfer": {"backend": backend},
         "cluster": {"startup_timeout_s": 600},
     }
     return parse_config(raw)
@@ -225,10 +232,10 @@ def one_request(url: str, model: str, prompt: list[int]) -> None:
     response.raise_for_status()
 
 
-def measure_end_to_end(lengths: list[int], requests: int) -> dict[int, dict]:
+def measure_end_to_end(lengths: list[int], requests: int, backend: str) -> dict[int, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_model_folder(Path(tmp) / "llama3-8b-random", SHAPE)
-        dep = deploy(pd_config(folder, max(lengths)))
+        dep = deploy(pd_config(folder, max(lengths), backend))
         try:
             rng = random.Random(0)
             vocab = SHAPE["vocab_size"]
@@ -258,11 +265,13 @@ def print_table(copy_bw: float, transfer: dict, e2e: dict[int, dict]) -> None:
     print("| what | figure |")
     print("| --- | ---: |")
     print(f"| device copy, 1 GiB (bytes moved) | {copy_bw / 1e9:.0f} GB/s |")
-    mib = transfer["bytes"] / 2**20
-    for name in patterns(2):
-        value = transfer[f"{name}_bytes_per_s"]
-        what = f"NIXL WRITE P->D by the messager over CUDA IPC, {mib:.0f} MiB, {name}"
-        print(f"| {what} | {value / 1e9:.0f} GB/s ({value / copy_bw:.0%} of copy) |")
+    for kind, figures in transfer.items():
+        mib = figures["bytes"] / 2**20
+        how = {"nixl": "NIXL WRITE", "local": "local copy kernel"}[kind]
+        for name in patterns(2):
+            value = figures[f"{name}_bytes_per_s"]
+            what = f"{how} P->D by the messager (P over CUDA IPC), {mib:.0f} MiB, {name}"
+            print(f"| {what} | {value / 1e9:.0f} GB/s ({value / copy_bw:.0%} of copy) |")
     for length, data in e2e.items():
         split = data["split"]
         prefill, xfer = split["prefill"]["p50_ms"], split["transfer"]["p50_ms"]
@@ -283,18 +292,27 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--transfer-sweep", type=int, nargs="*", default=[])
+    parser.add_argument(
+        "--backends", nargs="+", default=["nixl", "local"], help="transfer backends to time"
+    )
+    parser.add_argument("--e2e-backend", default="local", help="transfer.backend end to end")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     copy_bw = copy_bandwidth()
-    transfer = measure_transfer(max(args.prompt_tokens), args.iters)
+    longest = max(args.prompt_tokens)
+    transfer = {kind: measure_transfer(longest, args.iters, kind) for kind in args.backends}
+    sweeps: dict[int, dict] = {}
     for length in args.transfer_sweep:  # one WRITE per layer, each of length / 16 blocks
-        swept = measure_transfer(length, args.iters)
+        swept = {kind: measure_transfer(length, args.iters, kind) for kind in args.backends}
         print(f"transfer sweep {length} tokens: {swept}")
-        transfer[f"sweep_{length}"] = swept
+        sweeps[length] = swept
     torch.cuda.empty_cache()
-    e2e = {} if args.skip_e2e else measure_end_to_end(args.prompt_tokens, args.requests)
+    e2e = {}
+    if not args.skip_e2e:
+        e2e = measure_end_to_end(args.prompt_tokens, args.requests, args.e2e_backend)
     if args.out:
-        data = {"copy_bytes_per_s": copy_bw, "transfer": transfer, "end_to_end": e2e}
+        data = {"copy_bytes_per_s": copy_bw, "transfer": transfer, "sweeps": sweeps}
+        data["end_to_end"] = e2e
         args.out.write_text(json.dumps(data, indent=1, default=str))
     print_table(copy_bw, transfer, e2e)
 

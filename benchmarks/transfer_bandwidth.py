@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache_transfer.backend import TransferBackend, TransferState, deadline_in
+from cache_transfer.factory import rank_kv_wire
 from cache_transfer.layout import KVLayout, paired_runs
 from cache_transfer.shared_kv import SharedKVCache
 
@@ -38,7 +39,7 @@ LAYOUT = KVLayout(num_layers=30, num_blocks=320, block_size=16, kv_heads=3, head
 PROMPT_BLOCKS = 2048 // LAYOUT.block_size
 SRC_IDS = list(range(PROMPT_BLOCKS))
 IDLE_S = 2.0
-BACKENDS = ("nixl", "nixl-busy", "tcp")
+BACKENDS = ("nixl", "nixl-busy", "tcp", "local")
 PATTERNS = {
     "contiguous": list(range(40, 40 + PROMPT_BLOCKS)),
     "scattered": list(range(0, 2 * PROMPT_BLOCKS, 2)),
@@ -46,6 +47,10 @@ PATTERNS = {
 
 
 def create_backend(kind: str, name: str, host: str) -> TransferBackend:
+    if kind == "local":
+        from cache_transfer.local_backend import LocalBackend
+
+        return LocalBackend(name)
     if kind == "tcp":
         from cache_transfer.tcp_backend import TcpBackend
 
@@ -68,6 +73,8 @@ def run_target(kind: str, host: str, cache_handle: dict[str, Any], conn: Connect
     backend = create_backend(kind, f"bench-target-{kind}", host)
     try:
         backend.register(cache.regions())
+        if kind == "local":  # the source maps this cache itself
+            backend.share(rank_kv_wire([cache.handle()], [(0, cache.layout.kv_heads)]))
         conn.send_bytes(msgpack.packb(backend.endpoint_info()))
         conn.recv()  # the source has connected
         conn.send(idle_cpu_share())
@@ -157,7 +164,8 @@ def main() -> None:
         nargs="+",
         choices=BACKENDS,
         default=list(BACKENDS),
-        help="nixl: as deployed; nixl-busy: NIXL's busy-polling progress thread; tcp: zmq frames",
+        help="nixl: as deployed; nixl-busy: NIXL's busy-polling progress thread; tcp: zmq "
+        "frames; local: the source maps the target's shared cache and copies",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address the TCP target binds")
     args = parser.parse_args()

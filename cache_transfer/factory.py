@@ -21,7 +21,7 @@ def kv_agent_name(owner: InstanceId | MessagerId) -> str:
 
 
 def make_backend(name: str, agent_name: str, host: str) -> TransferBackend:
-    """`name` is the YAML's transfer.backend ("nixl" or "tcp"); `host` is the node address."""
+    """`name` is the YAML's transfer.backend (nixl, tcp, local); `host` is the node address."""
     name = getattr(name, "value", name)
     if name == "nixl":
         from cache_transfer.nixl_backend import NixlBackend
@@ -31,6 +31,10 @@ def make_backend(name: str, agent_name: str, host: str) -> TransferBackend:
         from cache_transfer.tcp_backend import TcpBackend
 
         return TcpBackend(agent_name, host)
+    if name == "local":
+        from cache_transfer.local_backend import LocalBackend
+
+        return LocalBackend(agent_name)
     raise ValueError(f"unknown transfer backend {name!r}")
 
 

@@ -16,6 +16,7 @@ from engine.errors import ConfigError
 class TransferBackendName(str, enum.Enum):
     NIXL = "nixl"
     TCP = "tcp"
+    LOCAL = "local"
 
 
 class RouterPlacement(str, enum.Enum):
@@ -178,7 +179,10 @@ class MixedConfig(StrictModel):
 
 class TransferConfig(StrictModel):
     backend: TransferBackendName = Field(
-        TransferBackendName.NIXL, description="KV data plane: nixl (UCX) or tcp (zmq frames)."
+        TransferBackendName.NIXL,
+        description="KV data plane: nixl (UCX), tcp (zmq frames), or local (prefill and decode "
+        "instances on one machine: the cache messager maps the decode cache and copies -- "
+        "memcpy on CPU, one batched copy kernel on a GPU).",
     )
     cache_task_timeout_s: float = Field(
         10.0, gt=0, description="How long the messager waits for a cache task it has not seen."

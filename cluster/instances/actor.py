@@ -30,7 +30,7 @@ def build_switchable(
     `name.role`; the config guarantees that prefill and decode size the KV cache alike."""
     prefill = PrefillRole(name, config, host)
     core = prefill.build_core(config)
-    decode = DecodeRole(name, config, core, host)
+    decode = DecodeRole(name, config, core, host, store=prefill.kv, owns_store=False)
     roles = {
         Role.PREFILL: RoleSetup(prefill, config.prefill.engine.scheduler, False),
         Role.DECODE: RoleSetup(
@@ -62,8 +62,8 @@ def build_role(name: InstanceId, config: PdserveConfig, host: str) -> tuple[Engi
         prefill = PrefillRole(name, config, host)
         return prefill.build_core(config), prefill
     if name.role is Role.DECODE:
-        core = DecodeRole.build_core(config, name)
-        return core, DecodeRole(name, config, core, host)
+        core, store = DecodeRole.build_core(config, name)
+        return core, DecodeRole(name, config, core, host, store)
     return MixedRole.build_core(config, name), MixedRole()
 
 

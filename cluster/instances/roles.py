@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from cache_transfer.factory import (
+    KVStore,
     attach_ranks,
     kv_agent_name,
     make_backend,
@@ -20,8 +21,9 @@ from cache_transfer.factory import (
     rank_kv_wire,
     regions_of_tensors,
 )
+from cache_transfer.local_backend import LocalBackend
 from cache_transfer.tp_layout import HeadRange, RankKV
-from cluster.config import PdserveConfig
+from cluster.config import PdserveConfig, TransferBackendName
 from cluster.instances.common import deployment_id
 from cluster.instances.loop import Client, RolePolicy
 from cluster.tp_ranks import ray_ranks_for
@@ -33,7 +35,7 @@ from engine.protocol.requests import GenerateRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
 from engine.protocol.tokens import Timings
 from engine.request import Request, RequestStatus
-from worker.engine_core import EngineCore, resolve_overlap
+from worker.engine_core import EngineCore, kv_layout_for, resolve_device, resolve_overlap
 
 
 def section_core(config: PdserveConfig, role: Role, name: InstanceId, **extra) -> EngineCore:
@@ -71,9 +73,19 @@ class DecodeRole(RolePolicy):
     accepts = (DecodeTask, CancelDecode, KvComplete)
 
     def __init__(
-        self, name: InstanceId, config: PdserveConfig, core: EngineCore, host: str
+        self,
+        name: InstanceId,
+        config: PdserveConfig,
+        core: EngineCore,
+        host: str,
+        store: KVStore | None = None,
+        owns_store: bool = True,
     ) -> None:
+        """`store`: where rank 0's cache lives when another process may map it (`build_core`
+        with the local backend; on a switchable instance, its prefill role's store, which that
+        role closes)."""
         self.name = name
+        self.own_store = store if owns_store else None
         self.lease_s = config.decode.kv_lease_timeout_s
         self.backend = make_backend(config.transfer.backend, kv_agent_name(name), host)
         # Every rank's cache, so P's messager writes each head slice where its rank reads it.
@@ -86,15 +98,28 @@ class DecodeRole(RolePolicy):
         own = RankKV(regions_of_tensors(core.runner.kv_cache.layers), HeadRange(*heads[0]))
         self.rank_kvs, others = attach_ranks(rank_kv_wire(core.rank_kv_handles[1:], heads[1:]))
         self.backend.register([own, *others])
+        if isinstance(self.backend, LocalBackend):  # P's messager maps the stores themselves
+            if store is None:
+                raise RuntimeError(f"{name}: transfer.backend local needs a shared KV cache")
+            self.backend.share(rank_kv_wire([store.handle(), *core.rank_kv_handles[1:]], heads))
         # D's holds on blocks whose KV P is writing: request id -> since (monotonic). A lease
         # whose client is gone (aborted) still waits for KvComplete or expiry to free them.
         self.leases: dict[str, float] = {}
 
     @staticmethod
-    def build_core(config: PdserveConfig, name: InstanceId) -> EngineCore:
-        # ranks 1.. keep their caches where this process can map and register them
-        rank_kv_store = (make_shared_kv, f"pdserve-{deployment_id()}-{name}")
-        return section_core(config, Role.DECODE, name, rank_kv_store=rank_kv_store)
+    def build_core(config: PdserveConfig, name: InstanceId) -> tuple[EngineCore, KVStore | None]:
+        """The engine, and with the local backend the shared store its rank 0 computes in
+        (the role closes it). Ranks 1.. always keep their caches where this process can map
+        and register them."""
+        prefix = f"pdserve-{deployment_id()}-{name}"
+        store = None
+        if config.transfer.backend is TransferBackendName.LOCAL:
+            layout, dtype = kv_layout_for(config.model, config.decode.engine)
+            store = make_shared_kv(layout, dtype, resolve_device(config.model), prefix)
+        extra = {"kv_tensors": store.layer_tensors()} if store is not None else {}
+        rank_kv_store = (make_shared_kv, prefix)
+        core = section_core(config, Role.DECODE, name, rank_kv_store=rank_kv_store, **extra)
+        return core, store
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, DecodeTask):
@@ -210,3 +235,5 @@ class DecodeRole(RolePolicy):
         self.backend.close()
         for kv in self.rank_kvs:
             kv.close()
+        if self.own_store is not None:
+            self.own_store.close()  # the owner's close also unlinks a shared-memory segment

@@ -1,4 +1,5 @@
-"""Both transfer backends, for real: registered shared memory, two processes, real NIXL and TCP.
+"""The transfer backends, for real: registered shared memory, two processes, real NIXL, TCP
+and local (the source maps the target's shared store and copies).
 
 The target (decode side) runs in a spawned child that attaches a cache this test process owns,
 so the test can check the target's memory byte for byte once the writes polled DONE (DONE means
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.timeout(45)
 LAYOUT = KVLayout(num_layers=4, num_blocks=16, block_size=4, kv_heads=2, head_dim=8, itemsize=4)
 PREFIX = f"pdkvt{os.getpid()}be"
 HOST = "127.0.0.1"
-BACKENDS = ["tcp", "nixl"]
+BACKENDS = ["tcp", "nixl", "local"]
 # (src layer, src blocks, dst layer, dst blocks): partly consecutive, never identical, and one
 # plan that lands in a different layer.
 PLAN = [
@@ -46,7 +47,16 @@ PLAN = [
 ]
 
 
-def make_backend(kind: str, name: str) -> TransferBackend:
+def make_backend(kind: str, name: str, shares: SharedKVCache | None = None) -> TransferBackend:
+    """`shares`: the target's cache, which a local backend publishes for its source to map."""
+    if kind == "local":
+        from cache_transfer.factory import rank_kv_wire
+        from cache_transfer.local_backend import LocalBackend
+
+        backend = LocalBackend(name)
+        if shares is not None:
+            backend.share(rank_kv_wire([shares.handle()], [(0, LAYOUT.kv_heads)]))
+        return backend
     if kind == "tcp":
         from cache_transfer.tcp_backend import TcpBackend
 
@@ -72,7 +82,7 @@ def _random_cache() -> SharedKVCache:
 def _run_target(kind: str, cache_handle: dict[str, Any], conn: Connection) -> None:
     """Child: attach the cache, publish the endpoint (as msgpack), serve until told to stop."""
     cache = SharedKVCache.attach(cache_handle)
-    backend = make_backend(kind, "decode-0")
+    backend = make_backend(kind, "decode-0", shares=cache)
     try:
         backend.register(cache.regions())
         conn.send_bytes(msgpack.packb(backend.endpoint_info()))
@@ -146,7 +156,7 @@ def test_written_blocks_are_in_the_target_once_done_across_processes(
         assert source.stats()["failed"] == 0
 
 
-@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("kind", ["tcp", "nixl"])  # local: see the test after this one
 def test_peer_gone_fails_within_deadline(
     kind: str, caches: tuple[SharedKVCache, SharedKVCache], targets: list[Target]
 ) -> None:
@@ -174,7 +184,43 @@ def test_peer_gone_fails_within_deadline(
         assert any(o == TransferState.FAILED or isinstance(o, TransferError) for o in outcomes)
 
 
-@pytest.mark.parametrize("kind", BACKENDS)
+def test_local_peer_gone_is_told_and_then_refused(
+    caches: tuple[SharedKVCache, SharedKVCache], targets: list[Target]
+) -> None:
+    """Shared memory outlives its process, so a dead target is not seen in the copy: the cache
+    messager hears of it (the supervisor's decode_down) and disconnects; writes then fail."""
+    src, dst = caches
+    targets.append(target := Target("local", dst))
+    with make_backend("local", "prefill-0") as source:
+        source.register(src.regions())
+        peer = source.connect(target.endpoint(), deadline_in(20))
+        assert source.poll(source.write(peer, 0, [0, 1], 0, [2, 3])) == TransferState.DONE
+        target.process.kill()
+        source.disconnect(peer)
+        with pytest.raises(TransferError, match="unknown or lost peer"):
+            source.write(peer, 0, [0, 1], 0, [2, 3])
+
+
+def test_local_refuses_a_peer_on_another_machine(
+    caches: tuple[SharedKVCache, SharedKVCache],
+) -> None:
+    src, dst = caches
+    with (
+        make_backend("local", "prefill-0") as source,
+        make_backend("local", "decode-0", shares=dst) as target,
+    ):
+        source.register(src.regions())
+        target.register(dst.regions())
+        info = {**target.endpoint_info(), "machine": "elsewhere/0"}
+        with pytest.raises(TransferError, match="another machine"):
+            source.connect(info, deadline_in(5))
+        with pytest.raises(TransferError, match="shares no KV stores"):
+            source.connect({**target.endpoint_info(), "stores": None}, deadline_in(5))
+
+
+# local: destinations are translated relative to the store it mapped, so a peer's addresses
+# cannot point anywhere else (the copy lands where the block ids say).
+@pytest.mark.parametrize("kind", ["tcp", "nixl"])
 def test_destination_outside_registered_memory_fails(
     kind: str, caches: tuple[SharedKVCache, SharedKVCache]
 ) -> None:
@@ -206,7 +252,7 @@ def test_misuse_is_typed_and_close_releases_everything(
     kind: str, caches: tuple[SharedKVCache, SharedKVCache]
 ) -> None:
     src, dst = caches
-    source, target = make_backend(kind, "prefill-0"), make_backend(kind, "decode-0")
+    source, target = make_backend(kind, "prefill-0"), make_backend(kind, "decode-0", shares=dst)
     with pytest.raises(TransferError):
         source.endpoint_info()  # not registered yet
     source.register(src.regions())

@@ -115,7 +115,8 @@ class PD:
         self.messager = self.start_messager(MessagerId(0))
 
     def start_messager(self, name: MessagerId) -> CacheMessager:
-        messager = CacheMessager(name, "tcp", self.config.transfer.cache_task_timeout_s)
+        backend = self.config.transfer.backend.value
+        messager = CacheMessager(name, backend, self.config.transfer.cache_task_timeout_s)
         kv = self.prefill.policy.info()["kv_cache"]
         info = messager.setup(HOST, kv, self.prefill.inbox.address)
         messager.add_decode_peers([self.decode_info(d) for d in self.decodes])

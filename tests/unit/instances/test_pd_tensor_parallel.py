@@ -21,15 +21,19 @@ def _prompts(count: int = 16) -> list[list[int]]:
     return [[rng.randrange(4, 256) for _ in range(rng.choice((5, 30, 90)))] for _ in range(count)]
 
 
-@pytest.mark.parametrize(("p_size", "d_size"), [(2, 1), (1, 2)])
-def test_sixteen_requests_match_tp1_and_free_every_block(pd, offline, p_size, d_size) -> None:
+# Each size pair through one backend: TCP (a socket, as between machines), and local (the
+# messager maps D's shared caches and copies); both pairs on both are in test_tp_layout.py.
+@pytest.mark.parametrize(("p_size", "d_size", "backend"), [(2, 1, "tcp"), (1, 2, "local")])
+def test_sixteen_requests_match_tp1_and_free_every_block(
+    pd, offline, p_size, d_size, backend
+) -> None:
     engine = {**ENGINE, "cache": {"num_blocks": 512}}
     # One thread pumps every loop, and a TP step takes a while on a loaded machine: generous
     # deadlines, so D's late answer or a late cache task is not mistaken for a stalled peer.
     cluster, router = pd(
         prefill={"engine": {**engine, "tensor_parallel_size": p_size}, "allocation_timeout_s": 30},
         decode={"engine": {**engine, "tensor_parallel_size": d_size}},
-        transfer={"backend": "tcp", "cache_task_timeout_s": 30},
+        transfer={"backend": backend, "cache_task_timeout_s": 30},
     )
     (decode,) = cluster.decodes
     assert len(cluster.prefill.policy.info()["kv_cache"]) == p_size  # what the messager maps
