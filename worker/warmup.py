@@ -7,7 +7,10 @@ variants (per-step integers are not specialized, metadata pointers are 16-byte a
 leaves a small fixed set; the scratch requests below reach all of it: a prefill in several
 chunks (a cached prefix before a chunk), a short sequence decoding in one split and a long one
 in several, steps mixing prefill chunks with decode rows, and every sampling option. Decode
-CUDA graphs are captured earlier, when the runner is built.
+CUDA graphs are captured earlier, when the runner is built. With a step budget of more than
+about 540 tokens the long request's first chunk (the budget less the other requests' rows) is
+512 tokens or more and goes to FlashAttention (`engine.prefill_attention` auto), so its kernels
+(not Triton's; CUDA loads them on first use) are loaded before ready too.
 
 The scratch requests run on the engine's own runner and KV cache, but through a scheduler and
 block manager of their own, so the engine's real ones (and its prefix cache) never see them;
