@@ -24,7 +24,10 @@ PREFILL_BLOCK_M = 64
 # Shortest chunk given to FlashAttention. It runs one launch per chunk (a loop over chunks, each
 # a few tens of microseconds of host work per layer), while the paged kernel takes every chunk of
 # the step in one launch; below ~512 tokens attention is a few percent of a prefill step, so the
-# paged kernel's lower rate there costs less than the extra launches would.
+# paged kernel's lower rate there costs less than the extra launches would. (One varlen call for
+# all chunks would lift this; torch.nn.attention.varlen's signature changed from 2.10 to 2.12 --
+# is_causal became window_size, enable_gqa appeared -- so it waits until the GPU image's torch
+# has been checked.)
 FLASH_MIN_TOKENS = 512
 
 
