@@ -53,62 +53,11 @@ from cache_transfer.backend import (
     remaining,
 )
 from cache_transfer.layout import Desc, LayoutError, block_runs
+from cache_transfer.staging_ring import Slot, StagingRing, aligned
 from cache_transfer.tp_layout import HeadRoute, RankKV, head_slice_descs
 
 DEFAULT_STAGING_BYTES = 64 << 20
-_ALIGN = 256  # slot and per-rank offsets, so gathers write aligned memory
 _WAIT_SLEEP_S = 200e-6
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
-
-
-@dataclass
-class Slot:
-    offset: int
-    nbytes: int
-    done: bool = False
-
-
-class StagingRing:
-    """Slots of a `capacity`-byte buffer handed out first in, first out: slots may finish in any
-    order, their space comes back in the order they were taken."""
-
-    def __init__(self, capacity: int) -> None:
-        if capacity <= 0:
-            raise ValueError(f"staging capacity must be positive, got {capacity}")
-        self.capacity = capacity
-        self._slots: deque[Slot] = deque()
-
-    def alloc(self, nbytes: int) -> Slot | None:
-        """A slot of `nbytes` (<= capacity), or None while earlier slots hold the space."""
-        if not 0 < nbytes <= self.capacity:
-            raise ValueError(f"a {nbytes}-byte slot in a {self.capacity}-byte ring")
-        while self._slots and self._slots[0].done:
-            self._slots.popleft()
-        start = self._free_start(nbytes)
-        if start is None:
-            return None
-        slot = Slot(start, nbytes)
-        self._slots.append(slot)
-        return slot
-
-    @property
-    def live(self) -> int:
-        """Slots not yet given back (finished ones behind an unfinished one included)."""
-        return len(self._slots)
-
-    def _free_start(self, nbytes: int) -> int | None:
-        if not self._slots:
-            return 0
-        head, newest = self._slots[0].offset, self._slots[-1]
-        tail = _aligned(newest.offset + newest.nbytes)
-        if newest.offset >= head:  # not wrapped: free are [tail, capacity) and [0, head)
-            if tail + nbytes <= self.capacity:
-                return tail
-            return 0 if nbytes <= head else None
-        return tail if tail + nbytes <= head else None  # wrapped: free is [tail, head)
 
 
 @dataclass
@@ -247,6 +196,7 @@ class StagedWriter:
                 self._fail(write, "backend closed")
             self.backend.close()
             self._buffer = None
+            self._sources = []  # views of the prefill cache: its mapping may go now
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -266,7 +216,7 @@ class StagedWriter:
     ) -> list[_Piece]:
         """The write's blocks in pieces of at most half the ring."""
         staged_ranks = sorted({route.dst_rank for route in staged})
-        per_block = sum(_aligned(d_ranks[d].regions.layout.block_nbytes) for d in staged_ranks)
+        per_block = sum(aligned(d_ranks[d].regions.layout.block_nbytes) for d in staged_ranks)
         if per_block > self._ring.capacity // 2:
             raise TransferError(
                 f"a {self._ring.capacity}-byte staging buffer is too small for blocks of "
@@ -319,7 +269,7 @@ class StagedWriter:
         for start, at, count in _runs_at(dst_ids):
             piece.staged.append((base + at * layout.block_nbytes, count * layout.block_nbytes))
             piece.dst.append(rank.regions.run_desc(dst_layer, start, count))
-        piece.nbytes = base + _aligned(len(src_ids) * layout.block_nbytes)
+        piece.nbytes = base + aligned(len(src_ids) * layout.block_nbytes)
 
     # -- moving ------------------------------------------------------------------------------
 

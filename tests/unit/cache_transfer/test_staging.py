@@ -9,7 +9,8 @@ import torch
 
 from cache_transfer.backend import TransferState, deadline_in
 from cache_transfer.layout import LayoutError
-from cache_transfer.staging import StagedWriter, StagingRing
+from cache_transfer.staging import StagedWriter
+from cache_transfer.staging_ring import StagingRing
 from cache_transfer.tp_layout import RankKV
 from tests.unit.cache_transfer.test_tp_layout import (
     BLOCK_SIZE,
