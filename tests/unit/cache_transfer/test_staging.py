@@ -128,10 +128,14 @@ def test_a_lost_peer_fails_queued_and_posted_pieces_and_frees_the_ring():
     _, _, _, writer, target = _pair("tcp", 2, 1, 2 * BLOCK_BYTES)
     try:
         peer = writer.connect(target.endpoint_info(), deadline_in(10))
-        handles = [writer.write(peer, layer, [0, 1, 2], layer, [3, 4, 5]) for layer in range(2)]
+        handles = []
+        while not writer._queue and len(handles) < 50:  # until a piece waits for the ring
+            handles.append(writer.write(peer, len(handles) % LAYERS, [0, 1, 2], 0, [3, 4, 5]))
+        assert writer._queue
         writer.disconnect(peer)
+        states = [writer.wait(handle, deadline_in(10)) for handle in handles]
+        assert states[-1] is TransferState.FAILED  # its queued piece can no longer go
         for handle in handles:
-            assert writer.wait(handle, deadline_in(10)) is TransferState.FAILED
             writer.release(handle)
         assert writer._ring.alloc(BLOCK_BYTES) is not None  # every slot came back
     finally:
