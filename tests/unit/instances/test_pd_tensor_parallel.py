@@ -1,8 +1,9 @@
 """Prefill and decode at different tensor-parallel sizes, without Ray: P at TP 2 with D at TP 1,
 and P at TP 1 with D at TP 2 (ranks 1.. as local processes joined by gloo, their KV caches in
 shared memory that the messager or D maps). The messager gathers each D rank's heads of every
-block from the P ranks holding them into its staging ring and writes them whole; 16 concurrent requests come out token for
-token as one TP-1 engine gives them, and every block on both sides is free after."""
+block from the P ranks holding them into its staging ring and writes them whole (the local
+backend: copies them from the mapped caches); 16 concurrent requests come out token for token as
+one TP-1 engine gives them, and every block on both sides is free after."""
 
 from __future__ import annotations
 
