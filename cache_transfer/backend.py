@@ -170,7 +170,7 @@ class TransferBackend(ABC):
         # unsynchronized and zmq sockets must not be used from two threads at once.
         self._lock = threading.RLock()
         self._ranks: list[RankKV] | None = None
-        self._local_regions: list[Desc] = []  # added with add_local_region (staging buffers)
+        self._sources: list[Desc] = []  # registered memory: the ranks' layers, staging buffers
         self._peers: dict[str, _Peer] = {}
         self._counters = {"writes": 0, "failed": 0}
 
@@ -223,6 +223,9 @@ class TransferBackend(ABC):
                 raise TransferError(f"{self.agent_name}: register() called twice")
             self._register(ranks)
             self._ranks = ranks
+            self._sources = [
+                r.regions.layer_desc(i) for r in ranks for i in range(r.regions.layout.num_layers)
+            ]
 
     def endpoint_info(self) -> dict[str, Any]:
         with self._lock:
@@ -283,19 +286,15 @@ class TransferBackend(ABC):
         self, peer: str, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
     ) -> TransferHandle:
         with self._lock:
-            ranks = self._require_registered()
             peer_ranks = self._require_peer(peer)
             if len(src_descs) != len(dst_descs):
                 raise LayoutError(f"{len(src_descs)} source but {len(dst_descs)} destination descs")
-            local = [
-                r.regions.layer_desc(i) for r in ranks for i in range(r.regions.layout.num_layers)
-            ]
             for (addr, nbytes, _), (dst_addr, dst_nbytes, _) in zip(
                 src_descs, dst_descs, strict=True
             ):
                 if nbytes != dst_nbytes:
                     raise LayoutError(f"a {nbytes}-byte source paired with {dst_nbytes} bytes")
-                if not any(_inside(addr, nbytes, r) for r in local + self._local_regions):
+                if not any(_inside(addr, nbytes, r) for r in self._sources):
                     raise LayoutError(f"source {addr:#x}+{nbytes} is not registered memory")
                 if not any(r.regions.contains(dst_layer, dst_addr, nbytes) for r in peer_ranks):
                     raise LayoutError(
@@ -325,7 +324,7 @@ class TransferBackend(ABC):
         with self._lock:
             ranks = self._require_registered()
             self._register_local(region, ranks[0].regions.mem_type)
-            self._local_regions.append(region)
+            self._sources.append(region)
 
     def registered_ranks(self) -> list[RankKV]:
         with self._lock:
@@ -358,7 +357,7 @@ class TransferBackend(ABC):
                 self._close()
             finally:
                 self._ranks = None
-                self._local_regions = []
+                self._sources = []
 
     def _drop_peer(self, peer: str, reason: str) -> None:
         del self._peers[peer]

@@ -227,9 +227,10 @@ class StagedWriter:
         for at in range(0, len(src_ids), step):
             piece = _Piece(0, [], [], [], [])
             src, dst = src_ids[at : at + step], dst_ids[at : at + step]
+            runs = _runs_at(src), _runs_at(dst)
             for d in staged_ranks:
                 routes = [route for route in staged if route.dst_rank == d]
-                self._stage_rank(piece, d_ranks[d], routes, src_layer, src, dst_layer, dst)
+                self._stage_rank(piece, d_ranks[d], routes, src_layer, dst_layer, len(src), runs)
             for route in direct:
                 s, d = self._ranks[route.src_rank], d_ranks[route.dst_rank]
                 src_descs, dst_descs = head_slice_descs(
@@ -246,15 +247,16 @@ class StagedWriter:
         rank: RankKV,
         routes: list[HeadRoute],
         src_layer: int,
-        src_ids: list[int],
         dst_layer: int,
-        dst_ids: list[int],
+        count: int,
+        runs: tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]],
     ) -> None:
-        """Add one decode rank's part of `piece`: gathers of every route's heads into the
-        rank's block layout at the end of the slot, and the runs that write it."""
+        """Add one decode rank's part of `piece` (`count` blocks, their source and destination
+        `_runs_at`): gathers of every route's heads into the rank's block layout at the end of
+        the slot, and the runs that write it."""
         layout = rank.regions.layout
         base = piece.nbytes
-        shape = (len(src_ids), 2, layout.block_size, layout.kv_heads, -1)
+        shape = (count, 2, layout.block_size, layout.kv_heads, -1)
         for route in routes:
             held = self._ranks[route.src_rank].heads
             src_heads = slice(route.heads.start - held.start, route.heads.end - held.start)
@@ -262,14 +264,14 @@ class StagedWriter:
                 route.heads.start - rank.heads.start, route.heads.end - rank.heads.start
             )
             layer = self._sources[route.src_rank][src_layer]
-            for start, at, count in _runs_at(src_ids):
-                view = layer[start : start + count, :, :, src_heads]
-                index = (slice(at, at + count), slice(None), slice(None), dst_heads)
+            for start, at, n in runs[0]:
+                view = layer[start : start + n, :, :, src_heads]
+                index = (slice(at, at + n), slice(None), slice(None), dst_heads)
                 piece.gathers.append((view, base, shape, index))
-        for start, at, count in _runs_at(dst_ids):
-            piece.staged.append((base + at * layout.block_nbytes, count * layout.block_nbytes))
-            piece.dst.append(rank.regions.run_desc(dst_layer, start, count))
-        piece.nbytes = base + aligned(len(src_ids) * layout.block_nbytes)
+        for start, at, n in runs[1]:
+            piece.staged.append((base + at * layout.block_nbytes, n * layout.block_nbytes))
+            piece.dst.append(rank.regions.run_desc(dst_layer, start, n))
+        piece.nbytes = base + aligned(count * layout.block_nbytes)
 
     # -- moving ------------------------------------------------------------------------------
 
@@ -372,5 +374,6 @@ def _check_ids(
     if len(set(dst_ids)) != len(dst_ids):
         raise LayoutError("destination block ids repeat")
     for ranks, layer, ids in ((src, src_layer, src_ids), (dst, dst_layer, dst_ids)):
-        for start, count in block_runs(ids):
-            ranks[0].regions.run_desc(layer, start, count)  # ranks share their block count
+        if ids:  # an instance's ranks share their block count
+            ranks[0].regions.run_desc(layer, min(ids), 1)
+            ranks[0].regions.run_desc(layer, max(ids), 1)
