@@ -8,7 +8,8 @@ prefill instance shares with its messager (factory.make_shared_kv) -- and publis
 handles in its endpoint. The messager maps them at `connect`, so both caches are in its address
 space and a write is a plain copy of the descriptors the route table gives (whole blocks, or
 head slices between tensor-parallel sizes): memmove on CPU, inside the call; on a GPU one
-batched-copy kernel on the backend's own stream, with an event that `poll` queries.
+batched-copy kernel on the backend's own stream, launched for every write queued since the last
+launch when one of them is first polled, with an event that `poll` queries.
 
 Only for peers on the same machine: `connect` refuses another machine's endpoint by name.
 """
@@ -126,7 +127,7 @@ class LocalBackend(TransferBackend):
         dst_addrs = np.array([d[0] for d in dst_descs], dtype=np.int64)
         dst = _translate(dst_addrs, lens, peer_map, dst_layer)
         if self._copier is not None:  # a GPU's memory (see _register)
-            handle._impl = self._copier.copy(src, dst, lens)
+            handle._impl = self._copier.add(src, dst, lens)  # launched at the first poll
             return
         for s, d, n in zip(src.tolist(), dst.tolist(), lens.tolist(), strict=True):
             ctypes.memmove(d, s, n)
