@@ -12,7 +12,10 @@ same bytes at TP 1 -> TP 1 (whole blocks merged into one run per layer) is the b
 same run; an in-process memcpy of the bytes is the ceiling.
 
     python benchmarks/tp_transfer.py [--iters 5] [--sizes 1x1 2x1 1x2 2x2] [--staging-mb 64 4]
-        [--no-per-token]
+        [--no-per-token] [--device cuda]
+
+`--device cuda`: every rank's cache in GPU memory (CudaKVCache on GPU 0, mapped by the target
+over CUDA IPC), NIXL moving VRAM, the gather a device copy; the ceiling is a device copy.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import msgpack
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache_transfer.backend import TransferState, deadline_in
+from cache_transfer.cuda_kv import CudaKVCache
+from cache_transfer.factory import attach_shared_kv
 from cache_transfer.layout import KVLayout
 from cache_transfer.nixl_backend import NixlBackend
 from cache_transfer.shared_kv import SharedKVCache
@@ -46,19 +50,26 @@ DST_IDS = list(range(40, 40 + BLOCKS))  # contiguous on both sides: the layout i
 PREFIX = f"pdkv_tpx{os.getpid()}"
 
 
-def rank_caches(size: int, tag: str) -> list[SharedKVCache]:
+Cache = SharedKVCache | CudaKVCache
+
+
+def rank_caches(size: int, tag: str, device: str = "cpu") -> list[Cache]:
     heads = KV_HEADS // size
     layout = KVLayout(LAYERS, BLOCKS + 80, BLOCK, heads, HEAD_DIM, 4)
+    if device == "cuda":
+        return [
+            CudaKVCache.create(layout, torch.float32, torch.device("cuda:0")) for _ in range(size)
+        ]
     return [SharedKVCache.create(f"{PREFIX}{tag}{r}", layout, "float32") for r in range(size)]
 
 
-def ranks_of(caches: list[SharedKVCache]) -> list[RankKV]:
+def ranks_of(caches: list[Cache]) -> list[RankKV]:
     count = caches[0].regions().layout.kv_heads
     return [RankKV(c.regions(), HeadRange(r * count, count)) for r, c in enumerate(caches)]
 
 
 def run_target(handles: list[dict], conn: Connection) -> None:
-    caches = [SharedKVCache.attach(h) for h in handles]
+    caches = [attach_shared_kv(h) for h in handles]
     backend = NixlBackend("tpx-target")
     try:
         backend.register(ranks_of(caches))
@@ -84,22 +95,33 @@ def time_once(backend: NixlBackend | StagedWriter, peer: str) -> tuple[float, in
     return seconds, descs
 
 
-def whole(caches: list[SharedKVCache], layer: int, ids: list[int]) -> np.ndarray:
+def whole(caches: list[Cache], layer: int, ids: list[int]) -> torch.Tensor:
     """`[blocks, 2, BLOCK, KV_HEADS, HEAD_DIM]` of one layer, every rank's heads side by side
     (as raw 32-bit words: random bytes make NaNs, which never compare equal as floats)."""
-    shape = caches[0].layout.layer_shape
-    parts = [c.layer_bytes(layer).view(np.uint32).reshape(shape)[ids] for c in caches]
-    return np.concatenate(parts, axis=3)
+    parts = [c.layer_tensors()[layer].view(torch.int32)[ids] for c in caches]
+    return torch.cat(parts, dim=3).cpu()
 
 
-def bench(p_size: int, d_size: int, iters: int, staging_mb: list[int], per_token: bool) -> list:
-    """Rows (path, descriptors per layer, median seconds) for P at TP `p_size` -> D at `d_size`."""
-    src, dst = rank_caches(p_size, "p"), rank_caches(d_size, "d")
-    rng = np.random.default_rng(p_size * 10 + d_size)
-    for cache in src:
-        for layer in range(LAYERS):
-            view = cache.layer_bytes(layer)
-            view[:] = rng.integers(0, 256, view.shape, dtype=np.uint8)
+def fill(caches: list[Cache], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for cache in caches:
+        for layer in cache.layer_tensors():
+            words = torch.randint(-(2**31), 2**31 - 1, layer.shape, generator=generator)
+            layer.view(torch.int32).copy_(words.to(torch.int32))
+
+
+def bench(
+    p_size: int,
+    d_size: int,
+    iters: int,
+    staging_mb: list[int],
+    per_token: bool,
+    device: str = "cpu",
+) -> list:
+    """Rows (path, descriptors per layer, median seconds) for P at TP `p_size` -> D at `d_size`;
+    RuntimeError if a path's bytes arrive wrong."""
+    src, dst = rank_caches(p_size, "p", device), rank_caches(d_size, "d", device)
+    fill(src, p_size * 10 + d_size)
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
     child = ctx.Process(target=run_target, args=([c.handle() for c in dst], child_conn))
@@ -124,11 +146,11 @@ def bench(p_size: int, d_size: int, iters: int, staging_mb: list[int], per_token
                 paths.append(("per-token", source))
             for path, writer in paths:
                 for cache in dst:
-                    for layer in range(LAYERS):
-                        cache.layer_bytes(layer)[:] = 0
+                    for layer in cache.layer_tensors():
+                        layer.zero_()
                 time_once(writer, peer)  # warm-up: connection, page faults, staging buffer
                 for layer in (0, LAYERS - 1):
-                    if not np.array_equal(whole(src, layer, SRC_IDS), whole(dst, layer, DST_IDS)):
+                    if not torch.equal(whole(src, layer, SRC_IDS), whole(dst, layer, DST_IDS)):
                         raise RuntimeError(f"{p_size}x{d_size} {path}: layer {layer} arrived wrong")
             # Paths take turns, so a burst of load on a shared machine hits them alike.
             runs = [[time_once(writer, peer) for _, writer in paths] for _ in range(iters)]
@@ -143,14 +165,16 @@ def bench(p_size: int, d_size: int, iters: int, staging_mb: list[int], per_token
             cache.close()
 
 
-def memcpy_seconds(iters: int) -> float:
-    (src,), (dst,) = rank_caches(1, "m"), rank_caches(1, "n")
+def memcpy_seconds(iters: int, device: str = "cpu") -> float:
+    (src,), (dst,) = rank_caches(1, "m", device), rank_caches(1, "n", device)
     try:
         times = []
         for _ in range(iters + 1):
             started = time.perf_counter()
-            for layer in range(LAYERS):
-                np.copyto(dst.layer_bytes(layer)[40 : 40 + BLOCKS], src.layer_bytes(layer)[:BLOCKS])
+            for s, d in zip(src.layer_tensors(), dst.layer_tensors(), strict=True):
+                d[40 : 40 + BLOCKS].copy_(s[:BLOCKS])
+            if device == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
         return statistics.median(times[1:])
     finally:
@@ -165,13 +189,14 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["1x1", "2x1", "1x2", "2x2", "4x1"])
     parser.add_argument("--staging-mb", nargs="+", type=int, default=[64])
     parser.add_argument("--no-per-token", action="store_true", help="skip the old path's rows")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     moved = LAYERS * BLOCKS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 4
-    rows = [("memcpy (1 process)", "", 1, memcpy_seconds(args.iters))]
+    rows = [("memcpy (1 process)", "", 1, memcpy_seconds(args.iters, args.device))]
     for sizes in args.sizes:
         p_size, d_size = (int(x) for x in sizes.split("x"))
         for path, descs, seconds in bench(
-            p_size, d_size, args.iters, args.staging_mb, not args.no_per_token
+            p_size, d_size, args.iters, args.staging_mb, not args.no_per_token, args.device
         ):
             rows.append((f"P TP {p_size} -> D TP {d_size}", path, descs, seconds))
     base = next((s for name, _, _, s in rows if name == "P TP 1 -> D TP 1"), None)
@@ -180,7 +205,8 @@ def main() -> None:
         f"KV of a {PROMPT}-token prompt, {LAYERS} layers x {KV_HEADS} KV heads x {HEAD_DIM}, fp32,"
     )
     print(
-        f"{moved / 1e6:.1f} MB, NIXL between two processes, one write per layer (load {load:.1f})"
+        f"{moved / 1e6:.1f} MB on {args.device}, NIXL between two processes, one write per layer "
+        f"(load {load:.1f})"
     )
     print("| sizes | path | descriptors/layer | median ms | GB/s | vs TP 1 -> 1 |")
     print("|---|---|---|---|---|---|")
