@@ -107,7 +107,9 @@ class StagedWriter:
         self._queue: deque[_Write] = deque()  # writes with pieces not yet posted, oldest first
         self._writes: dict[int, _Write] = {}
         self._inflight: list[tuple[TransferHandle, Slot]] = []
+        # staging_waits: pieces that had to wait for room in the ring
         self._counters = {"staged_writes": 0, "staged_pieces": 0, "staging_waits": 0}
+        self._waiting: _Piece | None = None  # the piece counted as waiting last
         self._lock = threading.RLock()
 
     # -- the backend's interface -------------------------------------------------------------
@@ -194,6 +196,7 @@ class StagedWriter:
         with self._lock:
             for write in list(self._writes.values()):
                 self._fail(write, "backend closed")
+                self._settle(write)
             self.backend.close()
             self._buffer = None
             self._sources = []  # views of the prefill cache: its mapping may go now
@@ -284,7 +287,9 @@ class StagedWriter:
             if slot is None:
                 if self._reclaim():  # a piece posted just now may be done already (CPU CMA)
                     continue
-                self._counters["staging_waits"] += 1
+                if self._waiting is not write.pieces[0]:
+                    self._waiting = write.pieces[0]
+                    self._counters["staging_waits"] += 1
                 return
             piece = write.pieces.popleft()
             if not write.pieces:

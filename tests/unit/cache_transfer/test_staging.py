@@ -131,7 +131,7 @@ def test_a_lost_peer_fails_queued_and_posted_pieces_and_frees_the_ring():
         handles = []
         while not writer._queue and len(handles) < 50:  # until a piece waits for the ring
             handles.append(writer.write(peer, len(handles) % LAYERS, [0, 1, 2], 0, [3, 4, 5]))
-        assert writer._queue
+        assert writer._queue and writer.stats()["staging_waits"] >= 1
         writer.disconnect(peer)
         states = [writer.wait(handle, deadline_in(10)) for handle in handles]
         assert states[-1] is TransferState.FAILED  # its queued piece can no longer go
@@ -141,3 +141,4 @@ def test_a_lost_peer_fails_queued_and_posted_pieces_and_frees_the_ring():
     finally:
         writer.close()
         target.close()
+    assert writer._buffer is None  # freed at close, after the backend
