@@ -122,10 +122,10 @@ class LocalBackend(TransferBackend):
         self, handle: TransferHandle, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
     ) -> None:
         peer_map = self._maps[handle.peer]
-        src = np.array([d[0] for d in src_descs], dtype=np.int64)
-        lens = np.array([d[1] for d in src_descs], dtype=np.int64)
-        dst_addrs = np.array([d[0] for d in dst_descs], dtype=np.int64)
-        dst = _translate(dst_addrs, lens, peer_map, dst_layer)
+        srcs = np.array(src_descs, dtype=np.int64).reshape(-1, 3)  # (address, bytes, device)
+        dsts = np.array(dst_descs, dtype=np.int64).reshape(-1, 3)
+        src, lens = srcs[:, 0], srcs[:, 1]
+        dst = _translate(dsts[:, 0], lens, peer_map, dst_layer)
         if self._copier is not None:  # a GPU's memory (see _register)
             handle._impl = self._copier.add(src, dst, lens)  # launched at the first poll
             return
