@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
+
+import numpy as np
 
 LAYOUT_WIRE_VERSION = 1
 
@@ -219,20 +222,38 @@ def paired_block_descs(
     dst_layer: int,
     dst_ids: Sequence[int],
 ) -> tuple[list[Desc], list[Desc]]:
-    """Matched source and destination descriptor lists, element i of one pairs with i of the other.
+    """Matched source and destination descriptor lists, element i of one pairs with i of the other:
+    one per run of blocks consecutive on both sides (`paired_runs`).
 
     Raises LayoutError for mismatched geometry, lengths, out-of-range or repeated destination ids
-    (a repeated destination would make the result depend on write order).
+    (a repeated destination would make the result depend on write order). Vectorized: the cache
+    messager plans every layer of every request this way, and a prompt of scattered blocks has
+    one run per block.
     """
     if not src.layout.block_compatible(dst.layout):
         raise LayoutError(f"block geometry differs: {src.layout} vs {dst.layout}")
-    if len(set(dst_ids)) != len(dst_ids):
+    if len(src_ids) != len(dst_ids):
+        raise LayoutError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
+    src._check_layer(src_layer)
+    dst._check_layer(dst_layer)
+    if not len(src_ids):
+        return [], []
+    s, d = np.asarray(src_ids, dtype=np.int64), np.asarray(dst_ids, dtype=np.int64)
+    for ids, regions in ((s, src), (d, dst)):
+        bad = ids[(ids < 0) | (ids >= regions.layout.num_blocks)]
+        if bad.size:
+            limit = regions.layout.num_blocks - 1
+            raise LayoutError(f"blocks {bad[0]}..{bad[0]} outside 0..{limit}")
+    if np.unique(d).size != d.size:
         raise LayoutError("destination block ids repeat")
-    src_descs: list[Desc] = []
-    dst_descs: list[Desc] = []
-    for src_start, dst_start, count in paired_runs(src_ids, dst_ids):
-        src_descs.append(src.run_desc(src_layer, src_start, count))
-        dst_descs.append(dst.run_desc(dst_layer, dst_start, count))
+    breaks = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    nbytes = np.diff(np.append(starts, s.size)) * src.layout.block_nbytes
+    src_addrs = src.layer_addrs[src_layer] + s[starts] * src.layout.block_nbytes
+    dst_addrs = dst.layer_addrs[dst_layer] + d[starts] * dst.layout.block_nbytes
+    lengths = nbytes.tolist()
+    src_descs = list(zip(src_addrs.tolist(), lengths, repeat(src.device_id)))
+    dst_descs = list(zip(dst_addrs.tolist(), lengths, repeat(dst.device_id)))
     return src_descs, dst_descs
 
 
