@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.*
 
+from benchmarks.gpu_decode import time_cuda as time_cuda_s
 from benchmarks.model_folders import SHAPES, write_model_folder
 from engine.batch import ScheduledChunk, SchedulerOutput
 from engine.sampling_params import SamplingParams
@@ -96,18 +96,10 @@ def attention_flops(a: ModelArchConfig, tokens: int) -> float:
 
 
 def time_cuda(fn, reps: int, warmup: int = WARMUP_RUNS) -> float:
-    """Median milliseconds of `fn`, timed with CUDA events after `warmup` runs."""
-    for _ in range(warmup):
+    """Median milliseconds of `fn` after `warmup` runs (gpu_decode.py's CUDA-event timer)."""
+    for _ in range(warmup - 1):  # the timer runs one more itself
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return 1e3 * time_cuda_s(fn, reps)
 
 
 def measure_square_matmul(n: int = 8192) -> float:

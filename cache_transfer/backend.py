@@ -342,6 +342,11 @@ class TransferBackend(ABC):
     @abstractmethod
     def release(self, handle: TransferHandle) -> None: ...
 
+    def share(self, stores_wire: list[dict]) -> None:
+        """The target's KV stores (factory.rank_kv_wire), for a backend whose source maps them
+        itself (`local`); the others move bytes through their transport and ignore them."""
+        return None
+
     def disconnect(self, peer: str) -> None:
         with self._lock:
             if peer in self._peers:

@@ -21,7 +21,6 @@ from cache_transfer.factory import (
     rank_kv_wire,
     regions_of_tensors,
 )
-from cache_transfer.local_backend import LocalBackend
 from cache_transfer.tp_layout import HeadRange, RankKV
 from cluster.config import PdserveConfig, TransferBackendName
 from cluster.instances.common import deployment_id
@@ -98,9 +97,7 @@ class DecodeRole(RolePolicy):
         own = RankKV(regions_of_tensors(core.runner.kv_cache.layers), HeadRange(*heads[0]))
         self.rank_kvs, others = attach_ranks(rank_kv_wire(core.rank_kv_handles[1:], heads[1:]))
         self.backend.register([own, *others])
-        if isinstance(self.backend, LocalBackend):  # P's messager maps the stores themselves
-            if store is None:
-                raise RuntimeError(f"{name}: transfer.backend local needs a shared KV cache")
+        if store is not None:  # a backend whose source maps D's cache itself takes the stores
             self.backend.share(rank_kv_wire([store.handle(), *core.rank_kv_handles[1:]], heads))
         # D's holds on blocks whose KV P is writing: request id -> since (monotonic). A lease
         # whose client is gone (aborted) still waits for KvComplete or expiry to free them.
