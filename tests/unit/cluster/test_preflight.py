@@ -114,15 +114,33 @@ def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _single_error_line(result: subprocess.CompletedProcess[str], cause: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+def _in_process(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """`pdserve ARGS` in this process: these fail before anything global is touched, and the
+    interpreter start-up a subprocess pays (about 5 s) buys nothing here; the subprocess tests
+    below keep the real entry point's stderr covered."""
+    from cluster.cli import main
+
+    capfd.readouterr()
+    returncode = main(list(args))
+    return returncode, capfd.readouterr().err
+
+
+def _single_error_line(result: subprocess.CompletedProcess[str] | tuple[int, str], cause: str):
+    returncode, stderr = (
+        (result.returncode, result.stderr)
+        if isinstance(result, subprocess.CompletedProcess)
+        else result
+    )
+    assert returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("pdserve: error: ") and cause in lines[0], lines
+    return stderr
 
 
-def test_cli_port_out_of_range() -> None:
-    _single_error_line(_cli("serve", "configs/tiny-1p1d.yaml", "--port", "99999"), "--port 99999")
+def test_cli_port_out_of_range(capfd: pytest.CaptureFixture[str]) -> None:
+    config = str(REPO / "configs/tiny-1p1d.yaml")
+    _single_error_line(_in_process(capfd, "serve", config, "--port", "99999"), "--port 99999")
 
 
 def test_cli_port_in_use_before_ray_starts() -> None:
@@ -133,22 +151,21 @@ def test_cli_port_in_use_before_ray_starts() -> None:
     assert "already in use" in result.stderr
 
 
-def test_cli_missing_model_folder(tmp_path: Path) -> None:
+def test_cli_missing_model_folder(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(f"model:\n  path: {tmp_path / 'no-such-model'}\n")
-    result = _cli("serve", str(config))
-    _single_error_line(result, "does not exist")
-    assert str(tmp_path / "no-such-model") in result.stderr
+    stderr = _single_error_line(_in_process(capfd, "serve", str(config)), "does not exist")
+    assert str(tmp_path / "no-such-model") in stderr
 
 
-def test_cli_more_gpus_than_present(tmp_path: Path) -> None:
+def test_cli_more_gpus_than_present(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("decode:\n  placement:\n    num_gpus: 64\n")
-    _single_error_line(_cli("serve", str(config)), "asks for 64 GPUs")
+    _single_error_line(_in_process(capfd, "serve", str(config)), "asks for 64 GPUs")
 
 
-def test_cli_generate_empty_prompt() -> None:
-    _single_error_line(_cli("generate", ""), "the prompt is empty")
+def test_cli_generate_empty_prompt(capfd: pytest.CaptureFixture[str]) -> None:
+    _single_error_line(_in_process(capfd, "generate", ""), "the prompt is empty")
 
 
 def _closed_port() -> int:
@@ -168,9 +185,9 @@ def test_ray_client_address_is_left_to_ray() -> None:
     assert preflight.ray_bootstrap_address("ray://head:10001") is None
 
 
-def test_cli_status_where_nothing_listens() -> None:
+def test_cli_status_where_nothing_listens(capfd: pytest.CaptureFixture[str]) -> None:
     port = _closed_port()
-    result = _cli("status", "--address", f"127.0.0.1:{port}", "--timeout", "5")
+    result = _in_process(capfd, "status", "--address", f"127.0.0.1:{port}", "--timeout", "5")
     _single_error_line(result, f"no Ray cluster at 127.0.0.1:{port}")
 
 
