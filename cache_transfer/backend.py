@@ -28,6 +28,12 @@ means they may be partly written: the target must not hand those blocks to anyon
 its own lease on them expires. ``release(handle)`` frees backend resources; call it once per
 handle on every path (``close()`` releases whatever is left).
 
+``plan(peer, src_block_ids, dst_block_ids)`` then ``write_plan(plan, src_layer, dst_layer)`` is
+``write`` in two steps, for a caller that writes the same blocks in every layer (the cache
+messager): the descriptors are planned once, as numpy rows of offsets from the layer bases, and
+each layer's write adds its bases (cache_transfer/write_plan.py). Invalid ids raise
+``LayoutError`` from ``plan``, a bad layer from ``write_plan``.
+
 ``write_descs(peer, src_descs, dst_descs, dst_layer)`` is the same write from explicit matched
 descriptors: each source one inside this side's registered memory (its ranks' layers, or a
 region added with ``add_local_region``, such as a staging buffer), each destination inside one
@@ -49,101 +55,55 @@ managers.
 
 from __future__ import annotations
 
-import enum
-import itertools
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar
 
-from cache_transfer.layout import Desc, KVRegions, LayoutError
-from cache_transfer.tp_layout import HeadRoute, RankKV, check_ranks, plan_routes, routed_descs
+import numpy as np
 
-ENDPOINT_VERSION = 2  # 2: "ranks" (one RankKV each) replaced "regions"
+from cache_transfer.handles import (
+    ENDPOINT_VERSION,
+    TransferError,
+    TransferHandle,
+    TransferState,
+    TransferTimeout,
+    deadline_in,
+    endpoint_field,
+    parse_endpoint_info,
+    remaining,
+)
+from cache_transfer.layout import Desc, KVRegions, LayoutError
+from cache_transfer.tp_layout import HeadRoute, RankKV, check_ranks, plan_routes
+from cache_transfer.write_plan import (
+    WritePlan,
+    check_explicit_descs,
+    check_layer,
+    desc_array,
+    plan_write,
+)
+
+__all__ = [  # the handles' vocabulary is imported from here by the backends and their users
+    "ENDPOINT_VERSION",
+    "TransferBackend",
+    "TransferError",
+    "TransferHandle",
+    "TransferState",
+    "TransferTimeout",
+    "WritePlan",
+    "deadline_in",
+    "endpoint_field",
+    "remaining",
+]
 
 # Used only by backends that cannot block on a completion (NIXL offers no blocking wait):
 # the sleep starts tiny so a nearly finished transfer costs little latency, and is capped so an
 # idle waiter costs little CPU.
 _MIN_POLL_SLEEP_S = 50e-6
 _MAX_POLL_SLEEP_S = 1e-3
-
-
-class TransferState(enum.IntEnum):
-    """Ordered: ``state >= TransferState.DONE`` means finished, successfully or not."""
-
-    PENDING = 0
-    DONE = 1
-    FAILED = 2
-
-
-class TransferError(Exception):
-    """A transfer, connection or registration failed at the backend boundary."""
-
-
-class TransferTimeout(TransferError):
-    """A wait reached its deadline before the awaited event."""
-
-
-_handle_ids = itertools.count(1)
-
-
-@dataclass(eq=False)
-class TransferHandle:
-    """One write, as returned by ``write``. Backend-private state lives in ``_impl``."""
-
-    peer: str
-    nbytes: int
-    num_descs: int
-    state: TransferState = TransferState.PENDING
-    error: str = ""
-    id: int = field(default_factory=lambda: next(_handle_ids))
-    released: bool = False
-    _impl: Any = field(default=None, repr=False)
-
-
-def deadline_in(seconds: float) -> float:
-    """Absolute deadline ``seconds`` from now, in the clock every wait uses."""
-    return time.monotonic() + seconds
-
-
-def remaining(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())
-
-
-def endpoint_field(info: dict[str, Any], key: str) -> Any:
-    """A field of a peer's endpoint dict, or TransferError naming it."""
-    try:
-        return info[key]
-    except KeyError:
-        raise TransferError(f"endpoint info lacks {key!r}") from None
-
-
-def _inside(addr: int, nbytes: int, region: Desc) -> bool:
-    return region[0] <= addr and addr + nbytes <= region[0] + region[1]
-
-
-def _parse_endpoint_info(info: Any, backend: str) -> tuple[str, list[RankKV]]:
-    """Peer name and ranks from an endpoint dict of this backend and protocol version."""
-    if not isinstance(info, dict):
-        raise TransferError(f"endpoint info must be a dict, got {type(info).__name__}")
-    if info.get("version") != ENDPOINT_VERSION:
-        raise TransferError(
-            f"endpoint version {info.get('version')!r}, expected {ENDPOINT_VERSION}"
-        )
-    if info.get("backend") != backend:
-        raise TransferError(f"endpoint is for backend {info.get('backend')!r}, not {backend!r}")
-    wire = endpoint_field(info, "ranks")
-    try:
-        if not isinstance(wire, list):
-            raise LayoutError(f"ranks must be a list, got {type(wire).__name__}")
-        ranks = [RankKV.from_wire(rank) for rank in wire]
-        check_ranks(ranks)
-    except LayoutError as exc:
-        raise TransferError(f"bad ranks in endpoint info: {exc}") from exc
-    return str(endpoint_field(info, "agent")), ranks
 
 
 @dataclass
@@ -201,9 +161,17 @@ class TransferBackend(ABC):
 
     @abstractmethod
     def _start_write(
-        self, handle: TransferHandle, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
+        self, handle: TransferHandle, src: np.ndarray, dst: np.ndarray, dst_layer: int
     ) -> None:
-        """Start a non-empty write; raise TransferError if it cannot start."""
+        """Start a non-empty write of descriptor arrays ([N, 3] int64: address, bytes, device
+        id); raise TransferError if it cannot start."""
+
+    def _start_planned(
+        self, handle: TransferHandle, plan: WritePlan, src_layer: int, dst_layer: int
+    ) -> None:
+        """Start a non-empty planned write; default: one layer's descriptors to `_start_write`."""
+        src, dst = plan.descs(src_layer, dst_layer)
+        self._start_write(handle, src, dst, dst_layer)
 
     @abstractmethod
     def _close_peer(self, peer: str, reason: str) -> None:
@@ -239,7 +207,7 @@ class TransferBackend(ABC):
             }
 
     def connect(self, peer_info: dict[str, Any], deadline: float) -> str:
-        peer, peer_ranks = _parse_endpoint_info(peer_info, self.backend_name)
+        peer, peer_ranks = parse_endpoint_info(peer_info, self.backend_name)
         with self._lock:
             try:
                 routes = plan_routes(self._require_registered(), peer_ranks)
@@ -258,6 +226,40 @@ class TransferBackend(ABC):
             self._peers[peer] = _Peer(peer_ranks, routes)
         return peer
 
+    def plan(
+        self, peer: str, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> WritePlan:
+        """The descriptors of writing these blocks, for any layer (``write_plan``): a caller
+        that writes the same blocks in every layer (the cache messager) plans them once."""
+        with self._lock:
+            ranks = self._require_registered()
+            target = self._peers.get(peer)
+            if target is None:
+                raise TransferError(f"{self.agent_name}: unknown or lost peer {peer!r}")
+            return plan_write(
+                peer, ranks, target.ranks, target.routes, src_block_ids, dst_block_ids, target
+            )
+
+    def write_plan(self, plan: WritePlan, src_layer: int, dst_layer: int) -> TransferHandle:
+        """``write`` of the plan's blocks from ``src_layer`` onto ``dst_layer``."""
+        with self._lock:
+            self._require_registered()
+            target = self._peers.get(plan.peer)
+            if target is None:
+                raise TransferError(f"{self.agent_name}: unknown or lost peer {plan.peer!r}")
+            if plan.planned_for is not target:  # the peer reconnected: its memory may differ
+                plan = self.plan(plan.peer, plan.src_ids, plan.dst_ids)
+            check_layer(src_layer, plan.src_bases)
+            check_layer(dst_layer, plan.dst_bases)
+            handle = self._new_handle(plan.peer, plan.nbytes, plan.num_descs)
+            if handle.state is TransferState.PENDING:
+                try:
+                    self._start_planned(handle, plan, src_layer, dst_layer)
+                except TransferError:
+                    self._counters["failed"] += 1
+                    raise
+            return handle
+
     def write(
         self,
         peer: str,
@@ -267,55 +269,34 @@ class TransferBackend(ABC):
         dst_block_ids: Sequence[int],
     ) -> TransferHandle:
         with self._lock:
-            ranks = self._require_registered()
-            target = self._peers.get(peer)
-            if target is None:
-                raise TransferError(f"{self.agent_name}: unknown or lost peer {peer!r}")
-            src_descs, dst_descs = routed_descs(
-                ranks,
-                target.ranks,
-                target.routes,
-                src_layer,
-                src_block_ids,
-                dst_layer,
-                dst_block_ids,
-            )
-            return self._post(peer, src_descs, dst_descs, dst_layer)
+            plan = self.plan(peer, src_block_ids, dst_block_ids)
+            return self.write_plan(plan, src_layer, dst_layer)
 
     def write_descs(
-        self, peer: str, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
+        self,
+        peer: str,
+        src_descs: Sequence[Desc] | np.ndarray,
+        dst_descs: Sequence[Desc] | np.ndarray,
+        dst_layer: int,
     ) -> TransferHandle:
         with self._lock:
             peer_ranks = self._require_peer(peer)
-            if len(src_descs) != len(dst_descs):
-                raise LayoutError(f"{len(src_descs)} source but {len(dst_descs)} destination descs")
-            for (addr, nbytes, _), (dst_addr, dst_nbytes, _) in zip(
-                src_descs, dst_descs, strict=True
-            ):
-                if nbytes != dst_nbytes:
-                    raise LayoutError(f"a {nbytes}-byte source paired with {dst_nbytes} bytes")
-                if not any(_inside(addr, nbytes, r) for r in self._sources):
-                    raise LayoutError(f"source {addr:#x}+{nbytes} is not registered memory")
-                if not any(r.regions.contains(dst_layer, dst_addr, nbytes) for r in peer_ranks):
-                    raise LayoutError(
-                        f"destination {dst_addr:#x}+{nbytes} is not in layer {dst_layer}"
-                    )
-            return self._post(peer, src_descs, dst_descs, dst_layer)
-
-    def _post(
-        self, peer: str, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
-    ) -> TransferHandle:
-        nbytes = sum(desc[1] for desc in src_descs)
-        handle = TransferHandle(peer=peer, nbytes=nbytes, num_descs=len(src_descs))
-        self._counters["writes"] += 1
-        if not src_descs:
-            handle.state = TransferState.DONE
+            src, dst = desc_array(src_descs), desc_array(dst_descs)
+            check_explicit_descs(src, dst, self._sources, peer_ranks, dst_layer)
+            handle = self._new_handle(peer, int(src[:, 1].sum()), len(src))
+            if handle.state is TransferState.PENDING:
+                try:
+                    self._start_write(handle, src, dst, dst_layer)
+                except TransferError:
+                    self._counters["failed"] += 1
+                    raise
             return handle
-        try:
-            self._start_write(handle, src_descs, dst_descs, dst_layer)
-        except TransferError:
-            self._counters["failed"] += 1
-            raise
+
+    def _new_handle(self, peer: str, nbytes: int, num_descs: int) -> TransferHandle:
+        handle = TransferHandle(peer=peer, nbytes=nbytes, num_descs=num_descs)
+        self._counters["writes"] += 1
+        if not num_descs:
+            handle.state = TransferState.DONE
         return handle
 
     def add_local_region(self, region: Desc) -> None:

@@ -223,38 +223,62 @@ def paired_block_descs(
     dst_ids: Sequence[int],
 ) -> tuple[list[Desc], list[Desc]]:
     """Matched source and destination descriptor lists, element i of one pairs with i of the other:
-    one per run of blocks consecutive on both sides (`paired_runs`).
-
-    Raises LayoutError for mismatched geometry, lengths, out-of-range or repeated destination ids
-    (a repeated destination would make the result depend on write order). Vectorized: the cache
-    messager plans every layer of every request this way, and a prompt of scattered blocks has
-    one run per block.
-    """
-    if not src.layout.block_compatible(dst.layout):
-        raise LayoutError(f"block geometry differs: {src.layout} vs {dst.layout}")
-    if len(src_ids) != len(dst_ids):
-        raise LayoutError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
+    one per run of blocks consecutive on both sides (`paired_runs`). LayoutError as
+    `paired_run_rows` says, or for a layer out of range."""
     src._check_layer(src_layer)
     dst._check_layer(dst_layer)
-    if not len(src_ids):
-        return [], []
-    s, d = np.asarray(src_ids, dtype=np.int64), np.asarray(dst_ids, dtype=np.int64)
-    for ids, regions in ((s, src), (d, dst)):
-        bad = ids[(ids < 0) | (ids >= regions.layout.num_blocks)]
-        if bad.size:
-            limit = regions.layout.num_blocks - 1
-            raise LayoutError(f"blocks {bad[0]}..{bad[0]} outside 0..{limit}")
+    src_off, dst_off, nbytes = paired_run_rows(src.layout, src_ids, dst.layout, dst_ids)
+    src_addrs = (src.layer_addrs[src_layer] + src_off).tolist()
+    dst_addrs = (dst.layer_addrs[dst_layer] + dst_off).tolist()
+    lengths = nbytes.tolist()
+    src_descs = list(zip(src_addrs, lengths, repeat(src.device_id)))
+    dst_descs = list(zip(dst_addrs, lengths, repeat(dst.device_id)))
+    return src_descs, dst_descs
+
+
+def block_ids_array(ids: Sequence[int] | np.ndarray, layout: KVLayout) -> np.ndarray:
+    """Block ids as int64, LayoutError for one outside ``layout``'s blocks."""
+    array = np.asarray(ids, dtype=np.int64).reshape(-1)
+    bad = array[(array < 0) | (array >= layout.num_blocks)]
+    if bad.size:
+        raise LayoutError(f"blocks {bad[0]}..{bad[0]} outside 0..{layout.num_blocks - 1}")
+    return array
+
+
+def checked_pair(
+    src: KVLayout, src_ids: Sequence[int], dst: KVLayout, dst_ids: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both id lists as int64 arrays, LayoutError for mismatched lengths, out-of-range ids or
+    repeated destination ids (a repeated destination would make the result depend on write
+    order)."""
+    if len(src_ids) != len(dst_ids):
+        raise LayoutError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
+    s, d = block_ids_array(src_ids, src), block_ids_array(dst_ids, dst)
     if np.unique(d).size != d.size:
         raise LayoutError("destination block ids repeat")
+    return s, d
+
+
+def paired_run_rows(
+    src: KVLayout, src_ids: Sequence[int], dst: KVLayout, dst_ids: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole blocks ``src_ids`` onto ``dst_ids``, one row per run of blocks consecutive on both
+    sides: (source offset, destination offset, bytes), offsets from the layer's base. The same
+    for every layer, so a request plans them once (cache_transfer/write_plan.py).
+
+    Raises LayoutError for mismatched geometry or as `checked_pair` says. Vectorized: a prompt of
+    scattered blocks has one run per block.
+    """
+    if not src.block_compatible(dst):
+        raise LayoutError(f"block geometry differs: {src} vs {dst}")
+    s, d = checked_pair(src, src_ids, dst, dst_ids)
+    if not s.size:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
     breaks = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
     starts = np.concatenate(([0], breaks))
-    nbytes = np.diff(np.append(starts, s.size)) * src.layout.block_nbytes
-    src_addrs = src.layer_addrs[src_layer] + s[starts] * src.layout.block_nbytes
-    dst_addrs = dst.layer_addrs[dst_layer] + d[starts] * dst.layout.block_nbytes
-    lengths = nbytes.tolist()
-    src_descs = list(zip(src_addrs.tolist(), lengths, repeat(src.device_id)))
-    dst_descs = list(zip(dst_addrs.tolist(), lengths, repeat(dst.device_id)))
-    return src_descs, dst_descs
+    nbytes = np.diff(np.append(starts, s.size)) * src.block_nbytes
+    return s[starts] * src.block_nbytes, d[starts] * dst.block_nbytes, nbytes
 
 
 def _check_version(wire: dict[str, Any], what: str) -> None:

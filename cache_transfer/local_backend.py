@@ -7,7 +7,8 @@ process can map -- POSIX shared memory on CPU, a CUDA IPC allocation on a GPU, t
 prefill instance shares with its messager (factory.make_shared_kv) -- and publishes the store
 handles in its endpoint. The messager maps them at `connect`, so both caches are in its address
 space and a write is a plain copy of the descriptors the route table gives (whole blocks, or
-head slices between tensor-parallel sizes): memmove on CPU, inside the call; on a GPU one
+head slices between tensor-parallel sizes; a planned write's rows are offset straight by this
+process's mapping of the peer's layers): memmove on CPU, inside the call; on a GPU one
 batched-copy kernel on the backend's own stream, launched for every write queued since the last
 launch when one of them is first polled, with an event that `poll` queries.
 
@@ -33,6 +34,7 @@ from cache_transfer.backend import (
 )
 from cache_transfer.layout import Desc
 from cache_transfer.tp_layout import RankKV
+from cache_transfer.write_plan import ADDR, NBYTES, WritePlan
 
 
 def machine_id() -> str:
@@ -119,13 +121,22 @@ class LocalBackend(TransferBackend):
         )
 
     def _start_write(
-        self, handle: TransferHandle, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
+        self, handle: TransferHandle, src: np.ndarray, dst: np.ndarray, dst_layer: int
     ) -> None:
-        peer_map = self._maps[handle.peer]
-        srcs = np.array(src_descs, dtype=np.int64).reshape(-1, 3)  # (address, bytes, device)
-        dsts = np.array(dst_descs, dtype=np.int64).reshape(-1, 3)
-        src, lens = srcs[:, 0], srcs[:, 1]
-        dst = _translate(dsts[:, 0], lens, peer_map, dst_layer)
+        lens = src[:, NBYTES]
+        here = _translate(dst[:, ADDR], lens, self._maps[handle.peer], dst_layer)
+        self._copy(handle, src[:, ADDR], here, lens)
+
+    def _start_planned(
+        self, handle: TransferHandle, plan: WritePlan, src_layer: int, dst_layer: int
+    ) -> None:
+        # The plan's rows on this process's mapping of the peer: no address translation.
+        src, dst = plan.descs(src_layer, dst_layer, dst_bases=self._maps[handle.peer].ours)
+        self._copy(handle, src[:, ADDR], dst[:, ADDR], src[:, NBYTES])
+
+    def _copy(
+        self, handle: TransferHandle, src: np.ndarray, dst: np.ndarray, lens: np.ndarray
+    ) -> None:
         if self._copier is not None:  # a GPU's memory (see _register)
             handle._impl = self._copier.add(src, dst, lens)  # launched at the first poll
             return

@@ -7,14 +7,15 @@ descriptors per block and route (tp_layout.head_slice_descs), and UCX pays per d
 the time of equal sizes on CPU (benchmarks/results/tp_transfer_cpu.md).
 
 What. `StagedWriter` stands between the cache messager and its backend, with the backend's
-write/poll/release/wait. For each "staged" decode rank (one whose heads come from a prefill rank
-holding other heads) it gathers, with torch so the same code runs on CUDA tensors, the rank's
-heads of the written blocks from every prefill rank holding them into a staging buffer laid out
-exactly as that decode rank's blocks (`[n, 2, block_size, d_heads, head_dim]`), and writes it
-whole onto the decode rank's blocks: one descriptor per run of consecutive destination blocks.
+write/plan/write_plan/poll/release/wait. For each "staged" decode rank (one whose heads come
+from a prefill rank holding other heads) it gathers, with torch so the same code runs on CUDA
+tensors, the rank's heads of the written blocks from every prefill rank holding them into a
+staging buffer laid out exactly as that decode rank's blocks (`[n, 2, block_size, d_heads,
+head_dim]`), and writes it whole onto the decode rank's blocks: one descriptor per run of
+consecutive destination blocks.
 Decode ranks that hold the same heads as their prefill rank (equal sizes) get whole blocks
 straight from the prefill cache, as before, in the same backend write; a peer with no staged
-rank is written exactly as without this class.
+rank is written exactly as without this class (`plan` is the backend's own plan).
 
 Memory. One staging buffer per writer, `capacity` bytes (`transfer.staging_buffer_mb`), on the
 prefill cache's device, allocated and registered with the backend (`add_local_region`) on the
@@ -52,9 +53,10 @@ from cache_transfer.backend import (
     TransferTimeout,
     remaining,
 )
-from cache_transfer.layout import Desc, LayoutError, block_runs
+from cache_transfer.layout import Desc, LayoutError, block_runs, checked_pair
 from cache_transfer.staging_ring import Slot, StagingRing, aligned
 from cache_transfer.tp_layout import HeadRoute, RankKV, head_slice_descs
+from cache_transfer.write_plan import WritePlan
 
 DEFAULT_STAGING_BYTES = 64 << 20
 _WAIT_SLEEP_S = 200e-6
@@ -69,6 +71,15 @@ class _Piece:
     staged: list[tuple[int, int]]  # (offset in the slot, nbytes) per staged destination run
     dst: list[Desc]  # staged destinations, then the direct ones
     direct_src: list[Desc]
+
+
+@dataclass(frozen=True)
+class _StagedPlan:
+    """`StagedWriter.plan` for a peer with a staged rank."""
+
+    peer: str
+    src_ids: list[int]
+    dst_ids: list[int]
 
 
 @dataclass
@@ -152,6 +163,25 @@ class StagedWriter:
             self._pump()
             self._settle(write)
             return handle
+
+    def plan(
+        self, peer: str, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> WritePlan | _StagedPlan:
+        """The backend's plan for a peer with no staged rank; otherwise the ids, staged again
+        for every layer (the gathers read each layer's own tensors)."""
+        d_ranks, routes = self.backend.peer_plan(peer)
+        if all(self._direct(route, d_ranks) for route in routes):
+            return self.backend.plan(peer, src_block_ids, dst_block_ids)
+        src_ids, dst_ids = list(src_block_ids), list(dst_block_ids)
+        _check_ids(self._ranks, 0, src_ids, d_ranks, 0, dst_ids)
+        return _StagedPlan(peer, src_ids, dst_ids)
+
+    def write_plan(
+        self, plan: WritePlan | _StagedPlan, src_layer: int, dst_layer: int
+    ) -> TransferHandle:
+        if isinstance(plan, WritePlan):
+            return self.backend.write_plan(plan, src_layer, dst_layer)
+        return self.write(plan.peer, src_layer, plan.src_ids, dst_layer, plan.dst_ids)
 
     def poll(self, handle: TransferHandle) -> TransferState:
         with self._lock:
@@ -374,11 +404,6 @@ def _check_ids(
     dst_ids: list[int],
 ) -> None:
     """LayoutError for ids a write cannot take, before anything is gathered or sent."""
-    if len(src_ids) != len(dst_ids):
-        raise LayoutError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
-    if len(set(dst_ids)) != len(dst_ids):
-        raise LayoutError("destination block ids repeat")
-    for ranks, layer, ids in ((src, src_layer, src_ids), (dst, dst_layer, dst_ids)):
-        if ids:  # an instance's ranks share their block count
-            ranks[0].regions.run_desc(layer, min(ids), 1)
-            ranks[0].regions.run_desc(layer, max(ids), 1)
+    src[0].regions.layer_desc(src_layer)  # an instance's ranks share their layer and block counts
+    dst[0].regions.layer_desc(dst_layer)
+    checked_pair(src[0].regions.layout, src_ids, dst[0].regions.layout, dst_ids)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -154,7 +155,7 @@ class TcpBackend(TransferBackend):
         self._links[peer] = dialed
 
     def _start_write(
-        self, handle: TransferHandle, src_descs: list[Desc], dst_descs: list[Desc], dst_layer: int
+        self, handle: TransferHandle, src: np.ndarray, dst: np.ndarray, dst_layer: int
     ) -> None:
         link = self._links[handle.peer]
         self._pump(handle.peer, link, 0)  # learn of a lost connection before queueing more
@@ -166,9 +167,9 @@ class TcpBackend(TransferBackend):
             src=self.agent_name,
             xfer=handle.id,
             layer=dst_layer,
-            descs=[[addr, nbytes] for addr, nbytes, _ in dst_descs],
+            descs=dst[:, :2].tolist(),
         )
-        payload = [bytes_at(addr, nbytes) for addr, nbytes, _ in src_descs]
+        payload = [bytes_at(addr, nbytes) for addr, nbytes in src[:, :2].tolist()]
         try:
             link.socket.send_multipart([header, *payload], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:

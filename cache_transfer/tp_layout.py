@@ -9,22 +9,33 @@ ranks: every D rank needs, for each of its heads, the slice of each block held b
   rank that sends them (the first that holds them; replicated heads are sent once per D rank).
 - `RankKV` is one rank's cache as a backend registers it (its regions and the heads they hold);
   an instance registers one per rank, rank order.
-- `head_slice_descs` turns one pair's blocks into matched descriptor lists. When the pair holds
+- `head_slice_rows` turns one pair's blocks into matched descriptor rows, offsets from the layer
+  base (the same for every layer; `head_slice_descs` adds a layer's bases). When the pair holds
   the same heads (equal TP sizes, or a replicated head on both sides) a block is one region, and
   consecutive blocks merge as for a single rank. Otherwise the heads of one (K or V, token) are
   one run of `heads * head_dim` elements, strided inside the block on at least one side: 2 *
   block_size descriptors per block.
 
-Pure Python, no torch, like cache_transfer/layout.py.
+No torch, like cache_transfer/layout.py (numpy for the descriptor rows).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
-from cache_transfer.layout import Desc, KVRegions, LayoutError, paired_block_descs
+import numpy as np
+
+from cache_transfer.layout import (
+    Desc,
+    KVLayout,
+    KVRegions,
+    LayoutError,
+    checked_pair,
+    paired_run_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -98,28 +109,6 @@ def plan_routes(src: Sequence[RankKV], dst: Sequence[RankKV]) -> list[HeadRoute]
     return route_heads([rank.heads for rank in src], [rank.heads for rank in dst])
 
 
-def routed_descs(
-    src: Sequence[RankKV],
-    dst: Sequence[RankKV],
-    routes: Sequence[HeadRoute],
-    layer: int,
-    src_ids: Sequence[int],
-    dst_layer: int,
-    dst_ids: Sequence[int],
-) -> tuple[list[Desc], list[Desc]]:
-    """Every route's descriptors for one layer's blocks, concatenated (one write carries all)."""
-    src_descs: list[Desc] = []
-    dst_descs: list[Desc] = []
-    for route in routes:
-        s, d = src[route.src_rank], dst[route.dst_rank]
-        pair = head_slice_descs(
-            s.regions, s.heads, layer, src_ids, d.regions, d.heads, dst_layer, dst_ids, route.heads
-        )
-        src_descs += pair[0]
-        dst_descs += pair[1]
-    return src_descs, dst_descs
-
-
 def route_heads(src: Sequence[HeadRange], dst: Sequence[HeadRange]) -> list[HeadRoute]:
     """Every D rank's heads, each from exactly one P rank. Raises LayoutError when some head
     a D rank holds is held by no P rank (the two instances serve different models)."""
@@ -151,30 +140,46 @@ def head_slice_descs(
     heads: HeadRange,
 ) -> tuple[list[Desc], list[Desc]]:
     """Matched descriptors that copy KV heads `heads` of blocks `src_ids` (a rank holding
-    `src_heads`) into blocks `dst_ids` (a rank holding `dst_heads`)."""
-    s, d = src.layout, dst.layout
-    if (s.block_size, s.head_dim, s.itemsize) != (d.block_size, d.head_dim, d.itemsize):
-        raise LayoutError(f"block geometry differs beyond heads: {s} vs {d}")
-    if s.kv_heads != src_heads.count or d.kv_heads != dst_heads.count:
+    `src_heads`) into blocks `dst_ids` (a rank holding `dst_heads`) of the given layers."""
+    src._check_layer(src_layer)
+    dst._check_layer(dst_layer)
+    src_off, dst_off, nbytes = head_slice_rows(
+        src.layout, src_heads, src_ids, dst.layout, dst_heads, dst_ids, heads
+    )
+    lengths = nbytes.tolist()
+    src_addrs = (src.layer_addrs[src_layer] + src_off).tolist()
+    dst_addrs = (dst.layer_addrs[dst_layer] + dst_off).tolist()
+    return (
+        list(zip(src_addrs, lengths, repeat(src.device_id))),
+        list(zip(dst_addrs, lengths, repeat(dst.device_id))),
+    )
+
+
+def head_slice_rows(
+    src: KVLayout,
+    src_heads: HeadRange,
+    src_ids: Sequence[int],
+    dst: KVLayout,
+    dst_heads: HeadRange,
+    dst_ids: Sequence[int],
+    heads: HeadRange,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`head_slice_descs` as rows independent of the layer: (source offset, destination offset,
+    bytes), offsets from each side's layer base; whole blocks merge into runs
+    (`paired_run_rows`), head slices are one row per (block, K or V, token) in block order."""
+    if (src.block_size, src.head_dim, src.itemsize) != (dst.block_size, dst.head_dim, dst.itemsize):
+        raise LayoutError(f"block geometry differs beyond heads: {src} vs {dst}")
+    if src.kv_heads != src_heads.count or dst.kv_heads != dst_heads.count:
         raise LayoutError("a head range does not match its layout's kv_heads")
     if src_heads.overlap(heads) != heads or dst_heads.overlap(heads) != heads:
         raise LayoutError(f"heads {heads} are not held by both sides")
     if src_heads == dst_heads == heads:  # whole blocks
-        return paired_block_descs(src, src_layer, src_ids, dst, dst_layer, dst_ids)
-    if len(src_ids) != len(dst_ids):
-        raise LayoutError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
-    if len(set(dst_ids)) != len(dst_ids):
-        raise LayoutError("destination block ids repeat")
-    row = s.head_dim * s.itemsize  # bytes of one head of one token
-    nbytes = heads.count * row
-    src_descs: list[Desc] = []
-    dst_descs: list[Desc] = []
-    for src_block, dst_block in zip(src_ids, dst_ids, strict=True):
-        src_base = src.run_desc(src_layer, src_block, 1)[0]
-        dst_base = dst.run_desc(dst_layer, dst_block, 1)[0]
-        for slot in range(2 * s.block_size):  # (K or V, token) in block order
-            src_at = src_base + (slot * s.kv_heads + heads.start - src_heads.start) * row
-            dst_at = dst_base + (slot * d.kv_heads + heads.start - dst_heads.start) * row
-            src_descs.append((src_at, nbytes, src.device_id))
-            dst_descs.append((dst_at, nbytes, dst.device_id))
-    return src_descs, dst_descs
+        return paired_run_rows(src, src_ids, dst, dst_ids)
+    s, d = checked_pair(src, src_ids, dst, dst_ids)
+    row = src.head_dim * src.itemsize  # bytes of one head of one token
+    slots = np.arange(2 * src.block_size, dtype=np.int64)  # (K or V, token) in block order
+    src_in_block = (slots * src.kv_heads + heads.start - src_heads.start) * row
+    dst_in_block = (slots * dst.kv_heads + heads.start - dst_heads.start) * row
+    src_off = (s[:, None] * src.block_nbytes + src_in_block).reshape(-1)
+    dst_off = (d[:, None] * dst.block_nbytes + dst_in_block).reshape(-1)
+    return src_off, dst_off, np.full(src_off.size, heads.count * row, dtype=np.int64)

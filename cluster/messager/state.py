@@ -6,6 +6,10 @@ blocks that are now complete in that layer: full blocks below the chunk's end, a
 chunk also the partly filled tail block. Signals for a request whose cache task has not arrived
 yet are kept (bounded in time) and replayed when it does; KV is never sent for an unknown task.
 
+A request's blocks are the same in every layer, so the descriptors of a chunk's blocks are
+planned once (`backend.plan`, numpy rows) and every layer's write only offsets them
+(`backend.write_plan`; cache_transfer/write_plan.py): no per-layer descriptor building.
+
 Failures stay with their request: a write that cannot start, a poll that raises or a deadline
 that passes marks that task failed; it is reported (once its writes drained) like any other.
 """
@@ -16,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cache_transfer.backend import TransferBackend, TransferHandle, TransferState
 from cache_transfer.staging import StagedWriter
@@ -40,6 +45,8 @@ class TaskState:
     failure: str = ""  # why it failed; a finished task without one succeeded
     client_informed: bool = False
     nbytes: int = 0
+    # (first block, end block) -> the backend's plan of writing them: the same in every layer
+    write_plans: dict[tuple[int, int], Any] = field(default_factory=dict)
 
     @property
     def request_id(self) -> str:
@@ -190,8 +197,12 @@ class MessagerState:
         start = state.sent_blocks[layer]
         if upto > start:
             try:
-                peer = self.peer_of(state.task.decode_instance)
-                handle = self.backend.write(peer, layer, src[start:upto], layer, dst[start:upto])
+                plan = state.write_plans.get((start, upto))
+                if plan is None:
+                    peer = self.peer_of(state.task.decode_instance)
+                    plan = self.backend.plan(peer, src[start:upto], dst[start:upto])
+                    state.write_plans[(start, upto)] = plan
+                handle = self.backend.write_plan(plan, layer, layer)
             except Exception as exc:  # this request's write only; the step's others go on
                 state.failure = f"write of layer {layer} failed: {exc}"
                 return

@@ -12,6 +12,7 @@ from cache_transfer.layout import LayoutError
 from cache_transfer.staging import StagedWriter
 from cache_transfer.staging_ring import StagingRing
 from cache_transfer.tp_layout import RankKV
+from cache_transfer.write_plan import WritePlan
 from tests.unit.cache_transfer.test_tp_layout import (
     BLOCK_SIZE,
     HEAD_DIM,
@@ -74,7 +75,13 @@ def test_staged_writes_move_each_ranks_heads(kind, p_size, d_size, capacity):
     src_ids, dst_ids = [0, 1, 2, 4], [5, 1, 2, 3]
     try:
         peer = writer.connect(target.endpoint_info(), deadline_in(10))
-        handles = [writer.write(peer, layer, src_ids, layer, dst_ids) for layer in range(LAYERS)]
+        plan = writer.plan(peer, src_ids, dst_ids)  # the messager's path: planned once per chunk
+        handles = [
+            writer.write_plan(plan, layer, layer)
+            if layer % 2
+            else writer.write(peer, layer, src_ids, layer, dst_ids)
+            for layer in range(LAYERS)
+        ]
         for handle in handles:
             assert writer.wait(handle, deadline_in(10)) is TransferState.DONE
             assert handle.nbytes == len(src_ids) * BLOCK_BYTES
@@ -101,7 +108,9 @@ def test_equal_sizes_write_directly_and_bad_ids_fail_before_sending():
     whole, _, d_caches, writer, target = _pair("tcp", 2, 2, 1 << 20)
     try:
         peer = writer.connect(target.endpoint_info(), deadline_in(10))
-        handle = writer.write(peer, 0, [1, 2], 0, [3, 4])
+        plan = writer.plan(peer, [1, 2], [3, 4])
+        assert isinstance(plan, WritePlan)  # the backend's own: no staged rank
+        handle = writer.write_plan(plan, 0, 0)
         assert handle.num_descs == 2  # one run per rank, as without staging
         assert writer.wait(handle, deadline_in(10)) is TransferState.DONE
         writer.release(handle)
@@ -117,6 +126,8 @@ def test_equal_sizes_write_directly_and_bad_ids_fail_before_sending():
             writer.write(peer, 0, [0, 1], 0, [2, 6])  # block 6 of 6
         with pytest.raises(LayoutError):
             writer.write(peer, 0, [0, 1], 0, [2, 2])
+        with pytest.raises(LayoutError):
+            writer.plan(peer, [0, 1], [2, 6])
         assert writer.stats()["staged_writes"] == 0 and writer.stats()["staging_bytes"] == 0
     finally:
         writer.close()

@@ -23,6 +23,7 @@ class RecordingBackend:
         self.handles: list[TransferHandle] = []
         self.released: list[TransferHandle] = []
         self.fail_next = False
+        self.plans = 0  # plan() calls: one per chunk of blocks, whatever the layer count
 
     def write(self, peer, src_layer, src_ids, dst_layer, dst_ids) -> TransferHandle:
         if peer != kv_agent_name(D0):
@@ -35,6 +36,16 @@ class RecordingBackend:
             handle.error = "injected"
         self.handles.append(handle)
         return handle
+
+    def plan(self, peer, src_ids, dst_ids) -> tuple:
+        if peer != kv_agent_name(D0):
+            raise TransferError(f"unknown or lost peer {peer!r}")
+        self.plans += 1
+        return peer, list(src_ids), list(dst_ids)
+
+    def write_plan(self, plan: tuple, src_layer: int, dst_layer: int) -> TransferHandle:
+        peer, src_ids, dst_ids = plan
+        return self.write(peer, src_layer, src_ids, dst_layer, dst_ids)
 
     def poll(self, handle: TransferHandle) -> TransferState:
         return handle.state
@@ -87,6 +98,7 @@ def test_layerwise_chunked_stream_sends_full_blocks_then_tail() -> None:
     assert not outcome.failure and outcome.first_token_id == 42
     assert outcome.nbytes == 100 * 6
     assert len(backend.released) == len(backend.handles) == 4
+    assert backend.plans == 2  # one per chunk, reused by its second layer
     assert not state.tasks and not state.plans
 
 
