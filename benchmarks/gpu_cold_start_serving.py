@@ -11,10 +11,15 @@ measured at the client from the first streamed token. Per mode:
      the warm-up when on, NIXL/IPC wiring);
   2. the first 20 requests, one at a time, prompts 2k +-50% tokens: each TTFT against the
      steady-state median for its length (3 fresh prompts of that length, measured after);
-  3. half the prefill capacity: 100 Poisson arrivals at half the rate the steady state serves
-     one at a time, 16 output tokens each; TTFT p50 and p99 from arrival;
-  4. Triton kernels compiled after ready in any process of the deployment: new entries in the
+  3. capacity: 8 clients in a closed loop (as many as P batches), 40 requests of 16 output
+     tokens: requests/s served. P and D share the GPU, so this is well below one over the
+     lone-request TTFT;
+  4. half that capacity: 100 Poisson arrivals, 16 output tokens each; TTFT p50 and p99 from
+     arrival;
+  5. Triton kernels compiled after ready in any process of the deployment: new entries in the
      shared Triton cache directory (should be 0).
+The router's TTFT split (prepare, queue, prefill, transfer, first decode step) is kept per phase
+(first 20, steady) to show where a slow first request spends its time.
 Every prompt is fresh random tokens, so the prefix cache never serves one prompt to the next.
 Goals (issue #15): each of the first 20 TTFTs <= 1.5x its steady p50; p99 <= 3x p50.
 """
@@ -31,12 +36,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_cold_start import FIRST, LOADED_REQUESTS, MEAN_PROMPT, STEADY_REPEATS
+
+CLOSED_LOOP_CLIENTS = 8
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,15 @@ def deployment_config(folder: Path, warmup: bool, plan: Plan):
     )
 
 
+def take_split(dep) -> dict:
+    """The router's TTFT split since the last call (then cleared)."""
+    import ray
+
+    split = dep.stats()["router"].get("ttft_split", {})
+    ray.get(dep.router.reset_timings.remote(), timeout=30)
+    return split
+
+
 def kernels_compiled(cache_dir: Path) -> int:
     """Triton writes one folder per compiled kernel variant into its cache directory."""
     return sum(1 for entry in cache_dir.iterdir() if entry.is_dir()) if cache_dir.exists() else 0
@@ -120,19 +137,21 @@ class Client:
         return record.ttft_s + (start - origin if origin is not None else 0.0)
 
 
-async def measure(url: str, model: str, vocab: int, plan: Plan) -> dict:
+async def measure(url: str, model: str, vocab: int, plan: Plan, split: Callable[[], dict]):
     rng = random.Random(0)
     client = Client(url, model, vocab, rng)
     low, high = plan.mean_prompt // 2, 3 * plan.mean_prompt // 2
     async with client.http:
         lengths = [rng.randint(low, high) for _ in range(plan.first)]
         first = [await client.ttft(n, 2) for n in lengths]
+        first_split = split()
         steady = []
         for n in lengths:
             repeats = [await client.ttft(n, 2) for _ in range(STEADY_REPEATS)]
             steady.append(statistics.median(repeats))
-        rate = 0.5 / statistics.mean(steady)
-        loaded = await poisson(client, rng, rate, plan)
+        steady_split = split()
+        capacity = await closed_loop(client, rng, plan)
+        loaded = await poisson(client, rng, capacity / 2, plan)
     ratios = [f / s for f, s in zip(first, steady, strict=True)]
     p50, p99 = statistics.median(loaded), sorted(loaded)[int(0.99 * (len(loaded) - 1))]
     return {
@@ -140,7 +159,10 @@ async def measure(url: str, model: str, vocab: int, plan: Plan) -> dict:
         "steady_ttft_ms": [1e3 * t for t in steady],
         "worst_first_ratio": max(ratios),
         "first_over_1_5x": sum(r > 1.5 for r in ratios),
-        "loaded_rate": rate,
+        "capacity_rps": capacity,
+        "loaded_rate": capacity / 2,
+        "split_first": first_split,
+        "split_steady": steady_split,
         "loaded_p50_ms": 1e3 * p50,
         "loaded_p99_ms": 1e3 * p99,
         "loaded_p99_over_p50": p99 / p50,
@@ -162,6 +184,20 @@ async def poisson(client: Client, rng: random.Random, rate: float, plan: Plan) -
     return list(await asyncio.gather(*(one(a, n) for a, n in zip(arrivals, lengths, strict=True))))
 
 
+async def closed_loop(client: Client, rng: random.Random, plan: Plan) -> float:
+    """Requests/s that CLOSED_LOOP_CLIENTS clients, each sending its next prompt when its
+    last one finished, get served."""
+    todo = [rng.randint(plan.mean_prompt // 2, 3 * plan.mean_prompt // 2) for _ in range(40)]
+
+    async def worker() -> None:
+        while todo:
+            await client.ttft(todo.pop(), 16)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CLOSED_LOOP_CLIENTS)))
+    return 40 / (time.perf_counter() - started)
+
+
 def child(warmup: bool, folder: Path, plan: Plan) -> dict:
     import httpx
 
@@ -177,7 +213,8 @@ def child(warmup: bool, folder: Path, plan: Plan) -> dict:
         ready_s = time.monotonic() - started
         at_ready = kernels_compiled(cache_dir)
         model = httpx.get(f"{dep.url}/v1/models", timeout=30).json()["data"][0]["id"]
-        figures = asyncio.run(measure(dep.url, model, SHAPES[plan.shape]["vocab_size"], plan))
+        vocab = SHAPES[plan.shape]["vocab_size"]
+        figures = asyncio.run(measure(dep.url, model, vocab, plan, lambda: take_split(dep)))
         compiled_after = kernels_compiled(cache_dir) - at_ready
     finally:
         dep.stop()
@@ -200,18 +237,31 @@ def print_table(results: list[dict], plan: Plan) -> None:
     print(f"\n{plan}")
     print(
         "| warm-up | ready s | kernels at ready | compiled after ready |"
-        " worst first-20 TTFT / steady | first-20 over 1.5x | load req/s |"
+        " worst first-20 TTFT / steady | first-20 over 1.5x | capacity req/s | load req/s |"
         " TTFT p50 ms | p99 ms | p99/p50 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {'on' if r['warmup'] else 'off'} | {r['ready_s']:.1f} | {r['kernels_at_ready']} |"
             f" {r['compiled_after_ready']} | {r['worst_first_ratio']:.2f}x |"
-            f" {r['first_over_1_5x']} / {plan.first} | {r['loaded_rate']:.1f} |"
+            f" {r['first_over_1_5x']} / {plan.first} | {r['capacity_rps']:.1f} |"
+            f" {r['loaded_rate']:.1f} |"
             f" {r['loaded_p50_ms']:.1f} | {r['loaded_p99_ms']:.1f} |"
             f" {r['loaded_p99_over_p50']:.2f} |"
         )  # fmt: skip
+
+
+def print_split(results: list[dict]) -> None:
+    """Mean ms per TTFT phase (router stamps): the first 20 requests against steady state."""
+    phases = sorted({k for r in results for k in r["split_first"]})
+    print("\n| warm-up | phase | " + " | ".join(phases) + " |")
+    print("|---|---|" + "---|" * len(phases))
+    for r in results:
+        for label in ("first", "steady"):
+            split = r[f"split_{label}"]
+            cells = [f"{split[k]['mean_ms']:.1f}" if k in split else "-" for k in phases]
+            print(f"| {'on' if r['warmup'] else 'off'} | {label} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -230,6 +280,7 @@ def main() -> None:
         return
     results = [run_mode(mode == "on", args.smoke) for mode in args.modes.split(",")]
     print_table(results, plan)
+    print_split(results)
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))
 

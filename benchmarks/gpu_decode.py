@@ -116,7 +116,8 @@ def make_core(name: str, folder: Path) -> EngineCore:
                 "max_num_seqs": max(BATCHES),
                 "max_num_batched_tokens": max(PREFILL_LENGTHS),
                 "block_size": 16,
-                "max_model_len": 2048,
+                # block-table rows are max_model_len wide: the 4k prefill must fit one
+                "max_model_len": max(PREFILL_LENGTHS),
             },
             "cache": {"num_blocks": blocks_per_seq * max(BATCHES) + 8},
         }
