@@ -5,12 +5,13 @@ bandwidth, and how much of the transfer layer-wise streaming hides behind the pr
 
 1. Ceiling: a 1 GiB device-to-device copy, as bytes moved per second (each byte read once and
    written once), measured in this run.
-2. Transfer: the KV of one prompt (32 layers, bf16) moved by the production pieces in three
-   processes -- P's cache (CudaKVCache, this process), the messager's view of it over CUDA IPC
-   registered with the transfer backend (a child), D's cache (another child) -- one WRITE per
-   layer as the messager issues them, into contiguous and scattered destination blocks; the
-   bytes are checked on D. Median of --iters. Each of --backends in the same run: nixl (UCX
-   over CUDA IPC) and local (the messager maps D's cache too and runs one copy kernel).
+2. Transfer (benchmarks/pd_transfer.py, which also runs alone and on CPU): the KV of one prompt
+   (32 layers, bf16) moved by the production pieces in three processes -- P's cache
+   (CudaKVCache, this process), the messager's view of it over CUDA IPC registered with the
+   transfer backend (a child), D's cache (another child) -- one WRITE per layer as the messager
+   issues them (planned once, `write_plan` per layer), into contiguous and scattered destination
+   blocks; the bytes are checked on D. Median of --iters. Each of --backends in the same run:
+   nixl (UCX over CUDA IPC) and local (the messager maps D's cache too and runs one copy kernel).
 3. End to end (transfer.backend: --e2e-backend): 1P1D sharing the GPU (num_gpus 0.5 each,
    random bf16 weights of the 8B shape,
    `model.load_format: random`), prompts sent one at a time: the router's TTFT split, and the
@@ -23,174 +24,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import random
-import statistics
 import sys
 import tempfile
-import time
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import httpx
-import msgpack
 import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.model_folders
 
 from benchmarks.model_folders import SHAPES, write_model_folder
-from cache_transfer.backend import TransferBackend, TransferState, deadline_in
-from cache_transfer.cuda_kv import CudaKVCache
-from cache_transfer.factory import attach_shared_kv, make_backend, rank_kv_wire
-from cache_transfer.layout import KVLayout
+from benchmarks.pd_transfer import BLOCK, copy_bandwidth, measure_transfer, patterns
 from cluster.config import parse_config
 from cluster.launcher import deploy
 
 SHAPE = SHAPES["llama3-8b"]
-BLOCK = 16
 # The transfer phase's parts (cluster/router/timings.py): P's signals reach the messager, the
 # last writes finish, D takes the completion message.
 TRANSFER = ("signals", "writes", "notify")
-
-
-def kv_layout(prompt_tokens: int) -> KVLayout:
-    return KVLayout(
-        num_layers=SHAPE["num_hidden_layers"],
-        num_blocks=2 * prompt_tokens // BLOCK,  # room for the scattered pattern
-        block_size=BLOCK,
-        kv_heads=SHAPE["num_key_value_heads"],
-        head_dim=SHAPE["hidden_size"] // SHAPE["num_attention_heads"],
-        itemsize=2,
-    )
-
-
-def patterns(prompt_blocks: int) -> dict[str, list[int]]:
-    return {
-        "contiguous": list(range(prompt_blocks // 2, prompt_blocks // 2 + prompt_blocks)),
-        "scattered": list(range(0, 2 * prompt_blocks, 2)),  # no two destinations adjacent
-    }
-
-
-# ---------------------------------------------------------------------------- 1. ceiling
-def copy_bandwidth() -> float:
-    """Bytes moved per second by a 1 GiB device copy (median of 20, random data)."""
-    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return src.numel() * 2 / statistics.median(times[5:])
-
-
-# ---------------------------------------------------------------------------- 2. transfer
-def decode_side(kind: str, layout_wire: dict, conn: Connection) -> None:
-    """D: its own cache on the GPU, registered with the backend (local: shared over CUDA IPC
-    for the messager to map); answers checksum requests."""
-    cache = CudaKVCache.create(KVLayout.from_wire(layout_wire), torch.bfloat16, torch.device(0))
-    backend = make_backend(kind, "bench-decode", "127.0.0.1")
-    backend.register(cache.regions())
-    if kind == "local":
-        backend.share(rank_kv_wire([cache.handle()], [(0, cache.layout.kv_heads)]))
-    conn.send_bytes(msgpack.packb(backend.endpoint_info()))
-    while (request := conn.recv()) != "stop":
-        conn.send(checksums(cache, request))
-    backend.close()
-    cache.close()
-
-
-def messager_side(
-    kind: str, handle: dict, endpoint: bytes, prompt_blocks: int, iters: int, conn
-) -> None:
-    """The messager: P's cache over CUDA IPC, registered with the backend, one WRITE per
-    layer."""
-    cache = attach_shared_kv(handle)
-    backend = make_backend(kind, "bench-messager", "127.0.0.1")
-    backend.register(cache.regions())
-    peer = backend.connect(msgpack.unpackb(endpoint), deadline_in(30))
-    src_ids = list(range(prompt_blocks))
-    layers = range(cache.layout.num_layers)
-    results = {}
-    for name, dst_ids in patterns(prompt_blocks).items():
-        times = []
-        for _ in range(iters + 2):  # two warm-ups: endpoint set-up, IPC mappings
-            started = time.perf_counter()
-            handles = [backend.write(peer, layer, src_ids, layer, dst_ids) for layer in layers]
-            state = busy_wait(backend, handles, deadline_in(60))
-            times.append(time.perf_counter() - started)
-            for h in handles:
-                backend.release(h)
-            if state != TransferState.DONE:
-                raise RuntimeError(f"transfer failed: {[h.error for h in handles if h.error]}")
-        results[name] = statistics.median(times[2:])
-        conn.send(("written", name))
-        conn.recv()  # the owner compared the bytes
-    conn.send(results)
-    backend.close()
-    cache.close()
-
-
-def busy_wait(backend: TransferBackend, handles: list, deadline: float) -> TransferState:
-    """Poll every write without sleeping (the backend's own wait sleeps up to 1 ms between
-    polls, too coarse to time a few milliseconds)."""
-    while True:
-        states = [backend.poll(h) for h in handles]
-        if all(state >= TransferState.DONE for state in states):
-            return max(states)
-        if time.monotonic() > deadline:
-            raise TimeoutError("writes still pending")
-
-
-def checksums(cache: CudaKVCache, block_ids: list[int]) -> list[int]:
-    ids = torch.tensor(block_ids, device="cuda")
-    return [
-        int(t.index_select(0, ids).view(torch.int16).sum(dtype=torch.int64))
-        for t in cache.layer_tensors()
-    ]
-
-
-def measure_transfer(prompt_tokens: int, iters: int, kind: str) -> dict[str, float]:
-    layout = kv_layout(prompt_tokens)
-    prompt_blocks = prompt_tokens // BLOCK
-    owner = CudaKVCache.create(layout, torch.bfloat16, torch.device("cuda"))
-    for t in owner.layer_tensors():
-        t.normal_()  # never move zeros
-    torch.cuda.synchronize()
-    ctx = mp.get_context("spawn")
-    d_conn, d_child = ctx.Pipe()
-    m_conn, m_child = ctx.Pipe()
-    decode = ctx.Process(target=decode_side, args=(kind, layout.to_wire(), d_child))
-    decode.start()
-    messager = None
-    try:
-        assert d_conn.poll(120), "decode side did not start"
-        endpoint = d_conn.recv_bytes()
-        args = (kind, owner.handle(), endpoint, prompt_blocks, iters, m_child)
-        messager = ctx.Process(target=messager_side, args=args)
-        messager.start()
-        expected = checksums(owner, list(range(prompt_blocks)))
-        for name, dst_ids in patterns(prompt_blocks).items():
-            assert m_conn.poll(300), f"messager side did not finish {name}"
-            assert m_conn.recv() == ("written", name)
-            d_conn.send(dst_ids)
-            if d_conn.recv() != expected:
-                raise RuntimeError(f"{name}: D's blocks differ from P's")
-            m_conn.send("checked")
-        assert m_conn.poll(60)
-        seconds = m_conn.recv()
-    finally:
-        d_conn.send("stop")
-        for proc in (decode, messager):
-            if proc is not None:
-                proc.join(30)
-    nbytes = layout.num_layers * prompt_blocks * layout.block_nbytes
-    return {f"{name}_bytes_per_s": nbytes / s for name, s in seconds.items()} | {"bytes": nbytes}
 
 
 # ---------------------------------------------------------------------------- 3. end to end

@@ -71,9 +71,15 @@ class GpuCopier:
         batch that will carry it."""
         if ((src | dst | nbytes) % 8).any():
             raise ValueError("device copies need 8-byte aligned addresses and lengths")
+        return self.add_table(np.stack([src, dst, nbytes]), int(nbytes.sum()))
+
+    def add_table(self, table: np.ndarray, nbytes: int) -> Batch:
+        """`add` of a [3, N] int64 table (source, destination, bytes) the caller owns and has
+        checked for alignment; its last row becomes words in place. `nbytes`: the table's sum."""
+        table[2] >>= 3
         batch = self.open
-        batch.tables.append(np.stack([src, dst, nbytes // 8]))
-        batch.nbytes += int(nbytes.sum())
+        batch.tables.append(table)
+        batch.nbytes += nbytes
         if batch.nbytes >= _MAX_BATCH_BYTES:
             self.flush()
         return batch

@@ -78,6 +78,8 @@ class LocalBackend(TransferBackend):
         if regions.device == "cuda":
             from cache_transfer.gpu_copy import GpuCopier
 
+            _check_words(np.array([r.regions.layer_addrs for r in ranks]), self.agent_name)
+
             self._copier = GpuCopier(regions.device_id)
             self._copier.warm_up(regions.layer_addrs[0])
 
@@ -113,10 +115,13 @@ class LocalBackend(TransferBackend):
         published = [RankKV.from_wire(rank) for rank in peer_info["ranks"]]
         if [r.regions.layout for r in published] != [r.regions.layout for r in mapped]:
             raise TransferError(f"{peer}'s stores do not match the KV cache it registered")
+        ours = np.array([r.regions.layer_addrs for r in mapped], dtype=np.int64)
+        if self._copier is not None:
+            _check_words(ours, peer)
         self._maps[peer] = _PeerMap(
             stores,
             np.array([r.regions.layer_addrs for r in published], dtype=np.int64),
-            np.array([r.regions.layer_addrs for r in mapped], dtype=np.int64),
+            ours,
             np.array([r.regions.layout.layer_nbytes for r in mapped], dtype=np.int64),
         )
 
@@ -130,9 +135,14 @@ class LocalBackend(TransferBackend):
     def _start_planned(
         self, handle: TransferHandle, plan: WritePlan, src_layer: int, dst_layer: int
     ) -> None:
-        # The plan's rows on this process's mapping of the peer: no address translation.
-        src, dst = plan.descs(src_layer, dst_layer, dst_bases=self._maps[handle.peer].ours)
-        self._copy(handle, src[:, ADDR], dst[:, ADDR], src[:, NBYTES])
+        # The plan's rows on this process's mapping of the peer: no address translation, and on
+        # a GPU the table goes to the copier as it is (the layer bases are word-aligned: they
+        # were checked when registered and mapped).
+        table = plan.columns(src_layer, dst_layer, self._maps[handle.peer].ours)
+        if self._copier is None or not plan.aligned8:
+            self._copy(handle, table[0], table[1], table[2])
+        else:
+            handle._impl = self._copier.add_table(table, plan.nbytes)
 
     def _copy(
         self, handle: TransferHandle, src: np.ndarray, dst: np.ndarray, lens: np.ndarray
@@ -167,6 +177,12 @@ class LocalBackend(TransferBackend):
 
     def _close(self) -> None:
         self._copier = None
+
+
+def _check_words(layer_addrs: np.ndarray, owner: str) -> None:
+    """The copy kernel moves 8-byte words: planned writes rely on word-aligned layer bases."""
+    if (layer_addrs % 8).any():
+        raise TransferError(f"{owner}'s KV layers are not 8-byte aligned")
 
 
 def _translate(addrs: np.ndarray, lens: np.ndarray, peer_map: _PeerMap, layer: int) -> np.ndarray:

@@ -73,6 +73,35 @@ class WritePlan:
             dst[segment.rows, ADDR] += dst_bases[segment.dst_rank, dst_layer]
         return src, dst
 
+    @cached_property
+    def _columns(self) -> np.ndarray:
+        """[3, N]: source offset, destination offset, bytes (the rows, column by column)."""
+        return np.stack([self.src_rows[:, ADDR], self.dst_rows[:, ADDR], self.src_rows[:, NBYTES]])
+
+    @cached_property
+    def aligned8(self) -> bool:
+        """Whether every offset and length is a multiple of 8 bytes (a device copy's word)."""
+        return not (self._columns % 8).any()
+
+    def columns(self, src_layer: int, dst_layer: int, dst_bases: np.ndarray) -> np.ndarray:
+        """One layer's descriptors as [3, N] int64 (source address, destination address, bytes),
+        destinations at `dst_bases`; the layers were checked by the caller. The local backend's
+        copy kernel takes this table as it is: no per-layer reshaping."""
+        table = self._columns.copy()
+        if len(self.segments) == 1:  # one route (equal TP sizes): whole rows, no slicing
+            (segment,) = self.segments
+            table[:2] += np.array(
+                [
+                    [self.src_bases[segment.src_rank, src_layer]],
+                    [dst_bases[segment.dst_rank, dst_layer]],
+                ]
+            )
+            return table
+        for segment in self.segments:
+            table[0, segment.rows] += self.src_bases[segment.src_rank, src_layer]
+            table[1, segment.rows] += dst_bases[segment.dst_rank, dst_layer]
+        return table
+
 
 def check_layer(layer: int, bases: np.ndarray) -> None:
     if not 0 <= layer < bases.shape[1]:

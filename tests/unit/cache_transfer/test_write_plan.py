@@ -63,9 +63,11 @@ def test_a_plans_descs_are_every_routes_descs_of_that_layer(p_size, d_size, patt
             want_dst += pair[1]
         src, dst = plan.descs(src_layer, dst_layer)
         assert src.dtype == dst.dtype == np.int64
+        table = plan.columns(src_layer, dst_layer, plan.dst_bases)  # the copy kernel's form
+        np.testing.assert_array_equal(table, [src[:, 0], dst[:, 0], src[:, 1]])
         assert [tuple(row) for row in src.tolist()] == want_src
         assert [tuple(row) for row in dst.tolist()] == want_dst
-    assert plan.num_descs == len(want_src)
+    assert plan.num_descs == len(want_src) and plan.aligned8
     assert plan.nbytes == sum(n for _, n, _ in want_src)
 
 
