@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.batch import ScheduledChunk
 from worker.attention.block_tables import BlockTables
@@ -215,14 +216,21 @@ class TritonPagedAttention:
         (strided rows, contiguous heads) -> `[n, heads * hd]`. For bf16/fp16 SDPA picks
         FlashAttention, which reads the kv heads as they are (no expansion to `heads`); the
         GPU tests check that it accepts these views (tests/gpu/test_flash_prefill.py)."""
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
-            k.transpose(0, 1).unsqueeze(0),  # [1, kvh, n, hd]
-            v.transpose(0, 1).unsqueeze(0),  # [1, kvh, n, hd]
-            is_causal=True,
-            enable_gqa=self.group > 1,
-        )  # [1, heads, n, hd]
+        with sdpa_kernel(_NO_CUDNN):
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
+                k.transpose(0, 1).unsqueeze(0),  # [1, kvh, n, hd]
+                v.transpose(0, 1).unsqueeze(0),  # [1, kvh, n, hd]
+                is_causal=True,
+                enable_gqa=self.group > 1,
+            )  # [1, heads, n, hd]
         return o[0].transpose(0, 1).reshape(q.shape[0], -1)  # [n, heads * hd]
+
+
+# SDPA prefers cuDNN's attention for bf16 on Hopper, which builds a plan per sequence length:
+# ~40 ms the first time each prompt length is seen (measured on an H200), so a fresh server's
+# prefills ran at half speed for its first requests. FlashAttention has no per-shape cost.
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _rows(chunk: FlashPrefill) -> slice:
