@@ -282,11 +282,14 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=4096)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--backends", nargs="+", default=["local", "nixl"])
+    parser.add_argument("--planning-only", action="store_true", help="no ceiling, no transfer")
     args = parser.parse_args()
     layout = kv_layout(args.prompt_tokens)
     blocks = args.prompt_tokens // BLOCK
     planning = {name: planning_per_layer(layout, ids) for name, ids in patterns(blocks).items()}
-    copy_bw = copy_bandwidth(args.device)
+    if args.planning_only:
+        args.backends = []
+    copy_bw = float("nan") if args.planning_only else copy_bandwidth(args.device)
     transfer = {
         kind: measure_transfer(args.prompt_tokens, args.iters, kind, args.device)
         for kind in args.backends
