@@ -307,7 +307,8 @@ class InstanceLoop:
                 )
         except (ValueError, TypeError) as exc:
             self.counters["failed_requests"] += 1
-            self._send({msg.reply_to: [error_item(msg.request_id, 0, f"invalid request: {exc}")]})
+            item = TokenItem.failed(msg.request_id, 0, f"invalid request: {exc}")
+            self._send({msg.reply_to: [item]})
             return None
         self.counters["requests"] += 1
         timings = Timings(arrival=msg.arrival_time)
@@ -336,7 +337,7 @@ class InstanceLoop:
         if client is not None:
             request = self.core.scheduler.requests.get(request_id)
             index = request.num_output_tokens if request is not None else 0
-            self._send({client.reply_to: [error_item(request_id, index, error, overloaded)]})
+            self._send({client.reply_to: [TokenItem.failed(request_id, index, error, overloaded)]})
 
     def publish(self, deltas: list[TokenDelta]) -> None:
         """One TokenBatch per router for these deltas (never one message per token)."""
@@ -346,18 +347,8 @@ class InstanceLoop:
             client = self.clients.get(delta.request_id)
             if client is not None:
                 stamps = self.policy.stamps(delta, client, now)  # copied: the client's change
-                item = TokenItem(
-                    request_id=delta.request_id,
-                    first_index=delta.first_index,
-                    token_ids=list(delta.new_token_ids),
-                    finish_reason=delta.status.finish_reason(),
-                    error=delta.error,
-                    num_prompt_tokens=delta.num_prompt_tokens,
-                    num_cached_tokens=delta.num_cached_tokens,
-                    timings=dataclasses.replace(stamps) if stamps is not None else None,
-                    logprobs=delta.logprobs,
-                    decode_instance=client.decode,
-                )
+                timings = dataclasses.replace(stamps) if stamps is not None else None
+                item = TokenItem.from_delta(delta, timings, client.decode)
                 by_router[client.reply_to].append(item)
                 if delta.finished:
                     del self.clients[delta.request_id]
@@ -402,9 +393,3 @@ class InstanceLoop:
             "roles": sorted(r.value for r in self.roles),
             **self.policy.stats(),
         }
-
-
-def error_item(request_id: str, index: int, error: str, overloaded: bool = False) -> TokenItem:
-    """An item ending the request; `overloaded` marks a capacity refusal worth retrying."""
-    reason = "overloaded" if overloaded else "error"
-    return TokenItem(request_id, index, [], finish_reason=reason, error=error)

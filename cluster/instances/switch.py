@@ -167,6 +167,6 @@ def refuse_misrouted(loop: InstanceLoop, msg: Any) -> bool:
         loop.send(msg.reply_to, refusal, "allocation_send_failures")
     elif isinstance(msg, GenerateRequest):
         error = f"{loop.name} serves as {loop.policy.role.value} now; retry elsewhere"
-        item = TokenItem(msg.request_id, 0, [], finish_reason="error", error=error)
-        loop.send(msg.reply_to, TokenBatch(loop.name, [item]), "router_send_failures")
+        batch = TokenBatch(loop.name, [TokenItem.failed(msg.request_id, 0, error)])
+        loop.send(msg.reply_to, batch, "router_send_failures")
     return True

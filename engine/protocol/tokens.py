@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from engine.protocol.identity import InstanceId
+
+if TYPE_CHECKING:
+    from engine.outputs import TokenDelta
 
 
 @dataclass
@@ -48,6 +52,29 @@ class TokenItem:
     # Set by P on a request's first token: the decode instance that will continue it, so the
     # router can fail the request at once if that instance dies before its first token.
     decode_instance: InstanceId | None = None
+
+    @classmethod
+    def from_delta(
+        cls, delta: TokenDelta, timings: Timings | None, decode: InstanceId | None
+    ) -> TokenItem:
+        """The item that carries one step's delta of a request to its router."""
+        return cls(
+            request_id=delta.request_id,
+            first_index=delta.first_index,
+            token_ids=list(delta.new_token_ids),
+            finish_reason=delta.status.finish_reason(),
+            error=delta.error,
+            num_prompt_tokens=delta.num_prompt_tokens,
+            num_cached_tokens=delta.num_cached_tokens,
+            timings=timings,
+            logprobs=delta.logprobs,
+            decode_instance=decode,
+        )
+
+    @classmethod
+    def failed(cls, request_id: str, index: int, error: str, overloaded: bool = False) -> TokenItem:
+        """An item ending the request; `overloaded` marks a capacity refusal worth retrying."""
+        return cls(request_id, index, [], "overloaded" if overloaded else "error", error)
 
 
 @dataclass
