@@ -9,40 +9,45 @@ from __future__ import annotations
 
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from cluster.config import PdserveConfig
+from cluster.config import PdserveConfig, TransferBackendName
 from cluster.instances.common import advertised_host
 from cluster.instances.loop import InstanceLoop, RolePolicy
 from cluster.instances.prefill_role import PrefillRole
-from cluster.instances.roles import DecodeRole, MixedRole
-from cluster.instances.switch import RoleSetup
+from cluster.instances.roles import DecodeRole, MixedRole, build_core, shared_kv
+from cluster.instances.switch import start_switch
 from engine.config import Role
 from engine.protocol.identity import InstanceId
-from worker.engine_core import EngineCore, resolve_overlap
+from worker.engine_core import EngineCore
 
 CALL_TIMEOUT_S = 10.0  # a loop busy longer than this with one step is stalled
 
 
+def build_role(name: InstanceId, config: PdserveConfig, host: str) -> tuple[EngineCore, RolePolicy]:
+    """The engine and the policy of `name.role` (the engine first where the policy needs it)."""
+    if name.role is Role.PREFILL:
+        prefill = PrefillRole(name, config, host)
+        return prefill.build_core(config), prefill
+    if name.role is Role.DECODE:
+        # With the local backend the messager writing into D maps rank 0's cache: a shared store.
+        local = config.transfer.backend is TransferBackendName.LOCAL
+        store = shared_kv(config, Role.DECODE, name) if local else None
+        core = build_core(config, Role.DECODE, name, store)
+        return core, DecodeRole(name, config, core, host, store)
+    return build_core(config, Role.MIXED, name), MixedRole(config)
+
+
 def build_switchable(
     name: InstanceId, config: PdserveConfig, host: str
-) -> tuple[EngineCore, dict[Role, RoleSetup]]:
+) -> tuple[EngineCore, dict[Role, RolePolicy]]:
     """Elastic: one engine around a KV cache its messager can map, with every role's policy
     ready on it (prefill, decode, mixed), so a switch builds nothing. The engine starts in
     `name.role`; the config guarantees that prefill and decode size the KV cache alike."""
     prefill = PrefillRole(name, config, host)
     core = prefill.build_core(config)
-    decode = DecodeRole(name, config, core, host, store=prefill.kv, owns_store=False)
-    roles = {
-        Role.PREFILL: RoleSetup(prefill, config.prefill.engine.scheduler, False),
-        Role.DECODE: RoleSetup(
-            decode,
-            config.decode.engine.scheduler,
-            resolve_overlap(config.decode.overlap_schedule, config.model),
-        ),
-        Role.MIXED: RoleSetup(
-            MixedRole(),
-            config.mixed.engine.scheduler,
-            resolve_overlap(config.mixed.overlap_schedule, config.model),
-        ),
+    roles: dict[Role, RolePolicy] = {
+        Role.PREFILL: prefill,
+        Role.DECODE: DecodeRole(name, config, core, host, store=prefill.kv, owns_store=False),
+        Role.MIXED: MixedRole(config),
     }
     if config.mixed.engine.scheduler.block_size != core.block_manager.block_size:
         del roles[Role.MIXED]  # another block size would need another KV cache
@@ -54,17 +59,6 @@ def build_switchable(
 
 def switchable(name: InstanceId, config: PdserveConfig) -> bool:
     return config.elastic.enabled and name.role in (Role.PREFILL, Role.DECODE)
-
-
-def build_role(name: InstanceId, config: PdserveConfig, host: str) -> tuple[EngineCore, RolePolicy]:
-    """The engine and the policy of `name.role` (the engine first where the policy needs it)."""
-    if name.role is Role.PREFILL:
-        prefill = PrefillRole(name, config, host)
-        return prefill.build_core(config), prefill
-    if name.role is Role.DECODE:
-        core, store = DecodeRole.build_core(config, name)
-        return core, DecodeRole(name, config, core, host, store)
-    return MixedRole.build_core(config, name), MixedRole()
 
 
 class InstanceActor:
@@ -95,7 +89,7 @@ class InstanceActor:
     def _endpoint(self) -> dict:
         loop = self._loop()
         info: dict = {}
-        for policy in [*loop.role_policies(), loop.policy]:  # the current role's last
+        for policy in sorted(loop.policies, key=lambda p: p is loop.policy):  # the current last
             info.update(policy.info())
         return {
             "name": self.name,
@@ -113,7 +107,7 @@ class InstanceActor:
         told the router and the prefill instances to send this one no more old-role work."""
         loop = self._loop()
         give_up_s = drain_timeout_s + self._own_deadlines_s()
-        begin = lambda: loop.begin_switch(Role(role), drain_timeout_s, give_up_s, move_on_deadline)  # noqa: E731
+        begin = lambda: start_switch(loop, Role(role), drain_timeout_s, give_up_s, move_on_deadline)  # noqa: E731
         future = loop.call(begin, CALL_TIMEOUT_S)
         outcome = future.result(give_up_s + CALL_TIMEOUT_S)
         return {**outcome, "endpoint": self.endpoint()}
@@ -144,7 +138,7 @@ class InstanceActor:
             if loop.policy.role is Role.PREFILL:
                 loop.policy.decode_down(decode_name)
             elif Role.PREFILL in loop.roles:
-                loop.roles[Role.PREFILL].policy.set_decodes([])
+                loop.roles[Role.PREFILL].set_decodes([])
 
         loop.call(down, CALL_TIMEOUT_S)
 
@@ -184,7 +178,7 @@ def _node_id() -> str | None:
 
 def _prefill_role(loop: InstanceLoop) -> PrefillRole:
     """The loop's prefill policy, whether it serves as prefill now or may switch to it."""
-    policy = loop.roles[Role.PREFILL].policy if Role.PREFILL in loop.roles else loop.policy
+    policy = loop.roles.get(Role.PREFILL, loop.policy)
     if not isinstance(policy, PrefillRole):
         raise ValueError(f"{loop.name} cannot serve as prefill")
     return policy

@@ -24,15 +24,9 @@ from typing import Any
 
 import zmq
 
-from cluster.instances.switch import (
-    RoleSetup,
-    RoleSwitch,
-    advance_switch,
-    refuse_misrouted,
-    start_switch,
-)
+from cluster.instances.switch import RoleSwitch, advance_switch, refuse_misrouted
 from engine.batch import SchedulerOutput
-from engine.config import Role
+from engine.config import Role, SchedulerConfig
 from engine.outputs import TokenDelta
 from engine.prefix_events import CacheReporter
 from engine.procinfo import rss_mb
@@ -61,6 +55,8 @@ class RolePolicy:
 
     role: Role
     accepts: tuple[type, ...] = ()  # inbox message types besides AbortRequest
+    scheduler: SchedulerConfig  # the role's batching, which the scheduler takes on a switch
+    overlap: bool = False  # whether the role's steps run under the overlap schedule
     loop: InstanceLoop
 
     def attach(self, loop: InstanceLoop) -> None:
@@ -101,13 +97,10 @@ class RolePolicy:
         a role switch waits until there are none."""
         return 0
 
-    def hand_back(self, reason: str) -> int:
-        """A role switch's drain deadline passed: end with an error those requests that can
-        leave now, so that the router moves them to other instances (migration); how many."""
-        request_ids = list(self.loop.core.scheduler.requests)
-        for request_id in request_ids:
-            self.loop.fail_request(request_id, reason)
-        return len(request_ids)
+    def movable(self) -> list[str]:
+        """A role switch's drain deadline passed: the requests that can leave now (ended with
+        an error, so that the router moves them to other instances: migration)."""
+        return list(self.loop.core.scheduler.requests)
 
     def deactivate(self) -> None:
         """The loop serves another role from now on: let go of what only this role uses."""
@@ -124,7 +117,7 @@ class InstanceLoop:
         core: EngineCore,
         policy: RolePolicy,
         idle_wait_s: float = 0.2,
-        roles: dict[Role, RoleSetup] | None = None,
+        roles: dict[Role, RolePolicy] | None = None,
     ) -> None:
         """`roles`: every role the loop may switch to while serving (`policy` among them);
         none for an instance that keeps its role."""
@@ -134,7 +127,9 @@ class InstanceLoop:
         self.idle_wait_s = idle_wait_s
         self.roles = roles or {}
         self.switching: RoleSwitch | None = None
-        accepts = {t for r in self.roles.values() for t in r.policy.accepts} | set(policy.accepts)
+        # Every policy is attached at once, ready to serve when switched to.
+        self.policies = [policy, *(p for p in self.roles.values() if p is not policy)]
+        accepts = {t for p in self.policies for t in p.accepts}
         self.inbox = Inbox(host, accept=(AbortRequest, *accepts), name=str(name))
         self.senders = SenderPool()
         self.mailbox = Mailbox()
@@ -155,10 +150,8 @@ class InstanceLoop:
         self.reporter = CacheReporter(
             name, core.block_manager, lambda to, msg: self.send(to, msg, "router_send_failures")
         )
-        for each in {id(r.policy): r.policy for r in self.roles.values()}.values():
-            if each is not policy:
-                each.attach(self)  # ready to serve at once when switched to
-        policy.attach(self)
+        for each in self.policies:
+            each.attach(self)
 
     # ------------------------------------------------------------------ other threads
     def start(self) -> None:
@@ -201,7 +194,7 @@ class InstanceLoop:
         if self._closed:
             return
         self._closed = True
-        for policy in {id(p): p for p in [self.policy, *self.role_policies()]}.values():
+        for policy in self.policies:
             policy.close()
         self.inbox.close()
         self.senders.close()
@@ -279,17 +272,6 @@ class InstanceLoop:
                     self.core.block_manager.step_done(failed.step_id)
                     for chunk in failed.chunks:
                         self.fail_request(chunk.request_id, error.strip().splitlines()[-1])
-
-    # ------------------------------------------------------------------ role switches
-    def role_policies(self) -> list[RolePolicy]:
-        return [r.policy for r in self.roles.values()]
-
-    def begin_switch(
-        self, role: Role, drain_timeout_s: float, give_up_s: float, move_on_deadline: bool
-    ) -> Future:
-        """On the loop: start serving as `role` once the current role's work has drained (see
-        switch.py); the future resolves to the outcome (`SwitchOutcome.to_dict()`)."""
-        return start_switch(self, role, drain_timeout_s, give_up_s, move_on_deadline)
 
     # ------------------------------------------------------------------ used by the roles
     def new_request(self, msg: GenerateRequest) -> Request | None:

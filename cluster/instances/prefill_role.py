@@ -18,15 +18,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from cache_transfer.factory import make_shared_kv, rank_kv_wire
+from cache_transfer.factory import rank_kv_wire
 from cache_transfer.layer_signals import MessagerLink
 from cluster.config import PdserveConfig
-from cluster.instances.common import deployment_id
 from cluster.instances.decode_picker import DecodePeer, DecodePicker
 from cluster.instances.loop import Client, InstanceLoop, RolePolicy
 from cluster.instances.prepare_pool import Answer, Ask, PrepareWorker
+from cluster.instances.roles import build_core, shared_kv
 from cluster.metrics import BucketHistogram
-from cluster.tp_ranks import ray_ranks_for
 from engine.batch import SchedulerOutput
 from engine.config import Role
 from engine.outputs import TokenDelta
@@ -45,7 +44,7 @@ from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
 from engine.protocol.tokens import Timings
 from engine.request import Request, RequestStatus
-from worker.engine_core import EngineCore, kv_layout_for, resolve_device
+from worker.engine_core import EngineCore, resolve_device
 
 RESERVE_TIMEOUT_S = 30.0  # longest wait in the queue for P's blocks and backlog
 
@@ -78,13 +77,12 @@ class PrefillRole(RolePolicy):
     accepts = (GenerateRequest, TransferDone)
 
     def __init__(self, name: InstanceId, config: PdserveConfig, host: str) -> None:
-        layout, dtype = kv_layout_for(config.model, config.prefill.engine)
         self.device = resolve_device(config.model)
         self.name = name
-        self.kv_prefix = f"pdserve-{deployment_id()}-{name}"  # ranks 1.. add "-rank<r>"
-        self.kv = make_shared_kv(layout, dtype, self.device, self.kv_prefix)  # rank 0's
-        self.block_bytes = layout.block_nbytes * layout.num_layers  # one block, every layer
+        self.kv = shared_kv(config, Role.PREFILL, name)  # rank 0's
+        self.block_bytes = self.kv.layout.block_nbytes * self.kv.layout.num_layers  # every layer
         self.config = config.prefill
+        self.scheduler = self.config.engine.scheduler
         self.lease_s = config.decode.kv_lease_timeout_s
         self.host = host
         timeout = self.config.allocation_timeout_s
@@ -100,15 +98,8 @@ class PrefillRole(RolePolicy):
         self._step_id = -1
 
     def build_core(self, config: PdserveConfig) -> EngineCore:
-        return EngineCore(
-            config.model,
-            config.prefill.engine,
-            Role.PREFILL,
-            kv_tensors=self.kv.layer_tensors(),
-            layer_done=self.layer_done,
-            tp_ranks=ray_ranks_for(config.prefill.placement, config.prefill.engine, str(self.name)),
-            rank_kv_store=(make_shared_kv, self.kv_prefix),
-        )
+        """The engine: rank 0 computes in this role's store and signals each layer written."""
+        return build_core(config, Role.PREFILL, self.name, self.kv, layer_done=self.layer_done)
 
     def attach(self, loop: InstanceLoop) -> None:
         super().attach(loop)
@@ -397,13 +388,10 @@ class PrefillRole(RolePolicy):
     def in_flight(self) -> int:
         return len(self.queued) + len(self.preparing) + len(self.transfers)
 
-    def hand_back(self, reason: str) -> int:
+    def movable(self) -> list[str]:
         """Prompts still queued go to another prefill instance (the router retries them);
         preparations and transfers finish within their own deadlines."""
-        queued = [prep.request.request_id for prep in self.queued]
-        for rid in queued:
-            self.loop.fail_request(rid, reason)
-        return len(queued)
+        return [prep.request.request_id for prep in self.queued]
 
     def deactivate(self) -> None:
         """Serving another role: no layer signals to the messager from the steps of that role

@@ -22,7 +22,7 @@ from cache_transfer.factory import (
     regions_of_tensors,
 )
 from cache_transfer.tp_layout import HeadRange, RankKV
-from cluster.config import PdserveConfig, TransferBackendName
+from cluster.config import PdserveConfig
 from cluster.instances.common import deployment_id
 from cluster.instances.loop import Client, RolePolicy
 from cluster.tp_ranks import ray_ranks_for
@@ -37,16 +37,43 @@ from engine.request import Request, RequestStatus
 from worker.engine_core import EngineCore, kv_layout_for, resolve_device, resolve_overlap
 
 
-def section_core(config: PdserveConfig, role: Role, name: InstanceId, **extra) -> EngineCore:
-    """The engine a mixed or decode instance builds from its config section (at TP > 1 its
-    ranks are Ray actors inside a deployment, local processes outside one)."""
-    section = config.mixed if role is Role.MIXED else config.decode
+def kv_prefix(name: InstanceId) -> str:
+    """What names an instance's shared KV stores (ranks 1.. add "-rank<r>")."""
+    return f"pdserve-{deployment_id()}-{name}"
+
+
+def shared_kv(config: PdserveConfig, role: Role, name: InstanceId) -> KVStore:
+    """Rank 0's KV cache where another process can map it (P's messager; with the local
+    backend, the messager that writes into D)."""
+    layout, dtype = kv_layout_for(config.model, getattr(config, role.value).engine)
+    return make_shared_kv(layout, dtype, resolve_device(config.model), kv_prefix(name))
+
+
+def role_overlap(config: PdserveConfig, role: Role) -> bool:
+    """Whether `role`'s steps run under the overlap schedule (prefill has none)."""
+    if role is Role.PREFILL:
+        return False
+    return resolve_overlap(getattr(config, role.value).overlap_schedule, config.model)
+
+
+def build_core(
+    config: PdserveConfig, role: Role, name: InstanceId, store: KVStore | None = None, **extra
+) -> EngineCore:
+    """The engine of a `role` instance from its config section (at TP > 1 its ranks are Ray
+    actors inside a deployment, local processes outside one). With `store` rank 0 computes in
+    it; prefill and decode ranks 1.. always keep their caches where this process can map and
+    register them (their KV moves between instances)."""
+    section = getattr(config, role.value)
+    if store is not None:
+        extra["kv_tensors"] = store.layer_tensors()
+    if role is not Role.MIXED:
+        extra["rank_kv_store"] = (make_shared_kv, kv_prefix(name))
     return EngineCore(
         config.model,
         section.engine,
         role,
-        overlap=resolve_overlap(section.overlap_schedule, config.model),
-        tp_ranks=ray_ranks_for(section.placement, section.engine, name),
+        overlap=role_overlap(config, role),
+        tp_ranks=ray_ranks_for(section.placement, section.engine, str(name)),
         **extra,
     )
 
@@ -55,9 +82,9 @@ class MixedRole(RolePolicy):
     role = Role.MIXED
     accepts = (GenerateRequest,)
 
-    @staticmethod
-    def build_core(config: PdserveConfig, name: InstanceId) -> EngineCore:
-        return section_core(config, Role.MIXED, name)
+    def __init__(self, config: PdserveConfig) -> None:
+        self.scheduler = config.mixed.engine.scheduler
+        self.overlap = role_overlap(config, Role.MIXED)
 
     def handle(self, msg: GenerateRequest) -> None:
         request = self.loop.new_request(msg)
@@ -80,10 +107,12 @@ class DecodeRole(RolePolicy):
         store: KVStore | None = None,
         owns_store: bool = True,
     ) -> None:
-        """`store`: where rank 0's cache lives when another process may map it (`build_core`
-        with the local backend; on a switchable instance, its prefill role's store, which that
-        role closes)."""
+        """`store`: where rank 0's cache lives when another process may map it (with the
+        local backend; on a switchable instance, its prefill role's store, which that role
+        closes)."""
         self.name = name
+        self.scheduler = config.decode.engine.scheduler
+        self.overlap = role_overlap(config, Role.DECODE)
         self.own_store = store if owns_store else None
         self.lease_s = config.decode.kv_lease_timeout_s
         self.backend = make_backend(config.transfer.backend, kv_agent_name(name), host)
@@ -102,21 +131,6 @@ class DecodeRole(RolePolicy):
         # D's holds on blocks whose KV P is writing: request id -> since (monotonic). A lease
         # whose client is gone (aborted) still waits for KvComplete or expiry to free them.
         self.leases: dict[str, float] = {}
-
-    @staticmethod
-    def build_core(config: PdserveConfig, name: InstanceId) -> tuple[EngineCore, KVStore | None]:
-        """The engine, and with the local backend the shared store its rank 0 computes in
-        (the role closes it). Ranks 1.. always keep their caches where this process can map
-        and register them."""
-        prefix = f"pdserve-{deployment_id()}-{name}"
-        store = None
-        if config.transfer.backend is TransferBackendName.LOCAL:
-            layout, dtype = kv_layout_for(config.model, config.decode.engine)
-            store = make_shared_kv(layout, dtype, resolve_device(config.model), prefix)
-        extra = {"kv_tensors": store.layer_tensors()} if store is not None else {}
-        rank_kv_store = (make_shared_kv, prefix)
-        core = section_core(config, Role.DECODE, name, rank_kv_store=rank_kv_store, **extra)
-        return core, store
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, DecodeTask):
@@ -210,13 +224,10 @@ class DecodeRole(RolePolicy):
     def in_flight(self) -> int:
         return len(self.leases)
 
-    def hand_back(self, reason: str) -> int:
+    def movable(self) -> list[str]:
         """Decoding requests move on (the router migrates them); those whose KV may still be
         arriving wait for KvComplete or their lease (and move then)."""
-        decoding = [rid for rid in self.loop.core.scheduler.requests if rid not in self.leases]
-        for rid in decoding:
-            self.loop.fail_request(rid, reason)
-        return len(decoding)
+        return [rid for rid in self.loop.core.scheduler.requests if rid not in self.leases]
 
     def info(self) -> dict:
         return {

@@ -8,7 +8,7 @@ built at start-up around one KV cache, so a switch compiles and allocates nothin
    the stragglers that were on their way;
 2. drains: every request of the old role finishes (scheduler empty, the role's leases,
    preparations and transfers over, no step in flight). At `drain_timeout_s` the requests that
-   can leave now are ended with an error the router acts on (`RolePolicy.hand_back`: decoding
+   can leave now are ended with an error the router acts on (`RolePolicy.movable`: decoding
    requests move to another decode instance, queued prompts go to another prefill instance;
    `router.migrate_on_failure`), and the switch waits only for what has its own deadline (KV
    in flight under D's lease or P's transfer timeout);
@@ -29,24 +29,15 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from engine.config import Role, SchedulerConfig
+from engine.config import Role
 from engine.protocol.requests import AbortRequest, GenerateRequest
 from engine.protocol.splitwise import DecodeAllocation, DecodeTask
 from engine.protocol.tokens import TokenBatch, TokenItem
 
 if TYPE_CHECKING:
-    from cluster.instances.loop import InstanceLoop, RolePolicy
+    from cluster.instances.loop import InstanceLoop
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RoleSetup:
-    """What serving a role takes on a switchable instance's loop."""
-
-    policy: RolePolicy
-    scheduler: SchedulerConfig
-    overlap: bool
 
 
 @dataclass
@@ -56,9 +47,6 @@ class SwitchOutcome:
     reason: str = ""  # why it did not switch
     moved: int = 0  # requests handed back at the drain deadline
     seconds: float = 0.0  # stop admitting -> serving in the new role
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -75,7 +63,7 @@ class RoleSwitch:
 def start_switch(
     loop: InstanceLoop, role: Role, drain_timeout_s: float, give_up_s: float, move: bool
 ) -> Future:
-    """Begin a switch to `role` (on the loop); the future resolves to a `SwitchOutcome` dict.
+    """On the loop: begin a switch to `role`; the future resolves to a `SwitchOutcome` dict.
     A switch to the role it serves resolves at once; one it cannot make raises ValueError."""
     future: Future = Future()
     if loop.switching is not None:
@@ -83,11 +71,10 @@ def start_switch(
     if role not in loop.roles:
         can = sorted(r.value for r in loop.roles) or "none (elastic.enabled is off)"
         raise ValueError(f"{loop.name} cannot serve as {role.value}; roles it can take: {can}")
-    setup = loop.roles[role]
-    if setup.scheduler.block_size != loop.core.block_manager.block_size:
+    if loop.roles[role].scheduler.block_size != loop.core.block_manager.block_size:
         raise ValueError(f"{role.value}'s block size differs from {loop.name}'s KV cache")
     if role is loop.policy.role:
-        future.set_result(SwitchOutcome(True, role.value).to_dict())
+        future.set_result(asdict(SwitchOutcome(True, role.value)))
         return future
     now = time.monotonic()
     loop.switching = RoleSwitch(
@@ -98,56 +85,48 @@ def start_switch(
     return future
 
 
-def drained(loop: InstanceLoop) -> bool:
-    """Nothing of the current role is left: no request, no step in flight, nothing held."""
-    core = loop.core
-    return not core.scheduler.requests and core.in_flight is None and not loop.policy.in_flight()
-
-
 def advance_switch(loop: InstanceLoop) -> None:
-    """Every iteration while switching: swap once drained, hand back at the deadline, call
-    off past the last one."""
+    """Every iteration while switching: swap once nothing of the current role is left (no
+    request, no step in flight, nothing held), hand back at the deadline, call off past the
+    last one."""
     switch = loop.switching
     assert switch is not None
-    if drained(loop):
-        _swap(loop, switch)
-        return
-    now = time.monotonic()
-    if now > switch.give_up_at:
-        _call_off(loop, switch)
+    core, now = loop.core, time.monotonic()
+    if not core.scheduler.requests and core.in_flight is None and not loop.policy.in_flight():
+        _swap(loop, switch.target)
+        _resolve(loop, switch, SwitchOutcome(True, switch.target.value))
+    elif now > switch.give_up_at:
+        loop.counters["switches_called_off"] += 1
+        why = f"the {loop.policy.role.value} work did not drain in time"
+        log.error("%s: switch to %s called off: %s", loop.name, switch.target.value, why)
+        _resolve(loop, switch, SwitchOutcome(False, loop.policy.role.value, why))
     elif now > switch.drain_deadline and switch.move_on_deadline:
         why = f"{loop.name} is switching to {switch.target.value}; continued elsewhere"
-        moved = loop.policy.hand_back(why)
-        switch.moved += moved
-        loop.counters["moved_on_switch"] += moved
+        movable = loop.policy.movable()
+        for request_id in movable:
+            loop.fail_request(request_id, why)
+        switch.moved += len(movable)
+        loop.counters["moved_on_switch"] += len(movable)
 
 
-def _swap(loop: InstanceLoop, switch: RoleSwitch) -> None:
-    setup = loop.roles[switch.target]
-    old = loop.policy
-    loop.core.scheduler.switch_role(switch.target, setup.scheduler)
-    loop.core.overlap = setup.overlap
-    old.deactivate()
+def _swap(loop: InstanceLoop, target: Role) -> None:
+    policy = loop.roles[target]
+    loop.core.scheduler.switch_role(target, policy.scheduler)
+    loop.core.overlap = policy.overlap
+    loop.policy.deactivate()
     if loop.clients:  # every request has ended: what is left are records of ended ones
         log.warning("%s: forgetting %d stale clients on switching", loop.name, len(loop.clients))
         loop.clients.clear()
-    loop.policy = setup.policy
-    loop.switching = None
-    seconds = time.monotonic() - switch.started
+    loop.policy = policy
     loop.counters["switches_done"] += 1
-    log.warning("%s: serves as %s after %.2f s", loop.name, switch.target.value, seconds)
-    outcome = SwitchOutcome(True, switch.target.value, moved=switch.moved, seconds=seconds)
-    switch.future.set_result(outcome.to_dict())
 
 
-def _call_off(loop: InstanceLoop, switch: RoleSwitch) -> None:
+def _resolve(loop: InstanceLoop, switch: RoleSwitch, outcome: SwitchOutcome) -> None:
     loop.switching = None
-    loop.counters["switches_called_off"] += 1
-    why = f"the {loop.policy.role.value} work did not drain in time"
-    log.error("%s: switch to %s called off: %s", loop.name, switch.target.value, why)
-    seconds = time.monotonic() - switch.started
-    outcome = SwitchOutcome(False, loop.policy.role.value, why, switch.moved, seconds)
-    switch.future.set_result(outcome.to_dict())
+    outcome.moved, outcome.seconds = switch.moved, time.monotonic() - switch.started
+    if outcome.switched:
+        log.warning("%s: serves as %s after %.2f s", loop.name, outcome.role, outcome.seconds)
+    switch.future.set_result(asdict(outcome))
 
 
 def refuse_misrouted(loop: InstanceLoop, msg: Any) -> bool:

@@ -11,6 +11,7 @@ import pytest
 
 from cluster.instances.actor import build_switchable
 from cluster.instances.loop import InstanceLoop
+from cluster.instances.switch import start_switch
 from cluster.messager.actor import CacheMessager
 from engine.config import Role
 from engine.protocol.channels import Inbox
@@ -35,7 +36,7 @@ class Elastic:
 
     def make(self, name: InstanceId) -> InstanceLoop:
         core, roles = build_switchable(name, self.config, HOST)
-        return InstanceLoop(name, HOST, core, roles[name.role].policy, roles=roles)
+        return InstanceLoop(name, HOST, core, roles[name.role], roles=roles)
 
     @property
     def loops(self) -> list[InstanceLoop]:
@@ -44,14 +45,14 @@ class Elastic:
     @staticmethod
     def info(loop: InstanceLoop) -> dict:
         out: dict = {"name": loop.name, "inbox": loop.inbox.address}
-        for setup in loop.roles.values():
-            out.update(setup.policy.info())
+        for policy in loop.roles.values():
+            out.update(policy.info())
         return out
 
     def connect_prefill(self, loop: InstanceLoop, decodes: list[InstanceLoop]) -> None:
         """What the actuator does for a (new) prefill instance: a messager mapping its KV,
         connected to the decode instances, and P wired to both."""
-        prefill = loop.roles[Role.PREFILL].policy
+        prefill = loop.roles[Role.PREFILL]
         infos = [self.info(d) for d in decodes]
         messager = self.messagers.get(loop.name)
         if messager is None:
@@ -64,7 +65,7 @@ class Elastic:
         prefill.connect(messager.inbox.address, infos)
 
     def switch(self, loop: InstanceLoop, role: Role, drain_s: float = 30.0) -> Future:
-        return loop.begin_switch(role, drain_s, drain_s + 30.0, True)
+        return start_switch(loop, role, drain_s, drain_s + 30.0, True)
 
     def close(self) -> None:
         for loop in self.loops:
@@ -87,13 +88,13 @@ def finished(router: Router, *rids: str):
 
 
 def settle(cluster: Elastic, router: Router) -> None:
-    policy = cluster.prefill.roles[Role.PREFILL].policy
+    policy = cluster.prefill.roles[Role.PREFILL]
     pump(*cluster.loops, router=router, until=lambda: not policy.transfers)
     for loop in cluster.loops:
         assert_all_free(loop)
-        for setup in loop.roles.values():  # the roles not serving hold nothing either
+        for each in loop.roles.values():  # the roles not serving hold nothing either
             for attr in ("leases", "transfers", "preparing", "queued"):
-                assert not getattr(setup.policy, attr, None), (loop.name, attr)
+                assert not getattr(each, attr, None), (loop.name, attr)
 
 
 def test_decode_switches_to_prefill_while_requests_decode(elastic, offline) -> None:
@@ -123,7 +124,7 @@ def test_decode_switches_to_prefill_while_requests_decode(elastic, offline) -> N
     assert router.items["late"][0].decode_instance == d0.name
     assert router.items["on-new-p"][0].decode_instance == d0.name
     settle(cluster, router)
-    pump(d1, router=router, until=lambda: not d1.roles[Role.PREFILL].policy.transfers)
+    pump(d1, router=router, until=lambda: not d1.roles[Role.PREFILL].transfers)
 
 
 def test_prefill_switches_to_decode_after_its_prefills(elastic, offline) -> None:
@@ -141,7 +142,7 @@ def test_prefill_switches_to_decode_after_its_prefills(elastic, offline) -> None
     assert router.finish("mid") is None or router.finish("mid").finish_reason == "length"
     # P0 is a decode instance now: the new prefill instance sends it KV.
     cluster.connect_prefill(d1, [d0, p0])
-    d1.roles[Role.PREFILL].policy.set_decodes([cluster.info(p0)])
+    d1.roles[Role.PREFILL].set_decodes([cluster.info(p0)])
     router.send(d1, "to-p0", PROMPTS["a"], max_tokens=8)
     pump(*cluster.loops, router=router, until=finished(router, "mid", "to-p0"))
     assert router.tokens("mid") == offline(list(range(100, 200)), 8)
@@ -192,7 +193,7 @@ def test_a_switch_it_cannot_make_is_refused(elastic, tiny_model) -> None:
     fixed = make_loop(Role.DECODE, 5, make_config(tiny_model))  # elastic off: one role only
     try:
         with pytest.raises(ValueError, match="cannot serve as prefill"):
-            fixed.begin_switch(Role.PREFILL, 1.0, 2.0, True)
+            start_switch(fixed, Role.PREFILL, 1.0, 2.0, True)
     finally:
         fixed.close()
 
@@ -206,7 +207,7 @@ def test_a_switch_that_cannot_drain_is_called_off_and_frees_nothing_early(elasti
         task = DecodeTask("held", PROMPTS["a"], SamplingParams(), [], answers.address, "")
         router.senders.send(d1.inbox.address, task)
         pump(d1, until=lambda: bool(d1.policy.leases))
-        done = d1.begin_switch(Role.PREFILL, 0.0, 0.0, True)
+        done = start_switch(d1, Role.PREFILL, 0.0, 0.0, True)
         pump(d1, until=done.done)
         outcome = done.result()
         assert not outcome["switched"] and outcome["role"] == "decode"

@@ -130,6 +130,7 @@ def test_preemption_with_prefix_cache(checkpoints) -> None:
 def test_instance_loop_drives_overlap(checkpoints) -> None:
     """The instance loop under overlap publishes every saved step's deltas, and the tokens
     equal sequential mode."""
+    from cluster.config import PdserveConfig
     from cluster.instances.loop import InstanceLoop
     from cluster.instances.roles import MixedRole
 
@@ -140,7 +141,8 @@ def test_instance_loop_drives_overlap(checkpoints) -> None:
         core = make_core(path, overlap)
         requests = make_requests(prompts, 9)
         streamed: dict[str, list[int]] = {r.request_id: [] for r in requests}
-        loop = InstanceLoop("m0", "127.0.0.1", core, MixedRole())
+        config = PdserveConfig.model_validate({"model": {"path": str(path), "device": "cpu"}})
+        loop = InstanceLoop("m0", "127.0.0.1", core, MixedRole(config))
         publish = loop.publish
 
         def capture(deltas, streamed=streamed, publish=publish) -> None:
