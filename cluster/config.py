@@ -227,6 +227,12 @@ class ClusterConfig(StrictModel):
         "(`pdserve serve --verbose` sets this).",
     )
 
+    def advertised_host(self) -> str | None:
+        """The address actors bind and advertise: the configured one for an embedded local Ray
+        (loopback by default, so nothing leaves the machine); None when joining a cluster,
+        where each actor takes its own node's (`node_ip_address()`)."""
+        return self.node_ip if self.address is None else None
+
 
 class PdserveConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig, description="What to serve.")

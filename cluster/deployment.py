@@ -6,7 +6,9 @@ functions here, so neither imports the other.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,18 @@ from engine.config import Role
 from engine.protocol.identity import InstanceId, MessagerId, WorkerId
 
 log = logging.getLogger(__name__)
+
+
+def deployment_id() -> str:
+    """Same for an actor and its restarts, different for another deployment on the node (so
+    one never unlinks the other's shared memory): the Ray job that created the actor, within
+    its Ray cluster. Every fresh local Ray numbers its first job 01000000, so two clusters on
+    one host (two `pdserve serve`, or test runs side by side) differ only by their GCS."""
+    if not ray.is_initialized():  # not under Ray (tests that build an instance directly)
+        return f"p{os.getpid()}"
+    context = ray.get_runtime_context()
+    cluster = hashlib.sha256(str(context.gcs_address).encode()).hexdigest()[:8]
+    return f"{context.get_job_id()}{cluster}"
 
 
 @dataclass

@@ -192,6 +192,7 @@ def _messager_actor(cfg: PdserveConfig, index: int, pg):
 def _start_router(dep: Deployment) -> None:
     cfg = dep.config
     raw = cfg.model_dump(mode="json")
+    host = cfg.cluster.advertised_host()  # None: the router's own node's
     router = (
         ray.remote(RouterActor)
         .options(
@@ -201,7 +202,7 @@ def _start_router(dep: Deployment) -> None:
             max_concurrency=_ACTOR_CONCURRENCY,
             **_router_placement(cfg),
         )
-        .remote(raw, str(resolve_model_path(cfg.model)), _router_host(cfg), dep.max_model_len)
+        .remote(raw, str(resolve_model_path(cfg.model)), host, dep.max_model_len)
     )
     dep.router = router  # set first, so that stop() removes it whatever happens next
     endpoints = dep.router_endpoints()
@@ -232,11 +233,6 @@ def _router_placement(cfg: PdserveConfig) -> dict[str, Any]:
     # of the router's port opening on some other node.
     node_id = ray.get_runtime_context().get_node_id()
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
-
-
-def _router_host(cfg: PdserveConfig) -> str | None:
-    """Embedded Ray: the configured loopback address; a cluster: the router's own node's."""
-    return cfg.cluster.node_ip if cfg.cluster.address is None else None
 
 
 def wait_ready(dep: Deployment, timeout_s: float) -> None:

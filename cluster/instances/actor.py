@@ -10,12 +10,12 @@ from __future__ import annotations
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from cluster.config import PdserveConfig, TransferBackendName
-from cluster.instances.common import advertised_host
 from cluster.instances.loop import InstanceLoop, RolePolicy
 from cluster.instances.prefill_role import PrefillRole
 from cluster.instances.roles import DecodeRole, MixedRole, build_core, shared_kv
 from cluster.instances.switch import start_switch
 from engine.config import Role
+from engine.protocol.channels import node_ip_address
 from engine.protocol.identity import InstanceId
 from worker.engine_core import EngineCore
 
@@ -69,7 +69,7 @@ class InstanceActor:
 
     def setup(self) -> dict:
         """Load the model, bind the inbox, start the loop; returns the endpoint."""
-        host = advertised_host(self.config)
+        host = self.config.cluster.advertised_host() or node_ip_address()
         if switchable(self.name, self.config):
             core, roles = build_switchable(self.name, self.config, host)
             self.loop = InstanceLoop(

@@ -23,7 +23,7 @@ from cache_transfer.factory import (
 )
 from cache_transfer.tp_layout import HeadRange, RankKV
 from cluster.config import PdserveConfig
-from cluster.instances.common import deployment_id
+from cluster.deployment import deployment_id
 from cluster.instances.loop import Client, RolePolicy
 from cluster.tp_ranks import ray_ranks_for
 from engine.config import Role

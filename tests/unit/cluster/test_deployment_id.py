@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import ray
 
-from cluster.instances.common import deployment_id
+from cluster.deployment import deployment_id
 
 
 def _under_ray(monkeypatch: pytest.MonkeyPatch, job_id: str, gcs_address: str) -> None:
