@@ -2,7 +2,8 @@
 
 A request passes through these states; the loop holds every record, so an abort (or an error)
 ends the request in one place whatever its state:
-  queued      `queued`: waiting for P's blocks, a short enough backlog and an idle worker
+  queued      `queued` (in arrival order): waiting for P's blocks, a short enough backlog and
+              an idle worker
   preparing   `preparing`: P's blocks reserved, a prepare worker asks a D for its blocks
   prefilling  admitted (`transfers`): the messager has its CacheTask, the scheduler computes
   sending KV  first token sampled (SENDING_KV): P's blocks are held until the messager's
@@ -14,7 +15,6 @@ each first token (PrefillDone), all in order through the messager link.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,6 @@ RESERVE_TIMEOUT_S = 30.0  # longest wait in the queue for P's blocks and backlog
 class Preparation:
     msg: GenerateRequest
     request: Request
-    since: float  # monotonic: when it became first in the queue (or later arrived)
     tried: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)  # why each D asked did not allocate
     peer: DecodePeer | None = None  # the D asked last
@@ -90,7 +89,8 @@ class PrefillRole(RolePolicy):
         # Items are (address, message); on a GPU the link's thread sends them on its own socket.
         self.link = MessagerLink(lambda item: self.loop.senders.send(*item), self.device, name)
         self.messager: str | None = None  # the cache messager's inbox, once connected
-        self.queued: deque[Preparation] = deque()
+        self.queued: dict[str, Preparation] = {}
+        self.head_since = 0.0  # monotonic: when the first in the queue became first (or came)
         self.preparing: dict[str, Preparation] = {}
         self.transfers: dict[str, Transfer] = {}
         self.transfer_seconds = BucketHistogram()
@@ -144,7 +144,9 @@ class PrefillRole(RolePolicy):
         if isinstance(msg, GenerateRequest):
             request = self.loop.new_request(msg)
             if request is not None:
-                self.queued.append(Preparation(msg, request, time.monotonic()))
+                if not self.queued:
+                    self.head_since = time.monotonic()
+                self.queued[msg.request_id] = Preparation(msg, request)
                 self._start_preparations()
         elif isinstance(msg, Answer):
             self._on_answer(msg)
@@ -156,20 +158,18 @@ class PrefillRole(RolePolicy):
         (D's lease on its blocks must cover P's queue) and the blocks there."""
         scheduler = self.loop.core.scheduler
         while self.queued and self.idle and self._backlog_ok():
-            prep = self.queued[0]
+            rid, prep = next(iter(self.queued.items()))
             if not scheduler.reserve_prefill(prep.request):
                 return
-            self._pop_first()
-            self.preparing[prep.request.request_id] = prep
+            self.preparing[rid] = self._dequeue(rid)
             self._ask_next(prep)
 
-    def _pop_first(self) -> Preparation:
-        """The first in the queue leaves; the next one's wait for capacity starts now (those
-        behind it wait only for it, as they would for a thread of a pool)."""
-        prep = self.queued.popleft()
-        if self.queued:
-            self.queued[0].since = time.monotonic()
-        return prep
+    def _dequeue(self, request_id: str) -> Preparation:
+        """Leave the queue; when the first leaves, the next one's wait for capacity starts now
+        (those behind it wait only for it, as they would for a thread of a pool)."""
+        if request_id == next(iter(self.queued)):
+            self.head_since = time.monotonic()
+        return self.queued.pop(request_id)
 
     def _backlog_tokens(self) -> int:
         """Prompt tokens admitted but not computed yet."""
@@ -286,13 +286,9 @@ class PrefillRole(RolePolicy):
         self.loop.counters["transfer_bytes"] += done.nbytes
 
     def drop(self, request_id: str, status: RequestStatus, reason: str) -> bool:
-        for prep in self.queued:
-            if prep.request.request_id == request_id:
-                if prep is self.queued[0]:
-                    self._pop_first()
-                else:
-                    self.queued.remove(prep)
-                return True
+        if request_id in self.queued:
+            self._dequeue(request_id)
+            return True
         prep = self.preparing.get(request_id)
         if prep is not None and prep.worker is None:  # answered; its handling failed
             self._end_preparation(prep)
@@ -361,10 +357,11 @@ class PrefillRole(RolePolicy):
                 self._to_messager(CancelCache(rid, f"transfer exceeded {timeout:.0f} s"))
             elif now - transfer.started > 2 * timeout:  # the messager is gone
                 self._on_transfer_done(TransferDone(rid, False, "cache messager did not answer"))
-        while self.queued and now - self.queued[0].since > self.reserve_timeout_s:
-            prep = self._pop_first()
+        while self.queued and now - self.head_since > self.reserve_timeout_s:
+            rid = next(iter(self.queued))
+            self._dequeue(rid)
             why = "has no free KV blocks" if self._backlog_ok() else "is overloaded"
-            self._overloaded(prep.request.request_id, f"prefill instance {why} (timed out)")
+            self._overloaded(rid, f"prefill instance {why} (timed out)")
         self._start_preparations()
 
     # ------------------------------------------------------------------ helpers
@@ -391,7 +388,7 @@ class PrefillRole(RolePolicy):
     def movable(self) -> list[str]:
         """Prompts still queued go to another prefill instance (the router retries them);
         preparations and transfers finish within their own deadlines."""
-        return [prep.request.request_id for prep in self.queued]
+        return list(self.queued)
 
     def deactivate(self) -> None:
         """Serving another role: no layer signals to the messager from the steps of that role
