@@ -70,14 +70,13 @@ class InstanceActor:
     def setup(self) -> dict:
         """Load the model, bind the inbox, start the loop; returns the endpoint."""
         host = self.config.cluster.advertised_host() or node_ip_address()
+        roles = None
         if switchable(self.name, self.config):
             core, roles = build_switchable(self.name, self.config, host)
-            self.loop = InstanceLoop(
-                self.name, host, core, roles[self.name.role].policy, roles=roles
-            )
+            policy = roles[self.name.role]
         else:
             core, policy = build_role(self.name, self.config, host)
-            self.loop = InstanceLoop(self.name, host, core, policy)
+        self.loop = InstanceLoop(self.name, host, core, policy, roles=roles)
         self.loop.start()
         return self._endpoint()
 

@@ -22,8 +22,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-
 from cluster.instances.switch import RoleSwitch, advance_switch, refuse_misrouted
 from engine.batch import SchedulerOutput
 from engine.config import Role, SchedulerConfig
@@ -132,7 +130,7 @@ class InstanceLoop:
         accepts = {t for p in self.policies for t in p.accepts}
         self.inbox = Inbox(host, accept=(AbortRequest, *accepts), name=str(name))
         self.senders = SenderPool()
-        self.mailbox = Mailbox()
+        self.mailbox = Mailbox(beside=self.inbox)
         self.clients: dict[str, Client] = {}
         self.counters: Counter[str] = Counter()
         self.trimmer = MallocTrimmer()
@@ -140,9 +138,6 @@ class InstanceLoop:
         self.steps = 0
         self.failed_steps = 0
         self.busy_s = 0.0  # time spent in steps, for the elastic controller's busy fraction
-        self._poller = zmq.Poller()
-        self._poller.register(self.inbox.socket, zmq.POLLIN)
-        self._poller.register(self.mailbox.fileno(), zmq.POLLIN)
         self._running = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -208,7 +203,7 @@ class InstanceLoop:
             except Exception:  # a bug outside any one request: keep serving, but say so
                 self.counters["loop_errors"] += 1
                 log.exception("%s: loop iteration failed", self.name)
-                self._poller.poll(100)
+                self.mailbox.wait(0.1)
 
     def iterate(self, idle_wait_s: float = 0.0) -> None:
         """Apply what arrived, check deadlines, run one step; block up to `idle_wait_s` when
@@ -228,7 +223,7 @@ class InstanceLoop:
         self.trimmer.maybe_trim(idle)
         if idle:
             if idle_wait_s > 0:
-                self._poller.poll(int(idle_wait_s * 1000))
+                self.mailbox.wait(idle_wait_s)
             return
         started = time.monotonic()
         self._step(sched)

@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import zmq
-
 from engine.protocol.channels import ChannelError, Inbox, Mailbox, SenderPool
 from engine.protocol.requests import AbortRequest
 from engine.protocol.splitwise import CancelDecode, DecodeAllocation, DecodeTask
@@ -60,12 +58,9 @@ class PrepareWorker(threading.Thread):
     def __init__(self, host: str, hand_back: Callable[[Answer], None], name: str) -> None:
         super().__init__(name=name, daemon=True)
         self.inbox = Inbox(host, accept=(DecodeAllocation, AbortRequest), name=name)
-        self._jobs = Mailbox()
+        self._jobs = Mailbox(beside=self.inbox)
         self._hand_back = hand_back
         self._senders = SenderPool()
-        self._poller = zmq.Poller()
-        self._poller.register(self._jobs.fileno(), zmq.POLLIN)
-        self._poller.register(self.inbox.socket, zmq.POLLIN)
 
     def submit(self, ask: Ask) -> None:
         self._jobs.put(ask)
@@ -79,7 +74,7 @@ class PrepareWorker(threading.Thread):
 
     def run(self) -> None:
         while True:
-            self._poller.poll()
+            self._jobs.wait(None)
             for ask in self._jobs.take_all():  # before the inbox: an abort may follow its ask
                 if ask is None:
                     return

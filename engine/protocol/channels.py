@@ -159,13 +159,22 @@ class SenderPool:
 
 class Mailbox:
     """An in-process channel beside an Inbox: a queue any thread may put into (Python objects,
-    never encoded), with a file descriptor the owner's zmq poller watches with its inbox."""
+    never encoded), with a file descriptor a zmq poller watches with the inbox (`wait`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, beside: Inbox | None = None) -> None:
         self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
+        self._poller = zmq.Poller()
+        self._poller.register(self._read, zmq.POLLIN)
+        if beside is not None:
+            self._poller.register(beside.socket, zmq.POLLIN)
+
+    def wait(self, timeout_s: float | None) -> None:
+        """Block until this mailbox or the inbox beside it has something, at most `timeout_s`
+        (None: no limit)."""
+        self._poller.poll(None if timeout_s is None else int(timeout_s * 1000))
 
     def put(self, item: Any) -> None:
         self._items.put(item)
