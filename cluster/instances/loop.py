@@ -130,6 +130,7 @@ class InstanceLoop:
         accepts = {t for p in self.policies for t in p.accepts}
         self.inbox = Inbox(host, accept=(AbortRequest, *accepts), name=str(name))
         self.senders = SenderPool()
+        # Other threads' messages (applied as if they came in the inbox) and closures to run.
         self.mailbox = Mailbox(beside=self.inbox)
         self.clients: dict[str, Client] = {}
         self.counters: Counter[str] = Counter()
@@ -154,11 +155,6 @@ class InstanceLoop:
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-loop", daemon=True)
         self._thread.start()
 
-    def post(self, item: Any) -> None:
-        """Hand the loop a message-like object (applied as if it came in the inbox) or a
-        closure to run on the loop thread."""
-        self.mailbox.put(item)
-
     def call(self, fn: Callable[[], Any], timeout_s: float) -> Any:
         """Run `fn` on the loop thread and return its result; TimeoutError past the deadline."""
         future: Future = Future()
@@ -169,7 +165,7 @@ class InstanceLoop:
             except Exception as exc:  # the caller's to handle, not the loop's
                 future.set_exception(exc)
 
-        self.post(run)
+        self.mailbox.put(run)
         return future.result(timeout_s)
 
     @property
@@ -181,7 +177,7 @@ class InstanceLoop:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._thread is not None:
-            self.post(lambda: setattr(self, "_running", False))
+            self.mailbox.put(lambda: setattr(self, "_running", False))
             self._thread.join(timeout_s)
         self.close()
 

@@ -104,7 +104,7 @@ class PrefillRole(RolePolicy):
     def attach(self, loop: InstanceLoop) -> None:
         super().attach(loop)
         self.workers = [
-            PrepareWorker(self.host, loop.post, f"{loop.name}-prepare-{i}")
+            PrepareWorker(self.host, loop.mailbox.put, f"{loop.name}-prepare-{i}")
             for i in range(self.config.prepare_threads)
         ]
         for worker in self.workers:

@@ -178,19 +178,15 @@ class DecodeRole(RolePolicy):
             loop.counters["unknown_request_messages"] += 1
             return
         if not msg.ok or msg.request_id not in loop.clients:  # failed, or the client left
-            loop.core.abort_request(msg.request_id, RequestStatus.FINISHED_ERROR)
-            if msg.client_informed:
-                loop.clients.pop(msg.request_id, None)
-            loop.fail_client(msg.request_id, f"KV transfer failed: {msg.error or 'aborted'}")
+            error = f"KV transfer failed: {msg.error or 'aborted'}"
+            self._fail_lease(msg.request_id, error, msg.client_informed)
             return
         loop.counters["kv_complete"] += 1
-        client = loop.clients.get(msg.request_id)
-        if client is not None:
-            client.timings = Timings(
-                kv_signalled=msg.signalled_time,
-                writes_done=msg.writes_done_time,
-                kv_complete=time.time(),
-            )
+        loop.clients[msg.request_id].timings = Timings(
+            kv_signalled=msg.signalled_time,
+            writes_done=msg.writes_done_time,
+            kv_complete=time.time(),
+        )
         delta = loop.core.scheduler.start_remote(msg.request_id, msg.first_token_id)
         if delta is not None and delta.finished:
             loop.publish([delta])
@@ -206,6 +202,15 @@ class DecodeRole(RolePolicy):
         self.loop.clients.pop(request_id, None)
         return self.loop.core.abort_request(request_id, status)
 
+    def _fail_lease(self, request_id: str, error: str, client_informed: bool = False) -> None:
+        """The KV will not arrive, or its client left: free the blocks now (P has stopped
+        writing) and tell the client, unless it already heard why."""
+        self.leases.pop(request_id, None)
+        self.loop.core.abort_request(request_id, RequestStatus.FINISHED_ERROR)
+        if client_informed:
+            self.loop.clients.pop(request_id, None)
+        self.loop.fail_client(request_id, error)
+
     def stamps(self, delta: TokenDelta, client: Client, now: float) -> Timings | None:
         if delta.first_index != 1:  # only the first token D computed carries the transfer's
             return None
@@ -217,9 +222,7 @@ class DecodeRole(RolePolicy):
         expired = [rid for rid, since in self.leases.items() if now - since > self.lease_s]
         for rid in expired:
             self.loop.counters["leases_expired"] += 1
-            del self.leases[rid]
-            self.loop.core.abort_request(rid, RequestStatus.FINISHED_ERROR)
-            self.loop.fail_client(rid, f"KV did not arrive within {self.lease_s:.0f} s")
+            self._fail_lease(rid, f"KV did not arrive within {self.lease_s:.0f} s")
 
     def in_flight(self) -> int:
         return len(self.leases)
