@@ -7,7 +7,9 @@ deadline); `is_ready` and `heartbeat_age_s` read what the loop publishes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 from cluster.config import PdserveConfig, TransferBackendName
 from cluster.instances.loop import InstanceLoop, RolePolicy
@@ -82,8 +84,7 @@ class InstanceActor:
 
     def endpoint(self) -> dict:
         """setup()'s answer as it is now: the role it serves, and every role's endpoints."""
-        loop = self._loop()
-        return loop.call(self._endpoint, CALL_TIMEOUT_S)
+        return self._on_loop(self._endpoint)
 
     def _endpoint(self) -> dict:
         loop = self._loop()
@@ -107,7 +108,7 @@ class InstanceActor:
         loop = self._loop()
         give_up_s = drain_timeout_s + self._own_deadlines_s()
         begin = lambda: start_switch(loop, Role(role), drain_timeout_s, give_up_s, move_on_deadline)  # noqa: E731
-        future = loop.call(begin, CALL_TIMEOUT_S)
+        future = self._on_loop(begin)
         outcome = future.result(give_up_s + CALL_TIMEOUT_S)
         return {**outcome, "endpoint": self.endpoint()}
 
@@ -119,14 +120,12 @@ class InstanceActor:
 
     def set_decodes(self, decodes: list[dict]) -> None:
         """Prefill (or able to become one): the decode instances to choose from now."""
-        loop = self._loop()
-        loop.call(lambda: _prefill_role(loop).set_decodes(decodes), CALL_TIMEOUT_S)
+        self._on_loop(lambda: _prefill_role(self._loop()).set_decodes(decodes))
 
     def connect(self, messager_inbox: str, decodes: list[dict]) -> None:
         """Prefill: wire to its cache messager and the decode instances (again after a
         restart of either, or on a switch to prefill)."""
-        loop = self._loop()
-        loop.call(lambda: _prefill_role(loop).connect(messager_inbox, decodes), CALL_TIMEOUT_S)
+        self._on_loop(lambda: _prefill_role(self._loop()).connect(messager_inbox, decodes))
 
     def decode_down(self, decode_name: InstanceId) -> None:
         """Prefill: a decode instance died; its requests end now (an instance serving another
@@ -139,7 +138,7 @@ class InstanceActor:
             elif Role.PREFILL in loop.roles:
                 loop.roles[Role.PREFILL].set_decodes([])
 
-        loop.call(down, CALL_TIMEOUT_S)
+        self._on_loop(down)
 
     def is_ready(self) -> bool:
         """False until setup() (and for prefill connect()) ran, also right after a restart."""
@@ -153,7 +152,7 @@ class InstanceActor:
     def stats(self) -> dict:
         loop = self._loop()
         try:
-            return loop.call(loop.stats, CALL_TIMEOUT_S)
+            return self._on_loop(loop.stats)
         except FutureTimeout:
             age = loop.heartbeat_age_s()
             return {"name": str(self.name), "error": f"loop stalled (heartbeat {age:.0f} s old)"}
@@ -166,6 +165,10 @@ class InstanceActor:
         if self.loop is None:
             raise RuntimeError(f"{self.name}: setup() has not run")
         return self.loop
+
+    def _on_loop(self, fn: Callable[[], Any]) -> Any:
+        """`fn`'s result, run on the loop; TimeoutError when the loop does not get to it."""
+        return self._loop().call(fn, CALL_TIMEOUT_S)
 
 
 def _node_id() -> str | None:
