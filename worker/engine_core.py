@@ -21,6 +21,7 @@ from engine.config import EngineConfig, ModelConfig, Role
 from engine.outputs import TokenDelta
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler
+from worker.attention.triton_metadata import FLASH_MIN_TOKENS, flash_plan_lengths
 from worker.cuda_graphs import default_batch_sizes
 from worker.default_model import ensure_default_model
 from worker.distributed import kv_head_ranges
@@ -142,7 +143,10 @@ class EngineCore:
             num_blocks, sched_cfg.block_size, sched_cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(sched_cfg, self.block_manager, self.max_model_len, role)
-        self.warmup_s = warm_up(self) if engine.warmup and device.type == "cuda" else 0.0
+        flash = engine.prefill_attention == "auto" and dtype in (torch.bfloat16, torch.float16)
+        lengths = flash_plan_lengths(FLASH_MIN_TOKENS, sched_cfg.max_num_batched_tokens)
+        warm = engine.warmup and device.type == "cuda"
+        self.warmup_s = warm_up(self, lengths if flash else ()) if warm else 0.0
 
     @property
     def kv_head_ranges(self) -> list[tuple[int, int]]:

@@ -10,7 +10,9 @@ in several, steps mixing prefill chunks with decode rows, and every sampling opt
 CUDA graphs are captured earlier, when the runner is built. With a step budget of more than
 about 540 tokens the long request's first chunk (the budget less the other requests' rows) is
 512 tokens or more and goes to FlashAttention (`engine.prefill_attention` auto), so its kernels
-(not Triton's; CUDA loads them on first use) are loaded before ready too.
+(not Triton's; CUDA loads them on first use) are loaded before ready too. cuDNN's attention,
+SDPA's pick for that path on Hopper, builds a plan per (padded) chunk length: one fresh prompt
+of each length the step budget allows builds them all (`flash_lengths`).
 
 The scratch requests run on the engine's own runner and KV cache, but through a scheduler and
 block manager of their own, so the engine's real ones (and its prefix cache) never see them;
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from engine.block_manager import BlockManager
@@ -38,10 +40,13 @@ log = logging.getLogger(__name__)
 _MAX_STEPS = 1000  # a few dozen are needed; more means the scheduler cannot finish them
 _SPLIT_KEYS = 64  # a decode of more keys than this takes several splits (triton_paged.py)
 _NEW_TOKENS = 8
+_ONE_TOKEN = SamplingParams(temperature=0.0, seed=1, max_tokens=1, ignore_eos=True)
 
 
-def warm_up(core: EngineCore) -> float:
-    """Run the scratch requests to completion on `core`'s runner; returns the seconds taken."""
+def warm_up(core: EngineCore, flash_lengths: Sequence[int] = ()) -> float:
+    """Run the scratch requests to completion on `core`'s runner; returns the seconds taken.
+    `flash_lengths`: one fresh prompt of each length runs alone too (FlashAttention's
+    per-length plans, `triton_paged.flash_plan_lengths`)."""
     started = time.monotonic()
     real = core.scheduler, core.block_manager
     sched_cfg = core.scheduler.config
@@ -61,6 +66,10 @@ def warm_up(core: EngineCore) -> float:
         core.add_request(mixed_long)
         _step_until(core, steps, lambda: not core.has_work())
         core.step()  # the finished requests' release reaches the runner
+        for length in [n for n in flash_lengths if n <= _limit(core)]:
+            core.add_request(Request(f"warmup-flash-{length}", _tokens(length), _ONE_TOKEN))
+            _step_until(core, steps, lambda: not core.has_work())
+            core.step()
     finally:
         core.scheduler, core.block_manager = real
     seconds = time.monotonic() - started
@@ -81,10 +90,15 @@ def _decoding(request: Request) -> bool:
     return request.num_computed_tokens >= request.num_prompt_tokens
 
 
+def _limit(core: EngineCore) -> int:
+    """The longest scratch prompt: within max_model_len and half the KV cache."""
+    capacity = core.block_manager.num_blocks * core.scheduler.config.block_size // 2
+    return min(core.max_model_len, capacity) - _NEW_TOKENS - 1
+
+
 def _requests(core: EngineCore) -> list[Request]:
     cfg = core.scheduler.config
-    capacity = core.block_manager.num_blocks * cfg.block_size // 2
-    limit = min(core.max_model_len, capacity) - _NEW_TOKENS - 1
+    limit = _limit(core)
     # Long enough to take several decode splits and, with chunked prefill, several chunks.
     long_len = max(1, min(limit, max(4 * _SPLIT_KEYS, 2 * cfg.max_num_batched_tokens + 17)))
     # Every request carries a seed, greedy ones too: the sampler's own generator (for requests

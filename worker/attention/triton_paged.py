@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.batch import ScheduledChunk
 from worker.attention.block_tables import BlockTables
@@ -43,6 +42,7 @@ from worker.attention.triton_metadata import (
     TritonDecode,
     TritonPrefill,
     TritonStepInputs,
+    flash_padded_length,
     prepare_triton_inputs,
 )
 
@@ -213,24 +213,23 @@ class TritonPagedAttention:
 
     def _flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of one chunk over itself: q `[n, heads, hd]`, k/v `[n, kvh, hd]`
-        (strided rows, contiguous heads) -> `[n, heads * hd]`. For bf16/fp16 SDPA picks
-        FlashAttention, which reads the kv heads as they are (no expansion to `heads`); the
-        GPU tests check that it accepts these views (tests/gpu/test_flash_prefill.py)."""
-        with sdpa_kernel(_NO_CUDNN):
-            o = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
-                k.transpose(0, 1).unsqueeze(0),  # [1, kvh, n, hd]
-                v.transpose(0, 1).unsqueeze(0),  # [1, kvh, n, hd]
-                is_causal=True,
-                enable_gqa=self.group > 1,
-            )  # [1, heads, n, hd]
-        return o[0].transpose(0, 1).reshape(q.shape[0], -1)  # [n, heads * hd]
+        (strided rows, contiguous heads) -> `[n, heads * hd]`. Padded to FLASH_BUCKET rows (see
+        there); for bf16/fp16 SDPA picks cuDNN's attention or FlashAttention, both of which
+        read the kv heads as they are (no expansion to `heads`)."""
+        n = q.shape[0]
+        padded = flash_padded_length(n)
 
+        def heads_first(x: torch.Tensor) -> torch.Tensor:  # [n, h, hd] -> [1, h, padded, hd]
+            return F.pad(x.transpose(0, 1).unsqueeze(0), (0, 0, 0, padded - n)).contiguous()
 
-# SDPA prefers cuDNN's attention for bf16 on Hopper, which builds a plan per sequence length:
-# ~40 ms the first time each prompt length is seen (measured on an H200), so a fresh server's
-# prefills ran at half speed for its first requests. FlashAttention has no per-shape cost.
-_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        o = F.scaled_dot_product_attention(
+            heads_first(q),
+            heads_first(k),
+            heads_first(v),
+            is_causal=True,
+            enable_gqa=self.group > 1,
+        )  # [1, heads, padded, hd]
+        return o[0, :, :n].transpose(0, 1).reshape(n, -1)  # [n, heads * hd]
 
 
 def _rows(chunk: FlashPrefill) -> slice:

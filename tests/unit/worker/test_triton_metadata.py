@@ -8,7 +8,10 @@ from engine.batch import ScheduledChunk
 from engine.sampling_params import SamplingParams
 from worker.attention.metadata import prepare_step_inputs
 from worker.attention.triton_metadata import (
+    FLASH_BUCKET,
     PREFILL_BLOCK_M,
+    flash_padded_length,
+    flash_plan_lengths,
     flash_prefill_chunks,
     prepare_triton_inputs,
 )
@@ -111,3 +114,14 @@ def test_flash_chunks_leave_the_paged_metadata() -> None:
     assert alone.prefill is None and alone.decode is None and len(alone.flash) == 1
     # The default keeps every chunk on the paged kernel.
     assert prepare_triton_inputs(chunks, BLOCK, CPU, None).attn.flash == []
+
+
+def test_flash_plan_lengths_cover_every_padded_length_once() -> None:
+    for low, budget in [(512, 4096), (512, 8192), (512, 1000), (300, 513), (512, 256)]:
+        lengths = flash_plan_lengths(low, budget)
+        assert all(low <= n <= budget for n in lengths) or not lengths
+        padded = [flash_padded_length(n) for n in lengths]
+        assert len(set(padded)) == len(padded)  # one prompt per plan
+        reachable = {flash_padded_length(n) for n in range(low, budget + 1)}
+        assert set(padded) == reachable
+        assert all(p % FLASH_BUCKET == 0 for p in padded)

@@ -63,3 +63,14 @@ def test_tokens_after_warm_up_equal_those_of_a_cold_engine(checkpoints):
     warm_core = make_core(path, overlap=True)
     warm_up(warm_core)
     assert run(warm_core, requests()) == cold
+
+
+def test_flash_lengths_run_as_fresh_prompts_and_leave_nothing(checkpoints):
+    core = make_core(checkpoints["llama"].path, overlap=True, max_num_batched_tokens=64)
+    steps = record_steps(core)
+    warm_up(core, flash_lengths=[40, 56, 10**6])  # the last is past what the cache holds
+    fresh = {c.num_tokens for s in steps for c in s.chunks if c.start_pos == 0}
+    assert {40, 56} <= fresh and 10**6 not in fresh
+    assert_nothing_leaked(core.scheduler)
+    assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+    assert core.runner.block_tables.num_rows_used == 0
