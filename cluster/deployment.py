@@ -42,29 +42,32 @@ class Deployment:
     config: PdserveConfig
     url: str = ""
     router: Any = None
-    prefills: list[Any] = field(default_factory=list)
-    messagers: list[Any] = field(default_factory=list)
-    decodes: list[Any] = field(default_factory=list)
-    mixed: list[Any] = field(default_factory=list)
+    # Actor handles by index (a role's instances are `prefill-0`, `prefill-1`, ...); the
+    # elastic controller adds and removes instances, so indices may have gaps.
+    prefills: dict[int, Any] = field(default_factory=dict)
+    messagers: dict[int, Any] = field(default_factory=dict)  # of the prefill-born instances
+    decodes: dict[int, Any] = field(default_factory=dict)
+    mixed: dict[int, Any] = field(default_factory=dict)
     placement_groups: list[Any] = field(default_factory=list)
     endpoints: list[dict] = field(default_factory=list)
     infos: dict[WorkerId, dict] = field(default_factory=dict)  # each actor's setup() answer
     owns_ray: bool = False
     supervisor: Any = None
     controller: Any = None  # the elastic controller actor, when elastic.enabled
-    # Elastic: each decode instance's cache messager, idle until a switch to prefill.
-    spare_messagers: list[Any] = field(default_factory=list)
+    # Elastic: each decode-born instance's cache messager, idle until a switch to prefill.
+    spare_messagers: dict[int, Any] = field(default_factory=dict)
+    added: set[InstanceId] = field(default_factory=set)  # by the elastic controller
 
-    def _group(self, role: Role) -> list[Any]:
+    def _group(self, role: Role) -> dict[int, Any]:
         return {Role.PREFILL: self.prefills, Role.DECODE: self.decodes, Role.MIXED: self.mixed}[
             role
         ]
 
     def ids(self, *roles: Role) -> list[InstanceId]:
-        return [InstanceId(role, i) for role in roles for i in range(len(self._group(role)))]
+        return [InstanceId(role, i) for role in roles for i in sorted(self._group(role))]
 
     def messager_ids(self) -> list[MessagerId]:
-        return [MessagerId(i) for i in range(len(self.messagers))]
+        return [MessagerId(i) for i in sorted(self.messagers)]
 
     @property
     def decode_infos(self) -> list[dict]:
@@ -104,7 +107,7 @@ class Deployment:
 
     @property
     def instances(self) -> list[Any]:
-        return [*self.prefills, *self.decodes, *self.mixed]
+        return [*self.prefills.values(), *self.decodes.values(), *self.mixed.values()]
 
     def workers(self) -> list[WorkerId]:
         """Every instance and cache messager (the router aside)."""
@@ -113,6 +116,41 @@ class Deployment:
     def named_workers(self) -> dict[str, Any]:
         """Every instance and cache messager by name (the router aside)."""
         return {str(w): self.actor(w) for w in self.workers()}
+
+    def sync_added(self, members: list[dict]) -> tuple[list[InstanceId], list[InstanceId]]:
+        """Elastic: take in the instances the controller added since (its `members()`,
+        cluster/elastic/scaling.py) and forget those it removed. Returns (taken, forgotten)."""
+        listed = {m["name"]: m for m in members}
+        forgotten = sorted(self.added - set(listed))
+        for name in forgotten:
+            self._forget(name)
+        taken = sorted(set(listed) - self.added)
+        for name in taken:
+            self._adopt(listed[name])
+        if taken or forgotten:
+            self.refresh_endpoints()
+        return taken, forgotten
+
+    def _adopt(self, member: dict) -> None:
+        name: InstanceId = member["name"]
+        self._group(name.role)[name.index] = member["actor"]
+        self.infos[name] = member["info"]
+        if member["messager"] is not None:  # prefill-born: watched with it (MessagerId)
+            self.messagers[name.index] = member["messager"]
+            self.infos[MessagerId(name.index)] = member["messager_info"]
+        if member["spare"] is not None:
+            self.spare_messagers[name.index] = member["spare"]
+        self.added.add(name)
+
+    def _forget(self, name: InstanceId) -> None:
+        self._group(name.role).pop(name.index, None)
+        self.infos.pop(name, None)
+        if name.role is Role.PREFILL:
+            self.messagers.pop(name.index, None)
+            self.infos.pop(MessagerId(name.index), None)
+        elif name.role is Role.DECODE:
+            self.spare_messagers.pop(name.index, None)
+        self.added.discard(name)
 
     def stats(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Every actor's stats by name; an actor that does not answer in time (stalled, dead)
@@ -133,7 +171,8 @@ class Deployment:
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.supervisor is not None:
             self.supervisor.stop()
-        every = [*self.instances, *self.messagers, *self.spare_messagers, self.controller]
+        spares = self.spare_messagers.values()
+        every = [*self.instances, *self.messagers.values(), *spares, self.controller]
         actors = [a for a in every if a is not None]
         refs = [a.shutdown.remote() for a in actors]
         if self.router is not None:
@@ -174,13 +213,13 @@ def reconnect_decodes(dep: Deployment, skip: Collection[InstanceId] = ()) -> Non
     decode-born instance serving as prefill learns them too (its messager is a spare one)."""
     timeout = dep.config.cluster.startup_timeout_s
     decodes = dep.decode_infos
-    for index, messager in enumerate(dep.messagers):
+    for index, messager in dep.messagers.items():
         if InstanceId(Role.PREFILL, index) in skip:
             continue
         ray.get(messager.add_decode_peers.remote(decodes), timeout=timeout)
         inbox = dep.infos[MessagerId(index)]["inbox"]
         ray.get(dep.prefills[index].connect.remote(inbox, decodes), timeout=timeout)
-    for index, messager in enumerate(dep.spare_messagers):
+    for index, messager in dep.spare_messagers.items():
         name = InstanceId(Role.DECODE, index)
         if name in skip or not _serves(dep.infos.get(name, {}), Role.PREFILL):
             continue

@@ -13,29 +13,24 @@ import time
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,
-    PlacementGroupSchedulingStrategy,
 )
 
-from cluster.config import PdserveConfig, PlacementConfig, RouterPlacement
+from cluster.config import PdserveConfig, RouterPlacement
 from cluster.deployment import Deployment, wire_prefill
 from cluster.elastic.ray_actuator import start_controller
 from cluster.elastic.switching import start_spare_messagers
-from cluster.instances.actor import InstanceActor
-from cluster.messager.launch import MESSAGER_CPUS, messager_actor
+from cluster.messager.launch import MESSAGER_CPUS
 from cluster.router.actor import RouterActor
+from cluster.spawn import ACTOR_CONCURRENCY, Spawned, role_section, spawn_instance
 from cluster.supervisor import Supervisor
-from engine.config import EngineConfig, Role
+from engine.config import Role
 from engine.errors import DeployError
-from engine.protocol.identity import InstanceId, MessagerId
+from engine.protocol.identity import InstanceId
 from worker.engine_core import resolve_model_path
 
 log = logging.getLogger(__name__)
-
-# Actor methods (stats, is_ready, abort plumbing) run on a few Ray threads beside the actor's own.
-_ACTOR_CONCURRENCY = 8
 
 
 def init_ray(config: PdserveConfig, address: str | None = None) -> bool:
@@ -82,26 +77,6 @@ def _cpus_needed(config: PdserveConfig) -> int:
     return int(total) + 1
 
 
-def _max_restarts(cfg: PdserveConfig) -> int:
-    return -1 if cfg.cluster.restart_crashed_actors else 0
-
-
-def _options(placement: PlacementConfig, name: str, cfg: PdserveConfig) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "name": name,
-        "namespace": cfg.cluster.namespace,
-        "num_cpus": placement.num_cpus,
-        "num_gpus": placement.num_gpus,
-        "max_concurrency": _ACTOR_CONCURRENCY,
-        "max_restarts": _max_restarts(cfg),
-    }
-    if placement.resources:
-        options["resources"] = dict(placement.resources)
-    if placement.label_selector:
-        options["label_selector"] = dict(placement.label_selector)
-    return options
-
-
 def deploy(config: PdserveConfig, address: str | None = None) -> Deployment:
     """Start everything the config describes and wait until it serves."""
     resolve_model_path(config.model)  # converts the default model once, here, with progress
@@ -125,68 +100,32 @@ def deploy(config: PdserveConfig, address: str | None = None) -> Deployment:
 
 
 def _start_instances(dep: Deployment) -> None:
+    """Every instance of the config (decode first, whose endpoints the messagers need), set up
+    in parallel (each loads the model in setup()), then wired."""
     cfg = dep.config
-    raw = cfg.model_dump(mode="json")
     for role, actors in ((Role.DECODE, dep.decodes), (Role.MIXED, dep.mixed)):
-        section = cfg.decode if role is Role.DECODE else cfg.mixed
-        for i in range(section.instances):
-            iid = InstanceId(role, i)
-            opts = _options(section.placement, str(iid), cfg)
-            if section.engine.tensor_parallel_size > 1:
-                pg = instance_placement_group(section.placement, section.engine)
-                dep.placement_groups.append(pg)
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
-                opts.pop("label_selector", None)  # the bundles carry placement
-            actors.append(ray.remote(InstanceActor).options(**opts).remote(iid, raw))
-    prefill_pgs = [
-        instance_placement_group(cfg.prefill.placement, cfg.prefill.engine, MESSAGER_CPUS)
-        for _ in range(cfg.prefill.instances)
-    ]
-    dep.placement_groups.extend(prefill_pgs)
-    for i, pg in enumerate(prefill_pgs):
-        iid = InstanceId(Role.PREFILL, i)
-        opts = _options(cfg.prefill.placement, str(iid), cfg)
-        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
-        opts.pop("label_selector", None)  # the bundle carries placement
-        dep.prefills.append(ray.remote(InstanceActor).options(**opts).remote(iid, raw))
-        dep.messagers.append(_messager_actor(cfg, i, pg))
-    # Model loading happens in setup(); every instance loads in parallel.
-    instances = [*dep.decodes, *dep.prefills, *dep.mixed]
+        for i in range(role_section(cfg, role).instances):
+            actors[i] = _spawn(dep, InstanceId(role, i)).actor
+    for i in range(cfg.prefill.instances):
+        spawned = _spawn(dep, InstanceId(Role.PREFILL, i))
+        dep.prefills[i], dep.messagers[i] = spawned.actor, spawned.messager
+    instances = dep.instances
     infos = ray.get([a.setup.remote() for a in instances], timeout=cfg.cluster.startup_timeout_s)
     dep.infos = {info["name"]: info for info in infos}
-    for index in range(len(dep.prefills)):
+    for index in dep.prefills:
         wire_prefill(dep, index)
     if cfg.elastic.enabled:
-        dep.spare_messagers = start_spare_messagers(cfg, dep.decode_infos)
+        decodes = dep.decode_infos
+        handles = start_spare_messagers(cfg, decodes)
+        dep.spare_messagers = {i["name"].index: h for i, h in zip(decodes, handles, strict=True)}
     dep.refresh_endpoints()
 
 
-def instance_placement_group(
-    placement: PlacementConfig, engine: EngineConfig, beside_rank0_cpus: float = 0.0
-):
-    """One bundle per rank on one node (NCCL and the driver's loopback sockets reach every
-    rank): the instance actor (rank 0) takes bundle 0, rank r bundle r (cluster/tp_ranks.py).
-    Bundle 0 also holds `beside_rank0_cpus` for what runs beside the instance (a prefill
-    instance's cache messager, which maps its caches through shared memory or CUDA IPC)."""
-    bundle: dict[str, float] = {"CPU": placement.num_cpus}
-    if placement.num_gpus:
-        bundle["GPU"] = placement.num_gpus
-    bundle.update(placement.resources)
-    size = engine.tensor_parallel_size
-    bundles = [dict(bundle) for _ in range(size)]
-    bundles[0]["CPU"] += beside_rank0_cpus
-    kwargs = {}
-    if placement.label_selector:
-        kwargs["bundle_label_selector"] = [dict(placement.label_selector)] * size
-    return placement_group(bundles, strategy="STRICT_PACK", **kwargs)
-
-
-def _messager_actor(cfg: PdserveConfig, index: int, pg):
-    strategy = PlacementGroupSchedulingStrategy(pg, 0)  # in its prefill instance's bundle
-    see_gpus = bool(cfg.prefill.placement.num_gpus)
-    return messager_actor(
-        cfg, MessagerId(index), strategy, see_gpus, max_restarts=_max_restarts(cfg)
-    )
+def _spawn(dep: Deployment, iid: InstanceId) -> Spawned:
+    spawned = spawn_instance(dep.config, iid)
+    if spawned.placement_group is not None:
+        dep.placement_groups.append(spawned.placement_group)
+    return spawned
 
 
 def _start_router(dep: Deployment) -> None:
@@ -199,7 +138,7 @@ def _start_router(dep: Deployment) -> None:
             name="router",
             namespace=cfg.cluster.namespace,
             num_cpus=cfg.router.num_cpus,
-            max_concurrency=_ACTOR_CONCURRENCY,
+            max_concurrency=ACTOR_CONCURRENCY,
             **_router_placement(cfg),
         )
         .remote(raw, str(resolve_model_path(cfg.model)), host, dep.max_model_len)

@@ -101,7 +101,8 @@ class Supervisor:
             self.check_all()
 
     def check_all(self) -> None:
-        """One round over every actor."""
+        """One round over every actor (the elastic controller's added ones included)."""
+        self.sync_members()
         for worker in self.dep.workers():
             if self._stop.is_set():
                 return
@@ -110,15 +111,40 @@ class Supervisor:
             except Exception:  # the watch must go on whatever one check does
                 log.exception("supervisor: checking %s failed", worker)
 
-    def _check(self, worker: WorkerId) -> None:
-        if worker in self._lost:
+    def sync_members(self) -> None:
+        """Elastic: watch the instances the controller added; let go of those it removed (it
+        lists them no more before it stops them, so their end is no failure)."""
+        if self.dep.controller is None:
             return
+        try:
+            members = ray.get(self.dep.controller.members.remote(), timeout=self.probe_timeout_s)
+        except Exception as exc:  # the controller's own failure: membership stays as it was
+            log.warning("supervisor: could not read the elastic controller's members: %s", exc)
+            return
+        taken, forgotten = self.dep.sync_added(members)
+        for name in forgotten:
+            for worker in (name, MessagerId(name.index, name.role)):
+                self._unrevived.discard(worker)
+                self._failed_since.pop(worker, None)
+                self._setup_failures.pop(worker, None)
+                self._restarted_afresh.discard(worker)
+                self._lost.discard(worker)
+        if taken or forgotten:
+            log.warning("supervisor: now watching %s; let go of %s", taken, forgotten)
+
+    def _check(self, worker: WorkerId) -> None:
+        if worker in self._lost or worker not in self.dep.workers():
+            return  # given up, or removed by the elastic controller since the round began
         if isinstance(worker, MessagerId) and worker.prefill in self._unrevived | self._lost:
             return  # reviving its prefill instance sets it up again (wire_prefill)
         if worker in self._unrevived:
             self._recover(worker)
             return
         health = self._probe(worker)
+        if health.failed and worker in self.dep.workers():
+            self.sync_members()  # one that the elastic controller removed is no failure
+            if worker not in self.dep.workers():
+                return
         if health is Health.STALLED:
             log.error(
                 "supervisor: %s has not gone round its loop for over %.0f s; restarting it",
@@ -234,7 +260,8 @@ class Supervisor:
         if isinstance(worker, InstanceId) and dep.may_decode(worker):
             takers = [dep.actor(i) for i in dep.may_prefill() if i != worker]
             calls += [p.decode_down.remote(worker) for p in takers]
-            calls += [m.decode_down.remote(worker) for m in [*dep.messagers, *dep.spare_messagers]]
+            messagers = [*dep.messagers.values(), *dep.spare_messagers.values()]
+            calls += [m.decode_down.remote(worker) for m in messagers]
         if isinstance(worker, InstanceId):
             calls.append(dep.router.instance_down.remote(worker))
         _best_effort(calls, self.probe_timeout_s)

@@ -91,12 +91,22 @@ class ElasticConfig(StrictModel):
     )
     autoscale: bool = Field(
         False,
-        description="Ask Ray's autoscaler for another instance when every instance is busy and "
-        "the SLO is missed; remove idle ones after scale_down_idle_s.",
+        description="Add an instance (asking Ray's autoscaler for its resources) when prefill "
+        "and decode are both short and the SLO is missed; remove an added one idle for "
+        "scale_down_idle_s.",
     )
     max_instances: int = Field(
-        0, ge=0, description="Most instances with autoscale (0: what the cluster's resources fit)."
+        0,
+        ge=0,
+        description="Most instances the controller lets the deployment grow to (0: what the "
+        "cluster's resources fit).",
+    )
+    node_autoscaler: bool = Field(
+        False,
+        description="The Ray cluster runs Ray's autoscaler, which adds nodes on request: the "
+        "controller then adds an instance even when no node has room for it yet (waiting up to "
+        "cluster.startup_timeout_s for the node); without it, only where free resources fit one.",
     )
     scale_down_idle_s: float = Field(
-        120.0, gt=0, description="An instance idle this long is removed (autoscale only)."
+        120.0, gt=0, description="An added instance idle this long is removed (autoscale only)."
     )

@@ -54,6 +54,9 @@ class Actuator(Protocol):
     def can_add(self) -> bool:
         """The cluster has (or may get) room for one more instance."""
 
+    def removable(self) -> set[str]:
+        """The instances `remove` may take away (those it added)."""
+
 
 @dataclass
 class DecisionRecord:
@@ -85,6 +88,7 @@ class ElasticController:
         self.records: deque[DecisionRecord] = deque(maxlen=_KEPT_DECISIONS)
         self.switch_seconds: deque[float] = deque(maxlen=200)
         self.busy: set[str] = set()  # instances with an action in flight
+        self.adding = 0  # adds in flight: no other is decided meanwhile
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="elastic-act")
         self._running = False
@@ -123,12 +127,14 @@ class ElasticController:
     def force_switch(self, name: str, role: Role | str, wait_s: float = 0.0) -> dict:
         """An operator's switch, carried out like the policy's (its reason says so). Returns
         its record once carried out, or as it is after `wait_s` (outcome "pending")."""
-        role = Role(role)
+        return self.force(DecisionKind.SWITCH, Role(role), name, wait_s)
+
+    def force(self, kind: DecisionKind, role: Role, name: str | None, wait_s: float = 0.0) -> dict:
+        """An operator's switch, add (`role`; `name` None) or remove (`name`, of `role`),
+        carried out as `force_switch` says."""
 
         def order() -> DecisionRecord:
-            decision = Decision(
-                DecisionKind.SWITCH, role, "forced by an operator", self.clock(), name, None
-            )
+            decision = Decision(kind, role, "forced by an operator", self.clock(), name, None)
             return self._carry_out(decision)
 
         record = self.call(order)
@@ -176,7 +182,8 @@ class ElasticController:
             router,
             instances,
             unavailable=set(self.busy),
-            can_add=self.config.elastic.autoscale and self.actuator.can_add(),
+            can_add=self.config.elastic.autoscale and not self.adding and self.actuator.can_add(),
+            removable=self.actuator.removable(),
         )
         decisions = self.policy.decide(snap) if self.config.elastic.enabled else []
         for decision in decisions:
@@ -201,6 +208,8 @@ class ElasticController:
             return record
         if decision.instance is not None:
             self.busy.add(decision.instance)
+        if decision.kind is DecisionKind.ADD:
+            self.adding += 1
         started = self.clock()
         self._pool.submit(self._act, decision, record, started)
         return record
@@ -208,22 +217,31 @@ class ElasticController:
     def _act(self, decision: Decision, record: DecisionRecord, started: float) -> None:
         """On a worker thread: call the actuator, post the outcome to the loop."""
         try:
+            added = None
             if decision.kind is DecisionKind.SWITCH:
                 self.actuator.switch(decision.instance, decision.to_role)
             elif decision.kind is DecisionKind.ADD:
-                record_name = self.actuator.add(decision.to_role)
-                log.warning("elastic: added %s", record_name)
+                added = self.actuator.add(decision.to_role)
+                log.warning("elastic: added %s", added)
             else:
                 self.actuator.remove(decision.instance)
             error = None
         except Exception as exc:
             log.exception("elastic: %s failed", decision.describe())
             error = f"{type(exc).__name__}: {exc}"
-        self._inbox.put(lambda: self._finished(decision, record, started, error))
+        self._inbox.put(lambda: self._finished(decision, record, started, error, added))
 
     def _finished(
-        self, decision: Decision, record: DecisionRecord, started: float, error: str | None
+        self,
+        decision: Decision,
+        record: DecisionRecord,
+        started: float,
+        error: str | None,
+        added: str | None = None,
     ) -> None:
+        if decision.kind is DecisionKind.ADD:
+            self.adding -= 1
+            record.instance = added  # the new instance's name (None if it failed)
         record.seconds = self.clock() - started
         record.outcome = "done" if error is None else f"failed: {error}"
         self.counters[f"{decision.kind.value}_{'done' if error is None else 'failed'}"] += 1

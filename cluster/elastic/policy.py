@@ -70,6 +70,7 @@ class Snapshot:
     instances: tuple[InstanceView, ...]
     slo: SloView = field(default_factory=SloView)
     can_add: bool = False  # the cluster has room for one more instance
+    removable: frozenset[str] | None = None  # instances a removal may take (None: any)
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ class ElasticPolicy:
     def _scale_down(
         self, snap: Snapshot, prefill: list[InstanceView], decode: list[InstanceView]
     ) -> list[Decision]:
-        """Autoscale only: remove one instance that has been idle for scale_down_idle_s."""
+        """Autoscale only: remove one (removable) instance idle for scale_down_idle_s."""
         now = snap.time_s
         if not self.elastic.autoscale or snap.slo.attainment < self.slo.attainment_target:
             return []
@@ -226,6 +227,8 @@ class ElasticPolicy:
             Role.DECODE: (len(decode), self.elastic.min_decode_instances),
         }
         for view in sorted(snap.instances, key=lambda v: v.name):
+            if snap.removable is not None and view.name not in snap.removable:
+                continue
             since = self._idle_since.get(view.name)
             have, least = minimum.get(view.role, (0, 0))
             if since is not None and now - since >= self.elastic.scale_down_idle_s and have > least:

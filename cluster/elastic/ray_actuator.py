@@ -5,8 +5,9 @@
 It reads the router's and the instances' stats by name each decision interval, and carries a
 switch out through `RoleSwitcher` (cluster/elastic/switching.py): the instances of an elastic
 deployment are built for every role. `pdserve switch NAME ROLE` forces one
-(`ElasticControllerActor.force_switch`). Adding and removing instances is not wired yet: such
-decisions are recorded as advice.
+(`ElasticControllerActor.force_switch`). Adding and removing instances (`elastic.autoscale`, or
+`force_add` / `force_remove`) is `InstanceScaler`'s (cluster/elastic/scaling.py); the instances
+it added are listed by `members()`, which the deploying process's supervisor reads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import ray
 
 from cluster.config import PdserveConfig
 from cluster.elastic.controller import ElasticController
+from cluster.elastic.policy import DecisionKind
+from cluster.elastic.scaling import InstanceScaler
 from cluster.elastic.switching import RoleSwitcher
 from cluster.tp_ranks import is_rank_actor
 from engine.config import Role
@@ -33,6 +36,7 @@ class RayActuator:
         self.config = config
         self.namespace = config.cluster.namespace
         self.switcher = RoleSwitcher(config, self._named)
+        self.scaler = InstanceScaler(config, self.switcher, self._watch)
 
     def _named(self) -> dict[str, Any]:
         names = [
@@ -68,13 +72,23 @@ class RayActuator:
         log.warning("elastic: %s serves as %s (%s)", name, role.value, outcome)
 
     def add(self, role: Role) -> str:
-        raise NotImplementedError("adding instances to a running deployment is not wired yet")
+        return self.scaler.add(role)
 
     def remove(self, name: str) -> None:
-        raise NotImplementedError("removing instances from a running deployment is not wired yet")
+        self.scaler.remove(name)
 
     def can_add(self) -> bool:
-        return False
+        return self.scaler.can_add()
+
+    def removable(self) -> set[str]:
+        """Only the instances added here are removed (those the config starts stay)."""
+        return set(self.scaler.added)
+
+    def _watch(self, instances: list[Any]) -> None:
+        """The router's health check and /metrics cover these instances and this controller."""
+        me = ray.get_runtime_context().current_actor
+        router = ray.get_actor("router", namespace=self.namespace)
+        ray.get(router.watch.remote([*instances, me]), timeout=_STATS_TIMEOUT_S)
 
 
 class ElasticControllerActor:
@@ -82,8 +96,8 @@ class ElasticControllerActor:
 
     def __init__(self, config: dict) -> None:
         self.config = PdserveConfig.model_validate(config)
-        actuator = RayActuator(self.config)
-        self.controller = ElasticController(self.config, actuator)
+        self.actuator = RayActuator(self.config)
+        self.controller = ElasticController(self.config, self.actuator)
 
     def start(self) -> None:
         self.controller.start()
@@ -99,8 +113,24 @@ class ElasticControllerActor:
         out or after `wait_s`."""
         return self.controller.force_switch(name, role, wait_s)
 
+    def force_add(self, role: str, wait_s: float = 0.0) -> dict:
+        """Add an instance in `role` now; its decision record (the new name in `instance`)."""
+        return self.controller.force(DecisionKind.ADD, Role(role), None, wait_s)
+
+    def force_remove(self, name: str, wait_s: float = 0.0) -> dict:
+        """Drain and remove the added instance `name` now; its decision record."""
+        added = self.actuator.scaler.added.get(name)
+        if added is None:
+            raise ValueError(f"{name} was not added by the elastic controller")
+        return self.controller.force(DecisionKind.REMOVE, added.name.role, name, wait_s)
+
+    def members(self) -> list[dict]:
+        """The instances this controller added and set up (the supervisor watches them)."""
+        return self.actuator.scaler.members()
+
     def shutdown(self) -> None:
         self.controller.stop()
+        self.actuator.scaler.release_all()
 
 
 def start_controller(config: PdserveConfig) -> Any:

@@ -26,6 +26,7 @@ class SnapshotBuilder:
         instances: list[dict],
         unavailable: set[str] = frozenset(),
         can_add: bool = False,
+        removable: set[str] | None = None,
     ) -> Snapshot:
         views = []
         for stats in instances:
@@ -33,7 +34,8 @@ class SnapshotBuilder:
                 continue
             views.append(self._view(now, stats, stats["name"] not in unavailable))
         slo = SloView.from_dict(router["slo"]) if router and "slo" in router else SloView()
-        return Snapshot(now, tuple(views), slo, can_add)
+        kept = frozenset(removable) if removable is not None else None
+        return Snapshot(now, tuple(views), slo, can_add, kept)
 
     def _view(self, now: float, s: dict, available: bool) -> InstanceView:
         name = s["name"]

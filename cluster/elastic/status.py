@@ -18,6 +18,9 @@ def render_controller(stats: dict) -> list[str]:
     switch = f"switches done {done}, failed {failed}"
     if p50 is not None:
         switch += f" (p50 {p50:.1f} s)"
+    added, removed = counters.get("add_done", 0), counters.get("remove_done", 0)
+    if added or removed or counters.get("add_failed") or counters.get("remove_failed"):
+        switch += f"; instances added {added}, removed {removed}"
     lines = [f"elastic controller: {state}, {switch}"]
     for record in stats.get("decisions", [])[-SHOWN_DECISIONS:]:
         when = time.strftime("%H:%M:%S", time.localtime(record["at"]))

@@ -55,11 +55,16 @@ class RoleSwitcher:
     def switch(self, name: str, role: Role) -> dict:
         """Return the instance's switch outcome once it serves as `role` and everyone knows;
         raise if it could not switch (it then serves in its old role, announced as such)."""
-        return self._switches.submit(self._switch, name, role).result()
+        return self.serially(self._switch, name, role)
+
+    def serially(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on the one thread that changes membership (switches, adds,
+        removes), after those queued before it; its result."""
+        return self._switches.submit(fn, *args).result()
 
     def _switch(self, name: str, role: Role) -> dict:
         actors = self.named()
-        infos = self._endpoints(actors)
+        infos = self.endpoints(actors)
         if name not in infos:
             raise ValueError(f"no live instance named {name!r} (have: {sorted(infos)})")
         if Role(infos[name]["role"]) is role:
@@ -67,33 +72,33 @@ class RoleSwitcher:
         messager = self._messager_for(infos[name], actors) if role is Role.PREFILL else None
         elastic = self.config.elastic
         try:
-            self._announce(infos, actors, leaving=name)
+            self.announce(infos, actors, leaving=name)
             outcome = ray.get(
                 actors[name].switch_role.remote(
                     role.value, elastic.drain_timeout_s, self.config.router.migrate_on_failure
                 ),
-                timeout=elastic.drain_timeout_s + self._own_deadlines_s() + 2 * _CALL_TIMEOUT_S,
+                timeout=elastic.drain_timeout_s + self.own_deadlines_s() + 2 * _CALL_TIMEOUT_S,
             )
             infos[name] = outcome.pop("endpoint")
             if outcome["switched"] and messager is not None:
-                self._connect_prefill(actors[name], messager, _decodes(infos))
+                self.connect_prefill(actors[name], messager, decodes_of(infos))
                 infos[name] = ray.get(actors[name].endpoint.remote(), timeout=_CALL_TIMEOUT_S)
         except Exception:
             # Whatever happened, everyone hears of each instance as it is now (its old role if
             # it never switched; left out if it died: the supervisor's then).
-            self._announce(self._endpoints(actors), actors)
+            self.announce(self.endpoints(actors), actors)
             raise
-        self._announce(infos, actors)
+        self.announce(infos, actors)
         if not outcome["switched"]:
             raise RuntimeError(f"{name} stays {outcome['role']}: {outcome['reason']}")
         return outcome
 
-    def _own_deadlines_s(self) -> float:
+    def own_deadlines_s(self) -> float:
         cfg = self.config
         return cfg.decode.kv_lease_timeout_s + 2 * cfg.prefill.transfer_timeout_s
 
     # ------------------------------------------------------------------ announcements
-    def _endpoints(self, actors: dict[str, Any]) -> dict[str, dict]:
+    def endpoints(self, actors: dict[str, Any]) -> dict[str, dict]:
         """Every live instance's endpoint as it is now (a dead or stalled one is left out)."""
         instances = {n: a for n, a in actors.items() if _is_instance(n)}
         refs = {n: a.endpoint.remote() for n, a in instances.items()}
@@ -105,13 +110,13 @@ class RoleSwitcher:
                 log.warning("elastic: %s has no endpoint now: %s", name, exc)
         return out
 
-    def _announce(
+    def announce(
         self, infos: dict[str, dict], actors: dict[str, Any], leaving: str | None = None
     ) -> None:
         """Messagers, prefill instances and the router as `infos` say (`leaving` left out, and
         so is a prefill instance without a messager: it could not hand KV over)."""
         kept = {n: i for n, i in infos.items() if n != leaving and i.get("ready", True)}
-        decodes = _decodes(kept)
+        decodes = decodes_of(kept)
         prefills = [n for n, i in kept.items() if i["role"] == Role.PREFILL.value]
         for name in prefills:
             messager = actors.get(str(messager_id(infos[name]["name"])))
@@ -145,7 +150,7 @@ class RoleSwitcher:
         self.messagers[str(mid)] = handle
         return handle
 
-    def _connect_prefill(self, actor: Any, messager: tuple[Any, str], decodes: list[dict]):
+    def connect_prefill(self, actor: Any, messager: tuple[Any, str], decodes: list[dict]):
         handle, inbox = messager
         timeout = self.config.cluster.startup_timeout_s
         ray.get(handle.add_decode_peers.remote(decodes, only_new=True), timeout=timeout)
@@ -178,7 +183,7 @@ def messager_id(instance: InstanceId) -> MessagerId:
     return MessagerId(instance.index, instance.role)
 
 
-def _decodes(infos: dict[str, dict]) -> list[dict]:
+def decodes_of(infos: dict[str, dict]) -> list[dict]:
     return [i for i in infos.values() if i["role"] == Role.DECODE.value]
 
 

@@ -40,6 +40,8 @@ class RouterActor:
         self._max_model_len = int(max_model_len)
         self._server: RouterServer | None = None
         self.url: str | None = None
+        # The actors /health asks and /metrics reads; `watch` changes them in place.
+        self._watched: list[Any] = []
 
     def start(
         self,
@@ -61,11 +63,8 @@ class RouterActor:
         dispatcher = Dispatcher(
             [InstanceEndpoint.from_dict(e) for e in endpoints], self._host, router, self.config.slo
         )
-        health = (
-            _ray_health_check(list(health_actor_handles), health_method)
-            if health_actor_handles
-            else None
-        )
+        self._watched[:] = health_actor_handles
+        health = _ray_health_check(self._watched, health_method) if health_actor_handles else None
         drain = DrainState()
         model_name = Path(self._model_path).name
         app = create_app(
@@ -75,7 +74,7 @@ class RouterActor:
             model_name=model_name,
             config=router,
             health=health,
-            instance_stats=_ray_stats(list(health_actor_handles)),
+            instance_stats=_ray_stats(self._watched),
             drain=drain,
             deployment=deployment_info(self.config, model_name),
         )
@@ -127,6 +126,11 @@ class RouterActor:
             return server.dispatcher.instance_down(name)
 
         return server.call(down)
+
+    def watch(self, handles: Sequence[Any]) -> None:
+        """The actors /health and /metrics cover from now on (the elastic controller added or
+        removed an instance)."""
+        self._watched[:] = handles
 
     def update_endpoints(self, endpoints: Sequence[dict]) -> None:
         """Instances restarted with new inboxes: use them, and choose them again."""

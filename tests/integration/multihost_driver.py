@@ -28,13 +28,8 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import PdserveConfig
-from cluster.launcher import (
-    Deployment,
-    _options,
-    deploy,
-    init_ray,
-    instance_placement_group,
-)
+from cluster.launcher import Deployment, deploy, init_ray
+from cluster.spawn import actor_options, instance_placement_group
 from tests.integration.harness import assert_all_free, run_load, small_config
 
 LABEL_KEY = "pdserve-role"
@@ -68,7 +63,7 @@ def probe_label_selectors(config: PdserveConfig) -> dict[str, dict[str, str]]:
         placement = config.decode.placement.model_copy(
             update={"num_cpus": 0.1, "resources": {}, "label_selector": {LABEL_KEY: role}}
         )
-        actor = ray.remote(_Probe).options(**_options(placement, f"probe-{role}", config))
+        actor = ray.remote(_Probe).options(**actor_options(placement, f"probe-{role}", config))
         pg = instance_placement_group(placement, config.prefill.engine, 0.25)
         ray.get(pg.ready(), timeout=60)
         strategy = PlacementGroupSchedulingStrategy(pg, 0)

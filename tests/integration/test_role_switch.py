@@ -1,6 +1,8 @@
 """Elastic 2P2D switching instance roles while serving (cluster/elastic/switching.py): under a
 steady load and while requests are mid-prefill and mid-decode, no request fails, every output
-is the offline engine's, and every KV block is free after."""
+is the offline engine's, and every KV block is free after. Then, on the same deployment, an
+instance added while serving (cluster/elastic/scaling.py) takes requests and is removed again,
+with the same guarantees."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import httpx
 import pytest
 import ray
 
+from cluster.cli_status import collect, render
 from tests.integration.conftest import MAX_TOKENS
 from tests.integration.harness import (
     FAILURE_COUNTERS,
@@ -39,6 +42,9 @@ def dep():
         # only one, and on a loaded CI machine its answer may take seconds.
         prefill={"instances": 2, "placement": {"num_cpus": 0.25}, "allocation_timeout_s": 10.0},
         decode={"instances": 2, "placement": {"num_cpus": 0.25}},
+        # By load: cache-aware routing sends the test prompts, all seen before, to the
+        # instances that hold their prefixes, and may starve a just-switched or just-added one.
+        router={"routing": "load"},
         # Only forced switches: the policy's first look needs `hysteresis` looks to act.
         elastic={"enabled": True, "decision_interval_s": 3600, "drain_timeout_s": 2.0},
     )
@@ -166,3 +172,32 @@ def test_switch_forced_mid_prefill_and_mid_decode_completes_them(dep, reference_
     check(dep, list(zip(prompt_list, results, strict=True)), reference_outputs)
     switched = roles(dep)
     assert (switched["prefill-1"], switched["decode-0"]) == ("decode", "prefill")
+
+
+def test_an_added_instance_serves_and_is_removed_without_a_failed_request(dep, reference_outputs):
+    controller = dep.controller
+    with SteadyLoad(dep.url, workers=2) as load:
+        load.wait_for(len(load.results) + 1)
+        record = ray.get(controller.force_add.remote("decode", SWITCH_WAIT_S), timeout=180)
+        assert record["outcome"] == "done", record
+        name = record["instance"]  # indices go on from the config's: decode-2
+        assert name == "decode-2"
+        added = ray.get_actor(name)
+        # The prefill instances hand it requests (they choose the least loaded decode one),
+        # and the deploying process's supervisor watches it like the others.
+        accepted = lambda: ray.get(added.stats.remote())["counters"].get("kv_complete", 0)  # noqa: E731
+        wait_until(lambda: accepted() > 0, timeout_s=90)
+        wait_until(lambda: name in dep.stats(), timeout_s=30)
+        record = ray.get(controller.force_remove.remote(name, SWITCH_WAIT_S), timeout=180)
+        assert record["outcome"] == "done", record
+        load.wait_for(len(load.results) + 2)
+    with pytest.raises(ValueError):
+        ray.get_actor(name)  # its actor is gone
+    wait_until(lambda: name not in dep.stats(), timeout_s=30)  # the supervisor let it go
+    check(dep, load.results, reference_outputs)
+    counters = ray.get(controller.stats.remote())["counters"]
+    assert (counters["add_done"], counters["remove_done"]) == (1, 1)
+    text = render(*collect(dep.config.cluster.namespace, 10.0))
+    assert "instances added 1, removed 1" in text
+    assert f"add {name} decode: done" in text and f"remove {name} decode: done" in text
+    assert 'event="add_done"' in httpx.get(f"{dep.url}/metrics", timeout=30).text

@@ -39,6 +39,7 @@ class FakeDeployment:
         config.cluster.heartbeat_timeout_s = 60.0
         self.config = config
         self.handles = {w: SimpleNamespace(name=str(w)) for w in (P0, D0, M0)}
+        self.controller = None  # no elastic controller: membership is the config's
 
     def workers(self):
         return list(self.handles)
@@ -105,3 +106,19 @@ def test_heartbeat_timeout_is_a_described_yaml_key() -> None:
     assert "restarts" in field.description
     with pytest.raises(ValueError, match="heartbeat_timeout_s"):
         parse_config({"mixed": {"instances": 1}, "cluster": {"heartbeat_timeout_s": 0}})
+
+
+def test_an_instance_the_elastic_controller_removed_is_let_go_not_recovered(
+    rig, monkeypatch
+) -> None:
+    supervisor, answers, killed, recovered = rig
+    answers[D0] = Probe.DEAD  # killed by the controller after it listed it no more
+    synced = []
+
+    def sync_members() -> None:  # what reading the controller's members() does
+        synced.append(True)
+        supervisor.dep.handles.pop(D0, None)
+
+    monkeypatch.setattr(supervisor, "sync_members", sync_members)
+    supervisor._check(D0)
+    assert synced and recovered == [] and killed == []

@@ -25,6 +25,9 @@ class Cluster:
         self.switched: list[tuple[str, Role]] = []
         self.fail_next = False
         self.switchable = True
+        self.room = False
+        self.added: list[str] = []
+        self.removed: list[str] = []
 
     def collect(self):
         router = {"slo": {"finished": 40, "ttft_attainment": 0.3, "tpot_attainment": 1.0}}
@@ -48,13 +51,21 @@ class Cluster:
         return self.switchable
 
     def add(self, role: Role) -> str:
-        raise AssertionError("autoscale is off")
+        assert self.gate.wait(10)
+        name = f"{role.value[0]}{len(self.roles)}"
+        self.roles[name] = role.value
+        self.added.append(name)
+        return name
 
     def remove(self, name: str) -> None:
-        raise AssertionError("autoscale is off")
+        del self.roles[name]
+        self.removed.append(name)
 
     def can_add(self) -> bool:
-        return False
+        return self.room
+
+    def removable(self) -> set[str]:
+        return set(self.added) - set(self.removed)
 
 
 def controller(cluster: Cluster, **elastic) -> ElasticController:
@@ -146,3 +157,53 @@ def test_without_switchable_instances_it_only_advises() -> None:
     (record,) = ctl.stats()["decisions"]
     assert record["outcome"].startswith("advice: not carried out")
     assert ctl.stats()["counters"]["advice_only"] == 1
+
+
+def busy_everywhere(cluster: Cluster):
+    """Prefill backlogged and decode KV full, both SLO bounds missed: only adding helps."""
+    router = {"slo": {"finished": 40, "ttft_attainment": 0.3, "tpot_attainment": 0.3}}
+    stats = []
+    for name, role in cluster.roles.items():
+        s = {"name": name, "role": role, "num_blocks": 100, "free_blocks": 2, "running": 9}
+        if role == "prefill":
+            s |= {**BUSY_PREFILL, "busy_s": cluster.clock}
+        stats.append(s)
+    return router, stats
+
+
+def test_an_add_is_carried_out_once_at_a_time_and_names_the_new_instance() -> None:
+    cluster = Cluster()
+    cluster.room = True
+    cluster.collect = lambda: busy_everywhere(cluster)
+    cluster.gate.clear()  # the add hangs until released
+    ctl = controller(cluster, autoscale=True)
+    (decision,) = ctl.step()
+    assert decision.kind.value == "add"
+    cluster.clock = 2.0
+    assert ctl.step() == []  # one add in flight: no other is decided
+    cluster.gate.set()
+    settle(ctl)
+    stats = ctl.stats()
+    assert stats["counters"]["add_done"] == 1 and cluster.added == ["p4"]
+    assert stats["decisions"][0]["instance"] == "p4"
+
+
+def test_only_instances_it_added_are_removed_when_idle() -> None:
+    cluster = Cluster()
+    cluster.added = ["d1"]  # as if added earlier; p0, p1 and d0 are the config's
+    cluster.collect = lambda: (
+        {"slo": {"finished": 40, "ttft_attainment": 1.0, "tpot_attainment": 1.0}},
+        [
+            {"name": n, "role": r, "num_blocks": 100, "free_blocks": 100}
+            for n, r in cluster.roles.items()
+        ],
+    )
+    ctl = controller(cluster, autoscale=True, scale_down_idle_s=5.0)
+    assert ctl.step() == []
+    cluster.clock = 6.0
+    (decision,) = ctl.step()
+    assert (decision.kind.value, decision.instance) == ("remove", "d1")
+    settle(ctl)
+    cluster.clock = 20.0
+    assert ctl.step() == []  # p1 is idle as long, but the config started it
+    assert cluster.removed == ["d1"] and ctl.stats()["counters"]["remove_done"] == 1

@@ -103,6 +103,16 @@ def test_idle_instances_are_removed_after_the_idle_time_down_to_the_minimum() ->
     assert pol.decide(Snapshot(200.0, remaining, good)) == []  # p1 and d0 are the minimums
 
 
+def test_only_removable_instances_are_removed() -> None:
+    views = cluster([{}] * 2, [{}] * 2)
+    pol = policy(autoscale=True, scale_down_idle_s=60.0)
+    good = SloView(finished=10)
+    assert pol.decide(Snapshot(0.0, views, good, removable=frozenset({"d1"}))) == []
+    (decision,) = pol.decide(Snapshot(61.0, views, good, removable=frozenset({"d1"})))
+    assert decision.instance == "d1"
+    assert pol.decide(Snapshot(200.0, views, good, removable=frozenset())) == []
+
+
 def test_a_failed_instance_below_the_minimum_is_refilled_at_once() -> None:
     views = cluster([{"busy": 0.5}, {"busy": 0.1}], [])  # the only D failed
     (decision,) = policy(hysteresis=5).decide(Snapshot(0.0, views, SloView()))
