@@ -185,8 +185,7 @@ class PrefillRole(RolePolicy):
     def _ask_next(self, prep: Preparation) -> None:
         """Hand the preparation to an idle worker with the best D not tried yet, or give up."""
         rid = prep.request.request_id
-        block_size = self.config.engine.scheduler.block_size
-        needed = -(-(prep.request.num_prompt_tokens + 1) // block_size)
+        needed = self.loop.core.block_manager.blocks_needed(prep.request.num_prompt_tokens + 1)
         peer = None
         if len(prep.tried) < self.config.max_decode_attempts:
             hint = prep.msg.decode_hint if not prep.tried else None  # the router's choice
