@@ -98,11 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     from cluster.cli_serve import add_serve
     from cluster.cli_status import add_status
-    from cluster.cli_switch import add_switch
+    from cluster.cli_switch import add_scale, add_switch
 
     add_serve(subparsers)
     add_status(subparsers)
     add_switch(subparsers)
+    add_scale(subparsers)
     from cluster.bench.cli import add_bench
 
     add_bench(subparsers)

@@ -24,6 +24,7 @@ from cluster.elastic.scaling import InstanceScaler
 from cluster.elastic.switching import RoleSwitcher
 from cluster.tp_ranks import is_rank_actor
 from engine.config import Role
+from engine.errors import DeployError
 
 log = logging.getLogger(__name__)
 CONTROLLER_NAME = "elastic-controller"
@@ -121,7 +122,11 @@ class ElasticControllerActor:
         """Drain and remove the added instance `name` now; its decision record."""
         added = self.actuator.scaler.added.get(name)
         if added is None:
-            raise ValueError(f"{name} was not added by the elastic controller")
+            added_names = sorted(self.actuator.scaler.added) or "none"
+            raise DeployError(
+                f"{name} was not added by the elastic controller (added: {added_names}); the "
+                "instances the config starts are kept"
+            )
         return self.controller.force(DecisionKind.REMOVE, added.name.role, name, wait_s)
 
     def members(self) -> list[dict]:

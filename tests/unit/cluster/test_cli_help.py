@@ -42,3 +42,10 @@ def test_defaults_shown_where_they_were_missing() -> None:
     assert "(default: pdserve)" in status and "(default: 10.0)" in status
     generate = " ".join(commands["generate"].format_help().split())
     assert "(default: SmolLM2-135M-Instruct" in generate
+
+
+def test_scale_adds_only_prefill_or_decode_instances(capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.cli import main
+
+    assert main(["scale", "add", "mixed"]) == 2  # refused before any Ray cluster is asked
+    assert "instances are added as prefill or decode, not mixed" in capsys.readouterr().err
