@@ -146,7 +146,9 @@ def start_controller(config: PdserveConfig) -> Any:
             name=CONTROLLER_NAME,
             namespace=config.cluster.namespace,
             num_cpus=0,
-            max_concurrency=4,
+            # Forced changes wait on method threads; stats (/metrics, status) and the
+            # supervisor's members() must still be answered meanwhile.
+            max_concurrency=8,
         )
         .remote(config.model_dump(mode="json"))
     )

@@ -184,6 +184,7 @@ class InstanceScaler:
             log.exception("elastic: adding %s failed; stopping it", name)
             self._discard(added)
             request_resources(bundles=resource_bundles(self.config, born))
+            self._announce_as_now()  # in case some heard of it before it failed
             raise
         self.added[str(name)] = added
         self._watch_instances()
@@ -226,14 +227,14 @@ class InstanceScaler:
             if why:
                 raise RuntimeError(f"not removing {name}: {why}")
         del self.added[name]  # the supervisor lets it go from its next look
-        if name in infos:
-            self.switcher.announce(infos, actors, leaving=name)
-            try:
+        try:
+            if name in infos:
+                self.switcher.announce(infos, actors, leaving=name)
                 self._drain(added, Role(infos[name]["role"]))
-            except BaseException:
-                self.added[name] = added
-                self.switcher.announce(self.switcher.endpoints(actors), actors)
-                raise
+        except BaseException:  # it serves on, announced as it is now
+            self.added[name] = added
+            self._announce_as_now()
+            raise
         self._forget(added, actors)
         self._discard(added)
         born = [i.role for i in self._instances(self.switcher.named())]
@@ -273,6 +274,13 @@ class InstanceScaler:
             remove_placement_group(added.placement_group)
 
     # ------------------------------------------------------------------ helpers
+    def _announce_as_now(self) -> None:
+        try:
+            actors = self.switcher.named()
+            self.switcher.announce(self.switcher.endpoints(actors), actors)
+        except Exception:  # the error being raised says more; the next change re-announces
+            log.exception("elastic: re-announcing every instance failed")
+
     def _instances(self, actors: dict[str, Any]) -> list[InstanceId]:
         infos = self.switcher.endpoints(actors)
         return [i["name"] for i in infos.values()]
