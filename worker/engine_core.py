@@ -8,7 +8,7 @@ Both give the same tokens; overlap is on by default for decode instances on GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,7 @@ class EngineCore:
         cuda_graphs: bool | None = None,
         tp_ranks: RankLauncher | None = None,
         rank_kv_store: tuple[Callable[..., Any], str] | None = None,
+        defer_warmup: bool = False,
     ) -> None:
         """`overlap`: run steps under the overlap schedule (see the module docstring).
         `cuda_graphs`: None lets the runner decide (on with Triton on CUDA).
@@ -101,7 +102,8 @@ class EngineCore:
         processes; deployments pass Ray actors, cluster/tp_ranks.py).
         `rank_kv_store`: (store factory, name prefix) with which ranks 1.. keep their KV caches
         where this process can map them (cache_transfer's make_shared_kv), so that their KV can
-        be moved to or from another instance; `rank_kv_handles` then holds their handles."""
+        be moved to or from another instance; `rank_kv_handles` then holds their handles.
+        `defer_warmup`: the caller runs `warm_up()` itself, on the thread that will step."""
         self.model_path = resolve_model_path(model)
         self.arch = load_model_config(self.model_path)
         device = resolve_device(model)
@@ -146,7 +148,23 @@ class EngineCore:
         flash = engine.prefill_attention == "auto" and dtype in (torch.bfloat16, torch.float16)
         lengths = flash_plan_lengths(FLASH_MIN_TOKENS, sched_cfg.max_num_batched_tokens)
         warm = engine.warmup and device.type == "cuda"
-        self.warmup_s = warm_up(self, lengths if flash else ()) if warm else 0.0
+        self._warmup: Sequence[int] | None = (lengths if flash else ()) if warm else None
+        self.warmup_s = 0.0
+        if not defer_warmup:
+            self.warm_up()
+
+    def warm_up(self) -> float:
+        """Run the start-up warm-up (worker/warmup.py) once, on the calling thread: part of
+        what it builds is kept per thread (cuDNN's attention plans), so it must be the thread
+        that runs the steps -- an instance's loop thread (`defer_warmup` at construction)."""
+        if self._warmup is not None:
+            lengths, self._warmup = self._warmup, None
+            self.warmup_s = warm_up(self, lengths)
+        return self.warmup_s
+
+    @property
+    def warmed_up(self) -> bool:
+        return self._warmup is None
 
     @property
     def kv_head_ranges(self) -> list[tuple[int, int]]:

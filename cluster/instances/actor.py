@@ -141,8 +141,10 @@ class InstanceActor:
         self._on_loop(down)
 
     def is_ready(self) -> bool:
-        """False until setup() (and for prefill connect()) ran, also right after a restart."""
-        return self.loop is not None and self.loop.alive and self.loop.policy.ready()
+        """False until setup() (and for prefill connect()) ran and the loop thread warmed the
+        engine up, also right after a restart."""
+        loop = self.loop
+        return loop is not None and loop.alive and loop.core.warmed_up and loop.policy.ready()
 
     def heartbeat_age_s(self) -> float | None:
         """Seconds since the loop last began an iteration (a stalled loop's grows); None before

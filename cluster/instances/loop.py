@@ -193,6 +193,7 @@ class InstanceLoop:
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
+        self.core.warm_up()  # on this thread: part of what it builds is per thread
         while self._running:
             try:
                 self.iterate(self.idle_wait_s)

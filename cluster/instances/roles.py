@@ -74,6 +74,7 @@ def build_core(
         role,
         overlap=role_overlap(config, role),
         tp_ranks=ray_ranks_for(section.placement, section.engine, str(name)),
+        defer_warmup=True,  # the loop thread runs it (InstanceLoop._run)
         **extra,
     )
 
