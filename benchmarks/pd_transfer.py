@@ -14,11 +14,13 @@ and layer); destination blocks contiguous, or scattered (no two adjacent: one de
    "after" plans the prompt once (`plan_write`) and offsets the rows per layer (`descs`).
 3. Transfer in three processes: P's cache (this process), the messager (a child mapping P's
    cache: CUDA IPC or shared memory) registered with the backend, D's cache (another child).
-   One write per layer, issued back to back, then polled until done; every byte checked on D.
-   "planned": `plan` once, `write_plan` per layer (the messager's path); "ids": `write` with
-   the block ids each layer (planned anew each layer). Host issue time per layer is the time to
-   issue the 32 writes / 32 -- on CPU it includes the copy, which local (memmove) and NIXL (CMA)
-   do inside the call. Median of --iters after two warm-ups.
+   Every layer written, then polled until done; every byte checked on D. "ids": `write` with
+   the block ids, one per layer (descriptors planned anew each layer, as before write plans);
+   "planned": `plan` once, `write_plan` per layer (the messager when each round brings one
+   layer's signal); "layers": `plan` once, one `write_layers` for all layers (the messager when
+   one round brings every layer's signal: one transfer for local and NIXL). Host issue time per
+   layer is the time to issue them / 32 -- on CPU it includes the copy, which local (memmove)
+   and NIXL (CMA) do inside the call. Median of --iters after two warm-ups.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from cache_transfer.tp_layout import RankKV, head_slice_descs, plan_routes
 
 SHAPE = SHAPES["llama3-8b"]
 BLOCK = 16
-MODES = ("planned", "ids")
+MODES = ("ids", "planned", "layers")
 
 
 def kv_layout(prompt_tokens: int) -> KVLayout:
@@ -162,6 +164,9 @@ def messager_side(kind: str, handle: dict, endpoint: bytes, prompt_blocks: int, 
                 if mode == "planned":
                     plan = backend.plan(peer, src_ids, dst_ids)
                     handles = [backend.write_plan(plan, layer, layer) for layer in layers]
+                elif mode == "layers":
+                    plan = backend.plan(peer, src_ids, dst_ids)
+                    handles = backend.write_layers(plan, list(layers))
                 else:
                     handles = [
                         backend.write(peer, layer, src_ids, layer, dst_ids) for layer in layers
@@ -205,8 +210,8 @@ def checksums(cache, block_ids: list[int]) -> list[int]:
 
 
 def measure_transfer(prompt_tokens: int, iters: int, kind: str, device: str = "cuda") -> dict:
-    """Bytes per second for each pattern and mode (`{pattern}_bytes_per_s` is the messager's
-    path, "planned"), host issue seconds per layer, and the bytes moved."""
+    """Bytes per second for each pattern and mode (`{pattern}_bytes_per_s`: "planned", one
+    write per layer), host issue seconds per layer, and the bytes moved."""
     layout = kv_layout(prompt_tokens)
     prompt_blocks = prompt_tokens // BLOCK
     owner = make_shared_kv(layout, torch.bfloat16, torch.device(device), f"pdxp{os.getpid()}")

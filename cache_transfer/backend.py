@@ -32,7 +32,9 @@ handle on every path (``close()`` releases whatever is left).
 ``write`` in two steps, for a caller that writes the same blocks in every layer (the cache
 messager): the descriptors are planned once, as numpy rows of offsets from the layer bases, and
 each layer's write adds its bases (cache_transfer/write_plan.py). Invalid ids raise
-``LayoutError`` from ``plan``, a bad layer from ``write_plan``.
+``LayoutError`` from ``plan``, a bad layer from ``write_plan``. ``write_layers(plan, layers)``
+writes several layers (each onto itself) as one transfer where the backend can (NIXL, local),
+else one per layer; it returns the handles.
 
 ``write_descs(peer, src_descs, dst_descs, dst_layer)`` is the same write from explicit matched
 descriptors: each source one inside this side's registered memory (its ranks' layers, or a
@@ -56,9 +58,8 @@ managers.
 from __future__ import annotations
 
 import threading
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar
@@ -74,6 +75,7 @@ from cache_transfer.handles import (
     deadline_in,
     endpoint_field,
     parse_endpoint_info,
+    poll_until,
     remaining,
 )
 from cache_transfer.layout import Desc, KVRegions, LayoutError
@@ -98,12 +100,6 @@ __all__ = [  # the handles' vocabulary is imported from here by the backends and
     "endpoint_field",
     "remaining",
 ]
-
-# Used only by backends that cannot block on a completion (NIXL offers no blocking wait):
-# the sleep starts tiny so a nearly finished transfer costs little latency, and is capped so an
-# idle waiter costs little CPU.
-_MIN_POLL_SLEEP_S = 50e-6
-_MAX_POLL_SLEEP_S = 1e-3
 
 
 @dataclass
@@ -172,6 +168,15 @@ class TransferBackend(ABC):
         """Start a non-empty planned write; default: one layer's descriptors to `_start_write`."""
         src, dst = plan.descs(src_layer, dst_layer)
         self._start_write(handle, src, dst, dst_layer)
+
+    # True: `_start_layers` may start one transfer whose destinations span several layers.
+    writes_across_layers: ClassVar[bool] = False
+
+    def _start_layers(self, handle: TransferHandle, plan: WritePlan, layers: Sequence[int]) -> None:
+        """Start several layers' planned writes as one; default: their descriptors concatenated
+        to `_start_write` (its `dst_layer` is then the first layer's)."""
+        src, dst = plan.descs_of_layers(layers)
+        self._start_write(handle, src, dst, layers[0])
 
     @abstractmethod
     def _close_peer(self, peer: str, reason: str) -> None:
@@ -243,22 +248,37 @@ class TransferBackend(ABC):
     def write_plan(self, plan: WritePlan, src_layer: int, dst_layer: int) -> TransferHandle:
         """``write`` of the plan's blocks from ``src_layer`` onto ``dst_layer``."""
         with self._lock:
-            self._require_registered()
-            target = self._peers.get(plan.peer)
-            if target is None:
-                raise TransferError(f"{self.agent_name}: unknown or lost peer {plan.peer!r}")
-            if plan.planned_for is not target:  # the peer reconnected: its memory may differ
-                plan = self.plan(plan.peer, plan.src_ids, plan.dst_ids)
+            plan = self._current(plan)
             check_layer(src_layer, plan.src_bases)
             check_layer(dst_layer, plan.dst_bases)
             handle = self._new_handle(plan.peer, plan.nbytes, plan.num_descs)
-            if handle.state is TransferState.PENDING:
-                try:
-                    self._start_planned(handle, plan, src_layer, dst_layer)
-                except TransferError:
-                    self._counters["failed"] += 1
-                    raise
+            self._start(handle, lambda: self._start_planned(handle, plan, src_layer, dst_layer))
             return handle
+
+    def write_layers(self, plan: WritePlan, layers: Sequence[int]) -> list[TransferHandle]:
+        """``write_plan`` of every layer in ``layers`` (each onto the same layer), as one transfer
+        where the backend can (``writes_across_layers``): a messager round's layers, one post."""
+        with self._lock:
+            if not self.writes_across_layers or len(layers) < 2:
+                return [self.write_plan(plan, layer, layer) for layer in layers]
+            plan = self._current(plan)
+            for layer in layers:
+                check_layer(layer, plan.src_bases)
+                check_layer(layer, plan.dst_bases)
+            count = len(layers)
+            handle = self._new_handle(plan.peer, plan.nbytes * count, plan.num_descs * count)
+            self._start(handle, lambda: self._start_layers(handle, plan, layers))
+            return [handle]
+
+    def _current(self, plan: WritePlan) -> WritePlan:
+        """The plan, or a new one of its blocks if its peer reconnected (its memory may differ)."""
+        self._require_registered()
+        target = self._peers.get(plan.peer)
+        if target is None:
+            raise TransferError(f"{self.agent_name}: unknown or lost peer {plan.peer!r}")
+        if plan.planned_for is target:
+            return plan
+        return self.plan(plan.peer, plan.src_ids, plan.dst_ids)
 
     def write(
         self,
@@ -284,12 +304,7 @@ class TransferBackend(ABC):
             src, dst = desc_array(src_descs), desc_array(dst_descs)
             check_explicit_descs(src, dst, self._sources, peer_ranks, dst_layer)
             handle = self._new_handle(peer, int(src[:, 1].sum()), len(src))
-            if handle.state is TransferState.PENDING:
-                try:
-                    self._start_write(handle, src, dst, dst_layer)
-                except TransferError:
-                    self._counters["failed"] += 1
-                    raise
+            self._start(handle, lambda: self._start_write(handle, src, dst, dst_layer))
             return handle
 
     def _new_handle(self, peer: str, nbytes: int, num_descs: int) -> TransferHandle:
@@ -298,6 +313,15 @@ class TransferBackend(ABC):
         if not num_descs:
             handle.state = TransferState.DONE
         return handle
+
+    def _start(self, handle: TransferHandle, start: Callable[[], None]) -> None:
+        """Run a start hook for a handle with something to move, counting a refusal."""
+        if handle.state is TransferState.PENDING:
+            try:
+                start()
+            except TransferError:
+                self._counters["failed"] += 1
+                raise
 
     def add_local_region(self, region: Desc) -> None:
         """Register one more region of this process's memory (of the ranks' memory kind) as a
@@ -371,16 +395,7 @@ class TransferBackend(ABC):
 
         Default: poll with a short, growing, capped sleep, for backends with nothing to block on.
         """
-        sleep_s = _MIN_POLL_SLEEP_S
-        while True:
-            state = self.poll(handle)
-            if state >= TransferState.DONE:
-                return state
-            left = remaining(deadline)
-            if left <= 0:
-                raise TransferTimeout(f"transfer {handle.id} to {handle.peer} still pending")
-            time.sleep(min(sleep_s, left))
-            sleep_s = min(sleep_s * 2, _MAX_POLL_SLEEP_S)
+        return poll_until(self.poll, handle, deadline)
 
     def __enter__(self) -> TransferBackend:
         return self

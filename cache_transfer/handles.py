@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,30 @@ def deadline_in(seconds: float) -> float:
 
 def remaining(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
+
+
+# Used only by backends that cannot block on a completion (NIXL offers no blocking wait):
+# the sleep starts tiny so a nearly finished transfer costs little latency, and is capped so an
+# idle waiter costs little CPU.
+_MIN_POLL_SLEEP_S = 50e-6
+_MAX_POLL_SLEEP_S = 1e-3
+
+
+def poll_until(
+    poll: Callable[[TransferHandle], TransferState], handle: TransferHandle, deadline: float
+) -> TransferState:
+    """Poll `handle` with a short, growing, capped sleep until DONE or FAILED; TransferTimeout
+    at `deadline`."""
+    sleep_s = _MIN_POLL_SLEEP_S
+    while True:
+        state = poll(handle)
+        if state >= TransferState.DONE:
+            return state
+        left = remaining(deadline)
+        if left <= 0:
+            raise TransferTimeout(f"transfer {handle.id} to {handle.peer} still pending")
+        time.sleep(min(sleep_s, left))
+        sleep_s = min(sleep_s * 2, _MAX_POLL_SLEEP_S)
 
 
 def endpoint_field(info: dict[str, Any], key: str) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,10 +140,21 @@ class LocalBackend(TransferBackend):
         # a GPU the table goes to the copier as it is (the layer bases are word-aligned: they
         # were checked when registered and mapped).
         table = plan.columns(src_layer, dst_layer, self._maps[handle.peer].ours)
+        self._copy_table(handle, plan, table, plan.nbytes)
+
+    writes_across_layers = True  # every layer of the peer is mapped here
+
+    def _start_layers(self, handle: TransferHandle, plan: WritePlan, layers: Sequence[int]) -> None:
+        table = plan.columns_of_layers(layers, self._maps[handle.peer].ours)
+        self._copy_table(handle, plan, table, plan.nbytes * len(layers))
+
+    def _copy_table(
+        self, handle: TransferHandle, plan: WritePlan, table: np.ndarray, nbytes: int
+    ) -> None:
         if self._copier is None or not plan.aligned8:
             self._copy(handle, table[0], table[1], table[2])
         else:
-            handle._impl = self._copier.add_table(table, plan.nbytes)
+            handle._impl = self._copier.add_table(table, nbytes)  # launched at the first poll
 
     def _copy(
         self, handle: TransferHandle, src: np.ndarray, dst: np.ndarray, lens: np.ndarray

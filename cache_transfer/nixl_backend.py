@@ -101,6 +101,7 @@ class NixlBackend(TransferBackend):
     """One NIXL agent with the UCX backend; see the module docstring for NIXL's behaviour."""
 
     backend_name = "nixl"
+    writes_across_layers = True  # descriptors may name any registered layer of the peer
 
     def __init__(
         self,

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,8 +49,7 @@ from cache_transfer.backend import (
     TransferError,
     TransferHandle,
     TransferState,
-    TransferTimeout,
-    remaining,
+    poll_until,
 )
 from cache_transfer.layout import Desc, LayoutError, block_runs, checked_pair
 from cache_transfer.staging_ring import Slot, StagingRing, aligned
@@ -59,7 +57,6 @@ from cache_transfer.tp_layout import HeadRoute, RankKV, head_slice_descs
 from cache_transfer.write_plan import WritePlan
 
 DEFAULT_STAGING_BYTES = 64 << 20
-_WAIT_SLEEP_S = 200e-6
 
 
 @dataclass
@@ -183,6 +180,14 @@ class StagedWriter:
             return self.backend.write_plan(plan, src_layer, dst_layer)
         return self.write(plan.peer, src_layer, plan.src_ids, dst_layer, plan.dst_ids)
 
+    def write_layers(
+        self, plan: WritePlan | _StagedPlan, layers: Sequence[int]
+    ) -> list[TransferHandle]:
+        """Several layers' writes (each onto itself): the backend's, or staged one by one."""
+        if isinstance(plan, WritePlan):
+            return self.backend.write_layers(plan, layers)
+        return [self.write_plan(plan, layer, layer) for layer in layers]
+
     def poll(self, handle: TransferHandle) -> TransferState:
         with self._lock:
             write = self._writes.get(handle.id)
@@ -195,11 +200,7 @@ class StagedWriter:
     def wait(self, handle: TransferHandle, deadline: float) -> TransferState:
         if handle.id not in self._writes:
             return self.backend.wait(handle, deadline)
-        while (state := self.poll(handle)) is TransferState.PENDING:
-            if remaining(deadline) <= 0:
-                raise TransferTimeout(f"transfer {handle.id} to {handle.peer} still pending")
-            time.sleep(min(_WAIT_SLEEP_S, remaining(deadline)))
-        return state
+        return poll_until(self.poll, handle, deadline)
 
     def release(self, handle: TransferHandle) -> None:
         with self._lock:

@@ -102,6 +102,27 @@ class WritePlan:
             table[1, segment.rows] += dst_bases[segment.dst_rank, dst_layer]
         return table
 
+    def columns_of_layers(self, layers: Sequence[int], dst_bases: np.ndarray) -> np.ndarray:
+        """`columns` of every layer in `layers` (source and destination layer alike), layer
+        after layer: [3, len(layers) * N], one broadcast add per route."""
+        picked = np.asarray(layers, dtype=np.int64)
+        count = self.num_descs
+        table = np.tile(self._columns, (1, len(picked))).reshape(3, len(picked), count)
+        for segment in self.segments:
+            table[0, :, segment.rows] += self.src_bases[segment.src_rank, picked][:, None]
+            table[1, :, segment.rows] += dst_bases[segment.dst_rank, picked][:, None]
+        return table.reshape(3, len(picked) * count)
+
+    def descs_of_layers(self, layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """`descs` of every layer in `layers`, concatenated (one transfer can carry them)."""
+        table = self.columns_of_layers(layers, self.dst_bases)
+        src, dst = np.empty((table.shape[1], 3), np.int64), np.empty((table.shape[1], 3), np.int64)
+        src[:, ADDR], dst[:, ADDR] = table[0], table[1]
+        src[:, NBYTES] = dst[:, NBYTES] = table[2]
+        src[:, DEVICE] = np.tile(self.src_rows[:, DEVICE], len(layers))
+        dst[:, DEVICE] = np.tile(self.dst_rows[:, DEVICE], len(layers))
+        return src, dst
+
 
 def check_layer(layer: int, bases: np.ndarray) -> None:
     if not 0 <= layer < bases.shape[1]:

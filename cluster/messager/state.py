@@ -6,9 +6,12 @@ blocks that are now complete in that layer: full blocks below the chunk's end, a
 chunk also the partly filled tail block. Signals for a request whose cache task has not arrived
 yet are kept (bounded in time) and replayed when it does; KV is never sent for an unknown task.
 
-A request's blocks are the same in every layer, so the descriptors of a chunk's blocks are
-planned once (`backend.plan`, numpy rows) and every layer's write only offsets them
-(`backend.write_plan`; cache_transfer/write_plan.py): no per-layer descriptor building.
+Writes are queued as signals arrive and issued by `flush` (from `poll`, which the actor calls
+at the end of every round, after applying all of the round's messages): all layers of one
+request's run of blocks that became ready in a round go in one `write_layers` -- one transfer
+for NIXL and the local backend. A request's blocks are the same in every layer, so the
+descriptors of a chunk's blocks are planned once (`backend.plan`, numpy rows) and every layer's
+write only offsets them (cache_transfer/write_plan.py): no per-layer descriptor building.
 
 Failures stay with their request: a write that cannot start, a poll that raises or a deadline
 that passes marks that task failed; it is reported (once its writes drained) like any other.
@@ -47,6 +50,9 @@ class TaskState:
     nbytes: int = 0
     # (first block, end block) -> the backend's plan of writing them: the same in every layer
     write_plans: dict[tuple[int, int], Any] = field(default_factory=dict)
+    # (first block, end block) -> layers whose write of them waits for this round's flush
+    queued: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    last_queued: bool = False  # the last layer of the last chunk is queued
 
     @property
     def request_id(self) -> str:
@@ -81,6 +87,7 @@ class MessagerState:
         self.plans: dict[int, list[ChunkPlan]] = {}
         self.deferred: dict[str, _Deferred] = {}
         self.missed: dict[str, float] = {}  # request id -> when its signals were given up
+        self.queued = False  # whether some task has writes queued for `flush`
         self.counters = {"unknown_task_waits": 0, "missed_tasks": 0, "writes": 0, "bad_messages": 0}
 
     # ------------------------------------------------------------------ inputs
@@ -137,7 +144,9 @@ class MessagerState:
 
     # ------------------------------------------------------------------ progress
     def poll(self) -> list[TaskState]:
-        """Finished tasks (their handles released), and expire stale deferred signals."""
+        """Issue queued writes, return finished tasks (their handles released), and expire stale
+        deferred signals."""
+        self.flush()
         now = time.monotonic()
         self._expire_deferred(now)
         done = [state for state in self.tasks.values() if self._finished(state, now)]
@@ -148,8 +157,8 @@ class MessagerState:
 
     @property
     def busy(self) -> bool:
-        """Whether something needs polling soon (writes in flight or signals deferred)."""
-        return bool(self.deferred) or any(s.handles for s in self.tasks.values())
+        """Whether something needs polling soon (writes queued or in flight, signals deferred)."""
+        return self.queued or bool(self.deferred) or any(s.handles for s in self.tasks.values())
 
     def _finished(self, state: TaskState, now: float) -> bool:
         pending = False
@@ -192,26 +201,46 @@ class MessagerState:
         if time.time() > state.task.write_deadline:
             state.failure = "write deadline passed (D's lease on its blocks may have expired)"
             return
-        src, dst = state.task.src_block_ids, state.task.dst_block_ids
+        src = state.task.src_block_ids
         upto = len(src) if last else min(end_pos // self.block_size, len(src))
         start = state.sent_blocks[layer]
         if upto > start:
-            try:
-                plan = state.write_plans.get((start, upto))
-                if plan is None:
-                    peer = self.peer_of(state.task.decode_instance)
-                    plan = self.backend.plan(peer, src[start:upto], dst[start:upto])
-                    state.write_plans[(start, upto)] = plan
-                handle = self.backend.write_plan(plan, layer, layer)
-            except Exception as exc:  # this request's write only; the step's others go on
-                state.failure = f"write of layer {layer} failed: {exc}"
-                return
-            state.handles.append(handle)
-            state.nbytes += handle.nbytes
+            state.queued.setdefault((start, upto), []).append(layer)
             state.sent_blocks[layer] = upto
-            self.counters["writes"] += 1
         if last and layer == self.num_layers - 1:
-            state.all_issued_wall = time.time()
+            state.last_queued = True
+        self.queued = True
+
+    def flush(self) -> None:
+        """Issue the writes this round's signals queued: per request and run of blocks, every
+        queued layer in one `write_layers` (one transfer where the backend can)."""
+        if not self.queued:
+            return
+        self.queued = False
+        for state in self.tasks.values():
+            queued, state.queued = state.queued, {}
+            for (start, upto), layers in queued.items():
+                if not state.failure:
+                    self._write(state, start, upto, layers)
+            if state.last_queued and not state.failure:
+                state.last_queued = False
+                state.all_issued_wall = time.time()
+
+    def _write(self, state: TaskState, start: int, upto: int, layers: list[int]) -> None:
+        src, dst = state.task.src_block_ids, state.task.dst_block_ids
+        try:
+            plan = state.write_plans.get((start, upto))
+            if plan is None:
+                peer = self.peer_of(state.task.decode_instance)
+                plan = self.backend.plan(peer, src[start:upto], dst[start:upto])
+                state.write_plans[(start, upto)] = plan
+            handles = self.backend.write_layers(plan, layers)
+        except Exception as exc:  # this request's write only; the step's others go on
+            state.failure = f"write of layers {layers} failed: {exc}"
+            return
+        state.handles += handles
+        state.nbytes += sum(handle.nbytes for handle in handles)
+        self.counters["writes"] += len(handles)
 
     def _defer(self, request_id: str, layer: int, end_pos: int, last: bool) -> None:
         deferred = self.deferred.get(request_id)

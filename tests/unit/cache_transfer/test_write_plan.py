@@ -68,6 +68,11 @@ def test_a_plans_descs_are_every_routes_descs_of_that_layer(p_size, d_size, patt
         assert [tuple(row) for row in src.tolist()] == want_src
         assert [tuple(row) for row in dst.tolist()] == want_dst
     assert plan.num_descs == len(want_src) and plan.aligned8
+    layers = [2, 0, 1]
+    src, dst = plan.descs_of_layers(layers)  # several layers in one transfer
+    per_layer = [plan.descs(layer, layer) for layer in layers]
+    np.testing.assert_array_equal(src, np.concatenate([pair[0] for pair in per_layer]))
+    np.testing.assert_array_equal(dst, np.concatenate([pair[1] for pair in per_layer]))
     assert plan.nbytes == sum(n for _, n, _ in want_src)
 
 
@@ -109,8 +114,9 @@ def _backend(kind: str, name: str, shares: SharedKVCache | None = None):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["nixl", "tcp", "local"])
 def test_one_plan_writes_every_layer_byte_exact(kind):
-    """Planned once, written per layer (and again after the peer reconnected: the stale plan is
-    planned anew), the destination holds exactly the source's blocks, nothing else changed."""
+    """Planned once, written for several layers at once and for one layer after the peer
+    reconnected (the stale plan is planned anew), the destination holds exactly the source's
+    blocks, nothing else changed."""
     src, dst = _cache(True), _cache(False)
     src_ids, dst_ids = [0, 1, 2, 5, 7, 8], [9, 10, 11, 1, 3, 6]
     try:
@@ -120,8 +126,10 @@ def test_one_plan_writes_every_layer_byte_exact(kind):
             peer = source.connect(target.endpoint_info(), deadline_in(20))
             plan = source.plan(peer, src_ids, dst_ids)
             assert plan.num_descs == 4  # 0-2 -> 9-11, 5 -> 1, 7 -> 3, 8 -> 6
-            for layer in range(LAYERS - 1):
-                handle = source.write_plan(plan, layer, layer)
+            handles = source.write_layers(plan, list(range(LAYERS - 1)))  # one transfer...
+            assert len(handles) == (LAYERS - 1 if kind == "tcp" else 1)  # ...where it can be
+            assert sum(h.nbytes for h in handles) == (LAYERS - 1) * plan.nbytes
+            for handle in handles:
                 assert source.wait(handle, deadline_in(20)) is TransferState.DONE
                 source.release(handle)
             source.connect(target.endpoint_info(), deadline_in(20))  # same peer, reconnected

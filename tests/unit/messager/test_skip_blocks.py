@@ -16,10 +16,12 @@ def test_only_the_blocks_d_lacks_are_written() -> None:
     state.add_plan(0, [ChunkPlan("r", 6, False)])  # block 0 complete: D has it
     state.layer_ready(0, 0)
     state.layer_ready(0, 1)
+    state.flush()
     assert backend.writes == []
     state.add_plan(1, [ChunkPlan("r", 14, True)])  # blocks 1 (held), 2 and the tail 3
     state.layer_ready(1, 0)
     state.layer_ready(1, 1)
+    state.flush()
     assert backend.writes == [(0, [2, 3], [12, 13]), (1, [2, 3], [12, 13])]
     backend.complete_all()
     state.prefill_done("r", 7, time.time())

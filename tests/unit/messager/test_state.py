@@ -24,6 +24,7 @@ class RecordingBackend:
         self.released: list[TransferHandle] = []
         self.fail_next = False
         self.plans = 0  # plan() calls: one per chunk of blocks, whatever the layer count
+        self.batches: list[list[int]] = []
 
     def write(self, peer, src_layer, src_ids, dst_layer, dst_ids) -> TransferHandle:
         if peer != kv_agent_name(D0):
@@ -43,9 +44,11 @@ class RecordingBackend:
         self.plans += 1
         return peer, list(src_ids), list(dst_ids)
 
-    def write_plan(self, plan: tuple, src_layer: int, dst_layer: int) -> TransferHandle:
+    def write_layers(self, plan: tuple, layers: list[int]) -> list[TransferHandle]:
+        """Records one write per layer; `batches` the layers of each call."""
         peer, src_ids, dst_ids = plan
-        return self.write(peer, src_layer, src_ids, dst_layer, dst_ids)
+        self.batches.append(list(layers))
+        return [self.write(peer, layer, src_ids, layer, dst_ids) for layer in layers]
 
     def poll(self, handle: TransferHandle) -> TransferState:
         return handle.state
@@ -85,12 +88,17 @@ def test_layerwise_chunked_stream_sends_full_blocks_then_tail() -> None:
     )  # first chunk: positions 0..5 -> only block 0 is full
     state.layer_ready(0, 0)
     state.layer_ready(0, 1)
+    assert backend.writes == [] and state.busy  # queued until the round's flush
+    state.flush()
     assert backend.writes == [(0, [0], [10]), (1, [0], [10])]
+    assert backend.batches == [[0, 1]]  # both layers of the round in one write_layers
     state.add_plan(1, [ChunkPlan("r", 10, True)])  # last chunk: block 1 and the tail block 2
     state.layer_ready(1, 0)
+    state.flush()
     assert backend.writes[-1] == (0, [1, 2], [11, 12])
     state.layer_ready(1, 1)
-    assert state.poll() == []  # writes pending, no first token yet
+    assert state.poll() == []  # flushes layer 1; writes pending, no first token yet
+    assert backend.batches == [[0, 1], [0], [1]]
     backend.complete_all()
     assert state.poll() == []  # still no first token
     state.prefill_done("r", 42, time.time())
@@ -110,6 +118,7 @@ def test_signals_before_task_wait_and_replay() -> None:
     assert backend.writes == []  # never send KV for an unknown task
     assert state.busy
     state.add_task(task(num_prompt=8))
+    state.flush()
     assert backend.writes == [(0, [0, 1], [10, 11])]
 
 
@@ -132,6 +141,7 @@ def test_cancel_waits_for_inflight_writes_then_fails() -> None:
     state.add_task(task(num_prompt=8))
     state.add_plan(0, [ChunkPlan("r", 8, True)])
     state.layer_ready(0, 0)
+    state.flush()
     assert state.cancel("r", "aborted")
     assert state.poll() == []  # the in-flight write must drain before D may free its blocks
     backend.complete_all()
@@ -183,3 +193,15 @@ def test_task_past_deadline_fails_without_signals() -> None:
     time.sleep(0.02)
     (outcome,) = state.poll()
     assert outcome.failure and "deadline" in outcome.failure
+
+
+def test_a_queued_write_of_a_cancelled_task_is_never_issued() -> None:
+    backend = RecordingBackend()
+    state = make_state(backend, layers=2)
+    state.add_task(task(num_prompt=8))
+    state.add_plan(0, [ChunkPlan("r", 8, True)])
+    state.layer_ready(0, 0)
+    state.layer_ready(0, 1)
+    assert state.cancel("r", "aborted")
+    (outcome,) = state.poll()  # nothing was in flight: done at once
+    assert outcome.failure == "aborted" and backend.writes == [] and not outcome.all_issued_wall
