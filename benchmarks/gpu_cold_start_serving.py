@@ -105,9 +105,17 @@ def take_split(dep) -> dict:
     return split
 
 
-def kernels_compiled(cache_dir: Path) -> int:
-    """Triton writes one folder per compiled kernel variant into its cache directory."""
-    return sum(1 for entry in cache_dir.iterdir() if entry.is_dir()) if cache_dir.exists() else 0
+def kernels_compiled(cache_dir: Path) -> set[str]:
+    """Triton writes one folder per compiled kernel variant into its cache directory, with the
+    kernel's name in its files: "folder/kernel" each."""
+    if not cache_dir.exists():
+        return set()
+    found = set()
+    for entry in cache_dir.iterdir():
+        names = sorted(f.stem for f in entry.glob("*.json") if not f.name.startswith("__"))
+        if entry.is_dir() and names:
+            found.add(f"{entry.name[:8]}/{names[0]}")
+    return found
 
 
 class Client:
@@ -215,10 +223,10 @@ def child(warmup: bool, folder: Path, plan: Plan) -> dict:
         model = httpx.get(f"{dep.url}/v1/models", timeout=30).json()["data"][0]["id"]
         vocab = SHAPES[plan.shape]["vocab_size"]
         figures = asyncio.run(measure(dep.url, model, vocab, plan, lambda: take_split(dep)))
-        compiled_after = kernels_compiled(cache_dir) - at_ready
+        compiled_after = sorted(kernels_compiled(cache_dir) - at_ready)
     finally:
         dep.stop()
-    return {"warmup": warmup, "ready_s": ready_s, "kernels_at_ready": at_ready,
+    return {"warmup": warmup, "ready_s": ready_s, "kernels_at_ready": len(at_ready),
             "compiled_after_ready": compiled_after, **figures}  # fmt: skip
 
 
@@ -244,7 +252,7 @@ def print_table(results: list[dict], plan: Plan) -> None:
     for r in results:
         print(
             f"| {'on' if r['warmup'] else 'off'} | {r['ready_s']:.1f} | {r['kernels_at_ready']} |"
-            f" {r['compiled_after_ready']} | {r['worst_first_ratio']:.2f}x |"
+            f" {len(r['compiled_after_ready'])} | {r['worst_first_ratio']:.2f}x |"
             f" {r['first_over_1_5x']} / {plan.first} | {r['capacity_rps']:.1f} |"
             f" {r['loaded_rate']:.1f} |"
             f" {r['loaded_p50_ms']:.1f} | {r['loaded_p99_ms']:.1f} |"
@@ -281,6 +289,8 @@ def main() -> None:
     results = [run_mode(mode == "on", args.smoke) for mode in args.modes.split(",")]
     print_table(results, plan)
     print_split(results)
+    for r in results:
+        print(f"compiled after ready (warm-up {r['warmup']}): {r['compiled_after_ready']}")
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))
 
