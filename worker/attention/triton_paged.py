@@ -220,7 +220,12 @@ class TritonPagedAttention:
         padded = flash_padded_length(n)
 
         def heads_first(x: torch.Tensor) -> torch.Tensor:  # [n, h, hd] -> [1, h, padded, hd]
-            return F.pad(x.transpose(0, 1).unsqueeze(0), (0, 0, 0, padded - n)).contiguous()
+            # Token-major in memory, as the model's q/k/v views are (SDPA's fast layout), and
+            # always a copy: every chunk of a bucket then has the same strides, i.e. one plan.
+            buffer = x.new_empty(padded, *x.shape[1:])
+            buffer[:n] = x
+            buffer[n:].zero_()  # padded keys must be finite, though no real query sees them
+            return buffer.transpose(0, 1).unsqueeze(0)
 
         o = F.scaled_dot_product_attention(
             heads_first(q),
