@@ -22,6 +22,10 @@ import triton.language as tl
 _CHUNK_WORDS = 1024  # 8-byte words a program copies per iteration (8 KiB)
 _TARGET_PROGRAMS = 2048  # enough to keep every SM busy on one descriptor
 _MAX_BATCH_BYTES = 1 << 30  # launch at once past this
+# _aligned_rows: the kernel takes the uploaded table's three rows as pointers, and Triton
+# compiles a variant per pointer alignment (16 bytes or not). A row of an even number of int64
+# words keeps every row 16-byte aligned whatever the batch's descriptor count, so the variant
+# compiled at warm-up is the only one (an odd count used to compile another mid-serving).
 
 
 @triton.jit
@@ -93,6 +97,8 @@ class GpuCopier:
             return
         host = np.concatenate(batch.tables, axis=1)
         count, longest = host.shape[1], int(host[2].max())
+        if count % 2:  # see _aligned_rows
+            host = np.concatenate([host, np.zeros((3, 1), dtype=np.int64)], axis=1)
         parts = max(1, min(-(-_TARGET_PROGRAMS // count), -(-longest // _CHUNK_WORDS)))
         batch.event = torch.cuda.Event()
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
