@@ -63,9 +63,9 @@ class InstanceChooser:
     def choose_decode(
         self, names: Sequence[Hashable], prompt: list[int], cache_salt: str | None = None
     ) -> Decision | None:
-        """The decode instance to prefer for `prompt`, among those that have reported (P's own
-        picker decides with load routing, when none has reported, or when the preferred one
-        cannot take the request). Call `request_ended` with it when the request ends."""
+        """The decode instance to prefer for `prompt` (P's own picker decides with load
+        routing, when none has reported, or when the preferred one cannot take the request).
+        Call `request_ended` with it when the request ends."""
         if not self.policy.cache_aware:
             return None
         known = [(n, c) for n in names if (c := self.index.get(n)) is not None]
@@ -81,6 +81,15 @@ class InstanceChooser:
                 cache.matched_blocks(chains.for_block_size(cache.block_size)) * cache.block_size,
             )
             for name, cache in known
+        ]
+        # One that has not reported yet (just added, or switched to decode) holds nothing and
+        # has every block free: a candidate by load. Left out, it would never be preferred, and
+        # P follows the preference, so it would never serve and so never report.
+        roomiest = max(cache.free_blocks for _, cache in known)
+        scored += [
+            DecodeCandidate(name, self._decode_inflight[name], roomiest, 0)
+            for name in names
+            if self.index.get(name) is None
         ]
         needed = -(-len(prompt) // block_size)
         decision = self.policy.choose_decode(scored, needed, block_size)

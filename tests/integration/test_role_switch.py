@@ -42,9 +42,6 @@ def dep():
         # only one, and on a loaded CI machine its answer may take seconds.
         prefill={"instances": 2, "placement": {"num_cpus": 0.25}, "allocation_timeout_s": 10.0},
         decode={"instances": 2, "placement": {"num_cpus": 0.25}},
-        # By load: cache-aware routing sends the test prompts, all seen before, to the
-        # instances that hold their prefixes, and may starve a just-switched or just-added one.
-        router={"routing": "load"},
         # Only forced switches: the policy's first look needs `hysteresis` looks to act.
         elastic={"enabled": True, "decision_interval_s": 3600, "drain_timeout_s": 2.0},
     )
@@ -90,6 +87,26 @@ class SteadyLoad:
 
     def wait_for(self, count: int) -> None:
         wait_until(lambda: len(self.results) >= count, timeout_s=120)
+
+
+def salted(url: str, prompt_list: list[str], salt: str) -> list[str]:
+    """Greedy completions under fresh cache salts: no instance holds their prefixes, so the
+    router and the prefill instances choose by load."""
+
+    async def main() -> list[str]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            model = await model_id(client)
+
+            async def one(index: int, prompt: str) -> str:
+                body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS}
+                body |= {"temperature": 0, "cache_salt": f"scale-{salt}-{index}"}
+                response = await client.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                return response.json()["choices"][0]["text"]
+
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompt_list)))
+
+    return asyncio.run(main())
 
 
 def force(dep, name: str, role: str):
@@ -183,10 +200,16 @@ def test_an_added_instance_serves_and_is_removed_without_a_failed_request(dep, r
         name = record["instance"]  # indices go on from the config's: decode-2
         assert name == "decode-2"
         added = ray.get_actor(name)
-        # The prefill instances hand it requests (they choose the least loaded decode one),
-        # and the deploying process's supervisor watches it like the others.
-        accepted = lambda: ray.get(added.stats.remote())["counters"].get("kv_complete", 0)  # noqa: E731
-        wait_until(lambda: accepted() > 0, timeout_s=90)
+        # It takes requests: salted ones, whose prefix no instance holds, go by load, and it
+        # is the least loaded decode instance. The supervisor watches it like the others.
+        taken = lambda: ray.get(added.stats.remote())["counters"].get("kv_complete", 0)  # noqa: E731
+        for attempt in range(5):
+            batch = prompts(3)
+            for prompt, text in zip(batch, salted(dep.url, batch, f"{attempt}"), strict=True):
+                assert text == reference_outputs[prompt], prompt
+            if taken():
+                break
+        assert taken() > 0
         wait_until(lambda: name in dep.stats(), timeout_s=30)
         record = ray.get(controller.force_remove.remote(name, SWITCH_WAIT_S), timeout=180)
         assert record["outcome"] == "done", record

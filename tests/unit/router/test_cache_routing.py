@@ -64,6 +64,19 @@ def test_decode_preference_and_inflight_counts() -> None:
     assert chooser.stats()["decode_inflight"] == {}
 
 
+def test_a_decode_instance_that_has_not_reported_is_chosen_by_load() -> None:
+    chooser = InstanceChooser(RouterConfig(), RouterMetrics())
+    prompt = list(range(5 * BS))
+    chooser.on_report(_report("d0", []))
+    assert chooser.choose_decode(["d0"], prompt).name == "d0"  # one in flight there now
+    # d2 was just added (or switched to decode): it never served this router, so never
+    # reported; it holds nothing and is the least loaded.
+    decision = chooser.choose_decode(["d0", "d2"], prompt)
+    assert (decision.name, decision.reason) == ("d2", "load")
+    chooser.on_report(_report("d0", request_block_keys(prompt, BS)[:3], seq=1))
+    assert chooser.choose_decode(["d0", "d2"], prompt).name == "d0"  # a holder still wins
+
+
 def test_hit_tokens_and_kv_bytes_are_exported() -> None:
     metrics = RouterMetrics()
     chooser = InstanceChooser(RouterConfig(), metrics)
