@@ -141,7 +141,7 @@ class Supervisor:
             self._recover(worker)
             return
         health = self._probe(worker)
-        if health.failed and worker in self.dep.workers():
+        if health.failed:
             self.sync_members()  # one that the elastic controller removed is no failure
             if worker not in self.dep.workers():
                 return
