@@ -14,8 +14,9 @@ and layer); destination blocks contiguous, or scattered (no two adjacent: one de
    "after" plans the prompt once (`plan_write`) and offsets the rows per layer (`descs`).
 3. Transfer in three processes: P's cache (this process), the messager (a child mapping P's
    cache: CUDA IPC or shared memory) registered with the backend, D's cache (another child).
-   Every layer written, then polled until done; every byte checked on D. "ids": `write` with
-   the block ids, one per layer (descriptors planned anew each layer, as before write plans);
+   Every layer written, then polled until done; every byte checked on D after each mode (and
+   cleared). "ids": `write` with the block ids, one per layer (descriptors planned anew each
+   layer, as before write plans);
    "planned": `plan` once, `write_plan` per layer (the messager when each round brings one
    layer's signal); "layers": `plan` once, one `write_layers` for all layers (the messager when
    one round brings every layer's signal: one transfer for local and NIXL). Host issue time per
@@ -141,7 +142,12 @@ def decode_side(kind: str, device: str, layout_wire: dict, conn: Connection) -> 
             backend.share(rank_kv_wire([cache.handle()], [(0, cache.layout.kv_heads)]))
         conn.send_bytes(msgpack.packb(backend.endpoint_info()))
         while (request := conn.recv()) != "stop":
-            conn.send(checksums(cache, request))
+            sums = checksums(cache, request)
+            for t in cache.layer_tensors():  # the next mode's writes must fill it again
+                t.zero_()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            conn.send(sums)  # only now may the next writes start
     finally:
         backend.close()
         cache.close()
@@ -183,8 +189,8 @@ def messager_side(kind: str, handle: dict, endpoint: bytes, prompt_blocks: int, 
                 statistics.median(totals[2:]),
                 statistics.median(issues[2:]),
             )
-        conn.send(("written", name))
-        conn.recv()  # the owner compared the bytes
+            conn.send(("written", name, mode))
+            conn.recv()  # the owner compared the bytes (and D cleared them)
     conn.send(results)
     backend.close()
     cache.close()
@@ -233,12 +239,13 @@ def measure_transfer(prompt_tokens: int, iters: int, kind: str, device: str = "c
         messager.start()
         expected = checksums(owner, list(range(prompt_blocks)))
         for name, dst_ids in patterns(prompt_blocks).items():
-            assert m_conn.poll(600), f"messager side did not finish {name}"
-            assert m_conn.recv() == ("written", name)
-            d_conn.send(dst_ids)
-            if d_conn.recv() != expected:
-                raise RuntimeError(f"{name}: D's blocks differ from P's")
-            m_conn.send("checked")
+            for mode in MODES:  # each mode's bytes checked, then cleared on D
+                assert m_conn.poll(600), f"messager side did not finish {name} ({mode})"
+                assert m_conn.recv() == ("written", name, mode)
+                d_conn.send(dst_ids)
+                if d_conn.recv() != expected:
+                    raise RuntimeError(f"{name} ({mode}): D's blocks differ from P's")
+                m_conn.send("checked")
         assert m_conn.poll(60)
         timings = m_conn.recv()
     finally:
@@ -247,6 +254,9 @@ def measure_transfer(prompt_tokens: int, iters: int, kind: str, device: str = "c
         for proc in (decode, messager):
             if proc is not None:
                 proc.join(30)
+                if proc.is_alive():  # stuck after a failure: never wait on it at exit
+                    proc.kill()
+                    proc.join(5)
         owner.close()
     nbytes = layout.num_layers * prompt_blocks * layout.block_nbytes
     out: dict = {"bytes": nbytes}
