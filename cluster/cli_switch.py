@@ -35,9 +35,14 @@ def switch(args: argparse.Namespace) -> int:
     controller = _controller(args)
     call = controller.force_switch.remote(args.name, args.role, args.wait)
     record = ray.get(call, timeout=args.wait + args.timeout)
+    return _report(f"{args.name} -> {args.role}", record)
+
+
+def _report(what: str, record: dict) -> int:
+    """One line for a forced change's decision record; exit status 0 only when it was done."""
     outcome = record["outcome"]
     seconds = f" in {record['seconds']:.2f} s" if record.get("seconds") is not None else ""
-    print(f"{args.name} -> {args.role}: {outcome}{seconds}")
+    print(f"{what}: {outcome}{seconds}")
     return 0 if outcome == "done" else 1
 
 
@@ -70,10 +75,7 @@ def scale(args: argparse.Namespace) -> int:
     else:
         call = controller.force_remove.remote(args.target, args.wait)
     record = ray.get(call, timeout=args.wait + args.timeout)
-    outcome = record["outcome"]
-    seconds = f" in {record['seconds']:.2f} s" if record.get("seconds") is not None else ""
-    print(f"{args.action} {record.get('instance') or args.target}: {outcome}{seconds}")
-    return 0 if outcome == "done" else 1
+    return _report(f"{args.action} {record.get('instance') or args.target}", record)
 
 
 def add_scale(subparsers) -> None:
