@@ -193,7 +193,10 @@ class InstanceLoop:
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
-        self.core.warm_up()  # on this thread: part of what it builds is per thread
+        try:
+            self.core.warm_up()  # on this thread: part of what it builds is per thread
+        except Exception:  # it serves without (its first requests pay what it would build)
+            log.exception("%s: the engine warm-up failed", self.name)
         while self._running:
             try:
                 self.iterate(self.idle_wait_s)
