@@ -87,7 +87,6 @@ class MessagerState:
         self.plans: dict[int, list[ChunkPlan]] = {}
         self.deferred: dict[str, _Deferred] = {}
         self.missed: dict[str, float] = {}  # request id -> when its signals were given up
-        self.queued = False  # whether some task has writes queued for `flush`
         self.counters = {"unknown_task_waits": 0, "missed_tasks": 0, "writes": 0, "bad_messages": 0}
 
     # ------------------------------------------------------------------ inputs
@@ -158,7 +157,9 @@ class MessagerState:
     @property
     def busy(self) -> bool:
         """Whether something needs polling soon (writes queued or in flight, signals deferred)."""
-        return self.queued or bool(self.deferred) or any(s.handles for s in self.tasks.values())
+        return bool(self.deferred) or any(
+            s.queued or s.last_queued or s.handles for s in self.tasks.values()
+        )
 
     def _finished(self, state: TaskState, now: float) -> bool:
         pending = False
@@ -209,22 +210,19 @@ class MessagerState:
             state.sent_blocks[layer] = upto
         if last and layer == self.num_layers - 1:
             state.last_queued = True
-        self.queued = True
 
     def flush(self) -> None:
         """Issue the writes this round's signals queued: per request and run of blocks, every
         queued layer in one `write_layers` (one transfer where the backend can)."""
-        if not self.queued:
-            return
-        self.queued = False
         for state in self.tasks.values():
             queued, state.queued = state.queued, {}
             for (start, upto), layers in queued.items():
                 if not state.failure:
                     self._write(state, start, upto, layers)
-            if state.last_queued and not state.failure:
+            if state.last_queued:
                 state.last_queued = False
-                state.all_issued_wall = time.time()
+                if not state.failure:
+                    state.all_issued_wall = time.time()
 
     def _write(self, state: TaskState, start: int, upto: int, layers: list[int]) -> None:
         src, dst = state.task.src_block_ids, state.task.dst_block_ids
