@@ -88,15 +88,6 @@ class WritePlan:
         destinations at `dst_bases`; the layers were checked by the caller. The local backend's
         copy kernel takes this table as it is: no per-layer reshaping."""
         table = self._columns.copy()
-        if len(self.segments) == 1:  # one route (equal TP sizes): whole rows, no slicing
-            (segment,) = self.segments
-            table[:2] += np.array(
-                [
-                    [self.src_bases[segment.src_rank, src_layer]],
-                    [dst_bases[segment.dst_rank, dst_layer]],
-                ]
-            )
-            return table
         for segment in self.segments:
             table[0, segment.rows] += self.src_bases[segment.src_rank, src_layer]
             table[1, segment.rows] += dst_bases[segment.dst_rank, dst_layer]
