@@ -128,15 +128,12 @@ class Client:
         self.model, self.vocab, self.rng = model, vocab, rng
 
     async def ttft(self, length: int, max_tokens: int, origin: float | None = None) -> float:
+        from cluster.bench.client import build_payload
+        from cluster.bench.datasets import BenchRequest
+
         prompt = [self.rng.randrange(2, self.vocab) for _ in range(length)]
-        payload = {
-            "model": self.model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "ignore_eos": True,
-            "temperature": 0.0,
-            "stream": True,
-        }
+        request = BenchRequest(prompt=prompt, messages=None, max_tokens=max_tokens)
+        payload = build_payload(request, "completions", self.model, 0.0, ignore_eos=True)
         start = time.perf_counter()
         record = await self.http.send(0, "completions", payload, start)
         if not record.success or record.ttft_s is None:
