@@ -111,6 +111,15 @@ def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def block_runs_at(ids: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive ids as (first id, position in `ids`, count)."""
+    runs, at = [], 0
+    for start, count in block_runs(ids):
+        runs.append((start, at, count))
+        at += count
+    return runs
+
+
 def paired_runs(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[PairedRun]:
     """Split two equal-length id lists into runs where BOTH sides are consecutive.
 

@@ -51,9 +51,9 @@ from cache_transfer.backend import (
     TransferState,
     poll_until,
 )
-from cache_transfer.layout import Desc, LayoutError, block_runs, checked_pair
+from cache_transfer.layout import Desc, LayoutError, block_runs_at
 from cache_transfer.staging_ring import Slot, StagingRing, aligned
-from cache_transfer.tp_layout import HeadRoute, RankKV, head_slice_descs
+from cache_transfer.tp_layout import HeadRoute, RankKV, check_rank_ids, head_slice_descs
 from cache_transfer.write_plan import WritePlan
 
 DEFAULT_STAGING_BYTES = 64 << 20
@@ -142,7 +142,7 @@ class StagedWriter:
             return self.backend.write(peer, src_layer, src_block_ids, dst_layer, dst_block_ids)
         direct = [route for route in routes if route not in staged]
         src_ids, dst_ids = list(src_block_ids), list(dst_block_ids)
-        _check_ids(self._ranks, src_layer, src_ids, d_ranks, dst_layer, dst_ids)
+        check_rank_ids(self._ranks, src_layer, src_ids, d_ranks, dst_layer, dst_ids)
         with self._lock:
             pieces = self._pieces(d_ranks, staged, direct, src_layer, src_ids, dst_layer, dst_ids)
             nbytes = sum(n for p in pieces for _, n in p.staged) + sum(
@@ -170,7 +170,7 @@ class StagedWriter:
         if all(self._direct(route, d_ranks) for route in routes):
             return self.backend.plan(peer, src_block_ids, dst_block_ids)
         src_ids, dst_ids = list(src_block_ids), list(dst_block_ids)
-        _check_ids(self._ranks, 0, src_ids, d_ranks, 0, dst_ids)
+        check_rank_ids(self._ranks, 0, src_ids, d_ranks, 0, dst_ids)
         return _StagedPlan(peer, src_ids, dst_ids)
 
     def write_plan(
@@ -261,7 +261,7 @@ class StagedWriter:
         for at in range(0, len(src_ids), step):
             piece = _Piece(0, [], [], [], [])
             src, dst = src_ids[at : at + step], dst_ids[at : at + step]
-            runs = _runs_at(src), _runs_at(dst)
+            runs = block_runs_at(src), block_runs_at(dst)
             for d in staged_ranks:
                 routes = [route for route in staged if route.dst_rank == d]
                 self._stage_rank(piece, d_ranks[d], routes, src_layer, dst_layer, len(src), runs)
@@ -286,7 +286,7 @@ class StagedWriter:
         runs: tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]],
     ) -> None:
         """Add one decode rank's part of `piece` (`count` blocks, their source and destination
-        `_runs_at`): gathers of every route's heads into the rank's block layout at the end of
+        `block_runs_at`): gathers of every route's heads into the rank's block layout at the end of
         the slot, and the runs that write it."""
         layout = rank.regions.layout
         base = piece.nbytes
@@ -385,26 +385,3 @@ class StagedWriter:
         write.pieces.clear()
         if write in self._queue:
             self._queue.remove(write)
-
-
-def _runs_at(ids: list[int]) -> list[tuple[int, int, int]]:
-    """Runs of consecutive ids as (first id, position in `ids`, count)."""
-    runs, at = [], 0
-    for start, count in block_runs(ids):
-        runs.append((start, at, count))
-        at += count
-    return runs
-
-
-def _check_ids(
-    src: list[RankKV],
-    src_layer: int,
-    src_ids: list[int],
-    dst: list[RankKV],
-    dst_layer: int,
-    dst_ids: list[int],
-) -> None:
-    """LayoutError for ids a write cannot take, before anything is gathered or sent."""
-    src[0].regions.layer_desc(src_layer)  # an instance's ranks share their layer and block counts
-    dst[0].regions.layer_desc(dst_layer)
-    checked_pair(src[0].regions.layout, src_ids, dst[0].regions.layout, dst_ids)

@@ -183,3 +183,17 @@ def head_slice_rows(
     src_off = (s[:, None] * src.block_nbytes + src_in_block).reshape(-1)
     dst_off = (d[:, None] * dst.block_nbytes + dst_in_block).reshape(-1)
     return src_off, dst_off, np.full(src_off.size, heads.count * row, dtype=np.int64)
+
+
+def check_rank_ids(
+    src: list[RankKV],
+    src_layer: int,
+    src_ids: list[int],
+    dst: list[RankKV],
+    dst_layer: int,
+    dst_ids: list[int],
+) -> None:
+    """LayoutError for ids a write cannot take, before anything is gathered or sent."""
+    src[0].regions.layer_desc(src_layer)  # an instance's ranks share their layer and block counts
+    dst[0].regions.layer_desc(dst_layer)
+    checked_pair(src[0].regions.layout, src_ids, dst[0].regions.layout, dst_ids)
