@@ -66,7 +66,8 @@ def warm_up(core: EngineCore, flash_lengths: Sequence[int] = ()) -> float:
         core.add_request(mixed_long)
         _step_until(core, steps, lambda: not core.has_work())
         core.step()  # the finished requests' release reaches the runner
-        for length in [n for n in flash_lengths if n <= _limit(core)]:
+        limit = _limit(core)
+        for length in [n for n in flash_lengths if n <= limit]:
             core.add_request(Request(f"warmup-flash-{length}", _tokens(length), _ONE_TOKEN))
             _step_until(core, steps, lambda: not core.has_work())
             core.step()
